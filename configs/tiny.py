@@ -1,0 +1,10 @@
+"""Tiny Qwen2 (the shape of ../shared/fixtures/vita15-tiny's LLM): for tests and CPU smoke runs."""
+from vita_jax.config import base_config
+
+
+def get_config(arg=None):
+    c = base_config()
+    c.llm.update(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, intermediate_size=128)
+    c.bench.update(batch=4, seq_len=128, steps=5, decode_tokens=32, prompt_len=16)
+    return c

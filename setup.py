@@ -1,0 +1,35 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="vita_jax",
+    version="0.1.0",
+    description="VITA-1.5 (vision + speech in, text + speech out) in JAX/Flax: training on TPU/GPU, "
+                "parity with and conversion to/from the official PyTorch release",
+    packages=find_packages(include=["vita_jax", "vita_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12",
+        "grain>=0.2.18",
+        "tensorflow-datasets>=4.9",
+        "ml-collections>=1.1",
+        "einops>=0.8",
+        "sentencepiece>=0.2",
+        "librosa>=0.10",
+        "numpy>=1.26",
+        "pillow>=10",
+        "ml-dtypes>=0.5",
+        "safetensors>=0.4",
+        "tokenizers>=0.20",
+        "tqdm",
+    ],
+    extras_require={
+        # conversion from/to the official PyTorch files and parity tests against transformers
+        "torch": ["torch==2.13.0", "transformers==4.57.6"],
+        "dev": ["pytest>=8", "pytest-xdist>=3"],
+        "notebooks": ["jupyter", "nbclient", "matplotlib"],
+    },
+    entry_points={"console_scripts": ["vita-jax=vita_jax.cli:main"]},
+)

@@ -1,0 +1,138 @@
+"""Configs: ``ml_collections`` ``get_config(arg)`` files, big_vision-style overrides
+(``--config=configs/tiny.py[:arg] --config.llm.hidden_size=128``), and the translation of an
+official ``config.json`` into the same ConfigDict."""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import os
+from typing import Sequence
+
+import ml_collections
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+# Qwen2 fields read from an official config.json (same names in config.llm).
+LLM_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+              "intermediate_size", "rope_theta", "rms_norm_eps", "tie_word_embeddings")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Defaults shared by every config file; model files fill ``llm``."""
+    c = ml_collections.ConfigDict()
+    c.llm = ml_collections.ConfigDict(dict(
+        vocab_size=152064, hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,
+        num_key_value_heads=4, head_dim=0, intermediate_size=18944, rope_theta=1e6, rms_norm_eps=1e-6,
+        tie_word_embeddings=False))
+    c.dtype = "float32"          # compute dtype
+    c.param_dtype = "float32"    # storage dtype of parameters
+    c.remat_policy = "none"      # none | full | dots | dots_no_batch | qkv_proj
+    c.attention_impl = "auto"    # auto (XLA chooses) | xla | cudnn
+    c.mesh_shape = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    c.bos_token_id = -1
+    c.eos_token_id = -1
+    c.tokenizer_model_max_length = 6200
+    c.seed = 0
+    c.bench = ml_collections.ConfigDict(dict(batch=1, seq_len=128, steps=3, decode_tokens=32,
+                                             decode_batch=1, prompt_len=16, peak_tflops=0.0, hbm_gbps=0.0))
+    return c
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """``path/to/file.py[:arg]`` (a bare name like ``tiny`` means ``configs/tiny.py``) ->
+    ``module.get_config(arg)``."""
+    path, _, arg = spec.partition(":")
+    if not path.endswith(".py") and os.sep not in path:
+        path = os.path.join(CONFIG_DIR, path + ".py")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"config file {path} does not exist")
+    mod_spec = importlib.util.spec_from_file_location(f"_vita_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise AttributeError(f"config file {path} has no get_config()")
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def _parse_value(text: str, current):
+    if isinstance(current, bool):
+        low = text.lower()
+        if low in ("true", "1", "yes"):
+            return True
+        if low in ("false", "0", "no"):
+            return False
+        raise ValueError(f"expected a boolean, got {text!r}")
+    if isinstance(current, str):
+        return text
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text
+    if isinstance(current, float) and isinstance(value, int):
+        value = float(value)
+    if isinstance(current, ml_collections.ConfigDict) and isinstance(value, dict):
+        value = ml_collections.ConfigDict(value)
+    return value
+
+
+def apply_override(config: ml_collections.ConfigDict, dotted: str, text: str) -> None:
+    """Sets ``config.<dotted>`` from the command-line string ``text``, typed like the old value."""
+    parts = dotted.split(".")
+    node = config
+    for i, p in enumerate(parts[:-1]):
+        if p not in node:
+            raise KeyError(f"--config.{dotted}: config has no field {'.'.join(parts[:i + 1])!r}")
+        node = node[p]
+    last = parts[-1]
+    if last not in node:
+        raise KeyError(f"--config.{dotted}: config has no field {dotted!r}")
+    try:
+        node[last] = _parse_value(text, node[last])
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"--config.{dotted}={text}: {e}") from e
+
+
+def parse_args(argv: Sequence[str], default: str | None = None):
+    """Splits ``--config=...`` and ``--config.x=y`` off ``argv``. Returns ``(config, rest)``."""
+    spec, overrides, rest = default, [], []
+    it = iter(argv)
+    for a in it:
+        if a.startswith("--config=") or a == "--config":
+            spec = a.split("=", 1)[1] if "=" in a else next(it)
+        elif a.startswith("--config."):
+            key, sep, val = a[len("--config."):].partition("=")
+            if not sep:
+                val = next(it)
+            overrides.append((key, val))
+        else:
+            rest.append(a)
+    if spec is None:
+        raise ValueError("no --config=FILE given")
+    config = load_config(spec)
+    for key, val in overrides:
+        apply_override(config, key, val)
+    return config, rest
+
+
+def from_release(directory: str) -> ml_collections.ConfigDict:
+    """ConfigDict of an official release folder (``config.json``); unknown fields are ignored."""
+    path = os.path.join(directory, "config.json")
+    try:
+        with open(path) as f:
+            hf = json.load(f)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{path} not found: not an official-layout release directory") from e
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON: {e}") from e
+    c = base_config()
+    for k in LLM_FIELDS:
+        if k not in hf:
+            raise KeyError(f"{path}: field {k!r} is missing")
+        c.llm[k] = type(c.llm[k])(hf[k])
+    if hf.get("head_dim"):
+        c.llm.head_dim = int(hf["head_dim"])
+    for k in ("bos_token_id", "eos_token_id", "tokenizer_model_max_length"):
+        if isinstance(hf.get(k), int):
+            c[k] = hf[k]
+    return c

@@ -1,0 +1,77 @@
+"""Reads official tensors one at a time into a (sharded) Flax parameter tree.
+
+Every shape is checked from the headers before any data is read, so a bad checkpoint fails fast
+with the offending key; then each Flax leaf is assembled from its tensor(s) (layers stacked on the
+scan axis), cast, and placed straight into its sharded slots with ``jax.make_array_from_callback``.
+The host holds at most one leaf at a time.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+from vita_jax.convert.safetensors_io import CheckpointError
+from vita_jax.convert.table import KeyRule
+
+
+def _flat(tree) -> dict[tuple, object]:
+    return traverse_util.flatten_dict(tree)
+
+
+def check(rules: Iterable[KeyRule], reader, abstract) -> dict[tuple, KeyRule]:
+    """Verifies that every Flax leaf has a rule and every rule's tensors exist with the right
+    shapes. ``abstract`` is a tree of ``jax.ShapeDtypeStruct`` (or arrays). Returns path -> rule."""
+    flat = _flat(abstract)
+    by_path: dict[tuple, KeyRule] = {}
+    for rule in rules:
+        if rule.flax_path not in flat:
+            raise CheckpointError(f"key table names Flax path {'/'.join(rule.flax_path)} "
+                                  f"(for {rule.torch_key}) that the model does not have")
+        leaf = flat[rule.flax_path]
+        n = leaf.shape[0] if rule.stacked else 1
+        want = rule.transform.torch_shape(tuple(leaf.shape[1:] if rule.stacked else leaf.shape))
+        for key in rule.keys(n):
+            got = reader.shape(key)  # raises naming the key when missing
+            if tuple(got) != tuple(want):
+                raise CheckpointError(f"tensor {key!r} in {reader.source}: shape {tuple(got)}, the model "
+                                      f"needs {tuple(want)} (Flax {'/'.join(rule.flax_path)})")
+        by_path[rule.flax_path] = rule
+    missing = [p for p in flat if p not in by_path]
+    if missing:
+        raise CheckpointError("no checkpoint key maps to Flax parameter(s): "
+                              + ", ".join("/".join(p) for p in missing))
+    return by_path
+
+
+def read_leaf(rule: KeyRule, reader, shape, dtype) -> np.ndarray:
+    """The full Flax leaf for one rule as a host array of ``dtype``."""
+    if not rule.stacked:
+        return np.asarray(rule.transform.to_flax(reader.get(rule.torch_key)), dtype=dtype)
+    out = np.empty(shape, dtype=dtype)
+    for i, key in enumerate(rule.keys(shape[0])):
+        out[i] = rule.transform.to_flax(reader.get(key))
+    return out
+
+
+def load(rules: Iterable[KeyRule], reader, abstract, shardings=None):
+    """Returns ``(params, keys_read)``: the tree of ``abstract`` filled from ``reader``, each leaf
+    with the dtype of its abstract leaf, placed with the matching entry of ``shardings`` (a tree
+    of ``jax.sharding.Sharding`` or None for the default device)."""
+    by_path = check(rules, reader, abstract)
+    flat_abs = _flat(abstract)
+    flat_sh = _flat(shardings) if shardings is not None else {}
+    out, keys_read = {}, []
+    for path, leaf in flat_abs.items():
+        rule = by_path[path]
+        host = read_leaf(rule, reader, tuple(leaf.shape), leaf.dtype)
+        keys_read += rule.keys(leaf.shape[0] if rule.stacked else 1)
+        sharding = flat_sh.get(path)
+        if sharding is None:
+            out[path] = jax.device_put(host)
+        else:
+            out[path] = jax.make_array_from_callback(host.shape, sharding, lambda idx, h=host: h[idx])
+        del host
+    return traverse_util.unflatten_dict(out), keys_read

@@ -1,0 +1,1 @@
+"""Inference: prefill + cached decoding with sampling."""

@@ -1,0 +1,1 @@
+"""Shared building blocks: norms, rotary embeddings, attention (+ KV cache), MLP."""
