@@ -1,0 +1,43 @@
+import os
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.environ.get("VITA_SHARED", os.path.join(os.path.dirname(REPO), "shared"))
+FIXTURES = os.path.join(SHARED, "fixtures")
+TINY = os.path.join(FIXTURES, "vita15-tiny")
+
+
+def rel_err(a, ref):
+    a, ref = np.asarray(a, np.float64), np.asarray(ref, np.float64)
+    return float(np.abs(a - ref).max() / np.abs(ref).max())
+
+
+@pytest.fixture(scope="session")
+def tiny_dir():
+    assert os.path.isdir(TINY), f"fixtures not found at {TINY} (set VITA_SHARED)"
+    return TINY
+
+
+@pytest.fixture(scope="session")
+def hf_qwen2(tmp_path_factory):
+    """A random tiny transformers Qwen2ForCausalLM saved by transformers (safetensors) to a tmp dir.
+    Weights are drawn with std 0.2 (not 0.02) so greedy choices have clear margins."""
+    import torch
+    import transformers
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                   num_attention_heads=4, num_key_value_heads=2, rope_theta=1e6,
+                                   rms_norm_eps=1e-6, tie_word_embeddings=False, max_position_embeddings=512,
+                                   bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    model = transformers.Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.6, 1.4)
+            else:
+                p.normal_(0.0, 0.2)
+    d = str(tmp_path_factory.mktemp("hf_qwen2"))
+    model.save_pretrained(d, safe_serialization=True)
+    return model, d

@@ -1,0 +1,60 @@
+"""Run as a script (by test_sharding.py) so that 8 fake CPU devices exist before jax starts."""
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+import vita_jax  # noqa: E402
+from vita_jax import api, parallel  # noqa: E402
+from vita_jax.models import qwen2  # noqa: E402
+
+
+def spec(x):
+    """PartitionSpec as a JSON list (tuples for multi-axis entries become lists)."""
+    return [list(e) if isinstance(e, tuple) else e for e in x.sharding.spec]
+
+
+def main(tiny):
+    out = {"n_devices": jax.device_count()}
+    mesh = parallel.make_mesh(dict(data=2, fsdp=2, tensor=2))
+    out["mesh"] = dict(mesh.shape)
+    out["mesh_fill"] = dict(parallel.make_mesh(dict(data=-1, fsdp=1, tensor=2)).shape)
+
+    ref = np.load(os.path.join(tiny, "reference/forward_textonly.npz"))
+    ids = np.concatenate([ref["input_ids"], ref["input_ids"][:, ::-1]], 0)
+    mask = np.ones_like(ids)
+    mask[1, 15:] = 0
+    m1 = vita_jax.from_pretrained(tiny)
+    m8 = vita_jax.from_pretrained(tiny, mesh=mesh)
+    a, b = m1.forward(ids, mask), m8.forward(ids, mask)
+    out["forward_rel_err"] = float(np.abs(a - b).max() / np.abs(a).max())
+    out["official_rel_err"] = float(np.abs(b[0] - ref["logits_plain"][0]).max() / np.abs(ref["logits_plain"]).max())
+
+    leaves = jax.tree_util.tree_flatten_with_path(m8.params)[0]
+    out["specs"] = {jax.tree_util.keystr(p): spec(x) for p, x in leaves}
+    q = m8.params["llm"]["model"]["layers"]["self_attn"]["q_proj"]["kernel"]
+    out["q_global_shape"] = list(q.shape)
+    out["q_shard_shape"] = list(q.addressable_shards[0].data.shape)
+    total = sum(x.size for _, x in leaves)
+    replicated = sum(x.size for _, x in leaves if x.sharding.is_fully_replicated)
+    out["replicated_fraction"] = replicated / total
+
+    g1 = m1.generate(ids[:, :12], max_new_tokens=6, stop_ids=[])
+    g8 = m8.generate(ids[:, :12], max_new_tokens=6, stop_ids=[])
+    out["generate_equal"] = bool(np.array_equal(g1, g8))
+
+    module = qwen2.Qwen2ForCausalLM(m8.llm_cfg)
+    params = api.init_params(module, mesh)
+    emb = params["model"]["embed_tokens"]["embedding"]
+    out["init_embed_spec"] = spec(emb)
+    out["init_embed_shard_shape"] = list(emb.addressable_shards[0].data.shape)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

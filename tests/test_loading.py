@@ -1,0 +1,94 @@
+"""Loading the LLM from the official layout: every key read, clear errors on a corrupted copy."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+import vita_jax
+from vita_jax.convert.safetensors_io import CheckpointError, SafetensorsReader, read_header, save_file
+
+LLM_PREFIXES = ("model.embed_tokens.", "model.layers.", "model.norm.", "lm_head.")
+
+
+def test_reads_every_llm_key(tiny_dir):
+    m = vita_jax.from_pretrained(tiny_dir)
+    with open(os.path.join(tiny_dir, "model.safetensors.index.json")) as f:
+        keys = json.load(f)["weight_map"]
+    expected = {k for k in keys if k.startswith(LLM_PREFIXES)}
+    assert len(expected) == 2 + 2 * 12 + 1  # embed, lm_head, norm, 12 per layer
+    assert sorted(m.keys_read) == sorted(expected)
+    # values really come from the shards (layer 1's q bias, un-split)
+    ref = SafetensorsReader(tiny_dir).get("model.layers.1.self_attn.q_proj.bias")
+    got = np.asarray(m.params["llm"]["model"]["layers"]["self_attn"]["q_proj"]["bias"][1]).reshape(-1)
+    np.testing.assert_array_equal(got, ref)
+    assert m.tokenizer is None
+    assert m.config.llm.hidden_size == 64 and m.config.eos_token_id == 502
+
+
+def _copy(tiny_dir, tmp_path):
+    d = tmp_path / "ckpt"
+    shutil.copytree(tiny_dir, d, ignore=shutil.ignore_patterns("reference", "vita_tts_ckpt"))
+    return str(d)
+
+
+def _rewrite_shard(d, key, new_value=None):
+    """Drops ``key`` from its shard (and the index) or replaces its value."""
+    index_path = os.path.join(d, "model.safetensors.index.json")
+    with open(index_path) as f:
+        index = json.load(f)
+    shard = os.path.join(d, index["weight_map"][key])
+    reader = SafetensorsReader(d)
+    tensors = {k: np.array(reader.get(k)) for k in read_header(shard)[0]}
+    del reader
+    if new_value is None:
+        del tensors[key]
+        del index["weight_map"][key]
+        with open(index_path, "w") as f:
+            json.dump(index, f)
+    else:
+        tensors[key] = new_value
+    save_file(tensors, shard)
+
+
+def test_missing_tensor_named(tiny_dir, tmp_path):
+    d = _copy(tiny_dir, tmp_path)
+    key = "model.layers.1.mlp.down_proj.weight"
+    _rewrite_shard(d, key)
+    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.down_proj\.weight.*missing"):
+        vita_jax.from_pretrained(d)
+
+
+def test_shape_mismatch_named(tiny_dir, tmp_path):
+    d = _copy(tiny_dir, tmp_path)
+    key = "model.layers.0.self_attn.k_proj.weight"
+    _rewrite_shard(d, key, np.zeros((16, 64), np.float32))
+    with pytest.raises(CheckpointError, match=r"model\.layers\.0\.self_attn\.k_proj\.weight.*\(16, 64\).*\(32, 64\)"):
+        vita_jax.from_pretrained(d)
+
+
+def test_index_points_to_missing_shard(tiny_dir, tmp_path):
+    d = _copy(tiny_dir, tmp_path)
+    os.remove(os.path.join(d, "model-00002-of-00002.safetensors"))
+    with pytest.raises(CheckpointError, match="model-00002-of-00002.safetensors"):
+        vita_jax.from_pretrained(d)
+
+
+def test_not_a_release_dir(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        vita_jax.from_pretrained(str(tmp_path))
+
+
+def test_safetensors_roundtrip_bf16(tmp_path):
+    import ml_dtypes
+    x = np.arange(12, dtype=np.float32).reshape(3, 4).astype(ml_dtypes.bfloat16)
+    y = np.arange(5, dtype=np.int64)
+    save_file({"a": x, "b": y}, str(tmp_path / "model.safetensors"))
+    r = SafetensorsReader(str(tmp_path))
+    assert r.dtype("a") == np.dtype(ml_dtypes.bfloat16) and r.shape("a") == (3, 4)
+    np.testing.assert_array_equal(r.get("a").astype(np.float32), x.astype(np.float32))
+    np.testing.assert_array_equal(r.get("b"), y)
+    # readable by the reference implementation too
+    from safetensors.numpy import load_file
+    np.testing.assert_array_equal(load_file(str(tmp_path / "model.safetensors"))["b"], y)

@@ -1,0 +1,50 @@
+"""Forward, generation and initialisation on 8 fake CPU devices, mesh (data 2, fsdp 2, tensor 2)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="module")
+def result(tiny_dir):
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    p = subprocess.run([sys.executable, os.path.join(HERE, "sharding_check.py"), tiny_dir],
+                       capture_output=True, text=True, env=env, timeout=900)
+    assert p.returncode == 0, p.stderr[-4000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def test_mesh(result):
+    assert result["n_devices"] == 8
+    assert result["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert result["mesh_fill"] == {"data": 4, "fsdp": 1, "tensor": 2}
+
+
+def test_sharded_forward_equals_single_device(result):
+    assert result["forward_rel_err"] <= 1e-5
+    assert result["official_rel_err"] <= 1e-5
+    assert result["generate_equal"]
+
+
+def test_parameters_really_sharded(result):
+    specs = result["specs"]
+    # q_proj kernel [layers, embed, heads, head_dim]: embed over fsdp, heads over tensor
+    assert specs["['llm']['model']['layers']['self_attn']['q_proj']['kernel']"] == \
+        [None, "fsdp", "tensor"]
+    assert specs["['llm']['model']['embed_tokens']['embedding']"] == ["tensor", "fsdp"]
+    assert specs["['llm']['lm_head']['kernel']"] == ["fsdp", "tensor"]
+    assert specs["['llm']['model']['layers']['mlp']['down_proj']['kernel']"] == \
+        [None, "tensor", "fsdp"]
+    L, E, H, D = result["q_global_shape"]
+    assert result["q_shard_shape"] == [L, E // 2, H // 2, D]
+    assert result["replicated_fraction"] < 0.02  # only the norm weights
+
+
+def test_sharded_init(result):
+    assert result["init_embed_spec"] == ["tensor", "fsdp"]
+    assert result["init_embed_shard_shape"] == [256, 32]

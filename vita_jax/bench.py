@@ -1,0 +1,189 @@
+"""Benchmarks (not tests): ``python -m vita_jax.bench llm --config=configs/qwen2p5_1p5b.py``.
+
+Reports the jitted train step (forward + backward + AdamW update, bf16 compute by config) time,
+tokens/s, model FLOPs per step counted as MaxText does (6 x matmul parameters x tokens, the
+embedding gather not counted, plus causal attention 6 x 2 x B x S^2 x heads x head_dim / 2 per
+layer, i.e. forward 4BS^2HD/2 times 3) and MFU against a per-device peak table; then batch-1
+cached decoding tokens/s and its fraction of the HBM-bandwidth roofline (every decode step reads
+all parameters plus the live KV cache once).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from vita_jax import api, parallel
+from vita_jax import config as config_lib
+from vita_jax.infer import generate as gen
+from vita_jax.models import qwen2
+
+# dense bf16 peak FLOP/s and HBM bytes/s per device (vendor figures); matched by substring of
+# jax's device_kind, first match wins
+PEAKS = (
+    ("H200", 989e12, 4.8e12),
+    ("H100", 989e12, 3.35e12),
+    ("A100", 312e12, 2.039e12),
+    ("L4", 121e12, 0.3e12),
+    ("TPU v6", 918e12, 1.64e12),
+    ("TPU v5 lite", 197e12, 0.819e12),
+    ("TPU v5e", 197e12, 0.819e12),
+    ("TPU v5", 459e12, 2.765e12),
+    ("TPU v4", 275e12, 1.2e12),
+)
+
+
+def device_peaks(kind: str, override_tflops: float = 0.0, override_gbps: float = 0.0):
+    peak, bw = None, None
+    for sub, p, b in PEAKS:
+        if sub.lower() in kind.lower():
+            peak, bw = p, b
+            break
+    if override_tflops:
+        peak = override_tflops * 1e12
+    if override_gbps:
+        bw = override_gbps * 1e9
+    return peak, bw
+
+
+def training_flops(cfg: qwen2.Qwen2Config, batch: int, seq: int) -> float:
+    """Model FLOPs of one training step (forward + backward), MaxText's accounting."""
+    e, m, h, k, d, n = (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
+                        cfg.num_key_value_heads, cfg.dim_head, cfg.num_hidden_layers)
+    matmul_params = n * (e * (h + 2 * k) * d + h * d * e + 3 * e * m) + e * cfg.vocab_size
+    tokens = batch * seq
+    attention = n * 4 * batch * seq * seq * h * d / 2
+    return 6 * matmul_params * tokens + 3 * attention
+
+
+def _timeit(fn, steps):
+    out = fn()  # compile + warm-up
+    jax.block_until_ready(out)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        out = fn()
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t0) / steps
+
+
+def bench_llm(config) -> dict:
+    cfg = api.llm_config(config)
+    b = config.bench
+    mesh = parallel.make_mesh(dict(config.mesh_shape))
+    module = qwen2.Qwen2ForCausalLM(cfg)
+    params = api.init_params(module, mesh)
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    opt = optax.adamw(1e-5, weight_decay=0.0)
+    opt_state = jax.jit(opt.init)(params)
+    data_sh = parallel.data_sharding(mesh, 2, shape=(b.batch, b.seq_len))
+    rng = np.random.default_rng(0)
+    tokens = jax.device_put(rng.integers(0, cfg.vocab_size, (b.batch, b.seq_len + 1), dtype=np.int32)[:, :b.seq_len],
+                            data_sh)
+
+    def loss_fn(p, ids):
+        logits, _ = module.apply({"params": p}, input_ids=ids)
+        logits = logits[:, :-1].astype(jnp.float32)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
+
+    def step(p, s, ids):
+        loss, grads = jax.value_and_grad(loss_fn)(p, ids)
+        updates, s = opt.update(grads, s, p)
+        return optax.apply_updates(p, updates), s, loss
+
+    p_sh = jax.tree.map(lambda x: x.sharding, params)
+    s_sh = jax.tree.map(lambda x: x.sharding, opt_state)
+    with parallel.use_mesh(mesh):
+        train = jax.jit(step, in_shardings=(p_sh, s_sh, data_sh), out_shardings=(p_sh, s_sh, None),
+                        donate_argnums=(0, 1))
+        state = [params, opt_state]
+
+        def run():
+            state[0], state[1], loss = train(state[0], state[1], tokens)
+            return loss
+        step_time = _timeit(run, b.steps)
+    params = state[0]
+    flops = training_flops(cfg, b.batch, b.seq_len)
+    kind = jax.devices()[0].device_kind
+    peak, bw = device_peaks(kind, b.peak_tflops, b.hbm_gbps)
+    n_dev = mesh.size
+    res = dict(device=kind, n_devices=n_dev, config=dict(layers=cfg.num_hidden_layers, hidden=cfg.hidden_size,
+               params=n_params, dtype=jnp.dtype(cfg.dtype).name, remat=cfg.remat_policy),
+               batch=b.batch, seq_len=b.seq_len, step_time_s=step_time,
+               tokens_per_s=b.batch * b.seq_len / step_time, model_tflops_per_step=flops / 1e12,
+               tflops_per_s_per_device=flops / step_time / n_dev / 1e12,
+               mfu=(flops / step_time / n_dev / peak) if peak else None)
+
+    # batch-1 (decode_batch) cached decoding
+    db, plen, ntok = b.decode_batch, b.prompt_len, b.decode_tokens
+    prompt = jnp.asarray(rng.integers(0, cfg.vocab_size, (db, plen)), jnp.int32)
+    with parallel.use_mesh(mesh):
+        cache = qwen2.KVCache.init(cfg, db, plen + ntok + 1)
+        kw = dict(do_sample=False, top_k=0, vocab_limit=None, temperature=jnp.float32(1), top_p=jnp.float32(1))
+        key = jax.random.PRNGKey(0)
+        tok, cache, _ = gen.prefill(module, params, prompt, jnp.ones_like(prompt), cache, key, **kw)
+        tok, cache, _ = gen.decode_step(module, params, tok, cache, key, **kw)  # compile
+        jax.block_until_ready(tok)
+        t0 = time.perf_counter()
+        for _ in range(ntok):
+            tok, cache, _ = gen.decode_step(module, params, tok, cache, key, **kw)
+        jax.block_until_ready(tok)
+        dt = (time.perf_counter() - t0) / ntok
+    param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+    kv_bytes = 2 * cfg.num_hidden_layers * db * (plen + ntok // 2) * cfg.num_key_value_heads * cfg.dim_head \
+        * jnp.dtype(cfg.dtype).itemsize
+    roofline = (bw * n_dev) / (param_bytes + kv_bytes) if bw else None
+    res.update(decode_batch=db, decode_tokens_per_s=db / dt, decode_step_ms=dt * 1e3,
+               decode_roofline_steps_per_s=roofline, decode_roofline_fraction=(1 / dt) / roofline if roofline else None)
+    return res
+
+
+def format_table(res: dict) -> str:
+    def f(v, fmt):
+        return "n/a" if v is None else fmt.format(v)
+    rows = [
+        ("device", f"{res['device']} x{res['n_devices']}"),
+        ("model", f"{res['config']['layers']} layers, hidden {res['config']['hidden']}, "
+                  f"{res['config']['params'] / 1e6:.1f}M params, {res['config']['dtype']}, remat {res['config']['remat']}"),
+        ("train batch x seq", f"{res['batch']} x {res['seq_len']}"),
+        ("train step", f"{res['step_time_s'] * 1e3:.1f} ms"),
+        ("train tokens/s", f"{res['tokens_per_s']:.0f}"),
+        ("model TFLOPs / step", f"{res['model_tflops_per_step']:.3f}"),
+        ("TFLOP/s / device", f"{res['tflops_per_s_per_device']:.2f}"),
+        ("MFU", f(res['mfu'], "{:.1%}")),
+        ("decode tokens/s (batch %d)" % res["decode_batch"], f"{res['decode_tokens_per_s']:.1f}"),
+        ("decode HBM roofline fraction", f(res['decode_roofline_fraction'], "{:.1%}")),
+    ]
+    w = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ("llm",):
+        print("usage: python -m vita_jax.bench llm --config=configs/FILE.py [--config.x=y] [--json=OUT]",
+              file=sys.stderr)
+        return 2
+    what, rest = argv[0], argv[1:]
+    config, rest = config_lib.parse_args(rest, default="tiny")
+    out = None
+    for a in rest:
+        if a.startswith("--json="):
+            out = a.split("=", 1)[1]
+        else:
+            print(f"unknown argument {a}", file=sys.stderr)
+            return 2
+    res = bench_llm(config)
+    print(format_table(res))
+    if out:
+        with open(out, "w") as fh:
+            json.dump(res, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
