@@ -24,6 +24,7 @@ setup(
         "safetensors>=0.4",
         "tokenizers>=0.20",
         "tqdm",
+        "av>=12",
     ],
     extras_require={
         # conversion from/to the official PyTorch files and parity tests against transformers

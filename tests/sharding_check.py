@@ -48,6 +48,14 @@ def main(tiny):
     g8 = m8.generate(ids[:, :12], max_new_tokens=6, stop_ids=[])
     out["generate_equal"] = bool(np.array_equal(g1, g8))
 
+    vis = np.load(os.path.join(tiny, "reference/vision.npz"))
+    pixels = np.concatenate([vis["pixel_values"], vis["pixel_values"][:1]])  # 4 tiles
+    e1, e8 = m1.encode_images(pixels), m8.encode_images(pixels)
+    out["vision_rel_err"] = float(np.abs(e1 - e8).max() / np.abs(e1).max())
+    out["vision_official_rel_err"] = float(np.abs(e8[:3] - vis["projector_out"]).max() / np.abs(vis["projector_out"]).max())
+    placed = m8._place(pixels)
+    out["pixels_spec"] = spec(placed)
+
     module = qwen2.Qwen2ForCausalLM(m8.llm_cfg)
     params = api.init_params(module, mesh)
     emb = params["model"]["embed_tokens"]["embedding"]

@@ -18,7 +18,10 @@ def test_reads_every_llm_key(tiny_dir):
         keys = json.load(f)["weight_map"]
     expected = {k for k in keys if k.startswith(LLM_PREFIXES)}
     assert len(expected) == 2 + 2 * 12 + 1  # embed, lm_head, norm, 12 per layer
-    assert sorted(m.keys_read) == sorted(expected)
+    vision = {k for k in keys if k.startswith(("model.vision_tower.", "model.mm_projector."))}
+    assert len(vision) == 4 + 2 * 14 + 4  # embeddings, 14 per ViT layer, projector
+    assert len(m.keys_read) == len(set(m.keys_read))
+    assert set(m.keys_read) == expected | vision
     # values really come from the shards (layer 1's q bias, un-split)
     ref = SafetensorsReader(tiny_dir).get("model.layers.1.self_attn.q_proj.bias")
     got = np.asarray(m.params["llm"]["model"]["layers"]["self_attn"]["q_proj"]["bias"][1]).reshape(-1)
@@ -92,3 +95,34 @@ def test_safetensors_roundtrip_bf16(tmp_path):
     # readable by the reference implementation too
     from safetensors.numpy import load_file
     np.testing.assert_array_equal(load_file(str(tmp_path / "model.safetensors"))["b"], y)
+
+
+def test_vision_from_folder_when_shards_lack_it(tiny_dir, tmp_path):
+    """Official behaviour: the ViT comes from the mm_vision_tower folder unless the shards override it."""
+    d = _copy(tiny_dir, tmp_path)
+    with open(os.path.join(d, "model.safetensors.index.json")) as f:
+        keys = [k for k in json.load(f)["weight_map"] if k.startswith("model.vision_tower.")]
+    for k in keys:
+        _rewrite_shard(d, k)
+    m = vita_jax.from_pretrained(d)
+    folder = SafetensorsReader(os.path.join(d, "InternViT-tiny-56px"))
+    got = np.asarray(m.params["vision_tower"]["embeddings"]["class_embedding"])
+    np.testing.assert_array_equal(got, folder.get("embeddings.class_embedding"))
+    assert "embeddings.class_embedding" in m.keys_read
+
+
+def test_hub_id_vision_tower_builtin(tiny_dir, tmp_path):
+    from vita_jax import config as config_lib
+    d = tmp_path / "rel"
+    d.mkdir()
+    with open(os.path.join(tiny_dir, "config.json")) as f:
+        hf = json.load(f)
+    hf["mm_vision_tower"] = "OpenGVLab/InternViT-300M-448px"
+    hf["mm_hidden_size"] = 4096
+    (d / "config.json").write_text(json.dumps(hf))
+    c = config_lib.from_release(str(d))
+    assert (c.vision.hidden_size, c.vision.num_hidden_layers, c.vision.image_size, c.image.size) == (1024, 24, 448, 448)
+    hf["mm_vision_tower"] = "some-missing-internvit-folder"
+    (d / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(FileNotFoundError, match="some-missing-internvit-folder"):
+        config_lib.from_release(str(d))

@@ -48,3 +48,12 @@ def test_parameters_really_sharded(result):
 def test_sharded_init(result):
     assert result["init_embed_spec"] == ["tensor", "fsdp"]
     assert result["init_embed_shard_shape"] == [256, 32]
+
+
+def test_vision_sharded_over_data(result):
+    assert result["pixels_spec"] == [["data", "fsdp"]]
+    assert result["vision_rel_err"] <= 1e-5
+    assert result["vision_official_rel_err"] <= 1e-5
+    specs = result["specs"]
+    assert specs["['vision_tower']['encoder']['layers']['attn']['qkv']['kernel']"] == [None, "fsdp", None, "tensor"]
+    assert specs["['mm_projector']['0']['kernel']"] == ["tensor", "fsdp"]

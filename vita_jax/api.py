@@ -14,8 +14,10 @@ from vita_jax import config as config_lib
 from vita_jax import parallel
 from vita_jax.convert import loader
 from vita_jax.convert.safetensors_io import SafetensorsReader
+from vita_jax.data import image as image_lib
+from vita_jax.data import video as video_lib
 from vita_jax.infer import generate as gen
-from vita_jax.models import qwen2
+from vita_jax.models import internvit, projectors, qwen2
 
 IMAGE_TOKEN_INDEX = -200
 AUDIO_TOKEN_INDEX = -500
@@ -27,16 +29,40 @@ def llm_config(config: ml_collections.ConfigDict) -> qwen2.Qwen2Config:
                                          remat_policy=config.remat_policy, attention_impl=impl)
 
 
-def abstract_params(module, batch: int = 1, length: int = 8):
+def vision_config(config: ml_collections.ConfigDict) -> internvit.InternViTConfig:
+    return internvit.InternViTConfig.from_config(config.vision, dtype=config.dtype, param_dtype=config.param_dtype,
+                                                 remat_policy=config.remat_policy)
+
+
+def build_parts(config: ml_collections.ConfigDict) -> dict:
+    """name -> ``(module, example input, key table)`` for every part of the model that the config
+    has. The parameter tree of the whole model is ``{name: part params}``."""
+    lc = llm_config(config)
+    parts = {"llm": (qwen2.Qwen2ForCausalLM(lc), jnp.zeros((1, 8), jnp.int32), qwen2.key_table(lc))}
+    if config.has_vision:
+        vc = vision_config(config)
+        parts["vision_tower"] = (internvit.InternViT(vc), jnp.zeros((1, 3, vc.image_size, vc.image_size)),
+                                 internvit.key_table(vc, VISION_PREFIX))
+        parts["mm_projector"] = (projectors.MLPProjector(lc.hidden_size, lc.dtype, lc.param_dtype),
+                                 jnp.zeros((1, 1, config.mm_hidden_size)), projectors.projector_key_table())
+    return parts
+
+
+VISION_PREFIX = "model.vision_tower.vision_tower."
+
+
+def abstract_params(module, example=None):
     """Boxed (logically partitioned) abstract parameter tree of ``module``."""
-    ids = jax.ShapeDtypeStruct((batch, length), jnp.int32)
-    return jax.eval_shape(lambda i: module.init(jax.random.PRNGKey(0), i)["params"], ids)
+    example = jnp.zeros((1, 8), jnp.int32) if example is None else example
+    return jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), example)["params"])
 
 
-def init_params(module, mesh=None, seed: int = 0):
+def init_params(module, mesh=None, seed: int = 0, example=None):
     """Random parameters, created directly in their sharded slots when a mesh is given."""
+    example = jnp.zeros((1, 8), jnp.int32) if example is None else example
+
     def init(key):
-        return module.init(key, jnp.zeros((1, 8), jnp.int32))["params"]
+        return module.init(key, example)["params"]
     key = jax.random.PRNGKey(seed)
     if mesh is None:
         return nn.unbox(jax.jit(init)(key))
@@ -68,6 +94,55 @@ class VitaModel:
         self.llm_cfg = llm_config(config)
         self.llm = qwen2.Qwen2ForCausalLM(self.llm_cfg)
         self._forward = jax.jit(self._forward_impl)
+        self.image_processor = image_lib.ImageProcessorConfig(
+            size=config.image.size, crop_size=config.image.crop_size, mean=tuple(config.image.mean),
+            std=tuple(config.image.std), resample=config.image.resample)
+        if config.has_vision:
+            self.vit_cfg = vision_config(config)
+            self.vit = internvit.InternViT(self.vit_cfg)
+            self.projector = projectors.MLPProjector(self.llm_cfg.hidden_size, self.llm_cfg.dtype,
+                                                     self.llm_cfg.param_dtype)
+            self._encode_images = jax.jit(self._encode_images_impl)
+
+    # ------------------------------------------------------------------ vision
+    def _encode_images_impl(self, params, pixels):
+        feats = self.vit.apply({"params": params["vision_tower"]}, pixels)
+        feats = projectors.pixel_shuffle(feats, 0.5)
+        return self.projector.apply({"params": params["mm_projector"]}, feats).astype(jnp.float32)
+
+    def preprocess_image(self, image, max_num: Optional[int] = None) -> np.ndarray:
+        """A PIL image or path -> float32 ``[tiles, 3, S, S]`` (dynamic tiling + CLIP processor)."""
+        im = self.config.image
+        return image_lib.preprocess_image(image, self.image_processor,
+                                          max_num=im.max_dynamic_patch if max_num is None else max_num,
+                                          min_num=im.min_dynamic_patch, use_thumbnail=im.use_thumbnail)
+
+    def preprocess_video(self, path: str, video_fps: Optional[float] = None) -> np.ndarray:
+        """A video file -> float32 ``[frames, 3, S, S]`` (4..16 frames, one tile each)."""
+        im = self.config.image
+        return video_lib.preprocess_video(path, self.image_processor, im.video_fps if video_fps is None else video_fps,
+                                          im.video_max_frames, im.video_min_frames)
+
+    def encode_images(self, pixel_values) -> np.ndarray:
+        """``[tiles, 3, S, S]`` -> projector output ``[tiles, tokens_per_tile, llm_width]`` (float32).
+        Tiles are padded to a bucket (power of two, multiple of the data-parallel size) so that
+        few shapes are compiled; with a mesh they are sharded over the batch axes."""
+        if not self.config.has_vision:
+            raise ValueError("this model has no vision tower (config.json names no mm_vision_tower)")
+        pixels = np.asarray(pixel_values, np.float32)
+        s = self.vit_cfg.image_size
+        if pixels.ndim != 4 or pixels.shape[1] != 3:
+            raise ValueError(f"pixel_values must be [tiles, 3, H, W], got shape {pixels.shape}")
+        n = pixels.shape[0]
+        if n == 0:
+            return np.zeros((0, (s // self.vit_cfg.patch_size // 2) ** 2, self.llm_cfg.hidden_size), np.float32)
+        dp = 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        bucket = max(1 << (n - 1).bit_length(), dp)
+        bucket = -(-bucket // dp) * dp
+        pixels = np.concatenate([pixels, np.zeros((bucket - n,) + pixels.shape[1:], np.float32)])
+        with parallel.use_mesh(self.mesh):
+            out = self._encode_images(self.params, self._place(pixels))
+        return np.asarray(out)[:n]
 
     def _forward_impl(self, params, input_ids, attention_mask):
         logits, _ = self.llm.apply({"params": params}, input_ids=input_ids, attention_mask=attention_mask)
@@ -128,11 +203,25 @@ def from_pretrained(path: str, dtype=jnp.float32, mesh=None, config_overrides: O
     config.dtype = config.param_dtype = jnp.dtype(dtype).name
     for k, v in (config_overrides or {}).items():
         config_lib.apply_override(config, k, str(v))
-    cfg = llm_config(config)
-    module = qwen2.Qwen2ForCausalLM(cfg)
-    boxed = abstract_params(module)
-    abstract = nn.unbox(boxed)
-    shardings = nn.unbox(parallel.param_shardings(boxed, mesh)) if mesh is not None else None
     reader = SafetensorsReader(path)
-    llm_params, keys = loader.load(qwen2.key_table(cfg), reader, abstract, shardings)
-    return VitaModel(config, {"llm": llm_params}, load_tokenizer(path), mesh, keys)
+    params, keys = {}, []
+    for name, (module, example, rules) in build_parts(config).items():
+        boxed = abstract_params(module, example)
+        shardings = nn.unbox(parallel.param_shardings(boxed, mesh)) if mesh is not None else None
+        src = reader
+        if name == "vision_tower" and rules[0].torch_key not in reader:
+            src, rules = _vision_fallback(config, path, module, rules)
+        params[name], got = loader.load(rules, src, nn.unbox(boxed), shardings)
+        keys += got
+    return VitaModel(config, params, load_tokenizer(path), mesh, keys)
+
+
+def _vision_fallback(config, path, module, rules):
+    """The official constructor first loads the ViT from the ``mm_vision_tower`` folder and then
+    lets the shards overwrite it; when the shards hold no ViT tensors, the folder's are used."""
+    folder = os.path.join(path, config.mm_vision_tower)
+    if not os.path.exists(os.path.join(folder, "model.safetensors")) and \
+            not os.path.exists(os.path.join(folder, "model.safetensors.index.json")):
+        raise loader.CheckpointError(f"tensor {rules[0].torch_key!r} is missing from {path} and the vision folder "
+                                     f"{folder} has no weights either")
+    return SafetensorsReader(folder), internvit.key_table(vision_config(config), "")

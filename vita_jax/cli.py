@@ -20,7 +20,7 @@ def cmd_generate(a) -> int:
     import vita_jax
     t0 = time.perf_counter()
     m = vita_jax.from_pretrained(a.path, dtype=jnp.dtype(a.dtype))
-    print(f"loaded {a.path}: {len(m.keys_read)} LLM tensors, {m.config.llm.num_hidden_layers} layers, "
+    print(f"loaded {a.path}: {len(m.keys_read)} tensors, {m.config.llm.num_hidden_layers} layers, "
           f"hidden {m.config.llm.hidden_size}, vocab {m.config.llm.vocab_size} ({time.perf_counter() - t0:.1f} s)")
     if a.prompt is not None:
         if m.tokenizer is None:

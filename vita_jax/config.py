@@ -25,6 +25,18 @@ def base_config() -> ml_collections.ConfigDict:
         vocab_size=152064, hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,
         num_key_value_heads=4, head_dim=0, intermediate_size=18944, rope_theta=1e6, rms_norm_eps=1e-6,
         tie_word_embeddings=False))
+    # vision: InternViT-300M-448px + x0.5 pixel shuffle + mlp2x_gelu projector
+    c.has_vision = True
+    c.vision = ml_collections.ConfigDict(dict(
+        image_size=448, patch_size=14, num_channels=3, hidden_size=1024, num_hidden_layers=24,
+        num_attention_heads=16, intermediate_size=4096, layer_norm_eps=1e-6, qkv_bias=True))
+    c.mm_vision_tower = "OpenGVLab/InternViT-300M-448px"
+    c.mm_projector_type = "mlp2x_gelu"
+    c.mm_hidden_size = 4096
+    c.image = ml_collections.ConfigDict(dict(
+        size=448, crop_size=448, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), resample=3,
+        max_dynamic_patch=12, min_dynamic_patch=1, use_thumbnail=True,
+        video_fps=1.0, video_max_frames=16, video_min_frames=4))
     c.dtype = "float32"          # compute dtype
     c.param_dtype = "float32"    # storage dtype of parameters
     c.remat_policy = "none"      # none | full | dots | dots_no_batch | qkv_proj
@@ -135,4 +147,37 @@ def from_release(directory: str) -> ml_collections.ConfigDict:
     for k in ("bos_token_id", "eos_token_id", "tokenizer_model_max_length"):
         if isinstance(hf.get(k), int):
             c[k] = hf[k]
+    _vision_from_release(c, hf, directory, path)
     return c
+
+
+def _vision_from_release(c, hf: dict, directory: str, path: str) -> None:
+    """Fills ``c.vision`` / ``c.image`` from the folder that ``mm_vision_tower`` names (relative to
+    the release directory), or the built-in InternViT-300M-448px when it is that hub id."""
+    from vita_jax.data.image import ImageProcessorConfig
+    from vita_jax.models import internvit
+    tower = hf.get("mm_vision_tower")
+    if not tower:
+        c.has_vision = False
+        return
+    if "internvit" not in tower.lower():
+        raise ValueError(f"{path}: mm_vision_tower {tower!r} is not an InternViT tower (the only one VITA-1.5 uses)")
+    if hf.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
+        raise ValueError(f"{path}: mm_projector_type {hf['mm_projector_type']!r} is not supported (mlp2x_gelu)")
+    c.mm_vision_tower = tower
+    folder = tower if os.path.isabs(tower) else os.path.join(directory, tower)
+    if os.path.isdir(folder):
+        for k, v in internvit.read_hf_config(folder).items():
+            c.vision[k] = type(c.vision[k])(v)
+        pp = os.path.join(folder, "preprocessor_config.json")
+        proc = ImageProcessorConfig.from_file(pp) if os.path.exists(pp) else ImageProcessorConfig(
+            size=c.vision.image_size, crop_size=c.vision.image_size)
+    elif tower == internvit.HUB_ID:
+        proc = ImageProcessorConfig()
+    else:
+        raise FileNotFoundError(f"{path}: mm_vision_tower {tower!r}: no folder {folder}")
+    c.image.update(size=proc.size, crop_size=proc.crop_size, mean=tuple(proc.mean), std=tuple(proc.std),
+                   resample=proc.resample)
+    c.mm_hidden_size = int(hf.get("mm_hidden_size", 4 * c.vision.hidden_size))
+    if c.mm_hidden_size != 4 * c.vision.hidden_size:
+        raise ValueError(f"{path}: mm_hidden_size {c.mm_hidden_size} != 4 x vision hidden {c.vision.hidden_size}")

@@ -24,29 +24,38 @@ class T:
     # Linear: torch [out, in] <-> flax Dense kernel [in, out]
     linear = Transform("linear", lambda a: a.T, lambda a: a.T, lambda s: tuple(reversed(s)))
 
-    @staticmethod
-    def linear_to_heads(heads: int, head_dim: int) -> Transform:
-        """torch ``[heads*head_dim, in]`` <-> flax ``[in, heads, head_dim]``."""
-        return Transform(f"linear_to_heads({heads},{head_dim})",
-                         lambda a: a.T.reshape(a.shape[1], heads, head_dim),
-                         lambda a: a.reshape(a.shape[0], heads * head_dim).T,
-                         lambda s: (s[1] * s[2], s[0]))
+    # Conv2d: torch [out, in, kh, kw] <-> flax [kh, kw, in, out]
+    conv2d = Transform("conv2d", lambda a: a.transpose(2, 3, 1, 0), lambda a: a.transpose(3, 2, 0, 1),
+                       lambda s: (s[3], s[2], s[0], s[1]))
+    # Conv1d: torch [out, in, k] <-> flax [k, in, out]
+    conv1d = Transform("conv1d", lambda a: a.transpose(2, 1, 0), lambda a: a.transpose(2, 1, 0),
+                       lambda s: (s[2], s[1], s[0]))
 
     @staticmethod
-    def split_heads(heads: int, head_dim: int) -> Transform:
-        """torch bias ``[heads*head_dim]`` <-> flax ``[heads, head_dim]``."""
-        return Transform(f"split_heads({heads},{head_dim})",
-                         lambda a: a.reshape(heads, head_dim),
-                         lambda a: a.reshape(heads * head_dim),
-                         lambda s: (s[0] * s[1],))
+    def linear_to_heads(*out_dims: int) -> Transform:
+        """torch ``[prod(out_dims), in]`` <-> flax ``[in, *out_dims]`` (e.g. ``(heads, head_dim)``)."""
+        n = int(np.prod(out_dims))
+        return Transform(f"linear_to_heads{out_dims}",
+                         lambda a: a.T.reshape(a.shape[1], *out_dims),
+                         lambda a: a.reshape(a.shape[0], n).T,
+                         lambda s: (int(np.prod(s[1:])), s[0]))
 
     @staticmethod
-    def heads_to_linear(heads: int, head_dim: int) -> Transform:
-        """torch ``[out, heads*head_dim]`` <-> flax ``[heads, head_dim, out]``."""
-        return Transform(f"heads_to_linear({heads},{head_dim})",
-                         lambda a: a.T.reshape(heads, head_dim, a.shape[0]),
-                         lambda a: a.reshape(heads * head_dim, a.shape[-1]).T,
-                         lambda s: (s[2], s[0] * s[1]))
+    def split_heads(*dims: int) -> Transform:
+        """torch ``[prod(dims)]`` <-> flax ``dims`` (biases of head-split projections)."""
+        n = int(np.prod(dims))
+        return Transform(f"split_heads{dims}", lambda a: a.reshape(dims), lambda a: a.reshape(n),
+                         lambda s: (int(np.prod(s)),))
+
+    @staticmethod
+    def heads_to_linear(*in_dims: int) -> Transform:
+        """torch ``[out, prod(in_dims)]`` <-> flax ``[*in_dims, out]``."""
+        n = int(np.prod(in_dims))
+        k = len(in_dims)
+        return Transform(f"heads_to_linear{in_dims}",
+                         lambda a: a.T.reshape(*in_dims, a.shape[0]),
+                         lambda a: a.reshape(n, a.shape[-1]).T,
+                         lambda s: (s[k], int(np.prod(s[:k]))))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -91,6 +91,13 @@ _REMAT = {
 }
 
 
+def remat_policy(name: str):
+    """A ``jax.checkpoint`` policy by name (config field ``remat_policy``)."""
+    if name not in _REMAT:
+        raise ValueError(f"remat_policy {name!r}: choose none or one of {sorted(_REMAT)}")
+    return _REMAT[name]()
+
+
 class DecoderLayer(nn.Module):
     """Pre-norm block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``. ``x [batch, q, embed]``."""
     cfg: Qwen2Config
@@ -119,9 +126,7 @@ class Qwen2Model(nn.Module):
             embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")))
         layer = DecoderLayer
         if c.remat_policy != "none":
-            if c.remat_policy not in _REMAT:
-                raise ValueError(f"remat_policy {c.remat_policy!r}: choose none or one of {sorted(_REMAT)}")
-            layer = nn.remat(layer, prevent_cse=False, policy=_REMAT[c.remat_policy]())
+            layer = nn.remat(layer, prevent_cse=False, policy=remat_policy(c.remat_policy))
         self.layers = nn.scan(
             layer, variable_axes={"params": 0}, split_rngs={"params": True},
             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),

@@ -1,0 +1,1 @@
+"""Host-side preprocessing (numpy): images and video frames, audio, text."""
