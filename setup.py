@@ -25,6 +25,8 @@ setup(
         "tokenizers>=0.20",
         "tqdm",
         "av>=12",
+        "soundfile>=0.12",
+        "pyyaml>=6",
     ],
     extras_require={
         # conversion from/to the official PyTorch files and parity tests against transformers

@@ -10,5 +10,6 @@ def get_config(arg=None):
                     intermediate_size=128)
     c.mm_hidden_size = 256
     c.image.update(size=56, crop_size=56, max_dynamic_patch=6)
+    c.audio.update(attention_dim=32, attention_heads=4, linear_units=64, num_blocks=2, llm_embed_dim=64)
     c.bench.update(batch=4, seq_len=128, steps=5, decode_tokens=32, prompt_len=16)
     return c

@@ -56,6 +56,12 @@ def main(tiny):
     placed = m8._place(pixels)
     out["pixels_spec"] = spec(placed)
 
+    aud = np.load(os.path.join(tiny, "reference/audio.npz"))
+    a1, n1 = m1.encode_audio(aud["batch_fbank"], aud["batch_lengths"])
+    a8, n8 = m8.encode_audio(aud["batch_fbank"], aud["batch_lengths"])
+    out["audio_rel_err"] = float(np.abs(a1 - a8).max() / np.abs(a1).max())
+    out["audio_lengths_equal"] = bool(np.array_equal(n1, n8))
+
     module = qwen2.Qwen2ForCausalLM(m8.llm_cfg)
     params = api.init_params(module, mesh)
     emb = params["model"]["embed_tokens"]["embedding"]

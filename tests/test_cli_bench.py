@@ -8,7 +8,7 @@ from vita_jax.models.qwen2 import Qwen2Config
 def test_cli_generate(tiny_dir, capsys):
     assert cli.main(["generate", tiny_dir, "--ids", "501,11,10,79,334", "--max-new-tokens", "4"]) == 0
     out = capsys.readouterr().out
-    assert "63 tensors" in out
+    assert "121 tensors" in out
     new = out.split("new ids:")[1].splitlines()[0]
     assert len(json.loads(new.strip())) == 4
 

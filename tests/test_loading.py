@@ -20,8 +20,9 @@ def test_reads_every_llm_key(tiny_dir):
     assert len(expected) == 2 + 2 * 12 + 1  # embed, lm_head, norm, 12 per layer
     vision = {k for k in keys if k.startswith(("model.vision_tower.", "model.mm_projector."))}
     assert len(vision) == 4 + 2 * 14 + 4  # embeddings, 14 per ViT layer, projector
-    assert len(m.keys_read) == len(set(m.keys_read))
-    assert set(m.keys_read) == expected | vision
+    audio = {k for k in keys if k.startswith("model.audio_encoder.")}
+    assert len(m.keys_read) == len(set(m.keys_read)) == len(keys) == 121
+    assert set(m.keys_read) == expected | vision | audio
     # values really come from the shards (layer 1's q bias, un-split)
     ref = SafetensorsReader(tiny_dir).get("model.layers.1.self_attn.q_proj.bias")
     got = np.asarray(m.params["llm"]["model"]["layers"]["self_attn"]["q_proj"]["bias"][1]).reshape(-1)
@@ -119,10 +120,27 @@ def test_hub_id_vision_tower_builtin(tiny_dir, tmp_path):
         hf = json.load(f)
     hf["mm_vision_tower"] = "OpenGVLab/InternViT-300M-448px"
     hf["mm_hidden_size"] = 4096
+    hf["mm_audio_encoder"] = "VITA-MLLM/VITA-1.5_AudioEnc"
     (d / "config.json").write_text(json.dumps(hf))
     c = config_lib.from_release(str(d))
     assert (c.vision.hidden_size, c.vision.num_hidden_layers, c.vision.image_size, c.image.size) == (1024, 24, 448, 448)
+    assert (c.audio.attention_dim, c.audio.num_blocks, c.audio.llm_embed_dim) == (1024, 24, 64)
     hf["mm_vision_tower"] = "some-missing-internvit-folder"
     (d / "config.json").write_text(json.dumps(hf))
     with pytest.raises(FileNotFoundError, match="some-missing-internvit-folder"):
         config_lib.from_release(str(d))
+
+
+def test_audio_from_folder_when_shards_lack_it(tiny_dir, tmp_path):
+    d = _copy(tiny_dir, tmp_path)
+    with open(os.path.join(d, "model.safetensors.index.json")) as f:
+        keys = [k for k in json.load(f)["weight_map"] if k.startswith("model.audio_encoder.")]
+    assert len(keys) == 58
+    for k in keys:
+        _rewrite_shard(d, k)
+    m = vita_jax.from_pretrained(d)
+    import torch
+    sd = torch.load(os.path.join(d, "audio-encoder-tiny-whale/final.pt"), weights_only=True)
+    got = np.asarray(m.params["audio_encoder"]["adpter"]["project"]["kernel"])
+    np.testing.assert_array_equal(got, sd["adpter.project.weight"].numpy().T)
+    assert "adpter.project.weight" in m.keys_read

@@ -57,3 +57,9 @@ def test_vision_sharded_over_data(result):
     specs = result["specs"]
     assert specs["['vision_tower']['encoder']['layers']['attn']['qkv']['kernel']"] == [None, "fsdp", None, "tensor"]
     assert specs["['mm_projector']['0']['kernel']"] == ["tensor", "fsdp"]
+
+
+def test_audio_sharded(result):
+    assert result["audio_rel_err"] <= 1e-5 and result["audio_lengths_equal"]
+    assert result["specs"]["['audio_encoder']['encoder']['encoders']['self_attn']['linear_q']['kernel']"] == \
+        [None, "fsdp", "tensor"]

@@ -14,10 +14,12 @@ from vita_jax import config as config_lib
 from vita_jax import parallel
 from vita_jax.convert import loader
 from vita_jax.convert.safetensors_io import SafetensorsReader
+from vita_jax.convert.torch_io import TorchReader
+from vita_jax.data import audio as audio_lib
 from vita_jax.data import image as image_lib
 from vita_jax.data import video as video_lib
 from vita_jax.infer import generate as gen
-from vita_jax.models import internvit, projectors, qwen2
+from vita_jax.models import internvit, projectors, qwen2, whale
 
 IMAGE_TOKEN_INDEX = -200
 AUDIO_TOKEN_INDEX = -500
@@ -34,6 +36,11 @@ def vision_config(config: ml_collections.ConfigDict) -> internvit.InternViTConfi
                                                  remat_policy=config.remat_policy)
 
 
+def audio_config(config: ml_collections.ConfigDict) -> whale.WhaleConfig:
+    return whale.WhaleConfig.from_config(config.audio, dtype=config.dtype, param_dtype=config.param_dtype,
+                                         remat_policy=config.remat_policy)
+
+
 def build_parts(config: ml_collections.ConfigDict) -> dict:
     """name -> ``(module, example input, key table)`` for every part of the model that the config
     has. The parameter tree of the whole model is ``{name: part params}``."""
@@ -45,6 +52,10 @@ def build_parts(config: ml_collections.ConfigDict) -> dict:
                                  internvit.key_table(vc, VISION_PREFIX))
         parts["mm_projector"] = (projectors.MLPProjector(lc.hidden_size, lc.dtype, lc.param_dtype),
                                  jnp.zeros((1, 1, config.mm_hidden_size)), projectors.projector_key_table())
+    if config.has_audio:
+        ac = audio_config(config)
+        parts["audio_encoder"] = (whale.WhaleAudioEncoder(ac), (jnp.zeros((1, 16, ac.input_dim)), jnp.array([16])),
+                                  whale.key_table(ac))
     return parts
 
 
@@ -54,15 +65,18 @@ VISION_PREFIX = "model.vision_tower.vision_tower."
 def abstract_params(module, example=None):
     """Boxed (logically partitioned) abstract parameter tree of ``module``."""
     example = jnp.zeros((1, 8), jnp.int32) if example is None else example
-    return jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), example)["params"])
+    args = example if isinstance(example, tuple) else (example,)
+    return jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *args)["params"])
 
 
 def init_params(module, mesh=None, seed: int = 0, example=None):
     """Random parameters, created directly in their sharded slots when a mesh is given."""
     example = jnp.zeros((1, 8), jnp.int32) if example is None else example
 
+    args = example if isinstance(example, tuple) else (example,)
+
     def init(key):
-        return module.init(key, example)["params"]
+        return module.init(key, *args)["params"]
     key = jax.random.PRNGKey(seed)
     if mesh is None:
         return nn.unbox(jax.jit(init)(key))
@@ -103,6 +117,10 @@ class VitaModel:
             self.projector = projectors.MLPProjector(self.llm_cfg.hidden_size, self.llm_cfg.dtype,
                                                      self.llm_cfg.param_dtype)
             self._encode_images = jax.jit(self._encode_images_impl)
+        if config.has_audio:
+            self.whale_cfg = audio_config(config)
+            self.whale = whale.WhaleAudioEncoder(self.whale_cfg)
+            self._encode_audio = jax.jit(self._encode_audio_impl)
 
     # ------------------------------------------------------------------ vision
     def _encode_images_impl(self, params, pixels):
@@ -123,6 +141,51 @@ class VitaModel:
         return video_lib.preprocess_video(path, self.image_processor, im.video_fps if video_fps is None else video_fps,
                                           im.video_max_frames, im.video_min_frames)
 
+    # ------------------------------------------------------------------ speech
+    def audio_features(self, waveform, sample_rate: Optional[int] = None) -> np.ndarray:
+        """A waveform (float in [-1, 1] or int16, any rate, mono or stereo) or an audio file path ->
+        float32 Kaldi fbank ``[frames, 80]`` before CMVN (dither from the config, 0 by default)."""
+        return audio_lib.audio_features(waveform, sample_rate, dither=self.config.audio.dither,
+                                        num_mel_bins=self.config.audio.input_dim)
+
+    def _encode_audio_impl(self, params, feats, lengths):
+        out = self.whale.apply({"params": params}, feats, lengths)
+        return out["embeds"].astype(jnp.float32), out["mask"]
+
+    def encode_audio(self, features, lengths):
+        """Zero-padded fbank ``[clips, frames, 80]`` (before CMVN) and ``lengths [clips]`` ->
+        ``(embeddings [clips, T, llm_width], lengths_for_llm [clips])``. Rows past a clip's
+        ``lengths_for_llm`` are padding. Frames and clips are padded to buckets internally."""
+        if not self.config.has_audio:
+            raise ValueError("this model has no audio encoder (config.json names no mm_audio_encoder)")
+        feats = np.asarray(features, np.float32)
+        if feats.ndim == 2:
+            feats = feats[None]
+        lengths = np.asarray(lengths, np.int64).reshape(-1)
+        if feats.ndim != 3 or feats.shape[2] != self.whale_cfg.input_dim or lengths.shape[0] != feats.shape[0]:
+            raise ValueError(f"features must be [clips, frames, {self.whale_cfg.input_dim}] with one length per clip, "
+                             f"got {feats.shape} and {lengths.shape[0]} lengths")
+        if (lengths < 7).any() or (lengths > feats.shape[1]).any():
+            raise ValueError(f"audio lengths {lengths.tolist()} must be within 7..{feats.shape[1]} frames "
+                             "(7 frames = 85 ms is the shortest clip that gives one LLM token)")
+        max_frames = 4 * self.whale_cfg.max_positions + 3
+        if lengths.max() > max_frames:
+            raise ValueError(f"an audio clip of {int(lengths.max())} frames ({lengths.max() / 100:.1f} s) exceeds the "
+                             f"encoder's {self.whale_cfg.max_positions}-row position table (at most {max_frames} frames)")
+        n = feats.shape[0]
+        t = min(-(-feats.shape[1] // 64) * 64, max_frames)
+        dp = 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        bucket = -(-max(1 << (n - 1).bit_length(), dp) // dp) * dp
+        padded = np.zeros((bucket, t, feats.shape[2]), np.float32)
+        padded[:n, :feats.shape[1]] = feats
+        lens = np.full((bucket,), t, np.int32)
+        lens[:n] = lengths
+        with parallel.use_mesh(self.mesh):
+            emb, _ = self._encode_audio(self.params["audio_encoder"], self._place(padded), self._place(lens))
+        llm_len = audio_lib.llm_length(lengths).astype(np.int32)
+        return np.asarray(emb)[:n, :int(llm_len.max())], llm_len
+
+    # ------------------------------------------------------------------ vision
     def encode_images(self, pixel_values) -> np.ndarray:
         """``[tiles, 3, S, S]`` -> projector output ``[tiles, tokens_per_tile, llm_width]`` (float32).
         Tiles are padded to a bucket (power of two, multiple of the data-parallel size) so that
@@ -211,9 +274,19 @@ def from_pretrained(path: str, dtype=jnp.float32, mesh=None, config_overrides: O
         src = reader
         if name == "vision_tower" and rules[0].torch_key not in reader:
             src, rules = _vision_fallback(config, path, module, rules)
+        if name == "audio_encoder" and rules[-1].torch_key not in reader:
+            src, rules = _audio_fallback(config, path)
         params[name], got = loader.load(rules, src, nn.unbox(boxed), shardings)
         keys += got
     return VitaModel(config, params, load_tokenizer(path), mesh, keys)
+
+
+def _audio_fallback(config, path):
+    """As for the ViT: the audio encoder folder's ``final.pt`` when the shards lack the encoder."""
+    pt = os.path.join(path, config.mm_audio_encoder, "final.pt")
+    if not os.path.exists(pt):
+        raise loader.CheckpointError(f"the audio encoder tensors are missing from {path} and {pt} does not exist")
+    return TorchReader(pt), whale.key_table(audio_config(config), prefix="")
 
 
 def _vision_fallback(config, path, module, rules):

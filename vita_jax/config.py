@@ -37,6 +37,13 @@ def base_config() -> ml_collections.ConfigDict:
         size=448, crop_size=448, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), resample=3,
         max_dynamic_patch=12, min_dynamic_patch=1, use_thumbnail=True,
         video_fps=1.0, video_max_frames=16, video_min_frames=4))
+    # speech input: whale encoder + adapter (architecture from the audio-encoder folder's train.yaml)
+    c.has_audio = True
+    c.mm_audio_encoder = "VITA-MLLM/VITA-1.5_AudioEnc"
+    c.audio = ml_collections.ConfigDict(dict(
+        input_dim=80, attention_dim=1024, attention_heads=16, linear_units=4096, num_blocks=24,
+        max_positions=5000, chunk_size=-1, left_chunks=-1, llm_embed_dim=3584, kernel_size=5,
+        activation="gelu", dither=0.0))
     c.dtype = "float32"          # compute dtype
     c.param_dtype = "float32"    # storage dtype of parameters
     c.remat_policy = "none"      # none | full | dots | dots_no_batch | qkv_proj
@@ -148,8 +155,37 @@ def from_release(directory: str) -> ml_collections.ConfigDict:
         if isinstance(hf.get(k), int):
             c[k] = hf[k]
     _vision_from_release(c, hf, directory, path)
+    _audio_from_release(c, hf, directory, path)
     return c
 
+
+def _audio_from_release(c, hf: dict, directory: str, path: str) -> None:
+    """Fills ``c.audio`` from the ``train.yaml`` of the folder that ``mm_audio_encoder`` names (relative
+    to the release directory); the built-in VITA-1.5 dimensions when it is the hub id without a folder."""
+    import logging
+    from vita_jax.models import whale
+    enc = hf.get("mm_audio_encoder")
+    if not enc:
+        c.has_audio = False
+        return
+    c.mm_audio_encoder = enc
+    folder = enc if os.path.isabs(enc) else os.path.join(directory, enc)
+    yaml_path = os.path.join(folder, "train.yaml")
+    if os.path.exists(yaml_path):
+        y = whale.read_train_yaml(yaml_path)
+        if y.pop("dynamic_chunks"):
+            logging.getLogger(__name__).warning(
+                "%s: transformer-dynamic-chunks is true: the official code then draws a random chunk mask on "
+                "every call; vita_jax uses the static setting (chunk_size %s) instead", yaml_path, y["chunk_size"])
+        y.pop("cmvn_file")
+        for k, v in y.items():
+            c.audio[k] = type(c.audio[k])(v)
+    elif enc == whale.HUB_ID:
+        c.audio.llm_embed_dim = c.llm.hidden_size
+    else:
+        raise FileNotFoundError(f"{path}: mm_audio_encoder {enc!r}: no folder {folder} with a train.yaml")
+    if c.audio.llm_embed_dim != c.llm.hidden_size:
+        raise ValueError(f"{yaml_path}: llm_embed_dim {c.audio.llm_embed_dim} != LLM hidden_size {c.llm.hidden_size}")
 
 def _vision_from_release(c, hf: dict, directory: str, path: str) -> None:
     """Fills ``c.vision`` / ``c.image`` from the folder that ``mm_vision_tower`` names (relative to

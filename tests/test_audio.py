@@ -1,0 +1,144 @@
+"""Speech input against the official fixture: Kaldi fbank, CMVN, whale encoder, adapter."""
+import os
+
+import jax
+import numpy as np
+import pytest
+import soundfile as sf
+
+import vita_jax
+from conftest import rel_err
+from vita_jax.data import audio as A
+from vita_jax.models import whale as W
+
+
+@pytest.fixture(scope="module")
+def model(tiny_dir):
+    return vita_jax.from_pretrained(tiny_dir)
+
+
+@pytest.fixture(scope="module")
+def ref(tiny_dir):
+    return np.load(os.path.join(tiny_dir, "reference/audio.npz"))
+
+
+def _fbank_close(got, want):
+    assert got.shape == want.shape
+    d = np.abs(got - want)
+    assert d.max() <= 1e-3 and d.mean() <= 1e-5, (d.max(), d.mean())
+
+
+@pytest.mark.parametrize("clip", [0, 1])
+def test_fbank_equals_official(model, ref, tiny_dir, clip):
+    _fbank_close(model.audio_features(ref[f"clip{clip}_wave_int16"], 16000), ref[f"clip{clip}_fbank"])
+    from_file = model.audio_features(os.path.join(tiny_dir, f"reference/clip{clip}.wav"))
+    _fbank_close(from_file, ref[f"clip{clip}_fbank"])
+    assert A.llm_length(from_file.shape[0]) == ref[f"clip{clip}_lengths_for_llm"]
+
+
+def test_fbank_full_recording_and_cmvn(model, tiny_dir, ref):
+    full = np.load(os.path.join(tiny_dir, "reference/fbank_full.npz"))
+    f = model.audio_features(full["wave_int16"].astype(np.float32) / 32768.0, 16000)  # float input path
+    _fbank_close(f, full["fbank"])
+    assert A.llm_length(len(f)) == full["lengths_for_llm"]
+    mean, istd = A.load_cmvn(os.path.join(tiny_dir, "audio-encoder-tiny-whale/global_cmvn"))
+    enc = model.params["audio_encoder"]["encoder"]
+    np.testing.assert_array_equal(np.asarray(enc["cmvn_mean"]), mean)  # shard buffers = the JSON stats
+    np.testing.assert_array_equal(np.asarray(enc["cmvn_istd"]), istd)
+    ours = [(model.audio_features(ref[f"clip{k}_wave_int16"], 16000) - mean) * istd for k in (0, 1)]
+    for k in (0, 1):
+        n = ours[k].shape[0]
+        d = np.abs(ours[k] - ref["batch_cmvn"][k, :n])
+        assert d.max() <= 1e-3 and d.mean() <= 1e-5
+
+
+def test_encoder_intermediates_batch(model, ref):
+    m = W.WhaleAudioEncoder(model.whale_cfg, keep_hidden=True)
+    out = jax.jit(lambda p, f, l: m.apply({"params": p}, f, l))(model.params["audio_encoder"], ref["batch_fbank"],
+                                                               ref["batch_lengths"])
+    lens = ref["batch_encoder_lengths"]
+    enc_mask = np.asarray(out["encoder_mask"])
+    np.testing.assert_array_equal(enc_mask, ref["batch_encoder_mask"][:, 0])
+    np.testing.assert_array_equal(enc_mask.sum(-1), lens)
+    np.testing.assert_array_equal(np.asarray(out["mask"]), ref["batch_adapter_mask"])
+    assert rel_err(out["pos_emb"], ref["batch_pos_emb"][0]) <= 1e-5
+    for b in range(2):  # real frames of each clip
+        t, t2 = lens[b], ref["batch_adapter_lengths"][b]
+        assert rel_err(out["subsampling_out"][b, :t], ref["batch_subsampling_out"][b, :t]) <= 1e-5
+        assert rel_err(out["embed_out"][b, :t], ref["batch_embed_out"][b, :t]) <= 1e-5
+        assert rel_err(out["block_outs"][:, b, :t], ref["batch_block_outs"][:, b, :t]) <= 1e-5
+        assert rel_err(out["encoder_out"][b, :t], ref["batch_encoder_out"][b, :t]) <= 1e-5
+        conv = np.asarray(out["adapter_conv_out"]).transpose(0, 2, 1)
+        assert rel_err(conv[b, :, :t2], ref["batch_adapter_conv_out"][b, :, :t2]) <= 1e-5
+        assert rel_err(out["embeds"][b, :t2], ref["batch_adapter_out"][b, :t2]) <= 1e-5
+
+
+@pytest.mark.parametrize("clip", [0, 1])
+def test_single_clip(model, ref, clip):
+    fb = ref[f"clip{clip}_fbank"]
+    out = W.WhaleAudioEncoder(model.whale_cfg).apply({"params": model.params["audio_encoder"]}, fb[None],
+                                                    np.array([len(fb)]))
+    assert rel_err(out["encoder_out"], ref[f"single{clip}_encoder_out"]) <= 1e-5
+    assert rel_err(out["embeds"], ref[f"single{clip}_adapter_out"]) <= 1e-5
+
+
+def test_encode_audio_entry_point(model, ref):
+    emb, n = model.encode_audio(ref["batch_fbank"], ref["batch_lengths"])
+    np.testing.assert_array_equal(n, ref["batch_lengths_for_llm"])
+    assert emb.shape == (2, 18, 64) and emb.dtype == np.float32
+    for b in range(2):
+        assert rel_err(emb[b, :n[b]], ref["batch_adapter_out"][b, :n[b]]) <= 1e-5
+    one, n1 = model.encode_audio(ref["clip1_fbank"][None], [88])
+    assert n1.tolist() == [11] and rel_err(one[0], ref["single1_adapter_out"][0]) <= 1e-5
+
+
+def test_bad_audio_errors(model, tmp_path):
+    with pytest.raises(A.AudioError, match="empty"):
+        model.audio_features(np.zeros(0, np.float32), 16000)
+    with pytest.raises(A.AudioError, match="shorter than one"):
+        model.audio_features(np.zeros(399, np.float32), 16000)
+    with pytest.raises(A.AudioError, match="NaN"):
+        model.audio_features(np.array([0.1, np.nan] * 400, np.float32), 16000)
+    bad = tmp_path / "noise.wav"
+    bad.write_bytes(b"RIFF....WAVEfmt garbage" * 3)
+    with pytest.raises(A.AudioError, match="noise.wav"):
+        model.audio_features(str(bad))
+    with pytest.raises(A.AudioError, match="nothere.flac"):
+        model.audio_features(str(tmp_path / "nothere.flac"))
+    too_long = 4 * model.whale_cfg.max_positions + 10
+    with pytest.raises(ValueError, match="position table"):
+        model.encode_audio(np.zeros((1, too_long, 80), np.float32), [too_long])
+
+
+def test_stereo_and_48k_converted(model, ref, tmp_path):
+    mono = ref["clip0_wave_int16"]
+    stereo = np.stack([mono, mono], axis=1)
+    path = tmp_path / "stereo.wav"
+    sf.write(path, stereo, 16000, subtype="PCM_16")
+    _fbank_close(model.audio_features(str(path)), ref["clip0_fbank"])
+    import librosa
+    up = librosa.resample(mono.astype(np.float32) / 32768, orig_sr=16000, target_sr=48000)
+    p48 = tmp_path / "clip48k.wav"
+    sf.write(p48, np.stack([up, up], 1), 48000, subtype="FLOAT")
+    f48 = model.audio_features(str(p48))
+    assert f48.shape == ref["clip0_fbank"].shape
+    assert np.abs(f48 - ref["clip0_fbank"]).mean() < 0.2  # resampled twice: close, not identical
+
+
+def test_static_chunk_mask():
+    m = W.chunk_mask(6, 2, 1)
+    expected = np.array([[1, 1, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 0, 0],
+                         [0, 0, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]], bool)
+    np.testing.assert_array_equal(m, expected)
+    assert W.chunk_mask(5, 2, -1)[4].all() and not W.chunk_mask(5, 2, -1)[0, 2:].any()
+
+
+def test_train_yaml(tiny_dir, tmp_path):
+    y = W.read_train_yaml(os.path.join(tiny_dir, "audio-encoder-tiny-whale/train.yaml"))
+    assert (y["attention_dim"], y["attention_heads"], y["num_blocks"], y["linear_units"], y["kernel_size"],
+            y["llm_embed_dim"], y["activation"], y["chunk_size"], y["dynamic_chunks"]) == (32, 4, 2, 64, 5, 64, "gelu", -1, False)
+    bad = tmp_path / "train.yaml"
+    bad.write_text(open(os.path.join(tiny_dir, "audio-encoder-tiny-whale/train.yaml")).read()
+                   .replace("transformer-chunk_size: -1", "transformer-chunk_size: 0"))
+    with pytest.raises(ValueError, match="chunk_size 0"):
+        W.read_train_yaml(str(bad))

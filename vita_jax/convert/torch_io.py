@@ -1,0 +1,56 @@
+"""PyTorch ``.pt`` state dicts (``torch.load(..., weights_only=True)`` only) behind the same
+reader interface as :class:`~vita_jax.convert.safetensors_io.SafetensorsReader`."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from vita_jax.convert.safetensors_io import CheckpointError
+
+
+def _to_numpy(t):
+    import torch
+    if t.dtype == torch.bfloat16:
+        import ml_dtypes
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+class TorchReader:
+    """All tensors of a state-dict ``.pt`` file (optionally nested under a key such as ``model``)."""
+
+    def __init__(self, path: str, prefix_strip: str = ""):
+        self.source = path
+        try:
+            import torch
+        except ImportError as e:
+            raise CheckpointError(f"{path}: reading .pt files needs torch (pip install 'vita_jax[torch]')") from e
+        if not os.path.exists(path):
+            raise CheckpointError(f"{path} does not exist")
+        try:
+            sd = torch.load(path, weights_only=True, map_location="cpu")
+        except Exception as e:  # unpickling errors come in many types
+            raise CheckpointError(f"{path}: cannot load as a weights-only PyTorch state dict: {e}") from e
+        for k in ("state_dict", "model"):
+            if isinstance(sd, dict) and k in sd and isinstance(sd[k], dict):
+                sd = sd[k]
+        if not isinstance(sd, dict):
+            raise CheckpointError(f"{path}: expected a state dict, found {type(sd).__name__}")
+        self._sd = {k[len(prefix_strip):] if k.startswith(prefix_strip) else k: v for k, v in sd.items()
+                    if hasattr(v, "shape")}
+
+    def keys(self):
+        return list(self._sd)
+
+    def __contains__(self, key):
+        return key in self._sd
+
+    def shape(self, key):
+        if key not in self._sd:
+            raise CheckpointError(f"tensor {key!r} is missing from {self.source}")
+        return tuple(self._sd[key].shape)
+
+    def get(self, key) -> np.ndarray:
+        self.shape(key)
+        return _to_numpy(self._sd[key].detach().cpu().contiguous())

@@ -1,0 +1,188 @@
+"""Speech features as the official VITA-1.5 processor computes them (host side, numpy).
+
+Kaldi fbank (``torchaudio.compliance.kaldi.fbank`` semantics) of the 16 kHz waveform scaled by
+2^15: 25 ms Povey windows every 10 ms (snip edges), DC removal, pre-emphasis 0.97, 512-point power
+spectrum, 80 triangular mel bins over 20 Hz..8 kHz, log with a float32-epsilon floor, energy floor
+0, dither configurable (0 at evaluation). Computed in float64 (official float32 differs from
+float64 by < 1e-4 max, 1e-6 mean). Audio I/O and resampling use soundfile / librosa; stereo is
+averaged to mono. Global CMVN statistics come from the official ``global_cmvn`` JSON.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Optional, Union
+
+import numpy as np
+
+SAMPLE_RATE = 16000
+FRAME_LENGTH = 400   # 25 ms
+FRAME_SHIFT = 160    # 10 ms
+N_FFT = 512
+EPS = float(np.finfo(np.float32).eps)
+
+
+class AudioError(ValueError):
+    """Audio that cannot be used; the message names the file when there is one."""
+
+
+def num_frames(n_samples: int) -> int:
+    """Kaldi frames with snip edges: ``1 + (n - 400) // 160`` (0 below one window)."""
+    return 0 if n_samples < FRAME_LENGTH else 1 + (n_samples - FRAME_LENGTH) // FRAME_SHIFT
+
+
+def encoder_length(frames):
+    """fbank frames -> whale encoder frames: ``((T - 1) // 2 - 1) // 2`` (two stride-2 3x3 convs)."""
+    return ((np.asarray(frames) - 1) // 2 - 1) // 2
+
+
+def llm_length(frames):
+    """fbank frames -> LLM tokens (``lengths_for_llm``): encoder frames then the stride-2 adapter."""
+    return (encoder_length(frames) - 1) // 2 + 1
+
+
+@functools.lru_cache(maxsize=None)
+def mel_banks(num_bins: int = 80, n_fft: int = N_FFT, sample_rate: int = SAMPLE_RATE,
+              low_freq: float = 20.0, high_freq: float = 0.0) -> np.ndarray:
+    """Kaldi triangular mel filters ``[num_bins, n_fft // 2 + 1]`` (last column zero, as Kaldi).
+
+    Evaluated in float32 step by step like torchaudio's ``get_mel_banks`` (its float32 rounding of
+    mel values near 2800 moves the filter edges by ~1e-5, which is visible in the log energies)."""
+    f32 = np.float32
+    nyquist = 0.5 * sample_rate
+    if high_freq <= 0.0:
+        high_freq += nyquist
+
+    def mel_scalar(f):
+        return 1127.0 * np.log(1.0 + f / 700.0)
+
+    mel_low, mel_high = mel_scalar(low_freq), mel_scalar(high_freq)
+    delta = f32((mel_high - mel_low) / (num_bins + 1))
+    b = np.arange(num_bins, dtype=f32)[:, None]
+    left = f32(mel_low) + b * delta
+    center = f32(mel_low) + (b + f32(1.0)) * delta
+    right = f32(mel_low) + (b + f32(2.0)) * delta
+    freqs = f32(sample_rate / n_fft) * np.arange(n_fft // 2, dtype=f32)
+    m = (f32(1127.0) * np.log(f32(1.0) + freqs / f32(700.0)))[None, :]
+    up = (m - left) / (center - left)
+    down = (right - m) / (right - center)
+    banks = np.maximum(f32(0.0), np.minimum(up, down))
+    return np.pad(banks, ((0, 0), (0, 1))).astype(np.float64)
+
+
+@functools.lru_cache(maxsize=None)
+def povey_window(length: int = FRAME_LENGTH) -> np.ndarray:
+    n = np.arange(length, dtype=np.float64)
+    return (0.5 - 0.5 * np.cos(2 * np.pi * n / (length - 1))) ** 0.85
+
+
+def fbank(waveform, num_mel_bins: int = 80, dither: float = 0.0, energy_floor: float = 0.0,
+          rng: Optional[np.random.Generator] = None, name: str = "<waveform>") -> np.ndarray:
+    """Kaldi fbank of a 16 kHz mono waveform **already scaled to int16 range** -> float32
+    ``[frames, num_mel_bins]`` (log mel energies)."""
+    x = np.asarray(waveform, np.float64).reshape(-1)
+    if x.size == 0:
+        raise AudioError(f"{name}: empty audio (no samples)")
+    if not np.isfinite(x).all():
+        raise AudioError(f"{name}: audio contains NaN or infinite samples")
+    n = num_frames(x.size)
+    if n == 0:
+        raise AudioError(f"{name}: {x.size} samples is shorter than one 25 ms frame ({FRAME_LENGTH} samples at 16 kHz)")
+    idx = np.arange(FRAME_LENGTH)[None, :] + FRAME_SHIFT * np.arange(n)[:, None]
+    frames = x[idx]
+    if dither != 0.0:
+        rng = rng or np.random.default_rng()
+        frames = frames + dither * rng.standard_normal(frames.shape)
+    frames = frames - frames.mean(axis=1, keepdims=True)
+    prev = np.concatenate([frames[:, :1], frames[:, :-1]], axis=1)
+    frames = (frames - 0.97 * prev) * povey_window()
+    spec = np.abs(np.fft.rfft(frames, n=N_FFT, axis=1)) ** 2
+    mel = spec @ mel_banks(num_mel_bins).T
+    out = np.log(np.maximum(mel, EPS))
+    if energy_floor > 0.0:  # only used with use_energy in Kaldi; kept for completeness of the API
+        out = np.maximum(out, np.log(energy_floor))
+    return out.astype(np.float32)
+
+
+def to_int16_range(waveform) -> np.ndarray:
+    """float in [-1, 1] -> ×32768 (as the official processor); int16 -> its integer values."""
+    w = np.asarray(waveform)
+    if w.dtype == np.int16:
+        return w.astype(np.float64)
+    if not np.issubdtype(w.dtype, np.floating):
+        raise AudioError(f"waveform dtype {w.dtype}: expected float in [-1, 1] or int16")
+    return w.astype(np.float64) * 32768.0
+
+
+def prepare_waveform(waveform, sample_rate: int, name: str = "<waveform>") -> np.ndarray:
+    """Any rate, mono ``[n]`` or multi-channel (``[n, ch]`` as soundfile, or ``[ch, n]``) ->
+    float64 16 kHz mono in int16 range."""
+    w = np.asarray(waveform)
+    if w.size == 0:
+        raise AudioError(f"{name}: empty audio (no samples)")
+    if w.ndim == 2:
+        ch_axis = 1 if w.shape[1] <= 8 and w.shape[0] > w.shape[1] else 0
+        w = w.astype(np.float64).mean(axis=ch_axis) if w.dtype != np.int16 else \
+            np.round(w.astype(np.float64).mean(axis=ch_axis)).astype(np.int16)
+    elif w.ndim != 1:
+        raise AudioError(f"{name}: waveform must be 1-D or [samples, channels], got shape {w.shape}")
+    x = to_int16_range(w)
+    if not np.isfinite(x).all():
+        raise AudioError(f"{name}: audio contains NaN or infinite samples")
+    if sample_rate != SAMPLE_RATE:
+        import librosa
+        x = librosa.resample(x / 32768.0, orig_sr=sample_rate, target_sr=SAMPLE_RATE) * 32768.0
+    return x
+
+
+def load_audio(path: Union[str, os.PathLike]) -> tuple[np.ndarray, int]:
+    """Reads an audio file -> ``(samples [n] or [n, ch] float32 in [-1, 1], sample_rate)``."""
+    name = os.fspath(path)
+    import soundfile as sf
+    try:
+        data, sr = sf.read(name, dtype="float32", always_2d=False)
+    except FileNotFoundError as e:
+        raise AudioError(f"{name}: no such audio file") from e
+    except Exception as e:  # soundfile raises LibsndfileError / RuntimeError for unreadable files
+        raise AudioError(f"{name}: cannot read audio: {e}") from e
+    return data, int(sr)
+
+
+def audio_features(waveform_or_path, sample_rate: Optional[int] = None, dither: float = 0.0,
+                   num_mel_bins: int = 80) -> np.ndarray:
+    """A path, or a waveform (float in [-1, 1] or int16) with its rate -> float32 fbank ``[frames, 80]``
+    before CMVN."""
+    name = "<waveform>"
+    if isinstance(waveform_or_path, (str, os.PathLike)):
+        name = os.fspath(waveform_or_path)
+        waveform_or_path, sample_rate = load_audio(name)
+    if sample_rate is None:
+        raise AudioError("sample_rate is required with a waveform")
+    x = prepare_waveform(waveform_or_path, sample_rate, name)
+    return fbank(x, num_mel_bins, dither=dither, name=name)
+
+
+def load_cmvn(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """Official ``global_cmvn`` JSON (``mean_stat``, ``var_stat``, ``frame_num``) -> float32
+    ``(mean, istd)`` with the variance floored at 1e-20."""
+    try:
+        with open(path) as f:
+            stats = json.load(f)
+        mean_stat = np.asarray(stats["mean_stat"], np.float64)
+        var_stat = np.asarray(stats["var_stat"], np.float64)
+        count = float(stats["frame_num"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: not a global_cmvn statistics file: {e}") from e
+    mean = mean_stat / count
+    var = np.maximum(var_stat / count - mean * mean, 1e-20)
+    return mean.astype(np.float32), (1.0 / np.sqrt(var)).astype(np.float32)
+
+
+def pad_batch(features: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Zero-pads fbank clips at the end like the official collator -> ``([clips, T, 80], lengths)``."""
+    lengths = np.asarray([f.shape[0] for f in features], np.int32)
+    out = np.zeros((len(features), int(lengths.max()), features[0].shape[1]), np.float32)
+    for i, f in enumerate(features):
+        out[i, :f.shape[0]] = f
+    return out, lengths
