@@ -1,0 +1,1 @@
+"""Training: stage partitions, the jitted step, loops, checkpoints."""
