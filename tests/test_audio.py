@@ -125,6 +125,14 @@ def test_stereo_and_48k_converted(model, ref, tmp_path):
     assert np.abs(f48 - ref["clip0_fbank"]).mean() < 0.2  # resampled twice: close, not identical
 
 
+@pytest.mark.parametrize("rate", [8000, 22050, 44100])
+def test_other_rates_resampled(model, ref, rate):
+    import librosa
+    wav = librosa.resample(ref["clip0_wave_int16"].astype(np.float32) / 32768, orig_sr=16000, target_sr=rate)
+    f = model.audio_features(wav, rate)
+    assert f.shape == ref["clip0_fbank"].shape and np.isfinite(f).all()
+
+
 def test_static_chunk_mask():
     m = W.chunk_mask(6, 2, 1)
     expected = np.array([[1, 1, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 0, 0],
