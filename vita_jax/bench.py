@@ -72,7 +72,7 @@ def _timeit(fn, steps):
 
 
 def bench_llm(config) -> dict:
-    cfg = api.llm_config(config)
+    cfg = config_lib.llm_config(config)
     b = config.bench
     mesh = parallel.make_mesh(dict(config.mesh_shape))
     module = qwen2.Qwen2ForCausalLM(cfg)

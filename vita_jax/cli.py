@@ -25,7 +25,7 @@ def cmd_generate(a) -> int:
     if a.prompt is not None:
         if m.tokenizer is None:
             raise SystemExit(f"{a.path} has no tokenizer.json: give the prompt as --ids")
-        ids = m.tokenizer.encode(a.prompt).ids
+        ids = m.tokenizer.encode(a.prompt)
     elif a.ids is not None:
         ids = _ids(a.ids)
     else:

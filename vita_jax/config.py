@@ -217,3 +217,27 @@ def _vision_from_release(c, hf: dict, directory: str, path: str) -> None:
     c.mm_hidden_size = int(hf.get("mm_hidden_size", 4 * c.vision.hidden_size))
     if c.mm_hidden_size != 4 * c.vision.hidden_size:
         raise ValueError(f"{path}: mm_hidden_size {c.mm_hidden_size} != 4 x vision hidden {c.vision.hidden_size}")
+
+
+# ----------------------------------------------------------------------------- module configs
+def llm_config(config: ml_collections.ConfigDict):
+    from vita_jax.models import qwen2
+    impl = None if config.attention_impl == "auto" else config.attention_impl
+    return qwen2.Qwen2Config.from_config(config.llm, dtype=config.dtype, param_dtype=config.param_dtype,
+                                         remat_policy=config.remat_policy, attention_impl=impl)
+
+
+def vision_config(config: ml_collections.ConfigDict):
+    from vita_jax.models import internvit
+    if not config.has_vision:
+        return None
+    return internvit.InternViTConfig.from_config(config.vision, dtype=config.dtype, param_dtype=config.param_dtype,
+                                                 remat_policy=config.remat_policy)
+
+
+def audio_config(config: ml_collections.ConfigDict):
+    from vita_jax.models import whale
+    if not config.has_audio:
+        return None
+    return whale.WhaleConfig.from_config(config.audio, dtype=config.dtype, param_dtype=config.param_dtype,
+                                         remat_policy=config.remat_policy)

@@ -21,11 +21,13 @@ def _flat(tree) -> dict[tuple, object]:
     return traverse_util.flatten_dict(tree)
 
 
-def check(rules: Iterable[KeyRule], reader, abstract) -> dict[tuple, KeyRule]:
+def check(rules: Iterable[KeyRule], reader, abstract) -> tuple[dict[tuple, KeyRule], list[str]]:
     """Verifies that every Flax leaf has a rule and every rule's tensors exist with the right
-    shapes. ``abstract`` is a tree of ``jax.ShapeDtypeStruct`` (or arrays). Returns path -> rule."""
+    shapes. ``abstract`` is a tree of ``jax.ShapeDtypeStruct`` (or arrays). Returns
+    ``(path -> rule, every official key the rules name)``."""
     flat = _flat(abstract)
     by_path: dict[tuple, KeyRule] = {}
+    all_keys: list[str] = []
     for rule in rules:
         if rule.flax_path not in flat:
             raise CheckpointError(f"key table names Flax path {'/'.join(rule.flax_path)} "
@@ -34,6 +36,7 @@ def check(rules: Iterable[KeyRule], reader, abstract) -> dict[tuple, KeyRule]:
         n = leaf.shape[0] if rule.stacked else 1
         want = rule.transform.torch_shape(tuple(leaf.shape[1:] if rule.stacked else leaf.shape))
         for key in rule.keys(n):
+            all_keys.append(key)
             got = reader.shape(key)  # raises naming the key when missing
             if tuple(got) != tuple(want):
                 raise CheckpointError(f"tensor {key!r} in {reader.source}: shape {tuple(got)}, the model "
@@ -43,7 +46,7 @@ def check(rules: Iterable[KeyRule], reader, abstract) -> dict[tuple, KeyRule]:
     if missing:
         raise CheckpointError("no checkpoint key maps to Flax parameter(s): "
                               + ", ".join("/".join(p) for p in missing))
-    return by_path
+    return by_path, all_keys
 
 
 def read_leaf(rule: KeyRule, reader, shape, dtype) -> np.ndarray:
@@ -60,7 +63,7 @@ def load(rules: Iterable[KeyRule], reader, abstract, shardings=None):
     """Returns ``(params, keys_read)``: the tree of ``abstract`` filled from ``reader``, each leaf
     with the dtype of its abstract leaf, placed with the matching entry of ``shardings`` (a tree
     of ``jax.sharding.Sharding`` or None for the default device)."""
-    by_path = check(rules, reader, abstract)
+    by_path, _ = check(rules, reader, abstract)
     flat_abs = _flat(abstract)
     flat_sh = _flat(shardings) if shardings is not None else {}
     out, keys_read = {}, []
