@@ -11,7 +11,7 @@ import numpy as np
 
 from vita_jax import config as config_lib
 from vita_jax import parallel
-from vita_jax.convert import release
+from vita_jax.convert import export, release
 from vita_jax.data import audio as audio_lib
 from vita_jax.data import image as image_lib
 from vita_jax.data import text as text_lib
@@ -250,16 +250,43 @@ class VitaModel:
         return np.asarray(emb)[:n, :int(llm_lens.max())], llm_lens
 
 
+def init_model(config, seed: int = 0, mesh=None, tokenizer=None) -> VitaModel:
+    """A randomly initialised model for ``config`` (e.g. ``config_lib.load_config("tiny")``), each
+    part created directly in its shards when a mesh is given."""
+    params = {name: init_params(module, mesh, seed + i, example)
+              for i, (name, (module, example, _)) in enumerate(release.build_parts(config).items())}
+    return VitaModel(config, params, tokenizer, mesh)
+
+
+def _save_pretrained(self, path: str, format: str = "pytorch", overwrite: bool = False,
+                     max_shard_bytes: int = 5 * 1024 ** 3):
+    """Writes the model: ``format="pytorch"`` -> the official release layout (safetensors shards +
+    index, config files, tokenizer, tower folders; source dtypes kept); ``"orbax"`` -> a vita_jax
+    checkpoint that :func:`from_pretrained` reads back (with resharding onto any mesh). The target
+    is written to a temporary sibling folder and only then moved into place."""
+    if format == "pytorch":
+        return export.save_pytorch(self, path, max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+    if format == "orbax":
+        return export.save_orbax(self, path, overwrite=overwrite)
+    raise ValueError(f"format must be 'pytorch' or 'orbax', got {format!r}")
+
+
+VitaModel.save_pretrained = _save_pretrained
+
+
 def from_pretrained(path: str, dtype=jnp.float32, mesh=None, config_overrides: Optional[dict] = None,
                     strict: bool = True) -> VitaModel:
     """Loads an official-layout release folder (``config.json`` + safetensors index + shards, the
-    vision and audio-encoder folders, tokenizer files).
+    vision and audio-encoder folders, tokenizer files) or a vita_jax orbax checkpoint.
 
     Parameters are stored and computed in ``dtype``; with a ``mesh`` every tensor is read once and
     placed straight into its shards. ``config_overrides`` maps dotted config fields to values
     (e.g. ``{"remat_policy": "full"}``). ``strict``: unknown tensors in the shards are an error."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path} is not a directory")
+    if export.is_orbax_checkpoint(path):
+        config, params, dtypes = export.load_orbax(path, dtype, mesh)
+        return VitaModel(config, params, load_tokenizer(path), mesh, (), dtypes, None)
     config = config_lib.from_release(path)
     config.dtype = config.param_dtype = jnp.dtype(dtype).name
     for k, v in (config_overrides or {}).items():

@@ -1,4 +1,4 @@
-"""``vita-jax`` command line: ``generate`` and ``bench`` (more sub-commands arrive with training)."""
+"""``vita-jax`` command line: ``generate``, ``convert`` and ``bench``."""
 from __future__ import annotations
 
 import argparse
@@ -18,28 +18,50 @@ def _ids(text: str) -> list[int]:
 def cmd_generate(a) -> int:
     import jax.numpy as jnp
     import vita_jax
+    from vita_jax.data import text as text_lib
+    path = a.checkpoint or a.path
+    if not path:
+        raise SystemExit("give the model directory: vita-jax generate --checkpoint DIR (or as the first argument)")
     t0 = time.perf_counter()
-    m = vita_jax.from_pretrained(a.path, dtype=jnp.dtype(a.dtype))
-    print(f"loaded {a.path}: {len(m.keys_read)} tensors, {m.config.llm.num_hidden_layers} layers, "
+    m = vita_jax.from_pretrained(path, dtype=jnp.dtype(a.dtype))
+    print(f"loaded {path}: {len(m.keys_read)} tensors, {m.config.llm.num_hidden_layers} layers, "
           f"hidden {m.config.llm.hidden_size}, vocab {m.config.llm.vocab_size} ({time.perf_counter() - t0:.1f} s)")
-    if a.prompt is not None:
-        if m.tokenizer is None:
-            raise SystemExit(f"{a.path} has no tokenizer.json: give the prompt as --ids")
-        ids = m.tokenizer.encode(a.prompt)
-    elif a.ids is not None:
-        ids = _ids(a.ids)
-    else:
-        raise SystemExit("give --prompt TEXT or --ids 1,2,3")
+    sampling = dict(max_new_tokens=a.max_new_tokens, do_sample=a.sample, temperature=a.temperature, top_k=a.top_k,
+                    top_p=a.top_p, seed=a.seed)
     t0 = time.perf_counter()
-    out = m.generate(np.asarray([ids]), max_new_tokens=a.max_new_tokens, do_sample=a.sample,
-                     temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
-    dt = time.perf_counter() - t0
-    new = [int(t) for t in out[0] if t >= 0]
-    print("prompt ids:", ids)
-    print("new ids:   ", new)
-    if m.tokenizer is not None:
-        print("text:      ", m.tokenizer.decode(new))
-    print(f"{len(new)} tokens in {dt:.2f} s (compilation included)")
+    if a.ids is not None:
+        if a.image or a.video or a.audio:
+            raise SystemExit("--ids is a raw prompt: combine media with --prompt (the chat template is applied)")
+        ids = _ids(a.ids)
+        out = m.generate(np.asarray([ids]), **sampling)
+        new = [int(t) for t in out[0] if t >= 0]
+        print("prompt ids:", ids)
+        print("new ids:   ", new)
+        if m.tokenizer is not None:
+            print("text:      ", m.tokenizer.decode(new))
+    else:
+        if m.tokenizer is None:
+            raise SystemExit(f"{path} has no tokenizer.json: give the prompt as --ids")
+        if len(a.image) > 1:
+            raise SystemExit("one --image per prompt (the official demo takes one image)")
+        reply = m.chat(a.prompt or "", image=a.image[0] if a.image else None, video=a.video, audio=a.audio,
+                       **sampling)
+        print(reply)
+        state = reply[:1]
+        print({text_lib.STATE_TEXT: "(state: text query)", text_lib.STATE_SPEECH: "(state: speech query)",
+               text_lib.STATE_NEGATIVE: "(state: not addressed to the assistant)"}.get(state, ""))
+    print(f"generated in {time.perf_counter() - t0:.2f} s (compilation included)")
+    return 0
+
+
+def cmd_convert(a) -> int:
+    import jax.numpy as jnp
+    import vita_jax
+    t0 = time.perf_counter()
+    m = vita_jax.from_pretrained(a.src, dtype=jnp.dtype(a.dtype) if a.dtype else jnp.float32)
+    fmt = {"pytorch": "pytorch", "orbax": "orbax"}[a.to]
+    m.save_pretrained(a.dst, format=fmt, overwrite=a.overwrite)
+    print(f"converted {a.src} -> {a.dst} ({fmt}, {len(m.keys_read) or 'all'} tensors, {time.perf_counter() - t0:.1f} s)")
     return 0
 
 
@@ -50,20 +72,30 @@ def main(argv=None) -> int:
         return bench.main(argv[1:])
     p = argparse.ArgumentParser(prog="vita-jax", description="VITA-1.5 in JAX")
     sub = p.add_subparsers(dest="cmd", required=True)
-    g = sub.add_parser("generate", help="continue a prompt with a release directory's LLM")
-    g.add_argument("path", help="official-layout release directory (config.json + safetensors)")
-    g.add_argument("--prompt", help="text prompt (needs tokenizer.json in the directory)")
-    g.add_argument("--ids", help="prompt token ids, e.g. 501,11,10,79")
-    g.add_argument("--max-new-tokens", type=int, default=16)
+    g = sub.add_parser("generate", help="answer a prompt (text, image, video, speech) or continue raw ids")
+    g.add_argument("path", nargs="?", help="release directory or vita_jax checkpoint (same as --checkpoint)")
+    g.add_argument("--checkpoint", help="release directory (config.json + safetensors) or vita_jax orbax checkpoint")
+    g.add_argument("--prompt", help="question text; the official chat template is applied")
+    g.add_argument("--image", action="append", default=[], help="image file")
+    g.add_argument("--video", help="video file")
+    g.add_argument("--audio", help="speech file (the spoken question)")
+    g.add_argument("--ids", help="raw prompt token ids, e.g. 501,11,10,79 (no template)")
+    g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    c = sub.add_parser("convert", help="official release <-> vita_jax checkpoint")
+    c.add_argument("--to", required=True, choices=["orbax", "pytorch"])
+    c.add_argument("src")
+    c.add_argument("dst")
+    c.add_argument("--dtype", default=None, help="dtype to hold the weights in while converting (default float32)")
+    c.add_argument("--overwrite", action="store_true")
     sub.add_parser("bench", help="benchmarks: vita-jax bench llm --config=configs/FILE.py")
     a = p.parse_args(argv)
-    return cmd_generate(a)
+    return cmd_convert(a) if a.cmd == "convert" else cmd_generate(a)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,158 @@
+"""Official layout -> vita_jax -> official layout, bitwise; orbax checkpoints; errors before writing."""
+import json
+import os
+import shutil
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import vita_jax
+from vita_jax import cli
+from vita_jax.convert.safetensors_io import CheckpointError, SafetensorsReader, read_header, save_file
+
+
+def _same_tensors(a_dir, b_dir):
+    a, b = SafetensorsReader(a_dir), SafetensorsReader(b_dir)
+    assert set(a.keys()) == set(b.keys())
+    for k in a.keys():
+        x, y = a.get(k), b.get(k)
+        assert x.dtype == y.dtype and x.shape == y.shape, k
+        assert x.tobytes() == y.tobytes(), k
+
+
+def _index(d):
+    with open(os.path.join(d, "model.safetensors.index.json")) as f:
+        return json.load(f)
+
+
+def test_roundtrip_fixture_bitwise(tiny_dir, tmp_path):
+    out = tmp_path / "out"
+    m = vita_jax.from_pretrained(tiny_dir)
+    idx = m.save_pretrained(str(out), max_shard_bytes=700_000)
+    _same_tensors(tiny_dir, str(out))
+    assert len(set(idx["weight_map"].values())) >= 2  # really sharded, index consistent
+    assert idx["metadata"]["total_size"] == sum(SafetensorsReader(str(out)).get(k).nbytes for k in idx["weight_map"])
+    with open(out / "config.json") as f:
+        hf = json.load(f)
+    with open(os.path.join(tiny_dir, "config.json")) as f:
+        src = json.load(f)
+    assert hf == src
+    for folder in ("InternViT-tiny-56px", "audio-encoder-tiny-whale"):
+        assert sorted(os.listdir(out / folder)) == sorted(os.listdir(os.path.join(tiny_dir, folder)))
+    # and it loads again, same outputs
+    assert "adpter.conv1d2.weight" in "".join(_index(str(out))["weight_map"])
+
+
+def _bf16_copy(tiny_dir, dst):
+    shutil.copytree(tiny_dir, dst, ignore=shutil.ignore_patterns("reference", "vita_tts_ckpt"))
+    idx = _index(dst)
+    for shard in sorted(set(idx["weight_map"].values())):
+        path = os.path.join(dst, shard)
+        r = SafetensorsReader(dst)
+        tensors = {k: np.array(r.get(k)).astype(ml_dtypes.bfloat16) if r.get(k).dtype == np.float32 else np.array(r.get(k))
+                   for k in read_header(path)[0]}
+        del r
+        save_file(tensors, path)
+
+
+def test_roundtrip_bf16_bitwise(tiny_dir, tmp_path):
+    src = str(tmp_path / "bf16")
+    _bf16_copy(tiny_dir, src)
+    assert SafetensorsReader(src).dtype("model.layers.0.mlp.up_proj.weight") == np.dtype(ml_dtypes.bfloat16)
+    m = vita_jax.from_pretrained(src)  # held in float32, written back as the source's bf16
+    m.save_pretrained(str(tmp_path / "out"))
+    _same_tensors(src, str(tmp_path / "out"))
+    import jax.numpy as jnp
+    m16 = vita_jax.from_pretrained(src, dtype=jnp.bfloat16)
+    m16.save_pretrained(str(tmp_path / "out16"))
+    _same_tensors(src, str(tmp_path / "out16"))
+
+
+def test_orbax_roundtrip(tiny_dir, tmp_path):
+    m = vita_jax.from_pretrained(tiny_dir)
+    m.save_pretrained(str(tmp_path / "ckpt"), format="orbax")
+    m2 = vita_jax.from_pretrained(str(tmp_path / "ckpt"))
+    f = np.load(os.path.join(tiny_dir, "reference/forward.npz"))
+    media = dict(pixel_values=f["images"][:3], audio_features=f["audio_feats"], audio_lengths=f["audio_lengths"])
+    assert m2.loss(f["input_ids"], f["attention_mask"], f["labels"], **media) == \
+        m.loss(f["input_ids"], f["attention_mask"], f["labels"], **media)
+    m2.save_pretrained(str(tmp_path / "back"))
+    _same_tensors(tiny_dir, str(tmp_path / "back"))
+
+
+def _corrupt(tiny_dir, tmp_path, how):
+    d = str(tmp_path / "src")
+    shutil.copytree(tiny_dir, d, ignore=shutil.ignore_patterns("reference", "vita_tts_ckpt"))
+    idx = _index(d)
+    if how == "missing_shard":
+        os.remove(os.path.join(d, "model-00002-of-00002.safetensors"))
+        return d, "model-00002-of-00002.safetensors"
+    key = "model.layers.1.mlp.gate_proj.weight"
+    shard = os.path.join(d, idx["weight_map"][key])
+    r = SafetensorsReader(d)
+    tensors = {k: np.array(r.get(k)) for k in read_header(shard)[0]}
+    del r
+    if how == "key_not_in_index":
+        del idx["weight_map"][key]
+        with open(os.path.join(d, "model.safetensors.index.json"), "w") as f:
+            json.dump(idx, f)
+        return d, key
+    if how == "wrong_shape":
+        tensors[key] = np.zeros((64, 64), np.float32)
+        save_file(tensors, shard)
+        return d, key
+    extra = "model.layers.1.mlp.extra_proj.weight"
+    tensors[extra] = np.zeros((4, 4), np.float32)
+    save_file(tensors, shard)
+    idx["weight_map"][extra] = idx["weight_map"][key]
+    with open(os.path.join(d, "model.safetensors.index.json"), "w") as f:
+        json.dump(idx, f)
+    return d, extra
+
+
+@pytest.mark.parametrize("how", ["missing_shard", "key_not_in_index", "wrong_shape", "unknown_extra_key"])
+def test_bad_source_fails_before_writing(tiny_dir, tmp_path, how):
+    src, name = _corrupt(tiny_dir, tmp_path, how)
+    dst = tmp_path / "dst"
+    with pytest.raises(CheckpointError, match=name.replace(".", r"\.")):
+        cli.main(["convert", "--to", "pytorch", src, str(dst)])
+    assert not dst.exists()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("dst")]
+
+
+def test_existing_target_kept(tiny_dir, tmp_path):
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "precious.txt").write_text("keep me")
+    with pytest.raises(FileExistsError):
+        cli.main(["convert", "--to", "orbax", tiny_dir, str(dst)])
+    assert (dst / "precious.txt").read_text() == "keep me"
+
+
+def test_cli_convert_both_ways(tiny_dir, tmp_path):
+    assert cli.main(["convert", "--to", "orbax", tiny_dir, str(tmp_path / "o")]) == 0
+    assert cli.main(["convert", "--to", "pytorch", str(tmp_path / "o"), str(tmp_path / "p")]) == 0
+    _same_tensors(tiny_dir, str(tmp_path / "p"))
+
+
+def test_pt_files_only_weights_only(tiny_dir, tmp_path, monkeypatch):
+    import torch
+    from vita_jax.convert.torch_io import TorchReader
+    seen = []
+    real = torch.load
+
+    def spy(*a, **k):
+        seen.append(k.get("weights_only"))
+        return real(*a, **k)
+    monkeypatch.setattr(torch, "load", spy)
+    TorchReader(os.path.join(tiny_dir, "audio-encoder-tiny-whale/final.pt"))
+    assert seen == [True]
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+    bad = tmp_path / "evil.pt"
+    torch.save({"w": torch.zeros(2), "x": Evil()}, bad)
+    with pytest.raises(CheckpointError, match="evil.pt"):
+        TorchReader(str(bad))
