@@ -21,7 +21,6 @@ from vita_jax.models import qwen2
 from vita_jax.models.vita import VITA, lm_loss_terms, plan_splice
 
 IMAGE_TOKEN_INDEX, AUDIO_TOKEN_INDEX = -200, -500
-SEQ_BUCKET, FRAME_BUCKET = 64, 64
 
 load_tokenizer = text_lib.load_tokenizer
 
@@ -116,7 +115,8 @@ class VitaModel:
         if lengths.max() > max_frames:
             raise ValueError(f"an audio clip of {int(lengths.max())} frames ({lengths.max() / 100:.1f} s) exceeds the "
                              f"encoder's {self.whale_cfg.max_positions}-row position table (at most {max_frames} frames)")
-        t = min(-(-f.shape[1] // FRAME_BUCKET) * FRAME_BUCKET, max_frames)
+        fb = self.config.get("frame_bucket", 64)
+        t = min(-(-f.shape[1] // fb) * fb, max_frames)
         nb = _bucket(n, self.dp)
         padded = np.zeros((nb, t, f.shape[2]), np.float32)
         padded[:n, :f.shape[1]] = f
@@ -129,7 +129,8 @@ class VitaModel:
         feats, lens, llm_lens, audio_len = self._pad_audio(audio_features, audio_lengths)
         plan = plan_splice(input_ids, attention_mask, labels, tokens_per_tile=self.tokens_per_tile,
                            audio_llm_lengths=llm_lens, audio_len=audio_len,
-                           max_length=self.config.tokenizer_model_max_length, pad_to=SEQ_BUCKET, n_tiles=n_tiles)
+                           max_length=self.config.tokenizer_model_max_length,
+                           pad_to=self.config.get("seq_bucket", 64), n_tiles=n_tiles)
         if (plan.text_ids >= self.llm_cfg.vocab_size).any():
             raise ValueError(f"input_ids hold ids >= the vocabulary size {self.llm_cfg.vocab_size}")
         args = tuple(self._place(a) for a in (plan.kind, plan.text_ids, plan.src, px, feats, lens))

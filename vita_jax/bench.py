@@ -142,6 +142,74 @@ def bench_llm(config) -> dict:
     return res
 
 
+class _RSSPeak:
+    """Samples the process's anonymous resident memory (``RssAnon`` in ``/proc/self/status``: heap and
+    array buffers, not the page cache of memory-mapped shards) in a thread; ``peak`` in bytes."""
+
+    def __init__(self, every: float = 0.005):
+        import threading
+        self.every, self.peak, self._stop = every, self.rss(), threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            time.sleep(self.every)
+
+    def __enter__(self):
+        self.base = self.rss()
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, self.rss())
+
+
+def bench_convert(config, shard_mb: int = 256) -> dict:
+    """Host memory of export and import: a random model of ``config`` is written in the official
+    layout and read back; reports the peak resident memory above the level before each step."""
+    import gc
+    import shutil
+    import tempfile
+    import vita_jax
+    from vita_jax.convert.safetensors_io import SafetensorsReader
+    m = vita_jax.init_model(config)
+    n_bytes = sum(x.nbytes for x in jax.tree.leaves(m.params))
+    largest_leaf = max(x.nbytes for x in jax.tree.leaves(m.params))
+    d = tempfile.mkdtemp()
+    try:
+        with _RSSPeak() as w:
+            t0 = time.perf_counter()
+            m.save_pretrained(d + "/out", max_shard_bytes=shard_mb * 2 ** 20)
+            t_save = time.perf_counter() - t0
+        del m
+        gc.collect()
+        r = SafetensorsReader(d + "/out")
+        shard_sizes = {}
+        for k in r.keys():
+            shard_sizes[r._where[k]] = shard_sizes.get(r._where[k], 0) + r.get(k).nbytes
+        with _RSSPeak() as l:
+            t0 = time.perf_counter()
+            m2 = vita_jax.from_pretrained(d + "/out")
+            jax.block_until_ready(m2.params)
+            t_load = time.perf_counter() - t0
+        return dict(params_bytes=n_bytes, largest_leaf_bytes=largest_leaf, largest_shard_bytes=max(shard_sizes.values()),
+                    n_shards=len(shard_sizes), export_s=t_save, export_peak_extra_bytes=w.peak - w.base,
+                    import_s=t_load, import_peak_extra_bytes=l.peak - l.base)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def format_table(res: dict) -> str:
     def f(v, fmt):
         return "n/a" if v is None else fmt.format(v)
@@ -164,8 +232,8 @@ def format_table(res: dict) -> str:
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("llm",):
-        print("usage: python -m vita_jax.bench llm --config=configs/FILE.py [--config.x=y] [--json=OUT]",
+    if not argv or argv[0] not in ("llm", "convert"):
+        print("usage: python -m vita_jax.bench llm|convert --config=configs/FILE.py [--config.x=y] [--json=OUT]",
               file=sys.stderr)
         return 2
     what, rest = argv[0], argv[1:]
@@ -177,8 +245,13 @@ def main(argv=None):
         else:
             print(f"unknown argument {a}", file=sys.stderr)
             return 2
-    res = bench_llm(config)
-    print(format_table(res))
+    if what == "convert":
+        res = bench_convert(config)
+        for k, v in res.items():
+            print(f"{k:32s} {v / 2 ** 20:10.1f} MiB" if k.endswith("bytes") else f"{k:32s} {v:10.2f}")
+    else:
+        res = bench_llm(config)
+        print(format_table(res))
     if out:
         with open(out, "w") as fh:
             json.dump(res, fh, indent=1)

@@ -52,6 +52,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.bos_token_id = -1
     c.eos_token_id = -1
     c.tokenizer_model_max_length = 6200
+    c.seq_bucket = 64            # spliced sequences are padded to a multiple of this (jit shapes)
+    c.frame_bucket = 64          # fbank frames of an audio batch likewise
     c.seed = 0
     c.bench = ml_collections.ConfigDict(dict(batch=1, seq_len=128, steps=3, decode_tokens=32,
                                              decode_batch=1, prompt_len=16, peak_tflops=0.0, hbm_gbps=0.0))
@@ -239,5 +241,6 @@ def audio_config(config: ml_collections.ConfigDict):
     from vita_jax.models import whale
     if not config.has_audio:
         return None
+    # the adapter always projects to the LLM width (a train.yaml that disagrees is rejected on load)
     return whale.WhaleConfig.from_config(config.audio, dtype=config.dtype, param_dtype=config.param_dtype,
-                                         remat_policy=config.remat_policy)
+                                         remat_policy=config.remat_policy, llm_embed_dim=config.llm.hidden_size)

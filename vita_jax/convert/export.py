@@ -195,7 +195,7 @@ def _write_audio_folder(model, folder: str) -> None:
                           "para_conf": {"subsampling": {"subsampling-rate": 4, "subsampling-input-dim": a.input_dim,
                                                         "subsampling-output-dim": a.attention_dim},
                                         "transformer": tr}},
-         "model_conf": {"enc_out_dim": a.attention_dim, "llm_embed_dim": a.llm_embed_dim, "kernel_size": a.kernel_size,
+         "model_conf": {"enc_out_dim": a.attention_dim, "llm_embed_dim": model.config.llm.hidden_size, "kernel_size": a.kernel_size,
                         "adpter_type": "subsampling", "activation_func": a.activation, "norm": "layer",
                         "add_audio_bos_eos": False},
          "dataset_conf": {"resample_conf": {"resample_rate": 16000},

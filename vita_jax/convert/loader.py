@@ -49,32 +49,42 @@ def check(rules: Iterable[KeyRule], reader, abstract) -> tuple[dict[tuple, KeyRu
     return by_path, all_keys
 
 
-def read_leaf(rule: KeyRule, reader, shape, dtype) -> np.ndarray:
-    """The full Flax leaf for one rule as a host array of ``dtype``."""
+def _normalize(index, shape) -> tuple:
+    index = tuple(index) if index is not None else ()
+    index = index + (slice(None),) * (len(shape) - len(index))
+    return tuple(ix if isinstance(ix, slice) else slice(ix, ix + 1) for ix in index)
+
+
+def leaf_slice(rule: KeyRule, reader, shape, dtype, index=None) -> np.ndarray:
+    """The part ``index`` (a tuple of slices over the Flax leaf, None = all) of one Flax leaf,
+    read lazily: only the layers in the slice are read, one at a time, from the memory map."""
+    index = _normalize(index, shape)
     if not rule.stacked:
-        return np.asarray(rule.transform.to_flax(reader.get(rule.torch_key)), dtype=dtype)
-    out = np.empty(shape, dtype=dtype)
-    for i, key in enumerate(rule.keys(shape[0])):
-        out[i] = rule.transform.to_flax(reader.get(key))
+        return np.array(rule.transform.to_flax(reader.get(rule.torch_key))[index], dtype=dtype)
+    layers = range(*index[0].indices(shape[0]))
+    inner = np.broadcast_to(np.empty((), np.uint8), shape[1:])[index[1:]].shape
+    out = np.empty((len(layers),) + inner, dtype=dtype)
+    for j, i in enumerate(layers):
+        out[j] = rule.transform.to_flax(reader.get(rule.torch_key.format(i=i)))[index[1:]]
     return out
 
 
 def load(rules: Iterable[KeyRule], reader, abstract, shardings=None):
     """Returns ``(params, keys_read)``: the tree of ``abstract`` filled from ``reader``, each leaf
     with the dtype of its abstract leaf, placed with the matching entry of ``shardings`` (a tree
-    of ``jax.sharding.Sharding`` or None for the default device)."""
+    of ``jax.sharding.Sharding``; None = the default device). Each device's slot is assembled from
+    just the tensors (and the slices of them) it holds, so host memory stays near one device shard
+    (one leaf without a mesh)."""
     by_path, _ = check(rules, reader, abstract)
     flat_abs = _flat(abstract)
     flat_sh = _flat(shardings) if shardings is not None else {}
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     out, keys_read = {}, []
     for path, leaf in flat_abs.items():
         rule = by_path[path]
-        host = read_leaf(rule, reader, tuple(leaf.shape), leaf.dtype)
-        keys_read += rule.keys(leaf.shape[0] if rule.stacked else 1)
-        sharding = flat_sh.get(path)
-        if sharding is None:
-            out[path] = jax.device_put(host)
-        else:
-            out[path] = jax.make_array_from_callback(host.shape, sharding, lambda idx, h=host: h[idx])
-        del host
+        shape, dtype = tuple(leaf.shape), np.dtype(leaf.dtype)
+        keys_read += rule.keys(shape[0] if rule.stacked else 1)
+        out[path] = jax.make_array_from_callback(
+            shape, flat_sh.get(path) or default,
+            lambda idx, r=rule, s=shape, d=dtype: leaf_slice(r, reader, s, d, idx))
     return traverse_util.unflatten_dict(out), keys_read

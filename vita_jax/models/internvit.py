@@ -22,6 +22,7 @@ import numpy as np
 
 from vita_jax import parallel
 from vita_jax.convert.table import KeyRule, T
+from vita_jax.models.common import config_from_mapping
 from vita_jax.layers.norms import LayerNorm
 
 _init = nn.initializers.normal(0.02)
@@ -53,13 +54,8 @@ class InternViTConfig:
 
     @classmethod
     def from_config(cls, vision, **kw) -> "InternViTConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        vals = {k: v for k, v in dict(vision).items() if k in names}
-        vals.update(kw)
-        for k in ("dtype", "param_dtype"):
-            if isinstance(vals.get(k), str):
-                vals[k] = jnp.dtype(vals[k])
-        return cls(**vals)
+        """From an ``ml_collections`` sub-config (or any mapping with the same fields)."""
+        return config_from_mapping(cls, vision, **kw)
 
 
 def read_hf_config(folder: str) -> dict:

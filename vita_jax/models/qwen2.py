@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from vita_jax import parallel
 from vita_jax.convert.table import KeyRule, T
+from vita_jax.models.common import config_from_mapping
 from vita_jax.layers.attention import Attention, causal_padding_mask
 from vita_jax.layers.mlp import SwiGLU
 from vita_jax.layers.norms import RMSNorm
@@ -46,14 +47,8 @@ class Qwen2Config:
 
     @classmethod
     def from_config(cls, llm, **kw) -> "Qwen2Config":
-        """From an ``ml_collections`` ``config.llm`` (or any mapping with the same fields)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        vals = {k: v for k, v in dict(llm).items() if k in names}
-        vals.update(kw)
-        for k in ("dtype", "param_dtype"):
-            if isinstance(vals.get(k), str):
-                vals[k] = jnp.dtype(vals[k])
-        return cls(**vals)
+        """From an ``ml_collections`` sub-config (or any mapping with the same fields)."""
+        return config_from_mapping(cls, llm, **kw)
 
     def num_params(self) -> int:
         e, m, h, k, d = (self.hidden_size, self.intermediate_size, self.num_attention_heads,
