@@ -43,12 +43,13 @@ class Attention(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     implementation: Optional[str] = None
+    use_bias: bool = True  # q/k/v biases (Qwen2: yes; Llama, the TTS decoder: no)
 
     @nn.compact
     def __call__(self, x, cos, sin, mask=None, kv_lengths=None, cache=None, cache_index=None):
         def proj(name, heads, axes):
             return nn.DenseGeneral(
-                (heads, self.head_dim), axis=-1, use_bias=True, dtype=self.dtype,
+                (heads, self.head_dim), axis=-1, use_bias=self.use_bias, dtype=self.dtype,
                 param_dtype=self.param_dtype, name=name,
                 kernel_init=nn.with_logical_partitioning(_init, ("embed",) + axes),
                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes))(x)

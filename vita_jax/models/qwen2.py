@@ -40,6 +40,7 @@ class Qwen2Config:
     param_dtype: Any = jnp.float32
     remat_policy: str = "none"
     attention_impl: Optional[str] = None  # None (XLA chooses), "xla" or "cudnn"
+    attention_bias: bool = True  # q/k/v biases (False gives a Llama layer)
 
     @property
     def dim_head(self) -> int:
@@ -102,7 +103,7 @@ class DecoderLayer(nn.Module):
         c = self.cfg
         h = RMSNorm(c.hidden_size, c.rms_norm_eps, c.param_dtype, name="input_layernorm")(x)
         a, new_cache = Attention(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.dim_head,
-                                 c.dtype, c.param_dtype, c.attention_impl, name="self_attn")(
+                                 c.dtype, c.param_dtype, c.attention_impl, c.attention_bias, name="self_attn")(
             h, cos, sin, mask=mask, kv_lengths=kv_lengths, cache=cache, cache_index=cache_index)
         x = x + a
         h = RMSNorm(c.hidden_size, c.rms_norm_eps, c.param_dtype, name="post_attention_layernorm")(x)
