@@ -54,3 +54,21 @@ class TorchReader:
     def get(self, key) -> np.ndarray:
         self.shape(key)
         return _to_numpy(self._sd[key].detach().cpu().contiguous())
+
+    @staticmethod
+    def load_nested(path: str) -> dict:
+        """A ``.pt`` holding ``{part: state_dict}`` (e.g. TiCodec's generator / quantizer / encoder)
+        -> ``{part: {key: numpy array}}`` (weights-only unpickling)."""
+        try:
+            import torch
+        except ImportError as e:
+            raise CheckpointError(f"{path}: reading .pt files needs torch (pip install 'vita_jax[torch]')") from e
+        if not os.path.exists(path):
+            raise CheckpointError(f"{path} does not exist")
+        try:
+            sd = torch.load(path, weights_only=True, map_location="cpu")
+        except Exception as e:
+            raise CheckpointError(f"{path}: cannot load as a weights-only PyTorch state dict: {e}") from e
+        if not isinstance(sd, dict) or not all(isinstance(v, dict) for v in sd.values()):
+            raise CheckpointError(f"{path}: expected {{part: state_dict}}")
+        return {part: {k: _to_numpy(v.detach().cpu().contiguous()) for k, v in d.items()} for part, d in sd.items()}

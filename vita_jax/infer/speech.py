@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 from typing import Optional, Sequence
 
+import json
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -19,11 +21,19 @@ from vita_jax.models import tts_decoder as dec
 
 
 class SpeechModel:
-    """``decoder_cfg`` / ``decoder_params`` (and the codec once loaded)."""
+    """The speech decoder (``decoder_cfg``, ``decoder_params``) and the TiCodec (``codec_cfg``,
+    ``codec_raw``: the official state dicts, kept for export; ``codec_params``: folded for use)."""
 
-    def __init__(self, decoder_cfg: dec.TTSDecoderConfig, decoder_params, path: Optional[str] = None):
+    def __init__(self, decoder_cfg: dec.TTSDecoderConfig, decoder_params, codec=None, path: Optional[str] = None):
+        from vita_jax.models import ticodec
         self.decoder_cfg, self.decoder_params, self.path = decoder_cfg, decoder_params, path
+        self.codec_cfg, self.codec_raw, self.codec_params = codec if codec is not None else (None, None, None)
         self.decoder = dec.TTSDecoder(decoder_cfg)
+        if self.codec_cfg is not None:
+            gen, enc = ticodec.Generator(self.codec_cfg), ticodec.Encoder(self.codec_cfg)
+            self._generate_wave = jax.jit(lambda p, x, g: gen.apply({"params": p}, x, g))
+            self._encode_wave = jax.jit(lambda p, w: enc.apply({"params": p}, w))
+            self._nearest = jax.jit(ticodec.nearest)
         m = self.decoder
         self._forward = jax.jit(lambda p, *a: m.apply({"params": p}, *a)[:2])
         self._prefill = jax.jit(lambda p, x, k, v: m.apply({"params": p}, x, k, v, method=dec.TTSDecoder.prefill))
@@ -87,6 +97,108 @@ class SpeechModel:
         return np.asarray(list(self.iter_codes(x, top_k, max_tokens, seed, penalty_window, penalty)), np.int64)
 
 
+    # ------------------------------------------------------------------ codec
+    def _need_codec(self):
+        if self.codec_cfg is None:
+            raise ValueError(f"{self.path}: no codec/ loaded")
+
+    @property
+    def sample_rate(self) -> int:
+        return self.codec_cfg.sampling_rate
+
+    def codes_to_wave(self, codes, global_tokens=None) -> np.ndarray:
+        """Codec ids ``[T]`` (or ``[1, T]``) -> float32 waveform ``[hop·T]`` at the codec rate, with
+        the config's fixed global tokens (the voice) unless given."""
+        from vita_jax.models import ticodec
+        self._need_codec()
+        codes = np.asarray(codes).reshape(-1)
+        if codes.size == 0:
+            return np.zeros(0, np.float32)
+        if codes.min() < 0 or codes.max() >= self.codec_cfg.n_codes:
+            raise ValueError(f"codec ids must be in [0, {self.codec_cfg.n_codes}), got {codes.min()}..{codes.max()}")
+        gt = self.codec_cfg.global_tokens if global_tokens is None else np.asarray(global_tokens).reshape(-1)
+        p = self.codec_params
+        x = jnp.take(p["codebook"], jnp.asarray(codes), axis=0)[None]
+        g = ticodec.global_vector(p, [int(t) for t in gt])[None]
+        return np.asarray(self._generate_wave(p["generator"], x, g)[0], np.float32)
+
+    def wave_to_codes(self, wave):
+        """Waveform at the codec rate ``[L]`` -> ``(codes [L // hop], global_tokens [8])``."""
+        self._need_codec()
+        if "encoder" not in self.codec_params:
+            raise ValueError(f"{self.path}: the codec checkpoint has no encoder")
+        w = jnp.asarray(np.asarray(wave, np.float32).reshape(1, -1))
+        frames, g = self._encode_wave(self.codec_params["encoder"], w)
+        codes = self._nearest(frames[0], self.codec_params["codebook"])
+        d = g.shape[-1] // self.codec_cfg.global_code_num
+        gt = [int(self._nearest(g[:, j * d:(j + 1) * d], cb)[0]) for j, cb in enumerate(self.codec_params["globaltokens"])]
+        return np.asarray(codes, np.int64), np.asarray(gt, np.int64)
+
+    def stream(self, codes_or_x, chunk_size: int = 40, padding_size: int = 10, seg_threshold: float = 0.015,
+               window: int = 2401, top_k: int = 2, seed: int = 0, max_tokens: int = 1000, global_tokens=None):
+        """The official chunked decode (``llm2TTS.run``): ids come from ``codes_or_x`` (codec ids, or
+        decoder input vectors that are decoded on the fly); every ``chunk_size`` new ids (+
+        ``padding_size`` look-ahead, ``padding_size`` left context) a chunk is synthesised and cut at
+        a quiet point; yields float32 waveform segments as soon as they exist."""
+        self._need_codec()
+        arr = np.asarray(codes_or_x)
+        if np.issubdtype(arr.dtype, np.integer):
+            source = iter(arr.reshape(-1).tolist())
+        else:
+            source = self.iter_codes(arr, top_k=top_k, max_tokens=max_tokens, seed=seed)
+        hop, left, tokens, buffer = SAMPLES_PER_ID, 0, [], np.zeros(0, np.float32)
+        for tok in source:
+            tokens.append(int(tok))
+            if len(tokens) == left + chunk_size + padding_size:
+                syn = self.codes_to_wave(tokens, global_tokens)[left * hop:-padding_size * hop]
+                left, tokens = padding_size, tokens[-2 * padding_size:]
+                buffer, out = find_min_sum_index(buffer, syn, window, seg_threshold)
+                if out is not None:
+                    yield out
+        if tokens:
+            syn = self.codes_to_wave(tokens, global_tokens)[left * hop:]
+            yield np.concatenate([buffer, syn])
+
+    # ------------------------------------------------------------------ export
+    def save(self, path: str) -> None:
+        """Writes ``decoder/{model.json,final.pt}`` and ``codec/{model.json,final.pt}`` in the
+        official formats (``{"model": sd}`` and ``{"generator", "quantizer", "encoder"}``)."""
+        import shutil
+        import torch
+        from flax import traverse_util
+        os.makedirs(os.path.join(path, "decoder"), exist_ok=True)
+        flat = traverse_util.flatten_dict(self.decoder_params)
+        sd = {}
+        for rule in dec.key_table(self.decoder_cfg):
+            leaf = np.asarray(jax.device_get(flat[rule.flax_path]))
+            for i in (range(leaf.shape[0]) if rule.stacked else [None]):
+                key = rule.torch_key.format(i=i) if rule.stacked else rule.torch_key
+                sd[key] = torch.from_numpy(np.array(rule.transform.to_torch(leaf[i] if rule.stacked else leaf), copy=True))
+        torch.save({"model": sd}, os.path.join(path, "decoder", "final.pt"))
+        _write_or_copy_json(self.path, "decoder", path, self.decoder_cfg.to_model_json)
+        if self.codec_raw is not None:
+            os.makedirs(os.path.join(path, "codec"), exist_ok=True)
+            torch.save({part: {k: torch.from_numpy(np.array(v, copy=True)) for k, v in d.items()}
+                        for part, d in self.codec_raw.items()}, os.path.join(path, "codec", "final.pt"))
+            src = os.path.join(self.path or "", "codec", "model.json")
+            if self.path and os.path.exists(src):
+                shutil.copy2(src, os.path.join(path, "codec", "model.json"))
+            else:
+                with open(os.path.join(path, "codec", "model.json"), "w") as f:
+                    json.dump(self.codec_cfg.to_model_json(), f, indent=4)
+
+
+def _write_or_copy_json(src_root, part, dst_root, make):
+    import shutil
+    src = os.path.join(src_root or "", part, "model.json")
+    dst = os.path.join(dst_root, part, "model.json")
+    if src_root and os.path.exists(src):
+        shutil.copy2(src, dst)
+    else:
+        with open(dst, "w") as f:
+            json.dump(make(), f, indent=4)
+
+
 def load_decoder(folder: str):
     """``(config, params)`` from ``decoder/model.json`` + ``decoder/final.pt``."""
     cfg = dec.TTSDecoderConfig.from_model_json(os.path.join(folder, "model.json"))
@@ -103,5 +215,50 @@ def load_speech(path: str) -> SpeechModel:
     if not os.path.isdir(os.path.join(path, "decoder")):
         raise FileNotFoundError(f"{path}: no decoder/ folder (expected a vita_tts_ckpt folder)")
     cfg, params = load_decoder(os.path.join(path, "decoder"))
-    return SpeechModel(cfg, params, path)
+    codec = load_codec(os.path.join(path, "codec")) if os.path.isdir(os.path.join(path, "codec")) else None
+    return SpeechModel(cfg, params, codec, path)
 
+
+
+# ------------------------------------------------------------------------------------ codec
+SAMPLES_PER_ID = 600  # hard-coded by the official streaming code (24 kHz / 40 Hz)
+
+
+def find_min_sum_index(buffer: np.ndarray, syn: np.ndarray, n: int, threshold: float):
+    """The official cut search: the quietest ``n``-sample window in the second half of ``syn``;
+    if its mean ``|x|`` is under ``threshold`` cut at the quietest sample (the search span keeps
+    the official doubled offset) and return ``(new buffer, buffer + head)``, else hold everything."""
+    a = np.asarray(syn, np.float32).reshape(-1)
+    length = len(a)
+    s0 = length // 2 - n // 2
+    c = np.concatenate([[0.0], np.cumsum(np.abs(a).astype(np.float64))])
+    w = (c[n:] - c[:-n])[s0:]
+    j = int(np.argmin(w))
+    m = float(w[j])
+    start = max(0, j + s0)
+    end = min(length, j + n + start)
+    cut = start + int(np.argmin(np.abs(a[start:end])))
+    if m / n < threshold:
+        return a[cut:], np.concatenate([buffer, a[:cut]])
+    return np.concatenate([buffer, a]), None
+
+
+def load_codec(folder: str):
+    """``(config, raw state dicts {generator, quantizer, encoder} as numpy, folded Flax params)``."""
+    from vita_jax.models import ticodec
+    cfg = ticodec.TiCodecConfig.from_model_json(os.path.join(folder, "model.json"))
+    path = os.path.join(folder, "final.pt")
+    raw = TorchReader.load_nested(path)
+    missing = [p for p in ("generator", "quantizer") if p not in raw]
+    if missing:
+        from vita_jax.convert.safetensors_io import CheckpointError
+        raise CheckpointError(f"{path}: missing part(s) {missing} (expected generator, quantizer, encoder)")
+    ups = [f"ups.{i}" for i in range(len(cfg.upsample_rates))]
+    q = raw["quantizer"]
+    params = {"generator": ticodec.fold_state_dict(raw["generator"], transposed=ups),
+              "codebook": jnp.asarray(q["quantizer_modules.0.embedding.weight"]),
+              "globaltokens": [jnp.asarray(q[f"quantizer_modules_globaltokens.{j}.embedding.weight"])
+                               for j in range(cfg.global_code_num)]}
+    if "encoder" in raw:
+        params["encoder"] = ticodec.fold_state_dict(raw["encoder"])
+    return cfg, raw, params

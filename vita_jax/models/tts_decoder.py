@@ -63,6 +63,15 @@ class TTSDecoderConfig:
                                  rms_norm_eps=self.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
                                  attention_bias=False, attention_impl="xla")
 
+    def to_model_json(self) -> list:
+        """The official ``[idim, odim, {args}]`` with the fields the official code reads."""
+        args = dict(idim=self.idim, odim=self.odim, transformer_attention_dim=self.idim,
+                    transformer_attention_heads=self.attention_heads, transformer_linear_units=self.linear_units,
+                    transformer_num_blocks=self.num_blocks, transformer_dropout_rate=0.1, encoder_input_dim=self.idim,
+                    encoder_output_dim=self.idim, encoder_drop_rate=0.1, encoder_criterion="ce",
+                    kv_cache_prefix_finetune=0, encoder_pre_norm_type="ln", encoder_upsample_rate=9)
+        return [self.idim, self.odim, args]
+
     @classmethod
     def from_model_json(cls, path: str, **kw) -> "TTSDecoderConfig":
         """The official ``decoder/model.json`` (a list ``[idim, odim, {args}]``; the dict wins)."""
