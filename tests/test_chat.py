@@ -27,6 +27,8 @@ def release_dir(tmp_path_factory):
     for f in os.listdir(TOK):
         if f.endswith((".json", ".txt")) and "cases" not in f and "report" not in f:
             shutil.copy2(os.path.join(TOK, f), d)
+    for part in ("decoder", "codec"):  # the fixture's speech decoder fits a 64-wide LLM (16 x 4)
+        shutil.copytree(os.path.join(FIXTURES, "vita15-tiny", "vita_tts_ckpt", part), os.path.join(d, "vita_tts_ckpt", part))
     return d
 
 
@@ -64,10 +66,24 @@ def test_generation_respects_vocab_limit_and_stops(model):
     assert not any(t in stops for t in real[:-1])  # only the last token may be a stop token
 
 
-def test_cli_generate_with_media(release_dir, capsys, tmp_path):
+def test_cli_generate_with_media_and_speech(release_dir, capsys, tmp_path):
+    import soundfile as sf
     img = tmp_path / "img.png"
     Image.new("RGB", (100, 60), (10, 200, 30)).save(img)
     wav = os.path.join(assets.SPEECH, "arctic_a0007.wav")
+    out = tmp_path / "reply.wav"
     assert cli.main(["generate", "--checkpoint", release_dir, "--image", str(img), "--audio", wav,
-                     "--prompt", "Describe it.", "--max-new-tokens", "4"]) == 0
-    assert "generated in" in capsys.readouterr().out
+                     "--prompt", "Describe it.", "--max-new-tokens", "4", "--speak", str(out),
+                     "--speech-max-tokens", "24"]) == 0
+    text = capsys.readouterr().out
+    assert "generated in" in text and "first chunk after" in text
+    audio, rate = sf.read(out)
+    assert rate == 24000 and np.isfinite(audio).all()
+
+
+def test_speak_with_real_tokenizer(model):
+    assert model.speech is not None
+    x = model.speech_input("☞Hello there.")
+    assert x.shape == (4 * len(model.tokenizer.encode("Hello there.")), 16)
+    wav = model.speak("Hello there.", top_k=2, seed=1, max_tokens=24, chunk_size=8, padding_size=2)
+    assert 0 < len(wav) <= 24 * 600

@@ -47,8 +47,10 @@ class VitaModel:
     """A loaded VITA-1.5. ``config`` (ConfigDict), ``params`` (``{llm, vision_tower, mm_projector,
     audio_encoder}``), ``tokenizer`` (:class:`~vita_jax.data.text.TextTokenizer` or None), ``mesh``."""
 
-    def __init__(self, config, params, tokenizer=None, mesh=None, keys_read=(), source_dtypes=None, path=None):
+    def __init__(self, config, params, tokenizer=None, mesh=None, keys_read=(), source_dtypes=None, path=None,
+                 speech=None):
         self.config, self.params, self.tokenizer, self.mesh = config, params, tokenizer, mesh
+        self.speech = speech
         self.keys_read = list(keys_read)
         self.source_dtypes = dict(source_dtypes or {})
         self.path = path
@@ -209,6 +211,39 @@ class VitaModel:
         new = [int(t) for t in out if t >= 0 and t not in (self.tokenizer.im_end_id, self.tokenizer.im_start_id)]
         return self.tokenizer.decode(new)
 
+    # ----------------------------------------------------------------------------- speech output
+    def speech_input(self, text: str) -> np.ndarray:
+        """Decoder input for a reply: the LLM input-embedding rows of the re-tokenised text (state
+        symbols and ``<|im_end|>`` removed), each split row-major into 4 vectors -> ``[4·n, idim]``."""
+        if self.tokenizer is None:
+            raise ValueError("speak() needs a tokenizer to re-tokenise the reply")
+        if self.speech is None:
+            raise ValueError("no speech decoder: the release directory has no vita_tts_ckpt/ (or use load_speech)")
+        for sym in (text_lib.STATE_SPEECH, text_lib.STATE_TEXT, text_lib.STATE_NEGATIVE, text_lib.IM_END):
+            text = text.replace(sym, "")
+        ids = self.tokenizer.encode(text.strip()) if text.strip() else []
+        table = self.params["llm"]["model"]["embed_tokens"]["embedding"]
+        rows = np.asarray(jnp.take(table, jnp.asarray(ids, jnp.int32), axis=0), np.float32) if ids else \
+            np.zeros((0, self.llm_cfg.hidden_size), np.float32)
+        idim = self.speech.decoder_cfg.idim
+        if self.llm_cfg.hidden_size % idim:
+            raise ValueError(f"LLM width {self.llm_cfg.hidden_size} is not a multiple of the speech decoder's {idim}")
+        return rows.reshape(-1, idim)
+
+    def speak_stream(self, text: str, top_k: int = 2, seed: int = 0, max_tokens: int = 1000, chunk_size: int = 40,
+                     padding_size: int = 10, seg_threshold: float = 0.015):
+        """Yields waveform segments (float32 at ``self.speech.sample_rate``) as they are produced."""
+        x = self.speech_input(text)
+        if x.shape[0] == 0:
+            return
+        yield from self.speech.stream(x, chunk_size=chunk_size, padding_size=padding_size,
+                                      seg_threshold=seg_threshold, top_k=top_k, seed=seed, max_tokens=max_tokens)
+
+    def speak(self, text: str, **kw) -> np.ndarray:
+        """Reply text -> decoder -> codec -> float32 waveform (empty for empty text)."""
+        segs = list(self.speak_stream(text, **kw))
+        return np.concatenate(segs) if segs else np.zeros(0, np.float32)
+
     # ----------------------------------------------------------------------------- vision
     def preprocess_image(self, image, max_num: Optional[int] = None) -> np.ndarray:
         """A PIL image or path -> float32 ``[tiles, 3, S, S]`` (dynamic tiling + CLIP processor)."""
@@ -293,4 +328,8 @@ def from_pretrained(path: str, dtype=jnp.float32, mesh=None, config_overrides: O
     for k, v in (config_overrides or {}).items():
         config_lib.apply_override(config, k, str(v))
     params, keys, dtypes = release.load(path, config, mesh, strict=strict)
-    return VitaModel(config, params, load_tokenizer(path), mesh, keys, dtypes, path)
+    speech = None
+    if os.path.isdir(os.path.join(path, "vita_tts_ckpt")):
+        from vita_jax.infer.speech import load_speech
+        speech = load_speech(os.path.join(path, "vita_tts_ckpt"))
+    return VitaModel(config, params, load_tokenizer(path), mesh, keys, dtypes, path, speech)

@@ -47,11 +47,28 @@ def cmd_generate(a) -> int:
         reply = m.chat(a.prompt or "", image=a.image[0] if a.image else None, video=a.video, audio=a.audio,
                        **sampling)
         print(reply)
+        if a.speak:
+            _speak(m, reply, a.speak, a.seed, a.speech_max_tokens)
         state = reply[:1]
         print({text_lib.STATE_TEXT: "(state: text query)", text_lib.STATE_SPEECH: "(state: speech query)",
                text_lib.STATE_NEGATIVE: "(state: not addressed to the assistant)"}.get(state, ""))
     print(f"generated in {time.perf_counter() - t0:.2f} s (compilation included)")
     return 0
+
+
+def _speak(m, reply: str, out: str, seed: int, max_tokens: int) -> None:
+    import soundfile as sf
+    if m.speech is None:
+        raise SystemExit("--speak: the checkpoint has no vita_tts_ckpt/ speech decoder")
+    t0, first, segs = time.perf_counter(), None, []
+    for seg in m.speak_stream(reply, seed=seed, max_tokens=max_tokens):
+        if first is None:
+            first = time.perf_counter() - t0
+        segs.append(seg)
+    wav = np.concatenate(segs) if segs else np.zeros(0, np.float32)
+    sf.write(out, wav, m.speech.sample_rate, subtype="FLOAT")
+    print(f"spoke {len(wav) / m.speech.sample_rate:.2f} s of audio to {out}; first chunk after "
+          f"{'n/a' if first is None else f'{first:.2f} s'} (compilation included)")
 
 
 def cmd_convert(a) -> int:
@@ -87,6 +104,8 @@ def main(argv=None) -> int:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    g.add_argument("--speak", metavar="OUT.wav", help="also speak the reply (needs vita_tts_ckpt/) into a wav file")
+    g.add_argument("--speech-max-tokens", type=int, default=1000, help="codec ids at most (40 per second)")
     c = sub.add_parser("convert", help="official release <-> vita_jax checkpoint")
     c.add_argument("--to", required=True, choices=["orbax", "pytorch"])
     c.add_argument("src")

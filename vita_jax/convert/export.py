@@ -139,8 +139,8 @@ def _copy_side_files(model, src: Optional[str], tmp: str) -> None:
         for f in TOKENIZER_FILES:
             if os.path.exists(os.path.join(src, f)):
                 shutil.copy2(os.path.join(src, f), tmp)
-        if os.path.isdir(os.path.join(src, "vita_tts_ckpt")):
-            shutil.copytree(os.path.join(src, "vita_tts_ckpt"), os.path.join(tmp, "vita_tts_ckpt"))
+    if getattr(model, "speech", None) is not None:
+        model.speech.save(os.path.join(tmp, "vita_tts_ckpt"))
     for has, attr, hub, write in ((config.has_vision, "mm_vision_tower", internvit.HUB_ID, _write_vision_folder),
                                   (config.has_audio, "mm_audio_encoder", whale.HUB_ID, _write_audio_folder)):
         rel = config[attr]

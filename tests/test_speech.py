@@ -1,0 +1,107 @@
+"""TiCodec decode / encode, official streaming, speech checkpoints round trip, speak()."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import vita_jax
+from vita_jax.infer.speech import find_min_sum_index, load_speech
+
+
+@pytest.fixture(scope="module")
+def tts_dir(tiny_dir):
+    return os.path.join(tiny_dir, "vita_tts_ckpt")
+
+
+@pytest.fixture(scope="module")
+def speech(tts_dir):
+    return load_speech(tts_dir)
+
+
+def _ref(tts_dir, name):
+    return np.load(os.path.join(tts_dir, "reference", name + ".npz"))
+
+
+def test_codec_decode(speech, tts_dir):
+    r = _ref(tts_dir, "codec_decode")
+    wav = speech.codes_to_wave(r["codes"], r["global_tokens"])
+    assert wav.shape == (30000,) and speech.sample_rate == 24000
+    assert np.abs(wav - r["wav"].ravel()).max() <= 1e-4 * np.abs(r["wav"]).max()
+    # the config's global tokens are the fixture's (the release's fixed voice)
+    np.testing.assert_array_equal(speech.codes_to_wave(r["codes"]), wav)
+
+
+def test_codec_encode(speech, tts_dir):
+    r = _ref(tts_dir, "codec_encode")
+    codes, gt = speech.wave_to_codes(r["wav"])
+    np.testing.assert_array_equal(codes, r["codes"].ravel())   # 95,643 samples -> 159 frames (floors)
+    np.testing.assert_array_equal(gt, r["global_tokens"].ravel())
+
+
+def test_streaming_equals_official(speech, tts_dir):
+    st = _ref(tts_dir, "streaming")
+    with open(os.path.join(tts_dir, "reference/cases.json")) as f:
+        meta = json.load(f)["cases"]["streaming"]["meta"]
+    for case in ("s_mid", "s_never", "s_always", "s_server_first"):
+        m = meta[case]
+        segs = list(speech.stream(st["codes"][0], chunk_size=m["codec_chunk_size"], padding_size=m["codec_padding_size"],
+                                  seg_threshold=m["seg_threshold"], global_tokens=st["global_tokens"]))
+        assert [len(s) for s in segs] == st[case + "_seg_lens"].tolist(), case
+        ref = st[m["wav"]].ravel()
+        assert np.abs(np.concatenate(segs) - ref).max() <= 1e-4 * np.abs(ref).max(), case
+    segs = list(speech.stream(st["hidden"], chunk_size=8, padding_size=2, seg_threshold=1.01, top_k=1))
+    assert [len(s) for s in segs] == st["s_e2e_seg_lens"].tolist()
+    assert np.abs(np.concatenate(segs) - st["e2e_wav"].ravel()).max() <= 1e-4 * np.abs(st["e2e_wav"]).max()
+
+
+def test_cut_search_doubled_offset():
+    a = np.ones(5000, np.float32)
+    a[3000:3100] = 0.0          # quiet stretch in the second half
+    buf, out = find_min_sum_index(np.zeros(0, np.float32), a[None, None], 2401, 10.0)
+    assert out is not None and len(out) + len(buf) == 5000
+    buf2, out2 = find_min_sum_index(np.zeros(3, np.float32), a[None, None], 2401, 0.0)
+    assert out2 is None and len(buf2) == 5003
+
+
+def _flat(x, p=""):
+    out = {}
+    for k, v in x.items():
+        out.update(_flat(v, p + k + "/") if isinstance(v, dict) else {p + k: v})
+    return out
+
+
+def test_speech_checkpoints_round_trip(speech, tts_dir, tmp_path):
+    speech.save(str(tmp_path / "tts"))
+    for part in ("decoder", "codec"):
+        a = _flat(torch.load(os.path.join(tts_dir, part, "final.pt"), weights_only=True))
+        b = _flat(torch.load(str(tmp_path / "tts" / part / "final.pt"), weights_only=True))
+        assert set(a) == set(b), part
+        for k in a:
+            assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and torch.equal(a[k], b[k]), k
+        with open(os.path.join(tts_dir, part, "model.json")) as f1, open(tmp_path / "tts" / part / "model.json") as f2:
+            assert json.load(f1) == json.load(f2)
+    again = load_speech(str(tmp_path / "tts"))
+    g = _ref(tts_dir, "decoder_infer_greedy")
+    np.testing.assert_array_equal(again.generate_codes(g["hidden"], top_k=1, max_tokens=40), g["tokens"])
+
+
+class _Tok:
+    """A stand-in tokenizer for the fixture's synthetic 512-id vocabulary."""
+
+    def encode(self, text):
+        return [30 + (ord(ch) % 400) for ch in text]
+
+
+def test_speak(tiny_dir):
+    m = vita_jax.from_pretrained(tiny_dir)
+    assert m.speech is not None
+    m.tokenizer = _Tok()
+    x = m.speech_input("☞hi")
+    table = np.asarray(m.params["llm"]["model"]["embed_tokens"]["embedding"])
+    np.testing.assert_array_equal(x, table[[30 + ord("h") % 400, 30 + ord("i") % 400]].reshape(-1, 16))
+    wav = m.speak("hello there", top_k=1, max_tokens=30, chunk_size=8, padding_size=2)
+    assert wav.dtype == np.float32 and 0 < len(wav) <= 30 * 600 and np.isfinite(wav).all()
+    assert m.speak("") .shape == (0,)
+    assert m.speak("☜") .shape == (0,)
