@@ -101,7 +101,15 @@ def test_speak(tiny_dir):
     x = m.speech_input("☞hi")
     table = np.asarray(m.params["llm"]["model"]["embed_tokens"]["embedding"])
     np.testing.assert_array_equal(x, table[[30 + ord("h") % 400, 30 + ord("i") % 400]].reshape(-1, 16))
-    wav = m.speak("hello there", top_k=1, max_tokens=30, chunk_size=8, padding_size=2)
+    wav = m.speak("hello there", top_k=1, max_tokens=30, first=(8, 1.01), padding_size=2)
     assert wav.dtype == np.float32 and 0 < len(wav) <= 30 * 600 and np.isfinite(wav).all()
     assert m.speak("") .shape == (0,)
     assert m.speak("☜") .shape == (0,)
+
+
+def test_reply_pieces():
+    from vita_jax.infer.speech import split_reply, trim_leading
+    assert split_reply("☞Hello, world. How are you? Fine") == ["hello.", "world.", "how are you?", "fine"]
+    assert split_reply("Hi, a. ok") == ["hi. a.", "ok"]
+    assert split_reply("☜") == []
+    np.testing.assert_array_equal(trim_leading(np.array([0.0, 0.01, 0.5, 0.0], np.float32)), [0.5, 0.0])

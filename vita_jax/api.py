@@ -230,14 +230,26 @@ class VitaModel:
             raise ValueError(f"LLM width {self.llm_cfg.hidden_size} is not a multiple of the speech decoder's {idim}")
         return rows.reshape(-1, idim)
 
-    def speak_stream(self, text: str, top_k: int = 2, seed: int = 0, max_tokens: int = 1000, chunk_size: int = 40,
-                     padding_size: int = 10, seg_threshold: float = 0.015):
-        """Yields waveform segments (float32 at ``self.speech.sample_rate``) as they are produced."""
-        x = self.speech_input(text)
-        if x.shape[0] == 0:
-            return
-        yield from self.speech.stream(x, chunk_size=chunk_size, padding_size=padding_size,
-                                      seg_threshold=seg_threshold, top_k=top_k, seed=seed, max_tokens=max_tokens)
+    def speak_stream(self, text: str, top_k: int = 2, seed: int = 0, max_tokens: int = 1000,
+                     first: tuple = (20, 0.1), later: tuple = (40, 0.015), padding_size: int = 10):
+        """Yields waveform segments (float32 at ``self.speech.sample_rate``) as they are produced,
+        as the release server does it: the reply is cut into pieces at punctuation, each piece is
+        a fresh decoder run; the first piece uses ``first = (chunk, threshold)`` = (20, 0.1) and has
+        its leading near-silence trimmed, later pieces ``later`` = (40, 0.015)."""
+        from vita_jax.infer.speech import split_reply, trim_leading
+        for k, piece in enumerate(split_reply(text)):
+            x = self.speech_input(piece)
+            if x.shape[0] == 0:
+                continue
+            chunk, thr = first if k == 0 else later
+            trimming = k == 0
+            for seg in self.speech.stream(x, chunk_size=chunk, padding_size=padding_size, seg_threshold=thr,
+                                          top_k=top_k, seed=seed + k, max_tokens=max_tokens):
+                if trimming:
+                    seg = trim_leading(seg)
+                    trimming = len(seg) == 0
+                if len(seg):
+                    yield seg
 
     def speak(self, text: str, **kw) -> np.ndarray:
         """Reply text -> decoder -> codec -> float32 waveform (empty for empty text)."""

@@ -199,6 +199,34 @@ def _write_or_copy_json(src_root, part, dst_root, make):
             json.dump(make(), f, indent=4)
 
 
+PUNCTUATION = set(",，.。?？!！、\n")
+
+
+def split_reply(text: str, min_chars: int = 5) -> list[str]:
+    """The release server's text pieces: a piece ends at punctuation once it holds >= ``min_chars``
+    characters; state symbols, ``<unk>`` and ``<|im_end|>`` are removed and text lower-cased (its
+    spelling-out of math symbols is not reproduced)."""
+    for sym in ("☞", "☟", "☜", "<unk>", "<|im_end|>"):
+        text = text.replace(sym, "")
+    pieces, cur = [], ""
+    for ch in text:
+        cur += ch
+        if ch in PUNCTUATION and len(cur.strip()) >= min_chars:
+            pieces.append(cur.strip())
+            cur = ""
+    if cur.strip():
+        pieces.append(cur.strip())
+    if pieces:  # the first piece: commas become full stops
+        pieces[0] = pieces[0].replace(",", ".").replace("，", "。")
+    return [p.lower() for p in pieces]
+
+
+def trim_leading(wav: np.ndarray, level: float = 0.03) -> np.ndarray:
+    """The server drops the first sentence's leading samples until |x| > level."""
+    loud = np.nonzero(np.abs(wav) > level)[0]
+    return wav[loud[0]:] if len(loud) else wav[:0]
+
+
 def load_decoder(folder: str):
     """``(config, params)`` from ``decoder/model.json`` + ``decoder/final.pt``."""
     cfg = dec.TTSDecoderConfig.from_model_json(os.path.join(folder, "model.json"))
