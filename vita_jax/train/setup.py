@@ -1,0 +1,86 @@
+"""Building the train state of a stage: parameters (loaded or random), partition, optimizer,
+explicit shardings, and the jitted step."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from vita_jax import parallel
+from vita_jax.train import stages
+from vita_jax.train import step as step_lib
+
+
+def state_shardings(state: step_lib.TrainState, param_shardings: dict, mesh):
+    """Shardings for every leaf of the state: parameters by their logical names, optimizer moments
+    like the parameter they belong to (found by its ``a/b/c`` key in the leaf path), scalars replicated."""
+    rep = NamedSharding(mesh, P())
+
+    def of(path, leaf):
+        for k in reversed(path):
+            key = getattr(k, "key", None)
+            if isinstance(key, str) and key in param_shardings and np.shape(leaf) == param_shardings[key][1]:
+                return param_shardings[key][0]
+        return rep
+    return jax.tree_util.tree_map_with_path(of, state)
+
+
+def flat_param_shardings(boxed_tree, mesh) -> dict:
+    """``{"a/b/c": (NamedSharding, shape)}`` from a boxed (logically partitioned) parameter tree."""
+    import flax.linen as nn
+    sh = traverse_util.flatten_dict(nn.unbox(parallel.param_shardings(boxed_tree, mesh)), sep="/")
+    shapes = traverse_util.flatten_dict(nn.unbox(boxed_tree), sep="/")
+    return {k: (sh[k], tuple(shapes[k].shape)) for k in sh}
+
+
+def build(config, params, mesh=None, total_steps: int | None = None):
+    """``(state, jitted step, info)`` for ``params`` (a whole-model tree) under ``config``'s stage.
+    Frozen leaves are cast to ``config.frozen_dtype``; with a mesh, the step has explicit in/out
+    shardings and donates the state."""
+    total = int(total_steps or config.total_steps)
+    lab = stages.labels(params, config.trainable, config.optim.group_lrs)
+    flat_lab = traverse_util.flatten_dict(lab, sep="/")
+    train, frozen = stages.split(params, lab)
+    if not train:
+        raise ValueError(f"stage {config.stage}: no parameter matches the trainable patterns {list(config.trainable)}")
+    fdt = jnp.dtype(config.frozen_dtype)
+    # copies: the step donates its state, which must not take the caller's arrays with it
+    frozen = {k: jnp.array(v, dtype=fdt if jnp.issubdtype(v.dtype, jnp.floating) else v.dtype, copy=True)
+              for k, v in frozen.items()}
+    train = {k: jnp.array(v, dtype=jnp.float32, copy=True) for k, v in train.items()}
+    opt = stages.make_optimizer(config.optim, total, {k: flat_lab[k] for k in train})
+    state = step_lib.init_state(train, frozen, opt)
+    fn = step_lib.make_step(step_lib.make_loss(config), opt, stages.schedule_fn(config.optim, config.optim.lr, total),
+                            accum=int(config.grad_accum), compute_dtype=jnp.dtype(config.dtype))
+    info = dict(table=stages.count_table(params, lab), labels=lab)
+    if mesh is None:
+        return state, jax.jit(fn, donate_argnums=0), info
+    pshard = {}
+    for name, (module, example, _) in _parts(config).items():
+        from vita_jax.convert import release
+        boxed = release.abstract_part(module, example)
+        pshard.update({f"{name}/{k}": v for k, v in flat_param_shardings(boxed, mesh).items()})
+    shard = state_shardings(state, pshard, mesh)
+    state = jax.device_put(state, shard)
+
+    compiled = {}
+
+    def run(state, batch):
+        """Places the host batch over the data axes and runs the step (jitted once per batch shape)."""
+        bs = jax.tree.map(lambda x: parallel.data_sharding(mesh, np.ndim(x), shape=np.shape(x)), batch)
+        key = jax.tree.map(lambda x: (np.shape(x), str(np.asarray(x).dtype) if not hasattr(x, "dtype") else str(x.dtype)),
+                           batch)
+        key = str(key)
+        with parallel.use_mesh(mesh):
+            if key not in compiled:
+                compiled[key] = jax.jit(fn, in_shardings=(shard, bs), out_shardings=(shard, None), donate_argnums=0)
+            return compiled[key](state, jax.device_put(batch, bs))
+    info["shardings"] = shard
+    return state, run, info
+
+
+def _parts(config):
+    from vita_jax.convert import release
+    return release.build_parts(config)

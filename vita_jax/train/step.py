@@ -1,0 +1,132 @@
+"""The jitted, sharded train step: losses of every stage, gradient accumulation, the NaN guard.
+
+State: ``train`` (trainable leaves, fp32 master weights), ``frozen`` (never differentiated; may be
+stored in bf16), ``opt_state`` (over ``train`` only), ``step``. Gradients are taken with respect to
+``train`` alone, so XLA runs no backward pass below the lowest trainable module (a frozen ViT under
+a trainable projector is forward-only). Losses are sums with a token count; the mean is formed
+after accumulation, so any split into micro-batches or devices gives the same update.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from vita_jax.models import ctc as ctc_lib
+from vita_jax.models import tts_decoder
+from vita_jax.models.vita import VITA, lm_loss_terms
+from vita_jax.train import stages
+from vita_jax.train.ctc import WhaleCTC
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    train: dict
+    frozen: dict
+    opt_state: Any
+    nonfinite: jax.Array  # consecutive non-finite steps (the guard stops the run after K)
+
+
+def lm_loss(module: VITA, params, batch):
+    """Official LM loss pieces on the spliced batch: ``(sum CE, (tokens, correct))``."""
+    logits = module.apply({"params": params}, batch["kind"], batch["text_ids"], batch["src"], batch.get("pixels"),
+                          batch.get("audio_feats"), batch.get("audio_lens"))
+    total, count = lm_loss_terms(logits, batch["labels"])
+    tgt = batch["labels"][:, 1:]
+    correct = jnp.sum((jnp.argmax(logits[:, :-1], -1) == tgt) & (tgt != -100))
+    return total, (count, correct)
+
+
+def ctc_loss(module: WhaleCTC, params, batch):
+    """Stage 2.1(a): summed CTC NLL; 'tokens' = label units."""
+    p = {"encoder": params["audio_encoder"]["encoder"], "ctc": params["ctc"]}
+    logits, mask = module.apply({"params": p}, batch["feats"], batch["lengths"])
+    per = ctc_lib.ctc_loss(logits, mask, batch["labels"], batch["label_mask"])
+    n = jnp.sum(batch["label_mask"])
+    return jnp.sum(per), (n, jnp.zeros((), jnp.int32))
+
+
+def tts_loss(module: tts_decoder.TTSDecoder, params, batch):
+    """Stage 3.2: summed CE of the speech decoder; input = the frozen LLM embedding rows of the
+    text, each split into 4 vectors."""
+    table = params["llm"]["model"]["embed_tokens"]["embedding"]
+    idim = module.cfg.idim
+    x = jnp.take(table, batch["text_ids"], axis=0)
+    b, n, e = x.shape
+    x = x.reshape(b, n * (e // idim), idim)
+    x = jnp.where((jnp.arange(x.shape[1]) < batch["text_lens"][:, None] * (e // idim))[..., None], x, 0.0)
+    logits, loss, targets = module.apply({"params": params["tts_decoder"]}, x, batch["text_lens"] * (e // idim),
+                                         batch["codes"], batch["code_lens"])
+    valid = targets != module.cfg.pad
+    correct = jnp.sum((jnp.argmax(logits, -1) == targets) & valid)
+    return loss, (jnp.sum(valid), correct)
+
+
+def make_loss(config) -> Callable:
+    """``loss(params, batch) -> (sum, (count, correct))`` for the stage's ``config.loss``."""
+    from vita_jax import config as config_lib
+    if config.loss == "lm":
+        module = VITA(config_lib.llm_config(config), config_lib.vision_config(config), config_lib.audio_config(config))
+        return lambda p, b: lm_loss(module, p, b)
+    if config.loss == "ctc":
+        module = WhaleCTC(config_lib.audio_config(config), int(config.ctc_units))
+        return lambda p, b: ctc_loss(module, p, b)
+    if config.loss == "tts":
+        module = tts_decoder.TTSDecoder(tts_config(config))
+        return lambda p, b: tts_loss(module, p, b)
+    raise ValueError(f"unknown loss {config.loss!r} (lm, ctc, tts)")
+
+
+def tts_config(config) -> tts_decoder.TTSDecoderConfig:
+    t = config.get("tts", None)
+    if t is None:
+        raise ValueError("stage 3.2 needs config.tts (the speech decoder's dimensions)")
+    return tts_decoder.TTSDecoderConfig(**dict(t))
+
+
+def init_state(train: dict, frozen: dict, opt: optax.GradientTransformation) -> TrainState:
+    return TrainState(jnp.zeros((), jnp.int32), train, frozen, opt.init(train), jnp.zeros((), jnp.int32))
+
+
+def make_step(loss_fn: Callable, opt: optax.GradientTransformation, lr_fn: Callable, accum: int = 1,
+              compute_dtype=jnp.float32):
+    """``step(state, batch) -> (state, metrics)``. With ``accum > 1`` every batch leaf carries a
+    leading micro-batch axis ``[accum, ...]`` (the pipeline lays each micro-batch out on its own:
+    its tiles and clips belong to its rows), and the update equals one step on all of them."""
+
+    def loss_of(train, frozen, mb):
+        frozen = jax.tree.map(lambda x: x.astype(compute_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, frozen)
+        return loss_fn(stages.merge(train, frozen), mb)
+
+    grad_fn = jax.value_and_grad(loss_of, has_aux=True)
+
+    def step(state: TrainState, batch):
+        mbs = batch if accum > 1 else jax.tree.map(lambda x: x[None], batch)
+
+        def body(carry, mb):
+            g_acc, tot, cnt, cor = carry
+            (total, (count, correct)), g = grad_fn(state.train, state.frozen, mb)
+            return (jax.tree.map(jnp.add, g_acc, g), tot + total, cnt + count, cor + correct), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state.train)
+        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+        (g, total, count, correct), _ = jax.lax.scan(body, init, mbs)
+        denom = jnp.maximum(count, 1).astype(jnp.float32)
+        grads = jax.tree.map(lambda x: x / denom, g)
+        loss = total / denom
+        gnorm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+        updates, new_opt = opt.update(grads, state.opt_state, state.train)
+        new_train = optax.apply_updates(state.train, updates)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        new_state = TrainState(state.step + 1, keep(new_train, state.train), state.frozen,
+                               keep(new_opt, state.opt_state), jnp.where(finite, 0, state.nonfinite + 1))
+        metrics = dict(loss=loss, grad_norm=gnorm, lr=lr_fn(state.step), tokens=count,
+                       accuracy=correct / denom, finite=finite)
+        return new_state, metrics
+
+    return step
