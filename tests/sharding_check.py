@@ -62,6 +62,38 @@ def main(tiny):
     out["audio_rel_err"] = float(np.abs(a1 - a8).max() / np.abs(a1).max())
     out["audio_lengths_equal"] = bool(np.array_equal(n1, n8))
 
+    # one train step of stage 1.2 (ViT + projector + LLM trainable) on the mesh vs one device
+    from vita_jax.train import setup, stages
+    f = np.load(os.path.join(tiny, "reference/forward.npz"))
+    plan, a = m1._prepare(f["input_ids"], f["attention_mask"], f["labels"], f["images"][:3], f["audio_feats"],
+                          f["audio_lengths"])
+    batch = dict(kind=np.asarray(a[0]), text_ids=np.asarray(a[1]), src=np.asarray(a[2]), pixels=np.asarray(a[3]),
+                 audio_feats=np.asarray(a[4]), audio_lens=np.asarray(a[5]), labels=plan.labels)
+    c = stages.stage_config("1.2", "tiny")
+    c.llm.update(m1.config.llm.to_dict())
+    c.vision.update(m1.config.vision.to_dict())
+    c.audio.update(m1.config.audio.to_dict())
+    c.mm_hidden_size = m1.config.mm_hidden_size
+    c.optim.update(lr=1e-3, schedule="constant")
+    s1, step1, _ = setup.build(c, m1.params, total_steps=10)
+    s8, step8, info8 = setup.build(c, m8.params, mesh=mesh, total_steps=10)
+    for _ in range(2):
+        s1, met1 = step1(s1, jax.tree.map(jax.numpy.asarray, batch))
+        s8, met8 = step8(s8, batch)
+    out["step_loss"] = [float(met1["loss"]), float(met8["loss"])]
+    out["step_param_max_rel"] = max(float(np.abs(np.asarray(s1.train[k]) - np.asarray(s8.train[k])).max()
+                                          / max(np.abs(np.asarray(s1.train[k])).max(), 1e-12)) for k in s1.train)
+    diffs = {k: (float(np.abs(np.asarray(s1.train[k]) - np.asarray(s8.train[k])).max()),
+                 float(np.abs(np.asarray(s1.train[k])).max())) for k in s1.train}
+    worst = max(diffs, key=lambda k: diffs[k][0] / max(diffs[k][1], 1e-12))
+    out["step_worst"] = [worst, *diffs[worst]]
+    out["step_param_max_abs"] = max(d for d, _ in diffs.values())
+    q8 = s8.train["llm/model/layers/self_attn/q_proj/kernel"]
+    out["step_q_spec"] = spec(q8)
+    mu = [x for p, x in jax.tree_util.tree_flatten_with_path(s8.opt_state)[0]
+          if any(getattr(k, "key", None) == "llm/model/layers/self_attn/q_proj/kernel" for k in p)]
+    out["step_mu_spec"] = spec(mu[0])
+
     module = qwen2.Qwen2ForCausalLM(m8.llm_cfg)
     params = api.init_params(module, mesh)
     emb = params["model"]["embed_tokens"]["embedding"]
