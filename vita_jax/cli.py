@@ -82,11 +82,37 @@ def cmd_convert(a) -> int:
     return 0
 
 
+def cmd_train(argv) -> int:
+    """``vita-jax train --config=configs/stage1_1.py[:tiny] [--config.x=y] --workdir DIR``."""
+    from vita_jax import config as config_lib
+    from vita_jax import parallel
+    from vita_jax.train import trainer
+    config, rest = config_lib.parse_args(argv)
+    p = argparse.ArgumentParser(prog="vita-jax train")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(rest)
+    if "stage" not in config:
+        raise SystemExit("--config must be a stage config (configs/stage*.py)")
+    parallel.maybe_initialize_distributed()
+    mesh = parallel.make_mesh(dict(config.mesh_shape)) if jax_device_count() > 1 else None
+    out = trainer.train(config, a.workdir, mesh=mesh, progress=not a.no_progress)
+    print(f"stage {config.stage}: {out['steps']} steps, last loss {out['last'].get('loss', float('nan')):.4f}")
+    return 0
+
+
+def jax_device_count() -> int:
+    import jax
+    return jax.device_count()
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":
         from vita_jax import bench
         return bench.main(argv[1:])
+    if argv and argv[0] == "train":
+        return cmd_train(argv[1:])
     p = argparse.ArgumentParser(prog="vita-jax", description="VITA-1.5 in JAX")
     sub = p.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("generate", help="answer a prompt (text, image, video, speech) or continue raw ids")
@@ -113,6 +139,7 @@ def main(argv=None) -> int:
     c.add_argument("--dtype", default=None, help="dtype to hold the weights in while converting (default float32)")
     c.add_argument("--overwrite", action="store_true")
     sub.add_parser("bench", help="benchmarks: vita-jax bench llm --config=configs/FILE.py")
+    sub.add_parser("train", help="vita-jax train --config=configs/stage1_1.py[:tiny] --workdir DIR")
     a = p.parse_args(argv)
     return cmd_convert(a) if a.cmd == "convert" else cmd_generate(a)
 

@@ -83,6 +83,18 @@ def make_mesh(mesh_shape: Mapping[str, int] | Sequence[int], devices=None) -> Me
     return Mesh(dev, MESH_AXES)
 
 
+def maybe_initialize_distributed() -> None:
+    """``jax.distributed.initialize()`` when launched as several processes (the coordinator and
+    process ids come from the environment: ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` /
+    ``JAX_PROCESS_ID``, or the TPU / SLURM environment that jax detects by itself)."""
+    import os
+    if os.environ.get("JAX_NUM_PROCESSES") and int(os.environ["JAX_NUM_PROCESSES"]) > 1:
+        jax.distributed.initialize(os.environ.get("JAX_COORDINATOR_ADDRESS"), int(os.environ["JAX_NUM_PROCESSES"]),
+                                   int(os.environ.get("JAX_PROCESS_ID", 0)))
+    elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("SLURM_JOB_ID"):
+        jax.distributed.initialize()
+
+
 def _as_tuple(mesh_axes) -> tuple[str, ...]:
     if mesh_axes is None:
         return ()

@@ -56,7 +56,14 @@ def stage_config(stage: str, arg: str | None = None) -> ml_collections.ConfigDic
     c.max_nonfinite_steps = 5
     c.ctc_units = 0  # 0: from the unit vocabulary trained on the transcripts
     c.init_from = ""  # previous stage's checkpoint (parameters only, fresh optimizer)
-    c.data = ml_collections.ConfigDict(dict(mixture=[], tfds=[], seq_bucket=64, shuffle_seed=0))
+    c.data = ml_collections.ConfigDict(dict(mixture=[], tfds=[], shuffle_seed=0, seq_len=128 if arg == "tiny" else 6200,
+                                            max_tiles_per_sample=1 if arg == "tiny" else 13, max_clips_per_sample=1,
+                                            max_frames=128 if arg == "tiny" else 3000, synthetic_size=256))
+    if stage == "3.2":  # the speech decoder: input width = LLM width / 4 (the release: 896, 1024 codes)
+        tiny = arg == "tiny"
+        c.tts = ml_collections.ConfigDict(dict(idim=c.llm.hidden_size // 4, odim=64 if tiny else 1024,
+                                               attention_heads=4 if tiny else 14, linear_units=64 if tiny else 4864,
+                                               num_blocks=4))
     return c
 
 

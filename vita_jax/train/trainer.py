@@ -1,0 +1,127 @@
+"""The training loop: initial parameters, data, the jitted step, metrics, checkpoints and resume.
+
+Every logged step is appended to ``WORKDIR/metrics.jsonl``; checkpoints live in ``WORKDIR/ckpt``.
+Re-running on the same work dir resumes from the newest complete checkpoint (state, data-iterator
+position) and drops metric lines past it, so an interrupted run continues exactly where it was.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+from vita_jax.train import checkpoint as ckpt_lib
+from vita_jax.train import setup
+
+
+def initial_params(config):
+    """``config.init_from`` (a release directory or vita_jax checkpoint, parameters only) or a random
+    model; plus the stage's extra heads (CTC head, speech decoder) when it needs them."""
+    import flax.linen as nn
+    import vita_jax
+    from vita_jax import config as config_lib
+    if config.init_from:
+        m = vita_jax.from_pretrained(config.init_from)
+        params = dict(m.params)
+        if config.loss == "tts" and m.speech is not None:
+            params["tts_decoder"] = m.speech.decoder_params
+    else:
+        params = dict(vita_jax.init_model(config, seed=int(config.seed)).params)
+    if config.loss == "ctc" and "ctc" not in params:
+        from vita_jax.train.ctc import WhaleCTC
+        f = jnp.zeros((1, 64, config.audio.input_dim))
+        params["ctc"] = nn.unbox(WhaleCTC(config_lib.audio_config(config), int(config.ctc_units)).init(
+            jax.random.PRNGKey(config.seed), f, jnp.array([64]))["params"]["ctc"])
+    if config.loss == "tts" and "tts_decoder" not in params:
+        from vita_jax.models.tts_decoder import TTSDecoder
+        from vita_jax.train.step import tts_config
+        tc = tts_config(config)
+        params["tts_decoder"] = nn.unbox(TTSDecoder(tc).init(
+            jax.random.PRNGKey(config.seed + 1), jnp.zeros((1, 4, tc.idim)), jnp.array([4]),
+            jnp.zeros((1, 2), jnp.int32), jnp.array([2]))["params"])
+    return params
+
+
+def synthetic_data(config):
+    """The tiny configs' on-the-fly dataset for the stage's loss -> a checkpointable iterator."""
+    from vita_jax import config as config_lib
+    from vita_jax.data import audio as audio_lib
+    from vita_jax.data import pipeline
+    d = config.data
+    if config.loss == "lm":
+        vc = config_lib.vision_config(config)
+        tpt = (vc.image_size // vc.patch_size // 2) ** 2
+        src = pipeline.SyntheticLM(size=d.synthetic_size, image_size=vc.image_size, frames=min(120, d.max_frames),
+                                   vocab=config.llm.vocab_size, seed=int(d.shuffle_seed))
+        col = pipeline.LMCollator(tpt, d.seq_len, d.max_tiles_per_sample * config.batch_size,
+                                  d.max_clips_per_sample * config.batch_size, d.max_frames, vc.image_size,
+                                  audio_lib.llm_length)
+        return pipeline.make_iterator(src, config.batch_size, col, seed=int(d.shuffle_seed))
+    raise NotImplementedError(f"no synthetic data for loss {config.loss!r} yet: give config.data.mixture")
+
+
+def _trim_metrics(path: str, last_step: int) -> None:
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        keep = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+    with open(path, "w") as f:
+        f.writelines(keep)
+
+
+def train(config, workdir: str, mesh=None, data=None, log: Callable = print, progress: bool = True,
+          stop_after: Optional[int] = None) -> dict:
+    """Runs (or resumes) ``config``'s stage in ``workdir``. ``data``: an iterator of host batches
+    with ``get_state``/``set_state`` (default: the synthetic set of the tiny configs)."""
+    os.makedirs(workdir, exist_ok=True)
+    params = initial_params(config)
+    state, step_fn, info = setup.build(config, params, mesh=mesh)
+    del params
+    log(f"stage {config.stage}: {config.description}\n{info['table']}")
+    data = data if data is not None else synthetic_data(config)
+    ck = ckpt_lib.Checkpointer(os.path.join(workdir, "ckpt"), keep=int(config.keep_checkpoints),
+                               every=int(config.checkpoint_every))
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    start = ck.latest_step() or 0
+    if start:
+        state, data_state = ck.restore(start, state)
+        data.set_state(data_state)
+        log(f"resumed from step {start}")
+    _trim_metrics(metrics_path, start)
+    total = int(config.total_steps)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=total, initial=start, desc=f"stage {config.stage}", leave=False)
+    last, t0 = {}, time.perf_counter()
+    with open(metrics_path, "a") as mf:
+        for i in range(start, total):
+            batch = next(data)
+            if mesh is None:
+                batch = jax.tree.map(jnp.asarray, batch)
+            state, met = step_fn(state, batch)
+            met = {k: float(v) for k, v in jax.device_get(met).items()}
+            met["step"] = i + 1
+            met["seconds"] = time.perf_counter() - t0
+            mf.write(json.dumps(met) + "\n")
+            mf.flush()
+            last = met
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{met['loss']:.4f}")
+            if not met["finite"]:
+                log(f"step {i + 1}: non-finite loss or gradient, update skipped")
+                if int(state.nonfinite) >= int(config.max_nonfinite_steps):
+                    ck.close()
+                    raise FloatingPointError(f"{int(state.nonfinite)} non-finite steps in a row; stopping")
+            ck.save(i + 1, state, data.get_state(), config, force=(i + 1 == total))
+            if stop_after is not None and i + 1 >= stop_after:
+                break
+    if bar is not None:
+        bar.close()
+    ck.close()
+    return dict(last=last, state=state, steps=last.get("step", start))
