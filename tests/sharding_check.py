@@ -94,6 +94,28 @@ def main(tiny):
           if any(getattr(k, "key", None) == "llm/model/layers/self_attn/q_proj/kernel" for k in p)]
     out["step_mu_spec"] = spec(mu[0])
 
+    # a checkpoint saved on mesh (fsdp 8) restores onto mesh (data 2, fsdp 4) with the same values
+    import tempfile
+    from vita_jax.train.checkpoint import Checkpointer
+    mesh_a = parallel.make_mesh(dict(data=1, fsdp=8, tensor=1))
+    mesh_b = parallel.make_mesh(dict(data=2, fsdp=4, tensor=1))
+    sa, run_a, _ = setup.build(c, m1.params, mesh=mesh_a, total_steps=10)
+    sa, _ = run_a(sa, batch)
+    d = tempfile.mkdtemp()
+    ck = Checkpointer(d, every=1)
+    ck.save(1, sa, {"next_index": 3}, force=True)
+    ck.wait()
+    sb, _, _ = setup.build(c, m1.params, mesh=mesh_b, total_steps=10)
+    rb, data_state = ck.restore(1, sb)
+    ck.close()
+    key = "llm/model/layers/mlp/up_proj/kernel"
+    out["restore_equal"] = all(np.array_equal(np.asarray(sa.train[k]), np.asarray(rb.train[k])) for k in sa.train) and \
+        all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(sa.opt_state),
+                                                                         jax.tree.leaves(rb.opt_state)))
+    out["restore_mesh"] = dict(rb.train[key].sharding.mesh.shape)
+    out["restore_spec"] = spec(rb.train[key])
+    out["restore_data_state"] = data_state
+
     module = qwen2.Qwen2ForCausalLM(m8.llm_cfg)
     params = api.init_params(module, mesh)
     emb = params["model"]["embed_tokens"]["embedding"]

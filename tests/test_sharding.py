@@ -74,3 +74,10 @@ def test_train_step_on_mesh_equals_one_device(result):
     assert result["step_param_max_abs"] <= 1e-5, result["step_worst"]
     assert result["step_q_spec"] == [None, "fsdp", "tensor"]
     assert result["step_mu_spec"] == [None, "fsdp", "tensor"]  # Adam moments sharded like their parameter
+
+
+def test_checkpoint_restores_onto_another_mesh(result):
+    assert result["restore_equal"]
+    assert result["restore_mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert result["restore_spec"] == [None, "fsdp"]
+    assert result["restore_data_state"] == {"next_index": 3}
