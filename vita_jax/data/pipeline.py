@@ -66,6 +66,9 @@ class LMCollator:
     def __call__(self, examples):
         ids, labels, pixels, clips = [], [], [], []
         for ex in examples:
+            if "bad" in ex:
+                self.skipped[ex.get("id", "?")] = ex["bad"]
+                continue
             n_tiles = 0 if ex.get("pixels") is None else len(ex["pixels"])
             ex_clips = [] if ex.get("audio") is None else (ex["audio"] if isinstance(ex["audio"], list) else [ex["audio"]])
             spliced = len(ex["input_ids"]) + n_tiles * (self.tpt - 1) + \
@@ -86,6 +89,8 @@ class LMCollator:
             if n_tiles:
                 pixels.append(ex["pixels"])
             clips += ex_clips
+        if not ids:  # every example of this batch was bad: the trainer skips it
+            return {"empty": np.ones((), bool)}
         L = max(len(i) for i in ids)
         id_arr = np.full((len(ids), L), 0, np.int64)
         lab_arr = np.full((len(ids), L), IGNORE_INDEX, np.int64)
@@ -109,8 +114,12 @@ class LMCollator:
                     audio_feats=feats, audio_lens=lens)
 
 
-def make_iterator(source, batch_size: int, collate, seed: int = 0, num_epochs: int | None = None):
-    """Deterministically shuffled (per epoch, from ``seed``), repeated, batched; the iterator has
-    ``get_state()`` / ``set_state()`` for checkpoints."""
-    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(num_epochs)
+def make_iterator(source, batch_size: int, collate, seed: int = 0, num_epochs: int | None = None, transform=None):
+    """Deterministically shuffled (per epoch, from ``seed``), repeated, optionally mapped by
+    ``transform`` (host preprocessing), batched; the iterator has ``get_state()`` /
+    ``set_state()`` for checkpoints. ``source`` is a random-access source or a grain MapDataset."""
+    ds = source if isinstance(source, grain.MapDataset) else grain.MapDataset.source(source).shuffle(seed=seed)
+    ds = ds.repeat(num_epochs)
+    if transform is not None:
+        ds = ds.map(transform)
     return iter(ds.to_iter_dataset().batch(batch_size, batch_fn=collate))

@@ -58,7 +58,8 @@ def stage_config(stage: str, arg: str | None = None) -> ml_collections.ConfigDic
     c.init_from = ""  # previous stage's checkpoint (parameters only, fresh optimizer)
     c.data = ml_collections.ConfigDict(dict(mixture=[], tfds=[], shuffle_seed=0, seq_len=128 if arg == "tiny" else 6200,
                                             max_tiles_per_sample=1 if arg == "tiny" else 13, max_clips_per_sample=1,
-                                            max_frames=128 if arg == "tiny" else 3000, synthetic_size=256))
+                                            max_frames=128 if arg == "tiny" else 3000, synthetic_size=256,
+                                            tokenizer=""))  # tokenizer folder (default: init_from)
     if stage == "3.2":  # the speech decoder: input width = LLM width / 4 (the release: 896, 1024 codes)
         tiny = arg == "tiny"
         c.tts = ml_collections.ConfigDict(dict(idim=c.llm.hidden_size // 4, odim=64 if tiny else 1024,

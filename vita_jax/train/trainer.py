@@ -46,6 +46,27 @@ def initial_params(config):
     return params
 
 
+def official_data(config, tokenizer):
+    """``config.data.mixture`` (official JSON files) -> a checkpointable iterator of batches."""
+    from vita_jax import config as config_lib
+    from vita_jax.data import audio as audio_lib
+    from vita_jax.data import image as image_lib
+    from vita_jax.data import pipeline, sources
+    d, im = config.data, config.image
+    vc = config_lib.vision_config(config)
+    tpt = (vc.image_size // vc.patch_size // 2) ** 2
+    proc = image_lib.ImageProcessorConfig(size=im.size, crop_size=im.crop_size, mean=tuple(im.mean), std=tuple(im.std))
+    transform = sources.OfficialExamples(tokenizer, proc, max_tiles=int(d.max_tiles_per_sample),
+                                         video_fps=float(im.video_fps), dither=float(config.audio.dither))
+    col = pipeline.LMCollator(tpt, d.seq_len, d.max_tiles_per_sample * config.batch_size,
+                              d.max_clips_per_sample * config.batch_size, d.max_frames, vc.image_size, audio_lib.llm_length)
+    files = [dict(m) for m in d.mixture]
+    it = pipeline.make_iterator(sources.mixture(files, int(d.shuffle_seed)), config.batch_size, col,
+                                transform=transform)
+    it.collator = col
+    return it
+
+
 def synthetic_data(config):
     """The tiny configs' on-the-fly dataset for the stage's loss -> a checkpointable iterator."""
     from vita_jax import config as config_lib
@@ -82,6 +103,13 @@ def train(config, workdir: str, mesh=None, data=None, log: Callable = print, pro
     state, step_fn, info = setup.build(config, params, mesh=mesh)
     del params
     log(f"stage {config.stage}: {config.description}\n{info['table']}")
+    if data is None and len(config.data.mixture):
+        from vita_jax.data.text import load_tokenizer
+        tok_dir = config.data.tokenizer or config.init_from
+        tok = load_tokenizer(tok_dir) if tok_dir else None
+        if tok is None:
+            raise ValueError("config.data.mixture needs a tokenizer: set config.data.tokenizer (or init_from)")
+        data = official_data(config, tok)
     data = data if data is not None else synthetic_data(config)
     ck = ckpt_lib.Checkpointer(os.path.join(workdir, "ckpt"), keep=int(config.keep_checkpoints),
                                every=int(config.checkpoint_every))
@@ -101,6 +129,8 @@ def train(config, workdir: str, mesh=None, data=None, log: Callable = print, pro
     with open(metrics_path, "a") as mf:
         for i in range(start, total):
             batch = next(data)
+            while "empty" in batch:  # every sample of the batch was bad (already logged by id)
+                batch = next(data)
             if mesh is None:
                 batch = jax.tree.map(jnp.asarray, batch)
             state, met = step_fn(state, batch)
@@ -124,4 +154,7 @@ def train(config, workdir: str, mesh=None, data=None, log: Callable = print, pro
     if bar is not None:
         bar.close()
     ck.close()
-    return dict(last=last, state=state, steps=last.get("step", start))
+    skipped = dict(getattr(getattr(data, "collator", None), "skipped", {}) or {})
+    if skipped:
+        log(f"skipped {len(skipped)} bad sample(s): " + "; ".join(f"{k}: {v}" for k, v in sorted(skipped.items())))
+    return dict(last=last, state=state, steps=last.get("step", start), skipped=skipped)

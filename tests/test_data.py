@@ -1,0 +1,61 @@
+"""grain pipeline over the official data format: a run completes with bad samples skipped by id."""
+import json
+import os
+import shutil
+
+import numpy as np
+from PIL import Image
+
+from conftest import FIXTURES
+from vita_jax import assets
+from vita_jax.train import stages, trainer
+
+
+def _dataset(tmp_path):
+    media = tmp_path / "media"
+    media.mkdir()
+    for k, colour in enumerate([(200, 30, 30), (30, 200, 30), (30, 30, 200)]):
+        Image.new("RGB", (90, 60), colour).save(media / f"img{k}.png")
+    (media / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    shutil.copy(os.path.join(assets.SPEECH, "arctic_a0009.wav"), media / "q.wav")
+
+    def conv(q, a):
+        return [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+    samples = [
+        {"id": "good-img-0", "image": "img0.png", "conversations": conv("<image>\nWhat colour?", "Red.")},
+        {"id": "good-img-1", "image": "img1.png", "conversations": conv("What colour?\n<image>", "Green.")},
+        {"id": "good-audio", "audio": ["q.wav"], "conversations": conv("<audio>\n", "Sure.")},
+        {"id": "good-text", "conversations": conv("Hello?", "Hi there.")},
+        {"id": "bad-broken-image", "image": "broken.png", "conversations": conv("<image>\nWhat?", "Blue.")},
+        {"id": "bad-missing-audio", "audio": ["nothere.wav"], "conversations": conv("<audio>\n", "Ok.")},
+        {"id": "bad-two-placeholders", "image": "img2.png",
+         "conversations": conv("<image>\n<image>\nCompare.", "Same.")},
+        {"id": "good-img-2", "image": "img2.png", "conversations": conv("<image>\nColour?", "Blue.")},
+    ]
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(samples))
+    return str(path), str(media)
+
+
+def test_run_completes_with_bad_samples_counted(tmp_path):
+    data, media = _dataset(tmp_path)
+    c = stages.stage_config("1.3", "tiny")
+    c.llm.vocab_size = 152064  # the real tokenizer's ids
+    c.total_steps = 4
+    c.checkpoint_every = 100
+    c.batch_size = 4
+    c.data.seq_len = 256
+    c.data.max_frames = 320
+    c.data.max_tiles_per_sample = 3
+    c.data.tokenizer = os.path.join(FIXTURES, "qwen2.5-tokenizer")
+    c.data.mixture = [dict(json=data, media_root=media, weight=1.0)]
+    logs = []
+    out = trainer.train(c, str(tmp_path / "wd"), log=logs.append, progress=False)
+    assert out["steps"] == 4
+    assert set(out["skipped"]) == {"bad-broken-image", "bad-missing-audio", "bad-two-placeholders"}
+    assert "broken.png" in out["skipped"]["bad-broken-image"]
+    assert "nothere.wav" in out["skipped"]["bad-missing-audio"]
+    assert "6 <image> positions for 3 tiles" in out["skipped"]["bad-two-placeholders"]  # 2 x 3 tiles
+    assert any("skipped 3 bad sample(s)" in line for line in logs)
+    rows = [json.loads(line) for line in open(tmp_path / "wd" / "metrics.jsonl")]
+    assert len(rows) == 4 and all(np.isfinite(r["loss"]) for r in rows)

@@ -1,0 +1,125 @@
+"""Data sources in the official VITA format: a JSON list of samples with ``conversations`` and
+``image`` / ``audio`` / ``video`` paths (strings or lists), optional ``set`` (a folder key),
+``inserted_id`` and ``end_tag``; several files mixed with weights.
+
+:class:`OfficialExamples` turns a sample into an example for :class:`~vita_jax.data.pipeline.LMCollator`
+(tiles, frames, fbank, ids and SFT labels exactly as the official loader). A sample that cannot be
+used (unreadable media, placeholder/media count mismatch, bad fields) becomes ``{"id", "bad"}``:
+the collator drops it, counts it and logs its id; the run goes on.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+
+from vita_jax.data import audio as audio_lib
+from vita_jax.data import image as image_lib
+from vita_jax.data import text as text_lib
+from vita_jax.data import video as video_lib
+
+log = logging.getLogger(__name__)
+
+
+class OfficialJSON:
+    """Random access over one official JSON file. Media paths are resolved against
+    ``sets[sample["set"]]`` when the sample names a set, else against ``media_root`` (default: the
+    JSON file's folder)."""
+
+    def __init__(self, path: str, media_root: Optional[str] = None, sets: Optional[dict] = None):
+        try:
+            with open(path) as f:
+                self.samples = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: cannot read the data file: {e}") from e
+        if not isinstance(self.samples, list):
+            raise ValueError(f"{path}: expected a JSON list of samples")
+        self.path = path
+        self.root = media_root or os.path.dirname(os.path.abspath(path))
+        self.sets = dict(sets or {})
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        s = dict(self.samples[int(i)])
+        s.setdefault("id", f"{os.path.basename(self.path)}#{int(i)}")
+        s["_roots"] = self._roots(s)
+        s["_root"] = self.root
+        return s
+
+    def _roots(self, s):
+        sets = s.get("set")
+        if sets is None:
+            return None
+        names = sets if isinstance(sets, list) else [sets]
+        return [self.sets.get(n, os.path.join(self.root, n)) for n in names]
+
+
+def _as_list(x) -> list:
+    return [] if x is None else (list(x) if isinstance(x, (list, tuple)) else [x])
+
+
+class OfficialExamples:
+    """Sample -> example (``input_ids``, ``labels``, ``pixels``, ``audio``), or ``{"id", "bad"}``."""
+
+    def __init__(self, tokenizer, image_cfg: image_lib.ImageProcessorConfig, max_tiles: int = 12,
+                 video_fps: float = 3.0, dither: float = 0.0):
+        self.tok, self.img, self.max_tiles, self.video_fps, self.dither = tokenizer, image_cfg, max_tiles, video_fps, dither
+
+    def _path(self, sample, name, k=0):
+        roots = sample.get("_roots")
+        if os.path.isabs(name):
+            return name
+        root = roots[min(k, len(roots) - 1)] if roots else sample.get("_root", ".")
+        return os.path.join(root, name)
+
+    def __call__(self, sample):
+        sid = sample.get("id", "?")
+        try:
+            return self._convert(sample)
+        except (ValueError, KeyError, OSError, TypeError) as e:  # bad media, bad fields: skip, never crash
+            log.warning("bad sample %s: %s", sid, e)
+            return {"id": sid, "bad": f"{type(e).__name__}: {e}"}
+
+    def _convert(self, sample):
+        sid = sample.get("id", "?")
+        images, videos, audios = _as_list(sample.get("image")), _as_list(sample.get("video")), _as_list(sample.get("audio"))
+        pixels, tiles, frames = [], [], 0
+        for k, name in enumerate(images):
+            px = image_lib.preprocess_image(self._path(sample, name, k), self.img, max_num=self.max_tiles)
+            pixels.append(px)
+            tiles.append(len(px))
+        for name in videos:
+            px = video_lib.preprocess_video(self._path(sample, name), self.img, video_fps=self.video_fps)
+            pixels.append(px)
+            frames = len(px)
+        clips = [audio_lib.audio_features(self._path(sample, name), dither=self.dither) for name in audios]
+        modality = "video" if videos else "image" if images else "lang"
+        ids, labels = text_lib.encode_sample(sample, self.tok, modality, tiles, frames)
+        n_img, n_aud = int((ids == text_lib.IMAGE_TOKEN_INDEX).sum()), int((ids == text_lib.AUDIO_TOKEN_INDEX).sum())
+        n_tiles = sum(tiles) + (frames if videos else 0)
+        if n_img != n_tiles:
+            raise ValueError(f"{n_img} <image> positions for {n_tiles} tiles/frames of {len(images) + len(videos)} media")
+        if n_aud != len(clips):
+            raise ValueError(f"{n_aud} <audio> placeholders for {len(clips)} audio files")
+        ex = {"id": sid, "input_ids": ids, "labels": labels}
+        if pixels:
+            ex["pixels"] = np.concatenate(pixels)
+        if clips:
+            ex["audio"] = clips
+        return ex
+
+
+def mixture(files: Sequence[dict], seed: int = 0):
+    """``[{"json": path, "weight": w, "media_root": dir, "sets": {...}}, ...]`` -> a grain
+    ``MapDataset`` mixing the files by weight (deterministic)."""
+    import grain
+    ds = [grain.MapDataset.source(OfficialJSON(f["json"], f.get("media_root"), f.get("sets"))).shuffle(seed=seed + i)
+          for i, f in enumerate(files)]
+    if len(ds) == 1:
+        return ds[0]
+    return grain.MapDataset.mix(ds, [float(f.get("weight", 1.0)) for f in files])
