@@ -73,3 +73,19 @@ def test_metrics_and_checkpoints(reference, tmp_path):
     losses, params = reference
     assert losses[-1] < losses[0]
     assert any("mm_projector" in k for k in params) and not any("vision_tower" in k for k in params if "train" in k)
+
+
+def test_next_stage_starts_from_previous_parameters(tmp_path):
+    import vita_jax
+    from vita_jax.train import stages, trainer
+    c = stages.stage_config("1.1", "tiny")
+    c.total_steps, c.checkpoint_every = 3, 100
+    out = trainer.train(c, str(tmp_path / "s11"), log=lambda *_: None, progress=False)
+    m = vita_jax.from_pretrained(str(tmp_path / "s11" / "model"))
+    np.testing.assert_array_equal(np.asarray(m.params["mm_projector"]["0"]["kernel"]),
+                                  np.asarray(out["state"].train["mm_projector/0/kernel"]))
+    c2 = stages.stage_config("1.2", "tiny")
+    c2.total_steps, c2.checkpoint_every = 2, 100
+    c2.init_from = str(tmp_path / "s11" / "model")
+    out2 = trainer.train(c2, str(tmp_path / "s12"), log=lambda *_: None, progress=False)
+    assert out2["steps"] == 2 and int(out2["state"].step) == 2  # fresh optimizer, fresh step count

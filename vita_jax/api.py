@@ -332,16 +332,16 @@ def from_pretrained(path: str, dtype=jnp.float32, mesh=None, config_overrides: O
     (e.g. ``{"remat_policy": "full"}``). ``strict``: unknown tensors in the shards are an error."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path} is not a directory")
+    speech = None
+    if os.path.isdir(os.path.join(path, "vita_tts_ckpt")):
+        from vita_jax.infer.speech import load_speech
+        speech = load_speech(os.path.join(path, "vita_tts_ckpt"))
     if export.is_orbax_checkpoint(path):
         config, params, dtypes = export.load_orbax(path, dtype, mesh)
-        return VitaModel(config, params, load_tokenizer(path), mesh, (), dtypes, None)
+        return VitaModel(config, params, load_tokenizer(path), mesh, (), dtypes, None, speech)
     config = config_lib.from_release(path)
     config.dtype = config.param_dtype = jnp.dtype(dtype).name
     for k, v in (config_overrides or {}).items():
         config_lib.apply_override(config, k, str(v))
     params, keys, dtypes = release.load(path, config, mesh, strict=strict)
-    speech = None
-    if os.path.isdir(os.path.join(path, "vita_tts_ckpt")):
-        from vita_jax.infer.speech import load_speech
-        speech = load_speech(os.path.join(path, "vita_tts_ckpt"))
     return VitaModel(config, params, load_tokenizer(path), mesh, keys, dtypes, path, speech)

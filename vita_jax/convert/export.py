@@ -247,6 +247,8 @@ def save_orbax(model, dst: str, overwrite: bool = False) -> None:
             for f in TOKENIZER_FILES:
                 if os.path.exists(os.path.join(model.path, f)):
                     shutil.copy2(os.path.join(model.path, f), tmp)
+        if getattr(model, "speech", None) is not None:
+            model.speech.save(os.path.join(tmp, "vita_tts_ckpt"))
         _commit(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

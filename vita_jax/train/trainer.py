@@ -85,6 +85,25 @@ def synthetic_data(config):
     raise NotImplementedError(f"no synthetic data for loss {config.loss!r} yet: give config.data.mixture")
 
 
+def export_model(config, state, path: str) -> None:
+    """The stage's final parameters as a vita_jax checkpoint (the model parts; a trained speech
+    decoder also goes to ``path/vita_tts_ckpt`` in the official format)."""
+    import vita_jax
+    from vita_jax.convert import release
+    from vita_jax.train import stages
+    params = stages.merge(state.train, state.frozen)
+    parts = release.build_parts(config)
+    pdt = jnp.dtype(config.param_dtype)
+    model_params = {k: jax.tree.map(lambda x: x.astype(pdt) if jnp.issubdtype(x.dtype, jnp.floating) else x, params[k])
+                    for k in parts if k in params}
+    m = vita_jax.VitaModel(config, model_params)
+    m.save_pretrained(path, format="orbax", overwrite=True)
+    if "tts_decoder" in params:
+        from vita_jax.infer.speech import SpeechModel
+        from vita_jax.train.step import tts_config
+        SpeechModel(tts_config(config), params["tts_decoder"]).save(os.path.join(path, "vita_tts_ckpt"))
+
+
 def _trim_metrics(path: str, last_step: int) -> None:
     if not os.path.exists(path):
         return
@@ -154,6 +173,9 @@ def train(config, workdir: str, mesh=None, data=None, log: Callable = print, pro
     if bar is not None:
         bar.close()
     ck.close()
+    if last.get("step") == total:
+        export_model(config, state, os.path.join(workdir, "model"))
+        log(f"final parameters written to {os.path.join(workdir, 'model')} (use it as the next stage's init_from)")
     skipped = dict(getattr(getattr(data, "collator", None), "skipped", {}) or {})
     if skipped:
         log(f"skipped {len(skipped)} bad sample(s): " + "; ".join(f"{k}: {v}" for k, v in sorted(skipped.items())))
