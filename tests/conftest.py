@@ -41,3 +41,18 @@ def hf_qwen2(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("hf_qwen2"))
     model.save_pretrained(d, safe_serialization=True)
     return model, d
+
+
+@pytest.fixture(scope="session")
+def tts_dir(tiny_dir):
+    return os.path.join(tiny_dir, "vita_tts_ckpt")
+
+
+@pytest.fixture(scope="session")
+def speech(tts_dir):
+    from vita_jax.infer.speech import load_speech
+    return load_speech(tts_dir)
+
+
+def tts_ref(tts_dir, name):
+    return np.load(os.path.join(tts_dir, "reference", name + ".npz"))

@@ -3,29 +3,15 @@ import json
 import os
 
 import numpy as np
-import pytest
 import torch
 
 import vita_jax
+from conftest import tts_ref
 from vita_jax.infer.speech import find_min_sum_index, load_speech
 
 
-@pytest.fixture(scope="module")
-def tts_dir(tiny_dir):
-    return os.path.join(tiny_dir, "vita_tts_ckpt")
-
-
-@pytest.fixture(scope="module")
-def speech(tts_dir):
-    return load_speech(tts_dir)
-
-
-def _ref(tts_dir, name):
-    return np.load(os.path.join(tts_dir, "reference", name + ".npz"))
-
-
 def test_codec_decode(speech, tts_dir):
-    r = _ref(tts_dir, "codec_decode")
+    r = tts_ref(tts_dir, "codec_decode")
     wav = speech.codes_to_wave(r["codes"], r["global_tokens"])
     assert wav.shape == (30000,) and speech.sample_rate == 24000
     assert np.abs(wav - r["wav"].ravel()).max() <= 1e-4 * np.abs(r["wav"]).max()
@@ -34,14 +20,14 @@ def test_codec_decode(speech, tts_dir):
 
 
 def test_codec_encode(speech, tts_dir):
-    r = _ref(tts_dir, "codec_encode")
+    r = tts_ref(tts_dir, "codec_encode")
     codes, gt = speech.wave_to_codes(r["wav"])
     np.testing.assert_array_equal(codes, r["codes"].ravel())   # 95,643 samples -> 159 frames (floors)
     np.testing.assert_array_equal(gt, r["global_tokens"].ravel())
 
 
 def test_streaming_equals_official(speech, tts_dir):
-    st = _ref(tts_dir, "streaming")
+    st = tts_ref(tts_dir, "streaming")
     with open(os.path.join(tts_dir, "reference/cases.json")) as f:
         meta = json.load(f)["cases"]["streaming"]["meta"]
     for case in ("s_mid", "s_never", "s_always", "s_server_first"):
@@ -83,7 +69,7 @@ def test_speech_checkpoints_round_trip(speech, tts_dir, tmp_path):
         with open(os.path.join(tts_dir, part, "model.json")) as f1, open(tmp_path / "tts" / part / "model.json") as f2:
             assert json.load(f1) == json.load(f2)
     again = load_speech(str(tmp_path / "tts"))
-    g = _ref(tts_dir, "decoder_infer_greedy")
+    g = tts_ref(tts_dir, "decoder_infer_greedy")
     np.testing.assert_array_equal(again.generate_codes(g["hidden"], top_k=1, max_tokens=40), g["tokens"])
 
 

@@ -1,29 +1,12 @@
 """The NAR+AR speech decoder against the official fixture (vita_tts_ckpt/reference)."""
-import os
 
 import numpy as np
-import pytest
 
-from conftest import rel_err
-from vita_jax.infer.speech import load_speech
-
-
-@pytest.fixture(scope="module")
-def tts_dir(tiny_dir):
-    return os.path.join(tiny_dir, "vita_tts_ckpt")
-
-
-@pytest.fixture(scope="module")
-def speech(tts_dir):
-    return load_speech(tts_dir)
-
-
-def _ref(tts_dir, name):
-    return np.load(os.path.join(tts_dir, "reference", name + ".npz"))
+from conftest import rel_err, tts_ref
 
 
 def test_teacher_forced_logits_and_loss(speech, tts_dir):
-    r = _ref(tts_dir, "decoder_train")
+    r = tts_ref(tts_dir, "decoder_train")
     logits, loss = speech.decoder_forward(r["x"], r["x_lens"], r["y"], r["y_lens"])
     assert logits.shape == r["logits"].shape
     v = r["valid"]
@@ -33,13 +16,13 @@ def test_teacher_forced_logits_and_loss(speech, tts_dir):
 
 def test_decoder_input_from_llm_rows(tts_dir):
     """x is the LLM input-embedding rows of the text, each split row-major into 4 vectors."""
-    r = _ref(tts_dir, "decoder_train")
+    r = tts_ref(tts_dir, "decoder_train")
     rows = r["llm_embed_table"][r["text_ids"][0]]
     np.testing.assert_array_equal(rows.reshape(-1, rows.shape[1] // 4), r["x"][0, :r["x_lens"][0]])
 
 
 def test_greedy_codes_and_step_logits(speech, tts_dir):
-    g = _ref(tts_dir, "decoder_infer_greedy")
+    g = tts_ref(tts_dir, "decoder_infer_greedy")
     rec = []
     codes = list(speech.iter_codes(g["hidden"], top_k=1, max_tokens=40, record=rec))
     assert codes == g["tokens"].tolist()  # EOS at step 21 not yielded
@@ -50,13 +33,13 @@ def test_greedy_codes_and_step_logits(speech, tts_dir):
 
 
 def test_repetition_penalty_codes(speech, tts_dir):
-    p = _ref(tts_dir, "decoder_infer_penalty")
+    p = tts_ref(tts_dir, "decoder_infer_penalty")
     out = speech.generate_codes(p["hidden"], top_k=1, max_tokens=40, penalty_window=5, penalty=1.1)
     np.testing.assert_array_equal(out, p["tokens"])
 
 
 def test_top2_distributions_replayed(speech, tts_dir):
-    t = _ref(tts_dir, "decoder_infer_topk2")
+    t = tts_ref(tts_dir, "decoder_infer_topk2")
     rec = []
     out = list(speech.iter_codes(t["hidden"], top_k=2, max_tokens=40, replay=t["sampled"], record=rec))
     assert out == t["tokens"].tolist()
@@ -69,6 +52,6 @@ def test_top2_distributions_replayed(speech, tts_dir):
 
 
 def test_token_limit_and_empty_input(speech, tts_dir):
-    g = _ref(tts_dir, "decoder_infer_greedy")
+    g = tts_ref(tts_dir, "decoder_infer_greedy")
     assert len(speech.generate_codes(g["hidden"], top_k=1, max_tokens=7)) == 7  # EOS never reached
     assert speech.generate_codes(np.zeros((0, speech.decoder_cfg.idim), np.float32)).shape == (0,)

@@ -17,9 +17,8 @@ from typing import Optional
 import jax
 import ml_dtypes
 import numpy as np
-from flax import traverse_util
 
-from vita_jax.convert import release
+from vita_jax.convert import loader, release
 from vita_jax.convert.safetensors_io import CheckpointError, save_file
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "added_tokens.json",
@@ -47,22 +46,16 @@ def _commit(tmp: str, dst: str) -> None:
 
 
 def _official_tensors(config, params, source_dtypes: dict):
-    """Yields ``(official key, numpy tensor)`` one at a time, in key-table order."""
+    """Yields ``(official key, numpy tensor)`` one at a time, in key-table order, in the dtype the
+    source checkpoint stored (float32 otherwise)."""
     for name, (_, _, rules) in release.build_parts(config).items():
-        flat = traverse_util.flatten_dict(params[name])
-        for rule in rules:
-            leaf = np.asarray(jax.device_get(flat[rule.flax_path]))
-            layers = range(leaf.shape[0]) if rule.stacked else [None]
-            for i in layers:
-                key = rule.torch_key.format(i=i) if rule.stacked else rule.torch_key
-                arr = np.ascontiguousarray(rule.transform.to_torch(leaf[i] if rule.stacked else leaf))
-                want = source_dtypes.get(key)
-                if want is not None and arr.dtype != want:
-                    arr = arr.astype(want)
-                elif arr.dtype == np.float64:
-                    arr = arr.astype(np.float32)
-                yield key, arr
-            del leaf
+        for key, arr in loader.official_tensors(rules, params[name]):
+            want = source_dtypes.get(key)
+            if want is not None and arr.dtype != want:
+                arr = arr.astype(want)
+            elif arr.dtype == np.float64:
+                arr = arr.astype(np.float32)
+            yield key, arr
 
 
 def _hf_config(config, src_dir: Optional[str]) -> dict:
@@ -165,14 +158,7 @@ def _write_vision_folder(model, folder: str) -> None:
         json.dump({"crop_size": im.crop_size, "do_center_crop": True, "do_normalize": True, "do_resize": True,
                    "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": list(im.mean),
                    "image_std": list(im.std), "resample": im.resample, "size": im.size}, f, indent=2)
-    vc = model.vit_cfg
-    flat = traverse_util.flatten_dict(model.params["vision_tower"])
-    tensors = {}
-    for rule in internvit.key_table(vc, ""):
-        leaf = np.asarray(jax.device_get(flat[rule.flax_path]))
-        for i in (range(leaf.shape[0]) if rule.stacked else [None]):
-            key = rule.torch_key.format(i=i) if rule.stacked else rule.torch_key
-            tensors[key] = np.ascontiguousarray(rule.transform.to_torch(leaf[i] if rule.stacked else leaf))
+    tensors = dict(loader.official_tensors(internvit.key_table(model.vit_cfg, ""), model.params["vision_tower"]))
     save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
 
 
@@ -212,13 +198,8 @@ def _write_audio_folder(model, folder: str) -> None:
         import torch
     except ImportError:
         return
-    flat = traverse_util.flatten_dict(params["audio_encoder"])
-    sd = {}
-    for rule in whale.key_table(model.whale_cfg, prefix=""):
-        leaf = np.asarray(jax.device_get(flat[rule.flax_path]), np.float32)
-        for i in (range(leaf.shape[0]) if rule.stacked else [None]):
-            key = rule.torch_key.format(i=i) if rule.stacked else rule.torch_key
-            sd[key] = torch.from_numpy(np.array(rule.transform.to_torch(leaf[i] if rule.stacked else leaf), copy=True))
+    sd = {k: torch.from_numpy(v.astype(np.float32))
+          for k, v in loader.official_tensors(whale.key_table(model.whale_cfg, prefix=""), params["audio_encoder"])}
     torch.save(sd, os.path.join(folder, "final.pt"))
 
 

@@ -88,3 +88,15 @@ def load(rules: Iterable[KeyRule], reader, abstract, shardings=None):
             shape, flat_sh.get(path) or default,
             lambda idx, r=rule, s=shape, d=dtype: leaf_slice(r, reader, s, d, idx))
     return traverse_util.unflatten_dict(out), keys_read
+
+
+def official_tensors(rules: Iterable[KeyRule], params):
+    """The inverse of :func:`load`: yields ``(official key, numpy tensor in the PyTorch layout)``
+    one at a time, gathering one Flax leaf to the host at a time."""
+    flat = _flat(params)
+    for rule in rules:
+        leaf = np.asarray(jax.device_get(flat[rule.flax_path]))
+        for i in (range(leaf.shape[0]) if rule.stacked else [None]):
+            key = rule.torch_key.format(i=i) if rule.stacked else rule.torch_key
+            yield key, np.array(rule.transform.to_torch(leaf[i] if rule.stacked else leaf), copy=True, order="C")
+        del leaf

@@ -17,21 +17,26 @@ def _to_numpy(t):
     return t.numpy()
 
 
+def torch_load(path: str):
+    """``torch.load(path, weights_only=True)`` with errors that name the file."""
+    try:
+        import torch
+    except ImportError as e:
+        raise CheckpointError(f"{path}: reading .pt files needs torch (pip install 'vita_jax[torch]')") from e
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path} does not exist")
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:  # unpickling errors come in many types
+        raise CheckpointError(f"{path}: cannot load as a weights-only PyTorch state dict: {e}") from e
+
+
 class TorchReader:
     """All tensors of a state-dict ``.pt`` file (optionally nested under a key such as ``model``)."""
 
     def __init__(self, path: str, prefix_strip: str = ""):
         self.source = path
-        try:
-            import torch
-        except ImportError as e:
-            raise CheckpointError(f"{path}: reading .pt files needs torch (pip install 'vita_jax[torch]')") from e
-        if not os.path.exists(path):
-            raise CheckpointError(f"{path} does not exist")
-        try:
-            sd = torch.load(path, weights_only=True, map_location="cpu")
-        except Exception as e:  # unpickling errors come in many types
-            raise CheckpointError(f"{path}: cannot load as a weights-only PyTorch state dict: {e}") from e
+        sd = torch_load(path)
         for k in ("state_dict", "model"):
             if isinstance(sd, dict) and k in sd and isinstance(sd[k], dict):
                 sd = sd[k]
@@ -59,16 +64,7 @@ class TorchReader:
     def load_nested(path: str) -> dict:
         """A ``.pt`` holding ``{part: state_dict}`` (e.g. TiCodec's generator / quantizer / encoder)
         -> ``{part: {key: numpy array}}`` (weights-only unpickling)."""
-        try:
-            import torch
-        except ImportError as e:
-            raise CheckpointError(f"{path}: reading .pt files needs torch (pip install 'vita_jax[torch]')") from e
-        if not os.path.exists(path):
-            raise CheckpointError(f"{path} does not exist")
-        try:
-            sd = torch.load(path, weights_only=True, map_location="cpu")
-        except Exception as e:
-            raise CheckpointError(f"{path}: cannot load as a weights-only PyTorch state dict: {e}") from e
+        sd = torch_load(path)
         if not isinstance(sd, dict) or not all(isinstance(v, dict) for v in sd.values()):
             raise CheckpointError(f"{path}: expected {{part: state_dict}}")
         return {part: {k: _to_numpy(v.detach().cpu().contiguous()) for k, v in d.items()} for part, d in sd.items()}

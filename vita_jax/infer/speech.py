@@ -165,15 +165,9 @@ class SpeechModel:
         official formats (``{"model": sd}`` and ``{"generator", "quantizer", "encoder"}``)."""
         import shutil
         import torch
-        from flax import traverse_util
         os.makedirs(os.path.join(path, "decoder"), exist_ok=True)
-        flat = traverse_util.flatten_dict(self.decoder_params)
-        sd = {}
-        for rule in dec.key_table(self.decoder_cfg):
-            leaf = np.asarray(jax.device_get(flat[rule.flax_path]))
-            for i in (range(leaf.shape[0]) if rule.stacked else [None]):
-                key = rule.torch_key.format(i=i) if rule.stacked else rule.torch_key
-                sd[key] = torch.from_numpy(np.array(rule.transform.to_torch(leaf[i] if rule.stacked else leaf), copy=True))
+        sd = {k: torch.from_numpy(v) for k, v in loader.official_tensors(dec.key_table(self.decoder_cfg),
+                                                                         self.decoder_params)}
         torch.save({"model": sd}, os.path.join(path, "decoder", "final.pt"))
         _write_or_copy_json(self.path, "decoder", path, self.decoder_cfg.to_model_json)
         if self.codec_raw is not None:
