@@ -25,6 +25,7 @@ setup(
         "safetensors>=0.4",
         "tokenizers>=0.20",
         "tqdm",
+        "tensorboardX>=2.6",
         "av>=12",
         "soundfile>=0.12",
         "pyyaml>=6",

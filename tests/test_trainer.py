@@ -89,3 +89,25 @@ def test_next_stage_starts_from_previous_parameters(tmp_path):
     c2.init_from = str(tmp_path / "s11" / "model")
     out2 = trainer.train(c2, str(tmp_path / "s12"), log=lambda *_: None, progress=False)
     assert out2["steps"] == 2 and int(out2["state"].step) == 2  # fresh optimizer, fresh step count
+
+
+def test_flops_count_frozen_towers_forward_only():
+    from vita_jax.train import flops, stages
+    c11, c12 = stages.stage_config("1.1", "tiny"), stages.stage_config("1.2", "tiny")
+    f11 = flops.step_flops(c11, 4, 128, tiles=4, audio_frames=400)
+    f12 = flops.step_flops(c12, 4, 128, tiles=4, audio_frames=400)
+    f12_no_img = flops.step_flops(c12, 4, 128, tiles=0, audio_frames=400)
+    f11_no_img = flops.step_flops(c11, 4, 128, tiles=0, audio_frames=400)
+    vit_11, vit_12 = f11 - f11_no_img, f12 - f12_no_img   # the ViT (+ projector) share of each stage
+    assert vit_12 > vit_11 > 0   # trained ViT: forward + backward; frozen ViT: forward only
+
+
+def test_tensorboard_and_throughput_logged(tmp_path):
+    from vita_jax.train import stages, trainer
+    c = stages.stage_config("1.2", "tiny")
+    c.total_steps, c.checkpoint_every = 2, 100
+    trainer.train(c, str(tmp_path), log=lambda *_: None, progress=False)
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert all(r["tokens_per_s"] > 0 and r["tflops_per_s"] > 0 for r in rows)
+    events = [f for f in os.listdir(tmp_path / "tb") if f.startswith("events.out.tfevents")]
+    assert events and b"train/loss" in open(tmp_path / "tb" / events[0], "rb").read()

@@ -13,6 +13,7 @@ from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vita_jax.train import checkpoint as ckpt_lib
 from vita_jax.train import setup
@@ -104,6 +105,22 @@ def export_model(config, state, path: str) -> None:
         SpeechModel(tts_config(config), params["tts_decoder"]).save(os.path.join(path, "vita_tts_ckpt"))
 
 
+def _tensorboard(workdir: str):
+    """A TensorBoard writer on process 0 (None elsewhere or without tensorboardX)."""
+    if jax.process_index() != 0:
+        return None
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(os.path.join(workdir, "tb"))
+
+
+def _peak_flops():
+    from vita_jax.bench import device_peaks
+    return device_peaks(jax.devices()[0].device_kind)[0]
+
+
 def _trim_metrics(path: str, last_step: int) -> None:
     if not os.path.exists(path):
         return
@@ -145,6 +162,8 @@ def train(config, workdir: str, mesh=None, data=None, log: Callable = print, pro
         from tqdm import tqdm
         bar = tqdm(total=total, initial=start, desc=f"stage {config.stage}", leave=False)
     last, t0 = {}, time.perf_counter()
+    tb = _tensorboard(workdir)
+    peak = _peak_flops()
     with open(metrics_path, "a") as mf:
         for i in range(start, total):
             batch = next(data)
@@ -152,10 +171,25 @@ def train(config, workdir: str, mesh=None, data=None, log: Callable = print, pro
                 batch = next(data)
             if mesh is None:
                 batch = jax.tree.map(jnp.asarray, batch)
+            t_step = time.perf_counter()
             state, met = step_fn(state, batch)
             met = {k: float(v) for k, v in jax.device_get(met).items()}
+            dt = time.perf_counter() - t_step
             met["step"] = i + 1
             met["seconds"] = time.perf_counter() - t0
+            met["tokens_per_s"] = met["tokens"] / dt
+            if config.loss == "lm" and "kind" in batch:
+                from vita_jax.train.flops import step_flops
+                b, L = np.shape(batch["kind"])[-2:]
+                fl = step_flops(config, b * int(config.grad_accum), L, tiles=int(np.shape(batch["pixels"])[-4]),
+                                audio_frames=int(np.asarray(batch["audio_lens"]).sum()))
+                met["tflops_per_s"] = fl / dt / 1e12
+                if peak:
+                    met["mfu"] = fl / dt / (peak * jax.device_count())
+            if tb is not None:
+                for k, v in met.items():
+                    if k not in ("step", "finite"):
+                        tb.add_scalar(f"train/{k}", v, i + 1)
             mf.write(json.dumps(met) + "\n")
             mf.flush()
             last = met
@@ -172,6 +206,8 @@ def train(config, workdir: str, mesh=None, data=None, log: Callable = print, pro
                 break
     if bar is not None:
         bar.close()
+    if tb is not None:
+        tb.close()
     ck.close()
     if last.get("step") == total:
         export_model(config, state, os.path.join(workdir, "model"))
