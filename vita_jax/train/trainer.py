@@ -83,7 +83,72 @@ def synthetic_data(config):
                                   d.max_clips_per_sample * config.batch_size, d.max_frames, vc.image_size,
                                   audio_lib.llm_length)
         return pipeline.make_iterator(src, config.batch_size, col, seed=int(d.shuffle_seed))
-    raise NotImplementedError(f"no synthetic data for loss {config.loss!r} yet: give config.data.mixture")
+    if config.loss == "ctc":
+        return _ctc_data(config)
+    if config.loss == "tts":
+        return _tts_data(config)
+    raise ValueError(f"no synthetic data for loss {config.loss!r}")
+
+
+class IndexedBatches:
+    """A checkpointable iterator over ``make(i)`` for i = 0, 1, ... (state: the next index)."""
+
+    def __init__(self, make):
+        self.make, self.i = make, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        b = self.make(self.i)
+        self.i += 1
+        return b
+
+    def get_state(self):
+        return {"next_index": self.i}
+
+    def set_state(self, state):
+        self.i = int(state["next_index"])
+
+
+def _ctc_data(config):
+    """Stage 2.1a on the bundled real CMU ARCTIC clips (the unit vocabulary trained from their
+    transcripts sets ``config.ctc_units``); batches of ``batch_size`` clips in a seeded order."""
+    from vita_jax import assets
+    from vita_jax.data.units import UnitVocab
+    from vita_jax.train.ctc import make_batch
+    clips = assets.speech_clips()
+    vocab = UnitVocab.train([t for *_, t in clips])
+    config.ctc_units = vocab.num_units
+    bs = int(config.batch_size)
+
+    def make(i):
+        order = np.random.default_rng((int(config.data.shuffle_seed), i)).permutation(len(clips))[:bs]
+        f, n, lab, lm = make_batch([clips[k][1] for k in order], [clips[k][2] for k in order], vocab, frame_bucket=512)
+        width = max(len(vocab.encode(t)) for *_, t in clips)  # fixed shapes: one compilation
+        pad = ((0, 0), (0, width - lab.shape[1]))
+        return dict(feats=f, lengths=n, labels=np.pad(lab, pad), label_mask=np.pad(lm, pad))
+    return IndexedBatches(make)
+
+
+def _tts_data(config):
+    """Stage 3.2, tiny: random text ids whose codes are a fixed function of the text (2 codes per
+    token), so the decoder can learn the mapping."""
+    from vita_jax.train.step import tts_config
+    tc = tts_config(config)
+    bs, n_text = int(config.batch_size), 6
+
+    def make(i):
+        rng = np.random.default_rng((int(config.data.shuffle_seed), i))
+        lens = rng.integers(3, n_text + 1, bs)
+        ids = rng.integers(30, min(500, config.llm.vocab_size), (bs, n_text))
+        codes = np.full((bs, 2 * n_text), -1, np.int64)
+        for b in range(bs):
+            c = np.stack([(ids[b, :lens[b]] * 7) % tc.odim, (ids[b, :lens[b]] * 13 + 5) % tc.odim], 1).reshape(-1)
+            codes[b, :len(c)] = c
+        return dict(text_ids=ids.astype(np.int32), text_lens=lens.astype(np.int32), codes=codes.astype(np.int32),
+                    code_lens=(2 * lens).astype(np.int32))
+    return IndexedBatches(make)
 
 
 def export_model(config, state, path: str) -> None:
@@ -135,6 +200,8 @@ def train(config, workdir: str, mesh=None, data=None, log: Callable = print, pro
     """Runs (or resumes) ``config``'s stage in ``workdir``. ``data``: an iterator of host batches
     with ``get_state``/``set_state`` (default: the synthetic set of the tiny configs)."""
     os.makedirs(workdir, exist_ok=True)
+    if data is None and not len(config.data.mixture):
+        data = synthetic_data(config)  # first: the CTC stage sizes its head from the unit vocabulary
     params = initial_params(config)
     state, step_fn, info = setup.build(config, params, mesh=mesh)
     del params
