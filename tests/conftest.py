@@ -21,6 +21,14 @@ def tiny_dir():
 
 
 @pytest.fixture(scope="session")
+def tiny_model(tiny_dir):
+    """The fixture checkpoint loaded once for the whole session (tests must not mutate it
+    without restoring)."""
+    import vita_jax
+    return vita_jax.from_pretrained(tiny_dir)
+
+
+@pytest.fixture(scope="session")
 def hf_qwen2(tmp_path_factory):
     """A random tiny transformers Qwen2ForCausalLM saved by transformers (safetensors) to a tmp dir.
     Weights are drawn with std 0.2 (not 0.02) so greedy choices have clear margins."""

@@ -6,15 +6,14 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-import vita_jax
 from conftest import rel_err
 from vita_jax.data import audio as A
 from vita_jax.models import whale as W
 
 
 @pytest.fixture(scope="module")
-def model(tiny_dir):
-    return vita_jax.from_pretrained(tiny_dir)
+def model(tiny_model):
+    return tiny_model
 
 
 @pytest.fixture(scope="module")

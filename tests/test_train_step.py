@@ -18,8 +18,8 @@ WHALE_FRAMES = 47   # encoder frames of the 192-frame audio bucket
 
 
 @pytest.fixture(scope="module")
-def model(tiny_dir):
-    return vita_jax.from_pretrained(tiny_dir)
+def model(tiny_model):
+    return tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import vita_jax
 from conftest import rel_err
 from vita_jax.data import image as I
 from vita_jax.models import internvit, projectors
@@ -18,8 +17,8 @@ PHOTOS = ["img0_astronaut_150x90.png", "img1_coffee_60x200.png", "img2_chelsea_5
 
 
 @pytest.fixture(scope="module")
-def model(tiny_dir):
-    return vita_jax.from_pretrained(tiny_dir)
+def model(tiny_model):
+    return tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -4,14 +4,13 @@ import os
 import numpy as np
 import pytest
 
-import vita_jax
 from conftest import rel_err
 from vita_jax.models.vita import AUDIO, IMAGE, PAD, TEXT, plan_splice
 
 
 @pytest.fixture(scope="module")
-def model(tiny_dir):
-    return vita_jax.from_pretrained(tiny_dir)
+def model(tiny_model):
+    return tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -146,12 +146,6 @@ def param_shardings(abstract_boxed, mesh: Mesh, rules=DEFAULT_RULES):
                         is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
-def logical_names(abstract_boxed):
-    """The tree of logical axis-name tuples (None for unannotated leaves)."""
-    return jax.tree.map(lambda x: tuple(x.names) if isinstance(x, nn.LogicallyPartitioned) else None,
-                        abstract_boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
-
-
 def sharded_init(init_fn, mesh: Mesh, *args, rules=DEFAULT_RULES):
     """Runs ``init_fn(*args)`` under jit with ``out_shardings`` from the logical names, so each
     device materialises only its own shard (no full host copy). Returns ``(params, shardings)``
@@ -176,11 +170,6 @@ def use_mesh(mesh: Mesh | None, rules=DEFAULT_RULES):
         yield
     finally:
         _CTX.value = prev
-
-
-def current_mesh() -> Mesh | None:
-    v = getattr(_CTX, "value", None)
-    return None if v is None else v[0]
 
 
 def constrain(x, names: Sequence[str | None]):

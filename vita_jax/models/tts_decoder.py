@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any
 
 import flax.linen as nn
@@ -208,8 +207,4 @@ def key_table(cfg: TTSDecoderConfig) -> list[KeyRule]:
         rules += [KeyRule(L + f"mlp.{n}.weight", P + ("mlp", n, "kernel"), T.linear) for n in ("gate_proj", "up_proj", "down_proj")]
         rules += [KeyRule(L + f"{n}.weight", P + (n, "weight"), T.same) for n in ("input_layernorm", "post_attention_layernorm")]
     return rules
-
-
-def checkpoint_path(folder: str) -> str:
-    return os.path.join(folder, "final.pt")
 

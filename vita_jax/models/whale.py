@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Any
 
 import flax.linen as nn
@@ -312,11 +311,3 @@ def key_table(cfg: WhaleConfig, prefix: str = "model.audio_encoder.") -> list[Ke
     rules += lin(a + "conv1d2", A + ("conv1d2",), T.conv1d) + norm(a + "bn2", A + ("bn2",)) + lin(a + "project", A + ("project",))
     return rules
 
-
-def folder_key_table(cfg: WhaleConfig) -> list[KeyRule]:
-    """Keys of the audio-encoder folder's ``final.pt`` (no ``model.audio_encoder.`` prefix)."""
-    return key_table(cfg, prefix="")
-
-
-def default_folder_files(folder: str) -> dict:
-    return {n: os.path.join(folder, n) for n in ("train.yaml", "global_cmvn", "final.pt")}
