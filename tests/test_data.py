@@ -4,6 +4,7 @@ import os
 import shutil
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from conftest import FIXTURES
@@ -37,7 +38,8 @@ def _dataset(tmp_path):
     return str(path), str(media)
 
 
-def test_run_completes_with_bad_samples_counted(tmp_path):
+@pytest.mark.parametrize("source", ["json", "tfds"])
+def test_run_completes_with_bad_samples_counted(tmp_path, source):
     data, media = _dataset(tmp_path)
     c = stages.stage_config("1.3", "tiny")
     c.llm.vocab_size = 152064  # the real tokenizer's ids
@@ -48,7 +50,11 @@ def test_run_completes_with_bad_samples_counted(tmp_path):
     c.data.max_frames = 320
     c.data.max_tiles_per_sample = 3
     c.data.tokenizer = os.path.join(FIXTURES, "qwen2.5-tokenizer")
-    c.data.mixture = [dict(json=data, media_root=media, weight=1.0)]
+    if source == "json":
+        c.data.mixture = [dict(json=data, media_root=media, weight=1.0)]
+    else:  # the same samples, media embedded, in a TFDS array_record dataset
+        from vita_jax.data.tfds_source import write_tfds
+        c.data.tfds = [dict(name=write_tfds(data, str(tmp_path / "tfds"), media_root=media), split="train")]
     logs = []
     out = trainer.train(c, str(tmp_path / "wd"), log=logs.append, progress=False)
     assert out["steps"] == 4

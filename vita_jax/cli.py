@@ -138,9 +138,22 @@ def main(argv=None) -> int:
     c.add_argument("dst")
     c.add_argument("--dtype", default=None, help="dtype to hold the weights in while converting (default float32)")
     c.add_argument("--overwrite", action="store_true")
+    d = sub.add_parser("demo", help="every training stage on a tiny model, CPU, offline; export; a spoken answer")
+    d.add_argument("--workdir", default="vita_demo", help="where data, checkpoints, the export and summary.json go")
+    d.add_argument("--budget-minutes", type=float, default=15.0, help="scales every stage's steps (15: the full demo)")
+    d.add_argument("--speech", default="auto", choices=["auto", "espeak", "recordings"],
+                   help="espeak-ng synthesis (auto: when installed) or the bundled CMU ARCTIC recordings")
+    d.add_argument("--codec", default=None, help="a vita_tts_ckpt/codec folder (default: the fixtures' tiny codec "
+                                                 "when ../shared is beside the checkout, else random weights)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--no-progress", action="store_true")
     sub.add_parser("bench", help="benchmarks: vita-jax bench llm --config=configs/FILE.py")
     sub.add_parser("train", help="vita-jax train --config=configs/stage1_1.py[:tiny] --workdir DIR")
     a = p.parse_args(argv)
+    if a.cmd == "demo":
+        from vita_jax.demo import run_demo
+        run_demo(a.workdir, a.budget_minutes, speech=a.speech, seed=a.seed, codec=a.codec, progress=not a.no_progress)
+        return 0
     return cmd_convert(a) if a.cmd == "convert" else cmd_generate(a)
 
 

@@ -214,12 +214,27 @@ def is_orbax_checkpoint(path: str) -> bool:
 def save_orbax(model, dst: str, overwrite: bool = False) -> None:
     """``dst/params`` (orbax, sharded arrays written in parallel), ``dst/vita_jax.json`` (config and
     source dtypes) and the tokenizer files."""
+    import jax
     import orbax.checkpoint as ocp
-    tmp = _prepare_target(dst, overwrite)
+    multi = jax.process_count() > 1
+    if multi:  # every process writes its shards into one shared folder; process 0 does the rest
+        from jax.experimental import multihost_utils
+        tmp = os.path.abspath(dst) + ".partial"
+        if jax.process_index() == 0:
+            if os.path.exists(dst) and os.listdir(dst) and not overwrite:
+                raise FileExistsError(f"{dst} exists and is not empty (pass overwrite=True to replace it)")
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        multihost_utils.sync_global_devices("vita_jax.save_orbax:prepared")
+    else:
+        tmp = _prepare_target(dst, overwrite)
     try:
         ckptr = ocp.StandardCheckpointer()
         ckptr.save(os.path.join(tmp, "params"), model.params)
         ckptr.wait_until_finished()
+        if multi and jax.process_index() != 0:
+            multihost_utils.sync_global_devices("vita_jax.save_orbax:committed")
+            return
         meta = {"format": "vita_jax", "version": 1, "config": json.loads(model.config.to_json()),
                 "source_dtypes": {k: np.dtype(v).name for k, v in model.source_dtypes.items()}}
         with open(os.path.join(tmp, ORBAX_META), "w") as f:
@@ -231,6 +246,8 @@ def save_orbax(model, dst: str, overwrite: bool = False) -> None:
         if getattr(model, "speech", None) is not None:
             model.speech.save(os.path.join(tmp, "vita_tts_ckpt"))
         _commit(tmp, dst)
+        if multi:
+            multihost_utils.sync_global_devices("vita_jax.save_orbax:committed")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-from typing import Optional, Union
+from typing import IO, Optional, Union
 
 import numpy as np
 
@@ -136,12 +136,19 @@ def prepare_waveform(waveform, sample_rate: int, name: str = "<waveform>") -> np
     return x
 
 
-def load_audio(path: Union[str, os.PathLike]) -> tuple[np.ndarray, int]:
-    """Reads an audio file -> ``(samples [n] or [n, ch] float32 in [-1, 1], sample_rate)``."""
-    name = os.fspath(path)
+def _name(src) -> str:
+    """A path's name, or a file object's ``name`` (``io.BytesIO`` has none unless one is set)."""
+    return str(getattr(src, "name", "<audio bytes>")) if hasattr(src, "read") else os.fspath(src)
+
+
+def load_audio(path: Union[str, os.PathLike, IO[bytes]]) -> tuple[np.ndarray, int]:
+    """Reads an audio file (a path, or a binary file object such as ``io.BytesIO`` of the file's
+    bytes, named in errors by its ``name`` if set) -> ``(samples [n] or [n, ch] float32 in [-1, 1],
+    sample_rate)``."""
+    name = _name(path)
     import soundfile as sf
     try:
-        data, sr = sf.read(name, dtype="float32", always_2d=False)
+        data, sr = sf.read(path if hasattr(path, "read") else name, dtype="float32", always_2d=False)
     except FileNotFoundError as e:
         raise AudioError(f"{name}: no such audio file") from e
     except Exception as e:  # soundfile raises LibsndfileError / RuntimeError for unreadable files
@@ -151,12 +158,12 @@ def load_audio(path: Union[str, os.PathLike]) -> tuple[np.ndarray, int]:
 
 def audio_features(waveform_or_path, sample_rate: Optional[int] = None, dither: float = 0.0,
                    num_mel_bins: int = 80) -> np.ndarray:
-    """A path, or a waveform (float in [-1, 1] or int16) with its rate -> float32 fbank ``[frames, 80]``
-    before CMVN."""
+    """A path, a binary file object (``io.BytesIO`` of an audio file), or a waveform (float in
+    [-1, 1] or int16) with its rate -> float32 fbank ``[frames, 80]`` before CMVN."""
     name = "<waveform>"
-    if isinstance(waveform_or_path, (str, os.PathLike)):
-        name = os.fspath(waveform_or_path)
-        waveform_or_path, sample_rate = load_audio(name)
+    if isinstance(waveform_or_path, (str, os.PathLike)) or hasattr(waveform_or_path, "read"):
+        name = _name(waveform_or_path)
+        waveform_or_path, sample_rate = load_audio(waveform_or_path)
     if sample_rate is None:
         raise AudioError("sample_rate is required with a waveform")
     x = prepare_waveform(waveform_or_path, sample_rate, name)

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import os
 import warnings
-from typing import Sequence, Union
+from typing import IO, Sequence, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -50,16 +50,18 @@ class ImageProcessorConfig:
             raise ValueError(f"{path}: cannot read image processor settings: {e}") from e
 
 
-def load_image(image: Union[str, os.PathLike, Image.Image]) -> Image.Image:
-    """A path or PIL image -> RGB PIL image (``.convert("RGB")`` like the official loader: alpha is
-    dropped, palette / grayscale / CMYK converted). Errors name the file."""
+def load_image(image: Union[str, os.PathLike, IO[bytes], Image.Image]) -> Image.Image:
+    """A path, binary file object (e.g. ``io.BytesIO`` of the encoded file; its ``name``, if set,
+    names it in errors) or PIL image -> RGB PIL image (``.convert("RGB")`` like the official
+    loader: alpha is dropped, palette / grayscale / CMYK converted). Errors name the file."""
     name = "<PIL image>"
     if not isinstance(image, Image.Image):
-        name = os.fspath(image)
+        is_file = hasattr(image, "read")
+        name = str(getattr(image, "name", "<image bytes>")) if is_file else os.fspath(image)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
-                img = Image.open(name)
+                img = Image.open(image if is_file else name)
                 w, h = img.size
                 if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
                     raise ImageError(f"{name}: {w}x{h} pixels is over Pillow's decompression-bomb limit "
@@ -142,8 +144,9 @@ def clip_preprocess(image: Image.Image, cfg: ImageProcessorConfig) -> np.ndarray
 
 def preprocess_image(image, cfg: ImageProcessorConfig | None = None, max_num: int = 12, min_num: int = 1,
                      use_thumbnail: bool = True, return_tiles: bool = False):
-    """A path or PIL image -> float32 ``[tiles, 3, S, S]`` (S = ``cfg.crop_size``); with
-    ``return_tiles`` also the uint8 tiles ``[tiles, S, S, 3]`` before the CLIP processor."""
+    """A path, binary file object or PIL image -> float32 ``[tiles, 3, S, S]`` (S =
+    ``cfg.crop_size``); with ``return_tiles`` also the uint8 tiles ``[tiles, S, S, 3]`` before the
+    CLIP processor."""
     cfg = cfg or ImageProcessorConfig()
     img = load_image(image)
     tiles = dynamic_preprocess(img, min_num, max_num, cfg.crop_size, use_thumbnail)

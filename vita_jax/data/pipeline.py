@@ -13,7 +13,7 @@ import logging
 import grain
 import numpy as np
 
-from vita_jax.models.vita import IGNORE_INDEX, plan_splice
+from vita_jax.models.vita import AUDIO, IGNORE_INDEX, IMAGE, plan_splice
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +53,20 @@ class SyntheticLM:
 class LMCollator:
     """Examples -> one static-shape batch for the LM stages (``kind``, ``text_ids``, ``src``,
     ``labels``, ``pixels``, ``audio_feats``, ``audio_lens``): tiles padded to ``max_tiles``, clips
-    to ``max_clips`` x ``max_frames``, the spliced sequence to ``seq_len``. Examples that do not fit
-    are dropped (counted and logged with their id)."""
+    to ``max_clips`` x ``max_frames``, the spliced sequence to ``seq_len``, rows to the number of
+    examples. Examples that do not fit are replaced by all-padding rows (counted and logged with
+    their id), so every batch has the same shape.
+
+    With several processes each collates its own rows; ``tile_offset`` / ``clip_offset`` (this
+    process's first row in the *global* tile / clip arrays) make ``src`` index the global arrays
+    that ``jax.make_array_from_process_local_data`` assembles from the per-process pieces."""
 
     def __init__(self, tokens_per_tile: int, seq_len: int, max_tiles: int, max_clips: int, max_frames: int,
-                 image_size: int, llm_length_fn):
+                 image_size: int, llm_length_fn, tile_offset: int = 0, clip_offset: int = 0):
         self.tpt, self.seq_len, self.max_tiles, self.max_clips, self.max_frames = (tokens_per_tile, seq_len, max_tiles,
                                                                                     max_clips, max_frames)
         self.s, self.llm_length = image_size, llm_length_fn
+        self.tile_offset, self.clip_offset = tile_offset, clip_offset
         self.skipped: dict[str, str] = {}
 
     def __call__(self, examples):
@@ -89,18 +95,20 @@ class LMCollator:
             if n_tiles:
                 pixels.append(ex["pixels"])
             clips += ex_clips
-        if not ids:  # every example of this batch was bad: the trainer skips it
-            return {"empty": np.ones((), bool)}
-        L = max(len(i) for i in ids)
-        id_arr = np.full((len(ids), L), 0, np.int64)
-        lab_arr = np.full((len(ids), L), IGNORE_INDEX, np.int64)
-        mask = np.zeros((len(ids), L), bool)
+        L = max([len(i) for i in ids] + [1])
+        rows = len(examples)  # bad examples leave all-padding rows: one static shape
+        id_arr = np.full((rows, L), 0, np.int64)
+        lab_arr = np.full((rows, L), IGNORE_INDEX, np.int64)
+        mask = np.zeros((rows, L), bool)
         for b, (i, lab) in enumerate(zip(ids, labels)):
             id_arr[b, :len(i)], lab_arr[b, :len(i)], mask[b, :len(i)] = i, lab, True
         llm_lens = [int(self.llm_length(len(a))) for a in clips]
         audio_len = int(self.llm_length(self.max_frames))
         plan = plan_splice(id_arr, mask, lab_arr, tokens_per_tile=self.tpt, audio_llm_lengths=llm_lens,
                            audio_len=audio_len, max_length=self.seq_len, pad_to=self.seq_len)
+        image_rows, audio_rows = plan.kind == IMAGE, plan.kind == AUDIO
+        plan.src[image_rows] += self.tile_offset * self.tpt
+        plan.src[audio_rows] += self.clip_offset * audio_len
         px = np.zeros((self.max_tiles, 3, self.s, self.s), np.float32)
         if pixels:
             allpx = np.concatenate(pixels)
@@ -114,12 +122,21 @@ class LMCollator:
                     audio_feats=feats, audio_lens=lens)
 
 
-def make_iterator(source, batch_size: int, collate, seed: int = 0, num_epochs: int | None = None, transform=None):
-    """Deterministically shuffled (per epoch, from ``seed``), repeated, optionally mapped by
-    ``transform`` (host preprocessing), batched; the iterator has ``get_state()`` /
-    ``set_state()`` for checkpoints. ``source`` is a random-access source or a grain MapDataset."""
+def make_iterator(source, batch_size: int, collate, seed: int = 0, num_epochs: int | None = None, transform=None,
+                  shard: tuple[int, int] = (0, 1)):
+    """Deterministically shuffled (per epoch, from ``seed``), repeated, batched; ``transform``
+    (host preprocessing) runs per example, ``collate`` per batch. The iterator has ``get_state()``
+    / ``set_state()`` for checkpoints. ``source`` is a random-access source or a grain MapDataset.
+
+    ``shard = (index, count)``: the stream is cut into global batches of ``count * batch_size``
+    and this process keeps rows ``index * batch_size ...`` of each, reading (and preprocessing)
+    only those: the processes together feed exactly the rows, in the order, of one process."""
     ds = source if isinstance(source, grain.MapDataset) else grain.MapDataset.source(source).shuffle(seed=seed)
-    ds = ds.repeat(num_epochs)
-    if transform is not None:
-        ds = ds.map(transform)
-    return iter(ds.to_iter_dataset().batch(batch_size, batch_fn=collate))
+    index, count = shard
+    lo, hi = index * batch_size, (index + 1) * batch_size
+
+    def local_batch(samples):
+        samples = samples[lo:hi]
+        return collate([transform(x) for x in samples] if transform is not None else samples)
+    ds = ds.repeat(num_epochs).batch(batch_size * count, drop_remainder=True, batch_fn=list).map(local_batch)
+    return iter(ds.to_iter_dataset())

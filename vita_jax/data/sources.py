@@ -6,9 +6,14 @@
 (tiles, frames, fbank, ids and SFT labels exactly as the official loader). A sample that cannot be
 used (unreadable media, placeholder/media count mismatch, bad fields) becomes ``{"id", "bad"}``:
 the collator drops it, counts it and logs its id; the run goes on.
+
+Samples may also carry their media in memory (:class:`~vita_jax.data.tfds_source.TFDSSource`):
+``_media = {"image": [bytes, ...], "audio": [...], "video": [...]}`` aligned with the names in
+``image`` / ``audio`` / ``video``; ``_bad`` (a message) marks a sample known to be unusable.
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -27,14 +32,18 @@ log = logging.getLogger(__name__)
 class OfficialJSON:
     """Random access over one official JSON file. Media paths are resolved against
     ``sets[sample["set"]]`` when the sample names a set, else against ``media_root`` (default: the
-    JSON file's folder)."""
+    JSON file's folder; the working directory when ``path`` is already a list of samples)."""
 
-    def __init__(self, path: str, media_root: Optional[str] = None, sets: Optional[dict] = None):
-        try:
-            with open(path) as f:
-                self.samples = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: cannot read the data file: {e}") from e
+    def __init__(self, path, media_root: Optional[str] = None, sets: Optional[dict] = None):
+        if isinstance(path, (list, tuple)):  # samples in memory (e.g. for write_tfds)
+            self.samples, path = list(path), "<samples>"
+            media_root = media_root or os.getcwd()
+        else:
+            try:
+                with open(path) as f:
+                    self.samples = json.load(f)
+            except (OSError, json.JSONDecodeError) as e:
+                raise ValueError(f"{path}: cannot read the data file: {e}") from e
         if not isinstance(self.samples, list):
             raise ValueError(f"{path}: expected a JSON list of samples")
         self.path = path
@@ -70,12 +79,26 @@ class OfficialExamples:
                  video_fps: float = 3.0, dither: float = 0.0):
         self.tok, self.img, self.max_tiles, self.video_fps, self.dither = tokenizer, image_cfg, max_tiles, video_fps, dither
 
-    def _path(self, sample, name, k=0):
+    @staticmethod
+    def _path(sample, name, k=0):
         roots = sample.get("_roots")
         if os.path.isabs(name):
             return name
         root = roots[min(k, len(roots) - 1)] if roots else sample.get("_root", ".")
         return os.path.join(root, name)
+
+    def _source(self, sample, kind, k, name, root_k=0):
+        """The ``k``-th ``kind`` media of the sample: ``io.BytesIO`` of its bytes (named ``name``
+        so errors and formats know the file) when the sample carries ``_media``, else its path."""
+        media = sample.get("_media")
+        if media is None:
+            return self._path(sample, name, root_k)
+        blobs = media.get(kind) or []
+        if k >= len(blobs):
+            raise ValueError(f"{name}: no in-memory bytes for {kind} #{k}")
+        f = io.BytesIO(blobs[k])
+        f.name = str(name)
+        return f
 
     def __call__(self, sample):
         sid = sample.get("id", "?")
@@ -87,17 +110,21 @@ class OfficialExamples:
 
     def _convert(self, sample):
         sid = sample.get("id", "?")
+        if sample.get("_bad"):  # marked unusable when it was stored (e.g. a media file was missing)
+            raise ValueError(sample["_bad"])
         images, videos, audios = _as_list(sample.get("image")), _as_list(sample.get("video")), _as_list(sample.get("audio"))
         pixels, tiles, frames = [], [], 0
         for k, name in enumerate(images):
-            px = image_lib.preprocess_image(self._path(sample, name, k), self.img, max_num=self.max_tiles)
+            px = image_lib.preprocess_image(self._source(sample, "image", k, name, k), self.img,
+                                            max_num=self.max_tiles)
             pixels.append(px)
             tiles.append(len(px))
-        for name in videos:
-            px = video_lib.preprocess_video(self._path(sample, name), self.img, video_fps=self.video_fps)
+        for k, name in enumerate(videos):
+            px = video_lib.preprocess_video(self._source(sample, "video", k, name), self.img, video_fps=self.video_fps)
             pixels.append(px)
             frames = len(px)
-        clips = [audio_lib.audio_features(self._path(sample, name), dither=self.dither) for name in audios]
+        clips = [audio_lib.audio_features(self._source(sample, "audio", k, name), dither=self.dither)
+                 for k, name in enumerate(audios)]
         modality = "video" if videos else "image" if images else "lang"
         ids, labels = text_lib.encode_sample(sample, self.tok, modality, tiles, frames)
         n_img, n_aud = int((ids == text_lib.IMAGE_TOKEN_INDEX).sum()), int((ids == text_lib.AUDIO_TOKEN_INDEX).sum())
@@ -114,12 +141,21 @@ class OfficialExamples:
         return ex
 
 
-def mixture(files: Sequence[dict], seed: int = 0):
-    """``[{"json": path, "weight": w, "media_root": dir, "sets": {...}}, ...]`` -> a grain
-    ``MapDataset`` mixing the files by weight (deterministic)."""
+def mixture(files: Sequence[dict] = (), seed: int = 0, tfds: Sequence[dict] = ()):
+    """``files = [{"json": path, "weight": w, "media_root": dir, "sets": {...}}, ...]`` and
+    ``tfds = [{"name": name_or_dir, "split": "train", "data_dir": dir, "weight": w}, ...]``
+    (datasets written by :func:`~vita_jax.data.tfds_source.write_tfds`) -> a grain ``MapDataset``
+    mixing all sources by weight (deterministic: source ``i`` is shuffled with ``seed + i``, JSON
+    files first, then the TFDS datasets)."""
     import grain
-    ds = [grain.MapDataset.source(OfficialJSON(f["json"], f.get("media_root"), f.get("sets"))).shuffle(seed=seed + i)
-          for i, f in enumerate(files)]
+    srcs = [(OfficialJSON(f["json"], f.get("media_root"), f.get("sets")), f) for f in files]
+    if tfds:
+        # imports tensorflow_datasets (~1 s): only when a TFDS dataset is used
+        from vita_jax.data.tfds_source import TFDSSource
+        srcs += [(TFDSSource(t["name"], t.get("split", "train"), t.get("data_dir")), t) for t in tfds]
+    if not srcs:
+        raise ValueError("mixture: no JSON file and no TFDS dataset given")
+    ds = [grain.MapDataset.source(src).shuffle(seed=seed + i) for i, (src, _) in enumerate(srcs)]
     if len(ds) == 1:
         return ds[0]
-    return grain.MapDataset.mix(ds, [float(f.get("weight", 1.0)) for f in files])
+    return grain.MapDataset.mix(ds, [float(f.get("weight", 1.0)) for _, f in srcs])

@@ -40,11 +40,13 @@ def sample_frame_indices(num_frames: int, fps: float, video_fps: float = 1.0, ma
 
 
 def read_frames(path: str, video_fps: float = 1.0, max_frames: int = MAX_FRAMES, min_frames: int = MIN_FRAMES):
-    """Decodes ``path`` and returns ``(frames: list of RGB PIL images, indices, fps)``."""
+    """Decodes ``path`` (a path, or a binary file object such as ``io.BytesIO`` of the file, named
+    in errors by its ``name`` if set) -> ``(frames: list of RGB PIL images, indices, fps)``."""
     import av
-    name = os.fspath(path)
+    is_file = hasattr(path, "read")
+    name = str(getattr(path, "name", "<video bytes>")) if is_file else os.fspath(path)
     try:
-        with av.open(name) as container:
+        with av.open(path if is_file else name) as container:
             if not container.streams.video:
                 raise VideoError(f"{name}: no video stream")
             stream = container.streams.video[0]
@@ -66,7 +68,8 @@ def read_frames(path: str, video_fps: float = 1.0, max_frames: int = MAX_FRAMES,
 
 def preprocess_video(path: str, cfg: ImageProcessorConfig | None = None, video_fps: float = 1.0,
                      max_frames: int = MAX_FRAMES, min_frames: int = MIN_FRAMES) -> np.ndarray:
-    """``path`` -> float32 ``[frames, 3, S, S]``, one ``<image>`` placeholder per frame."""
+    """``path`` (or a binary file object) -> float32 ``[frames, 3, S, S]``, one ``<image>``
+    placeholder per frame."""
     cfg = cfg or ImageProcessorConfig()
     frames, _, _ = read_frames(path, video_fps, max_frames, min_frames)
     return np.stack([clip_preprocess(f, cfg) for f in frames])

@@ -67,16 +67,34 @@ def build(config, params, mesh=None, total_steps: int | None = None):
 
     compiled = {}
 
+    accum = int(config.grad_accum)
+    n_proc = jax.process_count()
+
     def run(state, batch):
-        """Places the host batch over the data axes and runs the step (jitted once per batch shape)."""
-        bs = jax.tree.map(lambda x: parallel.data_sharding(mesh, np.ndim(x), shape=np.shape(x)), batch)
-        key = jax.tree.map(lambda x: (np.shape(x), str(np.asarray(x).dtype) if not hasattr(x, "dtype") else str(x.dtype)),
-                           batch)
-        key = str(key)
+        """Places the host batch over the data axes and runs the step (jitted once per batch shape).
+
+        ``batch`` is this process's slice of the global batch (all of it with one process); with
+        ``grad_accum > 1`` its leaves carry a leading micro-batch axis, which is not sharded."""
+        def place(x):
+            x = np.asarray(x)
+            gshape = list(x.shape)
+            gshape[1 if accum > 1 else 0] *= n_proc
+            names = ((None,) if accum > 1 else ()) + ("batch",) + (None,) * (x.ndim - (2 if accum > 1 else 1))
+            sh = NamedSharding(mesh, parallel.logical_to_spec(names, gshape, mesh))
+            if n_proc == 1:
+                return jax.device_put(x, sh)
+            if sh.spec[names.index("batch")] is None if len(sh.spec) > names.index("batch") else True:
+                raise ValueError(f"{n_proc} processes feed slices of the batch, but the global batch dimension "
+                                 f"{gshape[names.index('batch')]} is not sharded over the mesh's data/fsdp axes "
+                                 f"{dict(mesh.shape)}: make batch_size divisible by data x fsdp")
+            return jax.make_array_from_process_local_data(sh, x, tuple(gshape))
+        placed = jax.tree.map(place, batch)
+        bs = jax.tree.map(lambda x: x.sharding, placed)
+        key = str(jax.tree.map(lambda x: (x.shape, str(x.dtype), str(x.sharding.spec)), placed))
         with parallel.use_mesh(mesh):
             if key not in compiled:
                 compiled[key] = jax.jit(fn, in_shardings=(shard, bs), out_shardings=(shard, None), donate_argnums=0)
-            return compiled[key](state, jax.device_put(batch, bs))
+            return compiled[key](state, placed)
     info["shardings"] = shard
     return state, run, info
 

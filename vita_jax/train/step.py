@@ -120,9 +120,11 @@ def make_step(loss_fn: Callable, opt: optax.GradientTransformation, lr_fn: Calla
         loss = total / denom
         gnorm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+        # a batch without target tokens (every sample bad) must not move the weights by momentum alone
+        apply = finite & (count > 0)
         updates, new_opt = opt.update(grads, state.opt_state, state.train)
         new_train = optax.apply_updates(state.train, updates)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(apply, a, b), new, old)  # noqa: E731
         new_state = TrainState(state.step + 1, keep(new_train, state.train), state.frozen,
                                keep(new_opt, state.opt_state), jnp.where(finite, 0, state.nonfinite + 1))
         metrics = dict(loss=loss, grad_norm=gnorm, lr=lr_fn(state.step), tokens=count,

@@ -47,42 +47,68 @@ def initial_params(config):
     return params
 
 
-def official_data(config, tokenizer):
-    """``config.data.mixture`` (official JSON files) -> a checkpointable iterator of batches."""
+def layout(config) -> dict:
+    """How the global batch splits: ``config.batch_size`` examples per step = ``grad_accum``
+    micro-batches, each spread over the processes; ``local`` = examples per process per
+    micro-batch, ``index`` / ``count`` = this process and the number of processes."""
+    b, accum, n = int(config.batch_size), int(config.grad_accum), jax.process_count()
+    if b % (accum * n):
+        raise ValueError(f"batch_size {b} must be divisible by grad_accum {accum} x processes {n}")
+    return dict(local=b // accum // n, index=jax.process_index(), count=n, accum=accum)
+
+
+def _lm_collator(config, lay):
     from vita_jax import config as config_lib
     from vita_jax.data import audio as audio_lib
-    from vita_jax.data import image as image_lib
-    from vita_jax.data import pipeline, sources
-    d, im = config.data, config.image
+    from vita_jax.data import pipeline
+    d = config.data
     vc = config_lib.vision_config(config)
     tpt = (vc.image_size // vc.patch_size // 2) ** 2
+    tiles, clips = d.max_tiles_per_sample * lay["local"], d.max_clips_per_sample * lay["local"]
+    return pipeline.LMCollator(tpt, d.seq_len, tiles, clips, d.max_frames, vc.image_size, audio_lib.llm_length,
+                               tile_offset=lay["index"] * tiles, clip_offset=lay["index"] * clips)
+
+
+def official_transform(config, tokenizer):
+    """The host preprocessing of one official sample (tiles, frames, fbank, ids, labels)."""
+    from vita_jax.data import image as image_lib
+    from vita_jax.data import sources
+    d, im = config.data, config.image
     proc = image_lib.ImageProcessorConfig(size=im.size, crop_size=im.crop_size, mean=tuple(im.mean), std=tuple(im.std))
-    transform = sources.OfficialExamples(tokenizer, proc, max_tiles=int(d.max_tiles_per_sample),
-                                         video_fps=float(im.video_fps), dither=float(config.audio.dither))
-    col = pipeline.LMCollator(tpt, d.seq_len, d.max_tiles_per_sample * config.batch_size,
-                              d.max_clips_per_sample * config.batch_size, d.max_frames, vc.image_size, audio_lib.llm_length)
+    return sources.OfficialExamples(tokenizer, proc, max_tiles=int(d.max_tiles_per_sample),
+                                    video_fps=float(im.video_fps), dither=float(config.audio.dither))
+
+
+def official_data(config, tokenizer):
+    """``config.data.mixture`` (official JSON files) and ``config.data.tfds`` (array_record datasets
+    written by :func:`~vita_jax.data.tfds_source.write_tfds`) -> a checkpointable iterator of this
+    process's micro-batches."""
+    from vita_jax.data import pipeline, sources
+    d = config.data
+    lay = layout(config)
+    transform = official_transform(config, tokenizer)
+    col = _lm_collator(config, lay)
     files = [dict(m) for m in d.mixture]
-    it = pipeline.make_iterator(sources.mixture(files, int(d.shuffle_seed)), config.batch_size, col,
-                                transform=transform)
+    tfds = [dict(t) for t in d.tfds]
+    it = pipeline.make_iterator(sources.mixture(files, int(d.shuffle_seed), tfds=tfds), lay["local"], col,
+                                transform=transform, shard=(lay["index"], lay["count"]))
     it.collator = col
     return it
 
 
 def synthetic_data(config):
-    """The tiny configs' on-the-fly dataset for the stage's loss -> a checkpointable iterator."""
+    """The tiny configs' on-the-fly dataset for the stage's loss -> a checkpointable iterator of this
+    process's micro-batches."""
     from vita_jax import config as config_lib
-    from vita_jax.data import audio as audio_lib
     from vita_jax.data import pipeline
     d = config.data
+    lay = layout(config)
     if config.loss == "lm":
         vc = config_lib.vision_config(config)
-        tpt = (vc.image_size // vc.patch_size // 2) ** 2
         src = pipeline.SyntheticLM(size=d.synthetic_size, image_size=vc.image_size, frames=min(120, d.max_frames),
                                    vocab=config.llm.vocab_size, seed=int(d.shuffle_seed))
-        col = pipeline.LMCollator(tpt, d.seq_len, d.max_tiles_per_sample * config.batch_size,
-                                  d.max_clips_per_sample * config.batch_size, d.max_frames, vc.image_size,
-                                  audio_lib.llm_length)
-        return pipeline.make_iterator(src, config.batch_size, col, seed=int(d.shuffle_seed))
+        return pipeline.make_iterator(src, lay["local"], _lm_collator(config, lay), seed=int(d.shuffle_seed),
+                                      shard=(lay["index"], lay["count"]))
     if config.loss == "ctc":
         return _ctc_data(config)
     if config.loss == "tts":
@@ -91,10 +117,11 @@ def synthetic_data(config):
 
 
 class IndexedBatches:
-    """A checkpointable iterator over ``make(i)`` for i = 0, 1, ... (state: the next index)."""
+    """A checkpointable iterator over ``make(i)`` for i = 0, 1, ... (state: the next index).
+    ``make`` builds the global micro-batch; this process keeps its rows (``rows = (index, count)``)."""
 
-    def __init__(self, make):
-        self.make, self.i = make, 0
+    def __init__(self, make, rows=(0, 1)):
+        self.make, self.i, self.rows = make, 0, rows
 
     def __iter__(self):
         return self
@@ -102,6 +129,10 @@ class IndexedBatches:
     def __next__(self):
         b = self.make(self.i)
         self.i += 1
+        index, count = self.rows
+        if count > 1:
+            n = len(next(iter(b.values()))) // count
+            b = {k: v[index * n:(index + 1) * n] for k, v in b.items()}
         return b
 
     def get_state(self):
@@ -120,7 +151,8 @@ def _ctc_data(config):
     clips = assets.speech_clips()
     vocab = UnitVocab.train([t for *_, t in clips])
     config.ctc_units = vocab.num_units
-    bs = int(config.batch_size)
+    lay = layout(config)
+    bs = int(config.batch_size) // lay["accum"]
 
     def make(i):
         order = np.random.default_rng((int(config.data.shuffle_seed), i)).permutation(len(clips))[:bs]
@@ -128,7 +160,7 @@ def _ctc_data(config):
         width = max(len(vocab.encode(t)) for *_, t in clips)  # fixed shapes: one compilation
         pad = ((0, 0), (0, width - lab.shape[1]))
         return dict(feats=f, lengths=n, labels=np.pad(lab, pad), label_mask=np.pad(lm, pad))
-    return IndexedBatches(make)
+    return IndexedBatches(make, (lay["index"], lay["count"]))
 
 
 def _tts_data(config):
@@ -136,7 +168,8 @@ def _tts_data(config):
     token), so the decoder can learn the mapping."""
     from vita_jax.train.step import tts_config
     tc = tts_config(config)
-    bs, n_text = int(config.batch_size), 6
+    lay = layout(config)
+    bs, n_text = int(config.batch_size) // lay["accum"], 6
 
     def make(i):
         rng = np.random.default_rng((int(config.data.shuffle_seed), i))
@@ -148,7 +181,7 @@ def _tts_data(config):
             codes[b, :len(c)] = c
         return dict(text_ids=ids.astype(np.int32), text_lens=lens.astype(np.int32), codes=codes.astype(np.int32),
                     code_lens=(2 * lens).astype(np.int32))
-    return IndexedBatches(make)
+    return IndexedBatches(make, (lay["index"], lay["count"]))
 
 
 def export_model(config, state, path: str) -> None:
@@ -167,7 +200,20 @@ def export_model(config, state, path: str) -> None:
     if "tts_decoder" in params:
         from vita_jax.infer.speech import SpeechModel
         from vita_jax.train.step import tts_config
-        SpeechModel(tts_config(config), params["tts_decoder"]).save(os.path.join(path, "vita_tts_ckpt"))
+        tts = params["tts_decoder"]
+        if jax.process_count() > 1:  # the official .pt is written by one process from host copies
+            from jax.experimental import multihost_utils
+            tts = multihost_utils.process_allgather(tts, tiled=True)
+        if jax.process_index() == 0:
+            SpeechModel(tts_config(config), tts).save(os.path.join(path, "vita_tts_ckpt"))
+
+
+def next_batch(data, accum: int) -> dict:
+    """One step's host batch: ``accum`` micro-batches stacked on a leading axis (none when 1)."""
+    if accum == 1:
+        return next(data)
+    mbs = [next(data) for _ in range(accum)]
+    return {k: np.stack([np.asarray(mb[k]) for mb in mbs]) for k in mbs[0]}
 
 
 def _tensorboard(workdir: str):
@@ -200,18 +246,24 @@ def train(config, workdir: str, mesh=None, data=None, log: Callable = print, pro
     """Runs (or resumes) ``config``'s stage in ``workdir``. ``data``: an iterator of host batches
     with ``get_state``/``set_state`` (default: the synthetic set of the tiny configs)."""
     os.makedirs(workdir, exist_ok=True)
-    if data is None and not len(config.data.mixture):
+    main = jax.process_index() == 0  # one process writes the metrics and logs, draws the bar
+    if not main:
+        log, progress = (lambda *a, **k: None), False
+    has_files = bool(len(config.data.mixture) or len(config.data.tfds))
+    if data is None and not has_files:
         data = synthetic_data(config)  # first: the CTC stage sizes its head from the unit vocabulary
     params = initial_params(config)
     state, step_fn, info = setup.build(config, params, mesh=mesh)
     del params
     log(f"stage {config.stage}: {config.description}\n{info['table']}")
-    if data is None and len(config.data.mixture):
+    log(f"processes: {jax.process_count()}, devices: {jax.device_count()} ({jax.local_device_count()} local), "
+        f"mesh: {dict(mesh.shape) if mesh is not None else 'none'}")
+    if data is None and has_files:
         from vita_jax.data.text import load_tokenizer
         tok_dir = config.data.tokenizer or config.init_from
         tok = load_tokenizer(tok_dir) if tok_dir else None
         if tok is None:
-            raise ValueError("config.data.mixture needs a tokenizer: set config.data.tokenizer (or init_from)")
+            raise ValueError("config.data.mixture / config.data.tfds need a tokenizer: set config.data.tokenizer (or init_from)")
         data = official_data(config, tok)
     data = data if data is not None else synthetic_data(config)
     ck = ckpt_lib.Checkpointer(os.path.join(workdir, "ckpt"), keep=int(config.keep_checkpoints),
@@ -222,8 +274,12 @@ def train(config, workdir: str, mesh=None, data=None, log: Callable = print, pro
         state, data_state = ck.restore(start, state)
         data.set_state(data_state)
         log(f"resumed from step {start}")
-    _trim_metrics(metrics_path, start)
+    if main:
+        _trim_metrics(metrics_path, start)
+    else:
+        metrics_path = os.devnull
     total = int(config.total_steps)
+    accum = int(config.grad_accum)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -233,9 +289,7 @@ def train(config, workdir: str, mesh=None, data=None, log: Callable = print, pro
     peak = _peak_flops()
     with open(metrics_path, "a") as mf:
         for i in range(start, total):
-            batch = next(data)
-            while "empty" in batch:  # every sample of the batch was bad (already logged by id)
-                batch = next(data)
+            batch = next_batch(data, accum)
             if mesh is None:
                 batch = jax.tree.map(jnp.asarray, batch)
             t_step = time.perf_counter()
@@ -248,8 +302,9 @@ def train(config, workdir: str, mesh=None, data=None, log: Callable = print, pro
             if config.loss == "lm" and "kind" in batch:
                 from vita_jax.train.flops import step_flops
                 b, L = np.shape(batch["kind"])[-2:]
-                fl = step_flops(config, b * int(config.grad_accum), L, tiles=int(np.shape(batch["pixels"])[-4]),
-                                audio_frames=int(np.asarray(batch["audio_lens"]).sum()))
+                copies = accum * jax.process_count()  # this process holds 1/copies of the step's rows
+                fl = step_flops(config, b * copies, L, tiles=int(np.shape(batch["pixels"])[-4]) * copies,
+                                audio_frames=int(np.asarray(batch["audio_lens"]).sum()) * jax.process_count())
                 met["tflops_per_s"] = fl / dt / 1e12
                 if peak:
                     met["mfu"] = fl / dt / (peak * jax.device_count())
@@ -263,6 +318,8 @@ def train(config, workdir: str, mesh=None, data=None, log: Callable = print, pro
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{met['loss']:.4f}")
+            if met["finite"] and not met["tokens"]:
+                log(f"step {i + 1}: no target tokens in the batch (every sample skipped), update skipped")
             if not met["finite"]:
                 log(f"step {i + 1}: non-finite loss or gradient, update skipped")
                 if int(state.nonfinite) >= int(config.max_nonfinite_steps):

@@ -1,0 +1,361 @@
+"""``vita-jax demo``: the whole VITA-1.5 curriculum, small, on a laptop CPU, offline.
+
+A word-level tokenizer and a tiny model (the shape of the tiny config) are trained stage by stage
+with the real trainer (sharded step, optax masks, orbax checkpoints, official JSON data through the
+grain pipeline): a text warm-up that stands in for the pretrained Qwen2.5, then 1.1 -> 1.2 -> 1.3
+-> 2.1a -> 2.1b -> 2.2 -> 3.2. Each stage is measured on held-out examples before and after. The
+final model is exported to the official PyTorch layout, read back, and answers a spoken question
+about an image in text and in a wav file. ``WORKDIR/summary.json`` holds the table.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+
+import numpy as np
+
+from vita_jax.demo import data as demo_data
+from vita_jax.demo import evaluate
+
+# stage -> (what it trains, metric, higher_is_better, steps at the 15-minute budget, learning rate)
+PLAN = {
+    "0": ("LLM warm-up on text (stands in for the pretrained Qwen2.5)", "text reply accuracy", True, 150, 3e-3),
+    "1.1": ("vision alignment: projector only, captions", "caption accuracy", True, 120, 3e-3),
+    "1.2": ("vision understanding: ViT + projector + LLM, photos", "photo answer accuracy", True, 100, 1e-3),
+    "1.3": ("vision SFT: questions about scenes", "scene answer accuracy", True, 120, 1e-3),
+    "2.1a": ("speech encoder + CTC head", "CER", False, 150, 3e-3),
+    "2.1b": ("speech adapter: the LLM writes the transcript", "transcript accuracy", True, 120, 3e-3),
+    "2.2": ("audio SFT: spoken questions about images", "spoken-question accuracy", True, 120, 1e-3),
+    "3.2": ("speech decoder (LLM frozen): text -> codec ids", "speech-token accuracy", True, 150, 3e-3),
+}
+BATCH = 8
+
+
+def _steps(stage: str, budget_minutes: float) -> int:
+    return max(10, int(round(PLAN[stage][3] * budget_minutes / 15.0)))
+
+
+class Demo:
+    def __init__(self, workdir: str, budget_minutes: float = 15.0, speech: str = "auto", seed: int = 0,
+                 codec: str | None = None, log=print, progress: bool = True):
+        self.wd, self.budget, self.seed, self.log, self.progress = (os.path.abspath(workdir), budget_minutes, seed,
+                                                                      log, progress)
+        os.makedirs(self.wd, exist_ok=True)
+        self.speech = demo_data.Speech(speech)
+        self.codec_dir = codec
+        self.results: list[dict] = []
+
+    # ------------------------------------------------------------------ set-up
+    def prepare(self):
+        t = time.perf_counter()
+        d = demo_data.DemoData(os.path.join(self.wd, "data"), self.speech, seed=self.seed)
+        self.files = {
+            "text": (d.text_qa("train", 240), d.text_qa("eval", 24)),
+            "captions": (d.captions("train", 96), d.captions("eval", 24)),
+            "photos": (d.photos_split("train", 96), d.photos_split("eval", 24)),
+            "vqa": (d.vqa("train", 144), d.vqa("eval", 24)),
+            "asr": (d.transcripts("train", 48), d.transcripts("eval", 24)),
+            "svqa": (d.spoken_vqa("train", 144), d.spoken_vqa("eval", 24)),
+        }
+        self.ctc_clips = (d.asr_clips("train", 48), d.asr_clips("eval", 16))
+        texts = []
+        for train, held in self.files.values():
+            for path in (train, held):
+                for s in json.load(open(path)):
+                    texts += [m["value"].replace("<image>", " ").replace("<audio>", " ") for m in s["conversations"]]
+        self.tok_dir = os.path.join(self.wd, "tokenizer")
+        demo_data.build_tokenizer(texts + demo_data.reply_texts(), self.tok_dir)
+        from vita_jax.data.text import TextTokenizer
+        self.tok = TextTokenizer.from_file(self.tok_dir)
+        self.photos = sorted(d.photos)
+        self.log(f"data: {sum(len(json.load(open(p))) for pair in self.files.values() for p in pair)} samples in the "
+                 f"official JSON format under {d.root} ({len(self.photos)} scikit-image photos: "
+                 f"{', '.join(self.photos)}; procedurally drawn scenes)\nspeech: {self.speech.source}\n"
+                 f"tokenizer: word level, {len(self.tok)} entries ({time.perf_counter() - t:.1f} s)")
+
+    def config(self, stage: str, init_from: str = ""):
+        from vita_jax.train import stages
+        c = stages.stage_config("1.3" if stage == "0" else stage, "tiny")
+        if stage == "0":
+            c.stage, c.description, c.trainable, c.optim.group_lrs = "0", PLAN["0"][0], ["llm/.*"], []
+        c.llm.vocab_size = -(-len(self.tok) // 64) * 64
+        c.batch_size = BATCH
+        c.total_steps = _steps(stage, self.budget)
+        c.checkpoint_every = c.total_steps  # one checkpoint per stage, at its end
+        c.keep_checkpoints = 1
+        c.seed = self.seed
+        c.optim.lr = PLAN[stage][4]
+        c.optim.warmup_ratio = 0.05
+        if stage in ("1.2", "1.3"):
+            c.optim.group_lrs = [["vision_tower/.*", PLAN[stage][4] / 3]]
+        c.data.update(seq_len=256, max_frames=448, max_tiles_per_sample=1, tokenizer=self.tok_dir,
+                      shuffle_seed=self.seed)
+        c.image.max_dynamic_patch = 1
+        c.init_from = init_from
+        if stage == "3.2":
+            c.tts.odim = int(self.codec()[0].n_codes)
+        return c
+
+    # ------------------------------------------------------------------ held-out data
+    def lm_batches(self, config, path: str) -> list[dict]:
+        from vita_jax.data import sources
+        from vita_jax.train import trainer
+        it_cfg = config.copy_and_resolve_references()
+        it_cfg.data.mixture = [dict(json=path)]
+        src = sources.OfficialJSON(path)
+        tf = trainer.official_transform(it_cfg, self.tok)
+        col = trainer._lm_collator(it_cfg, trainer.layout(it_cfg))
+        exs = [tf(src[i]) for i in range(len(src))]
+        return [col(exs[i:i + BATCH]) for i in range(0, len(exs) - BATCH + 1, BATCH)]
+
+    def codec(self):
+        """``(config, raw, params)``: the tiny official-layout codec of ../shared/fixtures when given
+        (``--codec``) or found, else a randomly initialised one of the same shape."""
+        if getattr(self, "_codec", None) is None:
+            from vita_jax.infer import speech as speech_lib
+            path = self.codec_dir or _default_codec()
+            if path:
+                self._codec = speech_lib.load_codec(path)
+                self.codec_source = f"TiCodec from {path}"
+            else:
+                self._codec = random_codec(self.seed)
+                self.codec_source = "TiCodec with random weights (no --codec folder found)"
+        return self._codec
+
+    # ------------------------------------------------------------------ stages
+    def run_stage(self, stage: str, init_from: str, train_json, eval_json):
+        from vita_jax.train import stages, trainer
+        c = self.config(stage, init_from)
+        c.data.mixture = [dict(json=p, weight=w) for p, w in train_json]
+        batches = self.lm_batches(c, eval_json)
+        before = evaluate.reply_accuracy(c, trainer.initial_params(c), batches)
+        out = trainer.train(c, os.path.join(self.wd, stage), log=self._stage_log, progress=self.progress)
+        after = evaluate.reply_accuracy(c, stages.merge(out["state"].train, out["state"].frozen), batches)
+        return self._record(stage, before, after, out)
+
+    def run_ctc(self, init_from: str):
+        from vita_jax.data import audio as audio_lib
+        from vita_jax.data.units import UnitVocab
+        from vita_jax.train import ctc as ctc_train
+        from vita_jax.train import stages, trainer
+        train, held = self.ctc_clips
+        vocab = UnitVocab.train([t for _, t in train])
+        # global CMVN statistics of the speech, as the official recipe computes before training
+        feats = np.concatenate([audio_lib.audio_features(w, 16000) for w, _ in train])
+        import vita_jax
+        m = vita_jax.from_pretrained(init_from)
+        enc = m.params["audio_encoder"]["encoder"]
+        enc["cmvn_mean"] = np.asarray(feats.mean(0), np.float32)
+        enc["cmvn_istd"] = np.asarray(1.0 / np.maximum(feats.std(0), 1e-5), np.float32)
+        init = os.path.join(self.wd, "2.1a-init")
+        m.save_pretrained(init, format="orbax", overwrite=True)
+        c = self.config("2.1a", init)
+        c.ctc_units = vocab.num_units
+        width = max(len(vocab.encode(t)) for _, t in train + held)
+
+        def batch(clips):
+            f, n, lab, lm = ctc_train.make_batch([w for w, _ in clips], [t for _, t in clips], vocab, frame_bucket=512)
+            pad = ((0, 0), (0, width - lab.shape[1]))
+            return dict(feats=f, lengths=n, labels=np.pad(lab, pad), label_mask=np.pad(lm, pad))
+
+        def make(i):
+            order = np.random.default_rng((self.seed, i)).permutation(len(train))[:BATCH]
+            return batch([train[k] for k in order])
+        held_batch = batch(held)
+        before = evaluate.ctc_cer(c, trainer.initial_params(c), held_batch, vocab)
+        out = trainer.train(c, os.path.join(self.wd, "2.1a"), data=trainer.IndexedBatches(make), log=self._stage_log,
+                            progress=self.progress)
+        after = evaluate.ctc_cer(c, stages.merge(out["state"].train, out["state"].frozen), held_batch, vocab)
+        return self._record("2.1a", before, after, out)
+
+    def run_tts(self, init_from: str):
+        from vita_jax.train import stages, trainer
+        c = self.config("3.2", init_from)
+        replies = demo_data.reply_texts()
+        rng = np.random.default_rng(self.seed)
+        held_idx = set(rng.permutation(len(replies))[:4].tolist())
+        pairs = [(r, self.tok.encode(r), self.reply_codes(r)) for r in replies]
+        train = [p for i, p in enumerate(pairs) if i not in held_idx]
+        held = [p for i, p in enumerate(pairs) if i in held_idx]
+        n_text = max(len(t) for _, t, _ in pairs)
+        n_code = max(len(k) for *_, k in pairs)
+
+        def batch(items):
+            ids = np.zeros((len(items), n_text), np.int32)
+            codes = np.full((len(items), n_code), -1, np.int32)
+            for b, (_, t, k) in enumerate(items):
+                ids[b, :len(t)], codes[b, :len(k)] = t, k
+            return dict(text_ids=ids, text_lens=np.array([len(t) for _, t, _ in items], np.int32), codes=codes,
+                        code_lens=np.array([len(k) for *_, k in items], np.int32))
+
+        def make(i):
+            order = np.random.default_rng((self.seed, i)).permutation(len(train))[:BATCH]
+            return batch([train[k] for k in order])
+        held_batch = batch(held)
+        before = evaluate.speech_token_accuracy(c, trainer.initial_params(c), held_batch)
+        out = trainer.train(c, os.path.join(self.wd, "3.2"), data=trainer.IndexedBatches(make), log=self._stage_log,
+                            progress=self.progress)
+        after = evaluate.speech_token_accuracy(c, stages.merge(out["state"].train, out["state"].frozen), held_batch)
+        self.held_replies = [r for r, *_ in held]
+        return self._record("3.2", before, after, out)
+
+    def reply_codes(self, text: str) -> np.ndarray:
+        """Codec ids of a reply: each word's recording through the codec encoder, concatenated."""
+        from vita_jax.infer.speech import SpeechModel
+        import librosa
+        if getattr(self, "_codec_model", None) is None:
+            from vita_jax.models.tts_decoder import TTSDecoderConfig
+            self._codec_model = SpeechModel(TTSDecoderConfig(), None, codec=self.codec())
+            self._word_codes = {}
+        cm = self._codec_model
+        out = []
+        for w in demo_data.normalise(text).split():
+            if w not in self._word_codes:
+                wav = librosa.resample(self.speech.word(w), orig_sr=16000, target_sr=cm.sample_rate)
+                hop = cm.codec_cfg.hop
+                n = max(1, len(wav) // hop)
+                fixed = np.zeros(hop * 48, np.float32)  # one length: one compilation of the encoder
+                fixed[:min(len(wav), len(fixed))] = wav[:len(fixed)]
+                self._word_codes[w] = cm.wave_to_codes(fixed)[0][:n]
+            out.append(self._word_codes[w])
+        return np.concatenate(out).astype(np.int32)
+
+    def _stage_log(self, msg: str):
+        self.log("  " + msg.replace("\n", "\n  "))
+
+    def _record(self, stage, before, after, out):
+        name, metric, higher, *_ = PLAN[stage]
+        row = dict(stage=stage, description=name, metric=metric, before=round(float(before), 4),
+                   after=round(float(after), 4), higher_is_better=higher, steps=int(out["steps"]),
+                   final_loss=round(float(out["last"].get("loss", float("nan"))), 4),
+                   seconds=round(time.perf_counter() - self._t_stage, 1), checkpoint=os.path.join(self.wd, stage, "ckpt"))
+        self.results.append(row)
+        self.log(f"stage {stage}: {metric} {row['before']:.3f} -> {row['after']:.3f} ({row['seconds']:.0f} s)")
+        return os.path.join(self.wd, stage, "model")
+
+    # ------------------------------------------------------------------ everything
+    def run(self) -> dict:
+        t0 = time.perf_counter()
+        self.prepare()
+        f = self.files
+        prev = ""
+        for stage, train, held in (("0", [(f["text"][0], 1.0)], f["text"][1]),
+                                   ("1.1", [(f["captions"][0], 1.0)], f["captions"][1]),
+                                   ("1.2", [(f["photos"][0], 2.0), (f["captions"][0], 1.0)], f["photos"][1]),
+                                   ("1.3", [(f["vqa"][0], 2.0), (f["photos"][0], 0.5), (f["captions"][0], 0.5)],
+                                    f["vqa"][1])):
+            self._begin(stage)
+            prev = self.run_stage(stage, prev, train, held)
+        self._begin("2.1a")
+        self.run_ctc(prev)
+        # the official 2.1b starts from the CTC-trained encoder: take it, with the rest of 1.3
+        prev = self._merge_encoder(prev, os.path.join(self.wd, "2.1a", "model"))
+        self._begin("2.1b")
+        prev = self.run_stage("2.1b", prev, [(f["asr"][0], 1.0)], f["asr"][1])
+        self._begin("2.2")
+        prev = self.run_stage("2.2", prev, [(f["svqa"][0], 2.0), (f["vqa"][0], 0.5), (f["asr"][0], 0.5)],
+                              f["svqa"][1])
+        self._begin("3.2")
+        prev = self.run_tts(prev)
+        final = self.finish(prev)
+        summary = dict(stages=self.results, speech=self.speech.source, codec=self.codec_source, **final,
+                       budget_minutes=self.budget, total_seconds=round(time.perf_counter() - t0, 1))
+        with open(os.path.join(self.wd, "summary.json"), "w") as fh:
+            json.dump(summary, fh, indent=1)
+        self.log(format_summary(summary))
+        return summary
+
+    def _begin(self, stage):
+        self._t_stage = time.perf_counter()
+        self.log(f"\n== stage {stage}: {PLAN[stage][0]} ({_steps(stage, self.budget)} steps)")
+
+    def _merge_encoder(self, base: str, ctc_model: str) -> str:
+        import vita_jax
+        m = vita_jax.from_pretrained(base)
+        enc = vita_jax.from_pretrained(ctc_model).params["audio_encoder"]["encoder"]
+        m.params["audio_encoder"]["encoder"] = enc
+        path = os.path.join(self.wd, "2.1b-init")
+        m.save_pretrained(path, format="orbax", overwrite=True)
+        return path
+
+    def finish(self, model_dir: str) -> dict:
+        """Export to the official layout, read it back, answer a spoken question about an image."""
+        import soundfile as sf
+
+        import vita_jax
+        from vita_jax.infer.speech import SpeechModel
+        for fname in os.listdir(self.tok_dir):
+            shutil.copy2(os.path.join(self.tok_dir, fname), model_dir)
+        m = vita_jax.from_pretrained(model_dir)
+        m.speech = SpeechModel(m.speech.decoder_cfg, m.speech.decoder_params, codec=self.codec())
+        export = os.path.join(self.wd, "export")
+        t = time.perf_counter()
+        m.save_pretrained(export, format="pytorch", overwrite=True)
+        back = vita_jax.from_pretrained(export)
+        import jax
+        same = all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
+                   zip(jax.tree.leaves(m.params), jax.tree.leaves(back.params)))
+        same = same and all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
+                            zip(jax.tree.leaves(m.speech.decoder_params), jax.tree.leaves(back.speech.decoder_params)))
+        self.log(f"\nexported to the official PyTorch layout: {export} (read back: "
+                 f"{'identical' if same else 'DIFFERENT'}, {time.perf_counter() - t:.1f} s)")
+        if back.speech.codec_cfg is None:  # no codec in the export (random codec): speak with the demo's
+            back.speech = SpeechModel(back.speech.decoder_cfg, back.speech.decoder_params, codec=self.codec())
+        held = json.load(open(self.files["svqa"][1]))[0]
+        root = os.path.dirname(self.files["svqa"][1])
+        image, audio = os.path.join(root, held["image"]), os.path.join(root, held["audio"][0])
+        reply = back.chat("", image=image, audio=audio, max_new_tokens=16)
+        wav = back.speak(reply, max_tokens=200)
+        wav_path = os.path.join(self.wd, "answer.wav")
+        sf.write(wav_path, wav, back.speech.sample_rate)
+        expected = held["conversations"][1]["value"]
+        self.log(f"spoken question {audio} about {image}\n  answer (text): {reply!r} (reference {expected!r})\n"
+                 f"  answer (speech): {wav_path} ({len(wav) / back.speech.sample_rate:.2f} s)")
+        return dict(export=export, export_round_trip_identical=bool(same),
+                    answer=dict(image=image, question_audio=audio, text=reply, reference=expected, wav=wav_path))
+
+
+def format_summary(s: dict) -> str:
+    lines = ["", "VITA-1.5 demo summary (tiny model, CPU)", f"{'stage':6} {'metric':26} {'before':>8} {'after':>8}  better",
+             "-" * 60]
+    for r in s["stages"]:
+        better = (r["after"] > r["before"]) if r["higher_is_better"] else (r["after"] < r["before"])
+        lines.append(f"{r['stage']:6} {r['metric']:26} {r['before']:8.3f} {r['after']:8.3f}  {'yes' if better else 'NO'}")
+    lines += ["-" * 60, f"speech: {s['speech']}", f"codec: {s['codec']}",
+              f"export: {s['export']} (round trip {'identical' if s['export_round_trip_identical'] else 'DIFFERENT'})",
+              f"spoken answer: {s['answer']['text']!r} -> {s['answer']['wav']}",
+              f"total: {s['total_seconds'] / 60:.1f} min (budget {s['budget_minutes']} min)"]
+    return "\n".join(lines)
+
+
+def _default_codec() -> str | None:
+    here = os.path.dirname(os.path.abspath(__file__))
+    for root in (os.getcwd(), os.path.join(here, "..", "..")):
+        p = os.path.normpath(os.path.join(root, "..", "shared", "fixtures", "vita15-tiny", "vita_tts_ckpt", "codec"))
+        if os.path.exists(os.path.join(p, "final.pt")):
+            return p
+    return None
+
+
+def random_codec(seed: int = 0):
+    """A TiCodec of a small shape with random weights: ``(config, None, params)``."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from vita_jax.models import ticodec
+    cfg = ticodec.TiCodecConfig(upsample_initial_channel=64, n_codes=64)
+    k = jax.random.split(jax.random.PRNGKey(seed), 4)
+    gen = nn.unbox(ticodec.Generator(cfg).init(k[0], jnp.zeros((1, 4, cfg.code_dim)), jnp.zeros((1, 128)))["params"])
+    enc = nn.unbox(ticodec.Encoder(cfg).init(k[1], jnp.zeros((1, cfg.hop * 4)))["params"])
+    d = cfg.global_feature_conv[2] // cfg.global_code_num
+    params = {"generator": gen, "encoder": enc, "codebook": jax.random.normal(k[2], (cfg.n_codes, cfg.code_dim)),
+              "globaltokens": [jax.random.normal(jax.random.fold_in(k[3], j), (1024, d))
+                               for j in range(cfg.global_code_num)]}
+    return cfg, None, params
+
+
+def run_demo(workdir: str, budget_minutes: float = 15.0, **kw) -> dict:
+    return Demo(workdir, budget_minutes, **kw).run()
