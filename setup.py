@@ -29,11 +29,13 @@ setup(
         "av>=12",
         "soundfile>=0.12",
         "pyyaml>=6",
+        "scikit-image>=0.22",  # the demo's real photos ship inside its wheel
     ],
     extras_require={
         # conversion from/to the official PyTorch files and parity tests against transformers
         "torch": ["torch==2.13.0", "transformers==4.57.6"],
-        "dev": ["pytest>=8", "pytest-xdist>=3"],
+        # the tests run the notebooks (nbclient + a kernel) and the demo (scikit-image photos)
+        "dev": ["pytest>=8", "pytest-xdist>=3", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6", "matplotlib>=3.7"],
         "notebooks": ["jupyter", "nbclient", "matplotlib"],
     },
     entry_points={"console_scripts": ["vita-jax=vita_jax.cli:main"]},

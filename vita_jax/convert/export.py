@@ -121,6 +121,17 @@ def save_pytorch(model, dst: str, max_shard_bytes: int = 5 * 1024 ** 3, overwrit
         raise
 
 
+def _copy_tokenizer(model, dst: str) -> None:
+    """The tokenizer files of the model's source folder, or of wherever its tokenizer was read from."""
+    tok = getattr(model, "tokenizer", None)
+    for src in (model.path, os.path.dirname(tok.path) if tok is not None and tok.path else None):
+        if src and os.path.exists(os.path.join(src, "tokenizer.json")):
+            for f in TOKENIZER_FILES:
+                if os.path.exists(os.path.join(src, f)):
+                    shutil.copy2(os.path.join(src, f), dst)
+            return
+
+
 def _copy_side_files(model, src: Optional[str], tmp: str) -> None:
     """Tokenizer files, ``vita_tts_ckpt`` and the vision / audio-encoder folders. A folder the
     config names is copied from the source; when the source has none it is generated (configs from
@@ -128,10 +139,7 @@ def _copy_side_files(model, src: Optional[str], tmp: str) -> None:
     (the built-in towers) get no folder, as in the official release."""
     from vita_jax.models import internvit, whale
     config = model.config
-    if src:
-        for f in TOKENIZER_FILES:
-            if os.path.exists(os.path.join(src, f)):
-                shutil.copy2(os.path.join(src, f), tmp)
+    _copy_tokenizer(model, tmp)
     if getattr(model, "speech", None) is not None:
         model.speech.save(os.path.join(tmp, "vita_tts_ckpt"))
     for has, attr, hub, write in ((config.has_vision, "mm_vision_tower", internvit.HUB_ID, _write_vision_folder),
@@ -239,10 +247,7 @@ def save_orbax(model, dst: str, overwrite: bool = False) -> None:
                 "source_dtypes": {k: np.dtype(v).name for k, v in model.source_dtypes.items()}}
         with open(os.path.join(tmp, ORBAX_META), "w") as f:
             json.dump(meta, f, indent=1)
-        if model.path:
-            for f in TOKENIZER_FILES:
-                if os.path.exists(os.path.join(model.path, f)):
-                    shutil.copy2(os.path.join(model.path, f), tmp)
+        _copy_tokenizer(model, tmp)
         if getattr(model, "speech", None) is not None:
             model.speech.save(os.path.join(tmp, "vita_tts_ckpt"))
         _commit(tmp, dst)

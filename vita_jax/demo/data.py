@@ -43,8 +43,10 @@ def caption(colour: str, shape: str, count: int) -> str:
 
 
 # ---------------------------------------------------------------------------------- images
-def draw_scene(colour: str, shape: str, count: int, rng: np.random.Generator, size: int = 112) -> Image.Image:
-    """``count`` shapes of one colour at random places and sizes on a noisy light background."""
+def draw_scene(colour: str, shape: str, count: int, rng: np.random.Generator, size: int = 112,
+               big: bool = False) -> Image.Image:
+    """``count`` shapes of one colour at random places and sizes on a noisy light background
+    (``big``: one shape near the centre, a third of the picture wide)."""
     bg = rng.integers(200, 256, 3)
     arr = np.clip(bg[None, None] + rng.normal(0, 8, (size, size, 3)), 0, 255).astype(np.uint8)
     im = Image.fromarray(arr)
@@ -54,6 +56,9 @@ def draw_scene(colour: str, shape: str, count: int, rng: np.random.Generator, si
         r = int(rng.integers(size // 8, size // 5))
         cx = (cell % 2) * size // 2 + size // 4 + int(rng.integers(-size // 16, size // 16 + 1))
         cy = (cell // 2) * size // 2 + size // 4 + int(rng.integers(-size // 16, size // 16 + 1))
+        if big:
+            r = int(rng.integers(size // 4, size // 3))
+            cx, cy = (size // 2 + int(rng.integers(-size // 10, size // 10 + 1)) for _ in range(2))
         fill = tuple(int(np.clip(c + rng.integers(-20, 21), 0, 255)) for c in COLOURS[colour])
         if shape == "circle":
             d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
@@ -100,7 +105,7 @@ def espeak(text: str) -> np.ndarray:
     from vita_jax.data import audio as audio_lib
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "s.wav")
-        subprocess.run(["espeak-ng", "-v", "en-us", "-s", "150", "-w", path, text], check=True, capture_output=True)
+        subprocess.run(["espeak-ng", "-v", "en-us", "-s", "175", "-w", path, text], check=True, capture_output=True)
         wav, sr = audio_lib.load_audio(path)
     return audio_lib.prepare_waveform(wav, sr, path) / 32768.0
 
@@ -127,9 +132,10 @@ class Speech:
             self.questions = {k: clips[n] for k, n in zip(QUESTIONS, stand_in)}
             self.source = ("CMU ARCTIC recordings bundled with vita_jax (espeak-ng not found): the phrases "
                            + ", ".join(f"'{clips[n][0]}' asks the {k}" for k, n in zip(QUESTIONS, stand_in)))
-        self.phrases = [self.questions[k] for k in QUESTIONS] + [clips[n] for n in clips if n not in stand_in]
+        # short phrases only (the full ARCTIC sentences are 3-4 s; the demo's audio bucket is 1.9 s)
+        self.phrases = [self.questions[k] for k in QUESTIONS] + [clips[n] for n in clips
+                                                                 if n not in stand_in and len(clips[n][1]) < 28000]
         self._words = {}
-        self._recorded = [w for w in clips if w.startswith("arctic_a0009_w")]
         from vita_jax.assets import A0009_WORDS
         wav9 = clips["arctic_a0009"][1]
         self._word_clips = [wav9[int(s * 16000):int(e * 16000)] for s, e, _ in A0009_WORDS]
@@ -187,16 +193,16 @@ class DemoData:
             json.dump(samples, f, indent=0)
         return path
 
-    def _scene(self, count=None):
+    def _scene(self, count=None, big=False):
         colour = str(self.rng.choice(list(COLOURS)))
         shape = str(self.rng.choice(SHAPES))
         count = int(count or self.rng.integers(1, 4))
-        return colour, shape, count, self._save_image(draw_scene(colour, shape, count, self.rng))
+        return colour, shape, count, self._save_image(draw_scene(colour, shape, count, self.rng, big=big))
 
     def captions(self, split: str, n: int) -> str:
         out = []
         for i in range(n):
-            colour, shape, count, img = self._scene(count=1)
+            colour, shape, count, img = self._scene(count=1, big=True)
             out.append({"id": f"caption-{split}-{i}", "image": img,
                         "conversations": _conv(f"<image>\n{CAPTION_PROMPT}", caption(colour, shape, 1))})
         return self._write(f"captions_{split}", out)
@@ -261,7 +267,10 @@ class DemoData:
             else:
                 desc = normalise(self.speech.phrases[i % len(self.speech.phrases)][0])
                 q, a = TRANSCRIBE_PROMPT, f"{desc}."
-            out.append({"id": f"text-{split}-{i}", "conversations": _conv(f"Given: {desc}\n{q}", a)})
+            # the description sits where the image / speech will, its words scattered over 16 slots
+            # of filler as the image's 16 tokens are: the LLM learns to find the words by content,
+            # not by position, which is what it needs to read them from projected media later
+            out.append({"id": f"text-{split}-{i}", "conversations": _conv(f"{scatter(desc, self.rng)}\n{q}", a)})
         return self._write(f"text_{split}", out)
 
     def asr_clips(self, split: str, n: int) -> list[tuple[np.ndarray, str]]:
@@ -272,6 +281,16 @@ class DemoData:
             out.append((perturb(wav, self.rng) if split != "train" or i >= len(self.speech.phrases) else wav,
                         normalise(text)))
         return out
+
+
+def scatter(text: str, rng: np.random.Generator, slots: int = 16) -> str:
+    """The words of ``text`` in order at random slots among ``slots`` fillers (``_``)."""
+    words = normalise(text).split()
+    at = sorted(rng.choice(slots, size=min(len(words), slots), replace=False))
+    out = ["_"] * slots
+    for k, w in zip(at, words):
+        out[k] = w
+    return " ".join(out)
 
 
 def normalise(text: str) -> str:
@@ -292,10 +311,11 @@ def build_tokenizer(texts, path: str):
     Qwen2 chat specials, saved as ``path/tokenizer.json``: it plays the Qwen2.5 tokenizer's part
     with a vocabulary of a few hundred, so a tiny model learns in minutes."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from vita_jax.data.text import IM_END, IM_START, SYSTEM_PROMPTS
+    from vita_jax.data.text import IM_END, IM_START, STATE_NEGATIVE, STATE_SPEECH, STATE_TEXT, SYSTEM_PROMPTS
     pre = pre_tokenizers.Whitespace()
     words = set()
-    for t in list(texts) + list(SYSTEM_PROMPTS.values()) + ["user assistant system"]:
+    for t in list(texts) + list(SYSTEM_PROMPTS.values()) + ["user assistant system",
+                                                             f"{STATE_SPEECH} {STATE_TEXT} {STATE_NEGATIVE}"]:
         words.update(w for w, _ in pre.pre_tokenize_str(t))
     specials = ["<|endoftext|>", IM_START, IM_END, "[UNK]"]
     vocab = {w: i for i, w in enumerate(specials + sorted(words))}

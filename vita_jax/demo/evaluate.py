@@ -38,12 +38,13 @@ def _model_key(config) -> str:
                                     sort_keys=True)
 
 
-def reply_accuracy(config, params, batches) -> float:
-    """Exact-match rate of the replies over ``batches`` (collated LM batches; all-padding rows of
-    skipped samples are not counted)."""
+def reply_accuracy(config, params, batches) -> tuple[float, float]:
+    """``(exact-match rate of the replies, token accuracy)`` over ``batches`` (collated LM
+    batches; all-padding rows of skipped samples are not counted). Token accuracy: the fraction of
+    reply tokens that are the argmax given the true prefix."""
     fwd = _lm_forward(_model_key(config))
     p = {k: params[k] for k in ("llm", "vision_tower", "mm_projector", "audio_encoder") if k in params}
-    hits = total = 0
+    hits = total = tok_hits = tok_total = 0
     for b in batches:
         logits = fwd(p, jax.tree.map(jnp.asarray, b))
         pred = np.asarray(jnp.argmax(logits[:, :-1], -1))
@@ -53,7 +54,9 @@ def reply_accuracy(config, params, batches) -> float:
         ok = ((pred == tgt) | ~valid).all(1)
         hits += int((ok & rows).sum())
         total += int(rows.sum())
-    return hits / max(total, 1)
+        tok_hits += int(((pred == tgt) & valid).sum())
+        tok_total += int(valid.sum())
+    return hits / max(total, 1), tok_hits / max(tok_total, 1)
 
 
 def ctc_cer(config, params, batch, vocab) -> float:

@@ -138,11 +138,12 @@ class VITA(nn.Module):
     def embed(self, kind, text_ids, src, pixels=None, audio_features=None, audio_lengths=None):
         """Spliced input embeddings ``[batch, length, embed]`` (zeros on padding)."""
         x = self.llm.embed(text_ids)
-        if pixels is not None:
+        # a batch laid out with no tile / clip slots (static shapes) skips that tower entirely
+        if pixels is not None and pixels.shape[0]:
             img = self.encode_images(pixels).astype(x.dtype)
             img = img.reshape(-1, img.shape[-1])
             x = jnp.where((kind == IMAGE)[..., None], jnp.take(img, src, axis=0, mode="clip"), x)
-        if audio_features is not None:
+        if audio_features is not None and audio_features.shape[0]:
             aud = self.encode_audio(audio_features, audio_lengths).astype(x.dtype)
             aud = aud.reshape(-1, aud.shape[-1])
             x = jnp.where((kind == AUDIO)[..., None], jnp.take(aud, src, axis=0, mode="clip"), x)
