@@ -22,7 +22,7 @@ FIXTURES = find_fixtures()
 print("work dir:", WORKDIR, "| fixtures:", FIXTURES)'''
 
 INSTALL = '''# On Colab (TPU, GPU or CPU runtime) install vita_jax first; elsewhere `pip install -e ".[torch]"` in the checkout.
-import sys, subprocess
+import os, sys, subprocess
 if "google.colab" in sys.modules:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", os.environ.get("VITA_JAX_PIP", "vita_jax[torch]")], check=True)
 import jax
