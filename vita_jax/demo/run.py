@@ -28,7 +28,7 @@ PLAN = {
     "0": ("LLM warm-up on text (stands in for the pretrained Qwen2.5)", "text reply accuracy", True, 800, 3e-3,
           (0, 0)),
     "1.1": ("vision alignment: projector only, captions", "caption token accuracy", True, 300, 1e-2, (1, 0)),
-    "1.2": ("vision understanding: ViT + projector + LLM, photos", "photo answer accuracy", True, 250, 3e-3, (1, 0)),
+    "1.2": ("vision understanding: ViT + projector + LLM, photos", "photo answer accuracy", True, 300, 5e-3, (1, 0)),
     "1.3": ("vision SFT: questions about scenes", "scene answer accuracy", True, 300, 3e-3, (1, 0)),
     "2.1a": ("speech encoder + CTC head", "CER", False, 200, 5e-3, (0, 1)),
     "2.1b": ("speech adapter: the LLM writes the transcript", "transcript token accuracy", True, 250, 1e-2, (0, 1)),
@@ -40,7 +40,7 @@ MAX_FRAMES = 192  # 1.9 s of speech: every demo phrase fits
 
 
 # below these a stage barely moves (measured): a small adapter steering a frozen LLM, new answers
-MIN_STEPS = {"1.1": 120, "1.2": 100, "2.1b": 100, "2.2": 150}
+MIN_STEPS = {"1.1": 120, "1.2": 200, "2.1b": 100, "2.2": 150}
 SETUP_MINUTES = 3.0  # data, compilation of eight steps and evaluations, export: paid at any budget
 
 
