@@ -40,7 +40,7 @@ MAX_FRAMES = 192  # 1.9 s of speech: every demo phrase fits
 
 
 # below these a stage barely moves (measured): a small adapter steering a frozen LLM, new answers
-MIN_STEPS = {"1.1": 120, "1.2": 200, "2.1b": 100, "2.2": 150}
+MIN_STEPS = {"1.1": 120, "1.2": 200, "2.1a": 120, "2.1b": 150, "2.2": 150}
 SETUP_MINUTES = 3.0  # data, compilation of eight steps and evaluations, export: paid at any budget
 
 
