@@ -64,3 +64,18 @@ def speech(tts_dir):
 
 def tts_ref(tts_dir, name):
     return np.load(os.path.join(tts_dir, "reference", name + ".npz"))
+
+
+def write_video(path, n_frames, fps, size=(64, 48), step=9):
+    """A small mpeg4 file whose frame i is uniformly grey (i * step) % 256."""
+    import av
+    import numpy as np
+    with av.open(str(path), "w") as out:
+        s = out.add_stream("mpeg4", rate=fps)
+        s.width, s.height, s.pix_fmt = size[0], size[1], "yuv420p"
+        for i in range(n_frames):
+            frame = np.full((size[1], size[0], 3), (i * step) % 256, np.uint8)
+            for p in s.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                out.mux(p)
+        for p in s.encode():
+            out.mux(p)

@@ -7,7 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import FIXTURES
+from conftest import FIXTURES, write_video
 from PIL import Image
 
 from vita_jax import assets
@@ -22,16 +22,7 @@ def _conv(q, a):
 
 
 def _write_video(path, n_frames=6, fps=6, size=(64, 48)):
-    import av
-    with av.open(str(path), "w") as out:
-        s = out.add_stream("mpeg4", rate=fps)
-        s.width, s.height, s.pix_fmt = size[0], size[1], "yuv420p"
-        for i in range(n_frames):
-            frame = np.full((size[1], size[0], 3), (i * 40) % 256, np.uint8)
-            for p in s.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                out.mux(p)
-        for p in s.encode():
-            out.mux(p)
+    write_video(path, n_frames, fps, size, step=40)
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """Video frame sampling (official rule) and decoding with PyAV."""
 import numpy as np
+from conftest import write_video
 import pytest
 
 from vita_jax.data import image as I
@@ -25,16 +26,7 @@ def test_official_index_choice():
 
 
 def _write_video(path, n_frames, fps, size=(64, 48)):
-    import av
-    with av.open(str(path), "w") as out:
-        s = out.add_stream("mpeg4", rate=fps)
-        s.width, s.height, s.pix_fmt = size[0], size[1], "yuv420p"
-        for i in range(n_frames):
-            frame = np.full((size[1], size[0], 3), (i * 9) % 256, np.uint8)
-            for p in s.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                out.mux(p)
-        for p in s.encode():
-            out.mux(p)
+    write_video(path, n_frames, fps, size)
 
 
 def test_decode_and_preprocess(tmp_path):

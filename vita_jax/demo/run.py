@@ -139,11 +139,9 @@ class Demo:
     def lm_batches(self, config, path: str) -> list[dict]:
         from vita_jax.data import sources
         from vita_jax.train import trainer
-        it_cfg = config.copy_and_resolve_references()
-        it_cfg.data.mixture = [dict(json=path)]
         src = sources.OfficialJSON(path)
-        tf = trainer.official_transform(it_cfg, self.tok)
-        col = trainer._lm_collator(it_cfg, trainer.layout(it_cfg))
+        tf = trainer.official_transform(config, self.tok)
+        col = trainer._lm_collator(config, trainer.layout(config))
         exs = [tf(src[i]) for i in range(len(src))]
         return [col(exs[i:i + BATCH]) for i in range(0, len(exs) - BATCH + 1, BATCH)]
 
