@@ -7,6 +7,7 @@ import pytest
 import soundfile as sf
 
 from conftest import rel_err
+from vita_jax.convert import release
 from vita_jax.data import audio as A
 from vita_jax.models import whale as W
 
@@ -40,7 +41,7 @@ def test_fbank_full_recording_and_cmvn(model, tiny_dir, ref):
     f = model.audio_features(full["wave_int16"].astype(np.float32) / 32768.0, 16000)  # float input path
     _fbank_close(f, full["fbank"])
     assert A.llm_length(len(f)) == full["lengths_for_llm"]
-    mean, istd = A.load_cmvn(os.path.join(tiny_dir, "audio-encoder-tiny-whale/global_cmvn"))
+    mean, istd = release.read_cmvn(os.path.join(tiny_dir, "audio-encoder-tiny-whale/global_cmvn"))
     enc = model.params["audio_encoder"]["encoder"]
     np.testing.assert_array_equal(np.asarray(enc["cmvn_mean"]), mean)  # shard buffers = the JSON stats
     np.testing.assert_array_equal(np.asarray(enc["cmvn_istd"]), istd)
@@ -141,11 +142,11 @@ def test_static_chunk_mask():
 
 
 def test_train_yaml(tiny_dir, tmp_path):
-    y = W.read_train_yaml(os.path.join(tiny_dir, "audio-encoder-tiny-whale/train.yaml"))
+    y = release.read_train_yaml(os.path.join(tiny_dir, "audio-encoder-tiny-whale/train.yaml"))
     assert (y["attention_dim"], y["attention_heads"], y["num_blocks"], y["linear_units"], y["kernel_size"],
             y["llm_embed_dim"], y["activation"], y["chunk_size"], y["dynamic_chunks"]) == (32, 4, 2, 64, 5, 64, "gelu", -1, False)
     bad = tmp_path / "train.yaml"
     bad.write_text(open(os.path.join(tiny_dir, "audio-encoder-tiny-whale/train.yaml")).read()
                    .replace("transformer-chunk_size: -1", "transformer-chunk_size: 0"))
     with pytest.raises(ValueError, match="chunk_size 0"):
-        W.read_train_yaml(str(bad))
+        release.read_train_yaml(str(bad))

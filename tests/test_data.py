@@ -49,6 +49,7 @@ def test_run_completes_with_bad_samples_counted(tmp_path, source):
     c.data.seq_len = 256
     c.data.max_frames = 320
     c.data.max_tiles_per_sample = 3
+    c.image.max_dynamic_patch = 3  # training tiles like inference: at most 3 tiles (2 + thumbnail here)
     c.data.tokenizer = os.path.join(FIXTURES, "qwen2.5-tokenizer")
     if source == "json":
         c.data.mixture = [dict(json=data, media_root=media, weight=1.0)]

@@ -113,7 +113,7 @@ def test_vision_from_folder_when_shards_lack_it(tiny_dir, tmp_path):
 
 
 def test_hub_id_vision_tower_builtin(tiny_dir, tmp_path):
-    from vita_jax import config as config_lib
+    from vita_jax.convert import release
     d = tmp_path / "rel"
     d.mkdir()
     with open(os.path.join(tiny_dir, "config.json")) as f:
@@ -122,13 +122,13 @@ def test_hub_id_vision_tower_builtin(tiny_dir, tmp_path):
     hf["mm_hidden_size"] = 4096
     hf["mm_audio_encoder"] = "VITA-MLLM/VITA-1.5_AudioEnc"
     (d / "config.json").write_text(json.dumps(hf))
-    c = config_lib.from_release(str(d))
+    c = release.read_config(str(d))
     assert (c.vision.hidden_size, c.vision.num_hidden_layers, c.vision.image_size, c.image.size) == (1024, 24, 448, 448)
     assert (c.audio.attention_dim, c.audio.num_blocks, c.audio.llm_embed_dim) == (1024, 24, 64)
     hf["mm_vision_tower"] = "some-missing-internvit-folder"
     (d / "config.json").write_text(json.dumps(hf))
     with pytest.raises(FileNotFoundError, match="some-missing-internvit-folder"):
-        config_lib.from_release(str(d))
+        release.read_config(str(d))
 
 
 def test_audio_from_folder_when_shards_lack_it(tiny_dir, tmp_path):

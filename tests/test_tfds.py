@@ -13,7 +13,8 @@ from PIL import Image
 from vita_jax import assets
 from vita_jax import config as config_lib
 from vita_jax.data import image as image_lib
-from vita_jax.data import sources
+from vita_jax.data import pipeline, sources
+from vita_jax.data.batch import Preprocess
 from vita_jax.data.tfds_source import TFDSSource, write_tfds
 
 
@@ -56,7 +57,7 @@ def transform():
     im = config_lib.load_config("tiny").image
     proc = image_lib.ImageProcessorConfig(size=im.size, crop_size=im.crop_size, mean=tuple(im.mean), std=tuple(im.std))
     tok = load_tokenizer(os.path.join(FIXTURES, "qwen2.5-tokenizer"))  # vita15-tiny has no tokenizer.json
-    return sources.OfficialExamples(tok, proc, max_tiles=3, video_fps=3.0)
+    return sources.OfficialExamples(tok, Preprocess(proc, max_tiles=3, video_fps=3.0))
 
 
 def _public(s):
@@ -134,15 +135,15 @@ def test_mixture_with_tfds(data):
     path, media, samples, ds_dir = data
     files = [{"json": path, "media_root": media, "weight": 1.0}]
     tf = [{"name": ds_dir, "split": "train", "weight": 1.0}]
-    a = sources.mixture(files, seed=3, tfds=tf)
+    a = pipeline.mixture(files, seed=3, tfds=tf)
     items = [a[i] for i in range(24)]
     from_tfds = ["_media" in s for s in items]
     assert any(from_tfds) and not all(from_tfds)  # both sources
-    assert _ids(sources.mixture(files, seed=3, tfds=tf)) == _ids(a)
-    assert _ids(sources.mixture(files, seed=4, tfds=tf)) != _ids(a)
-    only = sources.mixture([], seed=0, tfds=tf)  # no JSON file at all
+    assert _ids(pipeline.mixture(files, seed=3, tfds=tf)) == _ids(a)
+    assert _ids(pipeline.mixture(files, seed=4, tfds=tf)) != _ids(a)
+    only = pipeline.mixture([], seed=0, tfds=tf)  # no JSON file at all
     assert sorted(only[i]["id"] for i in range(len(samples))) == sorted(s["id"] for s in samples)
-    assert _ids(sources.mixture(tfds=tf, seed=0), 12) == _ids(only, 12)
-    assert _ids(sources.mixture(tfds=tf, seed=1), 12) != _ids(only, 12)
+    assert _ids(pipeline.mixture(tfds=tf, seed=0), 12) == _ids(only, 12)
+    assert _ids(pipeline.mixture(tfds=tf, seed=1), 12) != _ids(only, 12)
     with pytest.raises(ValueError, match="no JSON file"):
-        sources.mixture([])
+        pipeline.mixture([])

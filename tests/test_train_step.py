@@ -11,7 +11,8 @@ import pytest
 import vita_jax
 from vita_jax.infer.speech import load_speech
 from vita_jax.train import setup, stages
-from vita_jax.train.ctc import WhaleCTC
+from vita_jax.models import vita
+from vita_jax.models.ctc import WhaleCTC
 
 VIT_TOKENS = 17     # 1 CLS + 4x4 patches: a dimension only ViT activations have in these batches
 WHALE_FRAMES = 47   # encoder frames of the 192-frame audio bucket
@@ -87,15 +88,15 @@ def test_lm_stages(model, lm_batch, stage, vit_backward, whale_backward):
 def test_ctc_stage(model):
     from vita_jax import assets
     from vita_jax.data.units import UnitVocab
-    from vita_jax.train.ctc import make_batch
+    from vita_jax.data.batch import ctc_batch
     clips = assets.speech_clips()[2:5]
     vocab = UnitVocab.train([t for *_, t in clips])
-    feats, lengths, labels, label_mask = make_batch([w for _, w, _ in clips] + [clips[0][1]],
-                                                    [t for *_, t in clips] + [clips[0][2]], vocab)
+    b = ctc_batch([w for _, w, _ in clips] + [clips[0][1]], [t for *_, t in clips] + [clips[0][2]], vocab)
+    feats, lengths, labels, label_mask = b["feats"], b["lengths"], b["labels"], b["label_mask"]
     c = _stage(model, "2.1a")
     c.ctc_units = vocab.num_units
     import flax.linen as nn
-    head = nn.unbox(WhaleCTC(vita_jax.config.audio_config(c), vocab.num_units).init(
+    head = nn.unbox(WhaleCTC(vita.audio_config(c), vocab.num_units).init(
         jax.random.PRNGKey(0), feats[:1], lengths[:1])["params"]["ctc"])
     params = dict(model.params, ctc=jax.tree.map(jnp.asarray, dict(head)))
     batch = dict(feats=jnp.asarray(feats), lengths=jnp.asarray(lengths), labels=jnp.asarray(labels),

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from conftest import rel_err
-from vita_jax.models.vita import AUDIO, IMAGE, PAD, TEXT, plan_splice
+from vita_jax.data.batch import plan_splice
+from vita_jax.models.vita import AUDIO, IMAGE, PAD, TEXT
 
 
 @pytest.fixture(scope="module")

@@ -1,46 +1,32 @@
-"""The public entry point: :func:`from_pretrained` and the :class:`VitaModel` it returns."""
+"""The public entry point: :func:`from_pretrained` and the :class:`VitaModel` it returns.
+
+:class:`VitaModel` is a facade: preprocessing and the batch layout come from
+:mod:`vita_jax.data.batch` (the builder training uses), the model from
+:meth:`vita_jax.models.vita.VITA.from_config`, decoding from :mod:`vita_jax.infer`, reading and
+writing checkpoints from :mod:`vita_jax.convert`.
+"""
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Optional, Sequence, Union
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vita_jax import config as config_lib
 from vita_jax import parallel
-from vita_jax.convert import export, release
-from vita_jax.data import audio as audio_lib
-from vita_jax.data import image as image_lib
+from vita_jax.convert import checkpoint, orbax_io, pytorch
+from vita_jax.data import batch as batch_lib
 from vita_jax.data import text as text_lib
-from vita_jax.data import video as video_lib
 from vita_jax.infer import generate as gen
+from vita_jax.infer.speech import SpeechModel, split_reply, trim_leading
 from vita_jax.models import qwen2
-from vita_jax.models.vita import VITA, lm_loss_terms, plan_splice
-
-IMAGE_TOKEN_INDEX, AUDIO_TOKEN_INDEX = -200, -500
+from vita_jax.models import vita as vita_lib
+from vita_jax.models.vita import VITA, lm_loss_terms
 
 load_tokenizer = text_lib.load_tokenizer
-
-
-def init_params(module, mesh=None, seed: int = 0, example=None):
-    """Random parameters of ``module`` (created directly in their sharded slots with a mesh)."""
-    args = example if isinstance(example, tuple) else (jnp.zeros((1, 8), jnp.int32) if example is None else example,)
-
-    def init(key):
-        return module.init(key, *args)["params"]
-    key = jax.random.PRNGKey(seed)
-    if mesh is None:
-        return nn.unbox(jax.jit(init)(key))
-    return parallel.sharded_init(init, mesh, key)[0]
-
-
-def _bucket(n: int, multiple: int = 1) -> int:
-    """Next power of two >= n, rounded up to a multiple (the data-parallel size)."""
-    b = max(1 << max(n - 1, 0).bit_length(), multiple)
-    return -(-b // multiple) * multiple
+init_params = vita_lib.init_module  # random parameters of one module: (module, mesh=None, seed=0, example=None)
 
 
 class VitaModel:
@@ -54,14 +40,11 @@ class VitaModel:
         self.keys_read = list(keys_read)
         self.source_dtypes = dict(source_dtypes or {})
         self.path = path
-        self.llm_cfg = config_lib.llm_config(config)
-        self.vit_cfg = config_lib.vision_config(config)
-        self.whale_cfg = config_lib.audio_config(config)
-        self.module = VITA(self.llm_cfg, self.vit_cfg, self.whale_cfg)
+        self.module = VITA.from_config(config)
+        self.llm_cfg, self.vit_cfg, self.whale_cfg = self.module.llm_cfg, self.module.vit_cfg, self.module.whale_cfg
         self.llm = qwen2.Qwen2ForCausalLM(self.llm_cfg)
-        self.image_processor = image_lib.ImageProcessorConfig(
-            size=config.image.size, crop_size=config.image.crop_size, mean=tuple(config.image.mean),
-            std=tuple(config.image.std), resample=config.image.resample)
+        self.prep = batch_lib.preprocess_settings(config)  # exactly the preprocessing training uses
+        self.image_processor = self.prep.image
         m = self.module
         self._logits = jax.jit(lambda p, *a: m.apply({"params": p}, *a).astype(jnp.float32))
         self._loss = jax.jit(lambda p, labels, *a: lm_loss_terms(m.apply({"params": p}, *a), labels))
@@ -84,23 +67,24 @@ class VitaModel:
 
     @property
     def tokens_per_tile(self) -> int:
-        return (self.vit_cfg.image_size // self.vit_cfg.patch_size // 2) ** 2 if self.vit_cfg else 0
+        return self.module.tokens_per_tile
 
-    def _pad_pixels(self, pixel_values):
+    def _check_pixels(self, pixel_values):
+        """Tiles ``[n, 3, H, W]`` as float32, or None when there are none."""
         if pixel_values is None or len(pixel_values) == 0:
-            return None, 0
+            return None
         if self.vit_cfg is None:
             raise ValueError("this model has no vision tower (config.json names no mm_vision_tower)")
         px = np.asarray(pixel_values, np.float32)
         if px.ndim != 4 or px.shape[1] != 3:
             raise ValueError(f"pixel_values must be [tiles, 3, H, W], got shape {px.shape}")
-        n = px.shape[0]
-        return np.concatenate([px, np.zeros((_bucket(n, self.dp) - n,) + px.shape[1:], np.float32)]), n
+        return px
 
-    def _pad_audio(self, features, lengths):
-        """Zero-padded fbank batch -> bucketed ``(features, lengths, lengths_for_llm, audio_len)``."""
+    def _check_audio(self, features, lengths):
+        """Zero-padded fbank ``[clips, T, mel]`` (or one clip ``[T, mel]``) and lengths, checked
+        against the encoder -> ``(features, lengths)``, or ``(None, empty lengths)`` without audio."""
         if features is None or len(features) == 0:
-            return None, None, np.zeros(0, np.int32), 0
+            return None, np.zeros(0, np.int64)
         if self.whale_cfg is None:
             raise ValueError("this model has no audio encoder (config.json names no mm_audio_encoder)")
         f = np.asarray(features, np.float32)
@@ -113,30 +97,37 @@ class VitaModel:
         if (lengths < 7).any() or (lengths > f.shape[1]).any():
             raise ValueError(f"audio lengths {lengths.tolist()} must be within 7..{f.shape[1]} frames (7 frames = "
                              "85 ms is the shortest clip that gives one LLM token)")
-        max_frames = 4 * self.whale_cfg.max_positions + 3
+        max_frames = self.whale_cfg.max_frames
         if lengths.max() > max_frames:
             raise ValueError(f"an audio clip of {int(lengths.max())} frames ({lengths.max() / 100:.1f} s) exceeds the "
                              f"encoder's {self.whale_cfg.max_positions}-row position table (at most {max_frames} frames)")
-        fb = self.config.get("frame_bucket", 64)
-        t = min(-(-f.shape[1] // fb) * fb, max_frames)
-        nb = _bucket(n, self.dp)
-        padded = np.zeros((nb, t, f.shape[2]), np.float32)
-        padded[:n, :f.shape[1]] = f
-        lens = np.full(nb, t, np.int32)
-        lens[:n] = lengths
-        return padded, lens, audio_lib.llm_length(lengths).astype(np.int32), int(audio_lib.llm_length(t))
+        return f, lengths
 
-    def _prepare(self, input_ids, attention_mask, labels, pixel_values, audio_features, audio_lengths):
-        px, n_tiles = self._pad_pixels(pixel_values)
-        feats, lens, llm_lens, audio_len = self._pad_audio(audio_features, audio_lengths)
-        plan = plan_splice(input_ids, attention_mask, labels, tokens_per_tile=self.tokens_per_tile,
-                           audio_llm_lengths=llm_lens, audio_len=audio_len,
-                           max_length=self.config.tokenizer_model_max_length,
-                           pad_to=self.config.get("seq_bucket", 64), n_tiles=n_tiles)
+    def batch(self, input_ids, attention_mask=None, labels=None, pixel_values=None, audio_features=None,
+              audio_lengths=None):
+        """The host batch of an inference call -> ``(arrays, plan)``: :func:`vita_jax.data.batch.build`
+        (what training uses) with bucketed slots: tiles and clips to a power of two times the
+        data-parallel size, frames to a multiple of ``config.frame_bucket``, the spliced length to
+        one of ``config.seq_bucket``, rows cut at ``config.tokenizer_model_max_length``."""
+        px = self._check_pixels(pixel_values)
+        feats, lengths = self._check_audio(audio_features, audio_lengths)
+        n_tiles, n_clips = (0 if px is None else len(px)), (0 if feats is None else len(feats))
+        fb = self.config.get("frame_bucket", 64)
+        frames = min(-(-feats.shape[1] // fb) * fb, self.whale_cfg.max_frames) if n_clips else 0
+        arrays, plan = batch_lib.build(
+            input_ids, attention_mask, labels, px, [] if feats is None else list(feats), clip_lengths=lengths,
+            tokens_per_tile=self.tokens_per_tile, max_length=self.config.tokenizer_model_max_length,
+            pad_to=self.config.get("seq_bucket", 64), tile_slots=batch_lib.bucket(n_tiles, self.dp) if n_tiles else 0,
+            clip_slots=batch_lib.bucket(n_clips, self.dp) if n_clips else 0, frame_slots=frames,
+            mel_bins=self.whale_cfg.input_dim if self.whale_cfg is not None else 80)
         if (plan.text_ids >= self.llm_cfg.vocab_size).any():
             raise ValueError(f"input_ids hold ids >= the vocabulary size {self.llm_cfg.vocab_size}")
-        args = tuple(self._place(a) for a in (plan.kind, plan.text_ids, plan.src, px, feats, lens))
-        return plan, args
+        return arrays, plan
+
+    def _prepare(self, input_ids, attention_mask, labels, pixel_values, audio_features, audio_lengths):
+        arrays, plan = self.batch(input_ids, attention_mask, labels, pixel_values, audio_features, audio_lengths)
+        return plan, tuple(self._place(arrays[k]) for k in ("kind", "text_ids", "src", "pixels", "audio_feats",
+                                                              "audio_lens"))
 
     # ----------------------------------------------------------------------------- text / LLM
     def forward(self, input_ids, attention_mask=None, pixel_values=None, audio_features=None,
@@ -179,11 +170,10 @@ class VitaModel:
                                 temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop_ids=stop_ids,
                                 vocab_limit=vocab_limit)
 
-    def chat(self, messages: Union[str, Sequence], image=None, audio=None, video=None, max_new_tokens: int = 256,
-             **sampling) -> str:
-        """Reply text to a question (or ``[(role, content), ...]`` history ending with a user turn),
-        with optional ``image`` (path/PIL), ``audio`` (path or ``(waveform, rate)``) and ``video``
-        (path). The official template, system prompt and state symbol handling are applied."""
+    def chat_inputs(self, messages: Union[str, Sequence], image=None, audio=None, video=None) -> dict:
+        """The prompt of :meth:`chat` as an example: ``input_ids`` (the official template, system
+        prompt and placeholders), ``pixels`` (``[tiles, 3, S, S]`` or None) and ``audio`` (fbank
+        clips), preprocessed exactly as training preprocesses a sample (``self.prep``)."""
         if self.tokenizer is None:
             raise ValueError(f"{self.path}: no tokenizer.json, chat() needs one")
         pixels, tiles, frames = None, (), 0
@@ -195,10 +185,9 @@ class VitaModel:
             tiles, modality = (len(pixels),), "image"
         else:
             modality = "lang"
-        feats = lens = None
+        clips = []
         if audio is not None:
-            fb = self.audio_features(*audio) if isinstance(audio, tuple) else self.audio_features(audio)
-            feats, lens = fb[None], [len(fb)]
+            clips = [self.audio_features(*audio) if isinstance(audio, tuple) else self.audio_features(audio)]
         if isinstance(messages, str):
             msgs = text_lib.generation_messages(messages, modality, tiles, frames, audio is not None)
         else:
@@ -206,8 +195,19 @@ class VitaModel:
             last = text_lib.generation_messages(history[-1][1], modality, tiles, frames, audio is not None)
             msgs = history[:-1] + last
         ids = text_lib.tokenize_with_placeholders(text_lib.build_prompt(msgs, modality), self.tokenizer)
-        out = self.generate(np.asarray([ids]), pixel_values=pixels, audio_features=feats, audio_lengths=lens,
-                            max_new_tokens=max_new_tokens, **sampling)[0]
+        return dict(input_ids=np.asarray(ids, np.int64), pixels=pixels, audio=clips)
+
+    def chat(self, messages: Union[str, Sequence], image=None, audio=None, video=None, max_new_tokens: int = 256,
+             **sampling) -> str:
+        """Reply text to a question (or ``[(role, content), ...]`` history ending with a user turn),
+        with optional ``image`` (path/PIL), ``audio`` (path or ``(waveform, rate)``) and ``video``
+        (path). The official template, system prompt and state symbol handling are applied."""
+        ex = self.chat_inputs(messages, image=image, audio=audio, video=video)
+        clips = ex["audio"]
+        out = self.generate(ex["input_ids"][None], pixel_values=ex["pixels"],
+                            audio_features=clips[0][None] if clips else None,
+                            audio_lengths=[len(clips[0])] if clips else None, max_new_tokens=max_new_tokens,
+                            **sampling)[0]
         new = [int(t) for t in out if t >= 0 and t not in (self.tokenizer.im_end_id, self.tokenizer.im_start_id)]
         return self.tokenizer.decode(new)
 
@@ -236,7 +236,6 @@ class VitaModel:
         as the release server does it: the reply is cut into pieces at punctuation, each piece is
         a fresh decoder run; the first piece uses ``first = (chunk, threshold)`` = (20, 0.1) and has
         its leading near-silence trimmed, later pieces ``later`` = (40, 0.015)."""
-        from vita_jax.infer.speech import split_reply, trim_leading
         for k, piece in enumerate(split_reply(text)):
             x = self.speech_input(piece)
             if x.shape[0] == 0:
@@ -259,22 +258,21 @@ class VitaModel:
     # ----------------------------------------------------------------------------- vision
     def preprocess_image(self, image, max_num: Optional[int] = None) -> np.ndarray:
         """A PIL image or path -> float32 ``[tiles, 3, S, S]`` (dynamic tiling + CLIP processor)."""
-        im = self.config.image
-        return image_lib.preprocess_image(image, self.image_processor,
-                                          max_num=im.max_dynamic_patch if max_num is None else max_num,
-                                          min_num=im.min_dynamic_patch, use_thumbnail=im.use_thumbnail)
+        prep = self.prep if max_num is None else dataclasses.replace(self.prep, max_tiles=int(max_num))
+        return prep.tiles(image)
 
     def preprocess_video(self, path: str, video_fps: Optional[float] = None) -> np.ndarray:
         """A video file -> float32 ``[frames, 3, S, S]`` (4..16 frames, one tile each)."""
-        im = self.config.image
-        return video_lib.preprocess_video(path, self.image_processor, im.video_fps if video_fps is None else video_fps,
-                                          im.video_max_frames, im.video_min_frames)
+        prep = self.prep if video_fps is None else dataclasses.replace(self.prep, video_fps=float(video_fps))
+        return prep.frames(path)
 
     def encode_images(self, pixel_values) -> np.ndarray:
         """``[tiles, 3, S, S]`` -> projector output ``[tiles, tokens_per_tile, llm_width]`` (float32)."""
-        px, n = self._pad_pixels(pixel_values)
+        px = self._check_pixels(pixel_values)
         if px is None:
             return np.zeros((0, self.tokens_per_tile, self.llm_cfg.hidden_size), np.float32)
+        n = len(px)
+        px = np.concatenate([px, np.zeros((batch_lib.bucket(n, self.dp) - n,) + px.shape[1:], np.float32)])
         with parallel.use_mesh(self.mesh):
             out = self._images(self.params, self._place(px))
         return np.asarray(out)[:n]
@@ -283,65 +281,57 @@ class VitaModel:
     def audio_features(self, waveform, sample_rate: Optional[int] = None) -> np.ndarray:
         """A waveform (float in [-1, 1] or int16, any rate, mono or stereo) or an audio file path ->
         float32 Kaldi fbank ``[frames, 80]`` before CMVN (dither from the config, 0 by default)."""
-        return audio_lib.audio_features(waveform, sample_rate, dither=self.config.audio.dither,
-                                        num_mel_bins=self.config.audio.input_dim)
+        return self.prep.fbank(waveform, sample_rate)
 
     def encode_audio(self, features, lengths):
         """Zero-padded fbank ``[clips, frames, 80]`` (before CMVN), ``lengths [clips]`` ->
         ``(embeddings [clips, T, llm_width], lengths_for_llm [clips])``."""
-        feats, lens, llm_lens, _ = self._pad_audio(features, lengths)
+        ids = np.full((1, 1), vita_lib.AUDIO_TOKEN_INDEX)
+        feats, lens = self._check_audio(features, lengths)
         if feats is None:
             raise ValueError("no audio clips given")
+        arrays, _ = self.batch(np.repeat(ids, len(feats), 0), None, None, None, feats, lens)
         with parallel.use_mesh(self.mesh):
-            emb = self._audio(self.params, self._place(feats), self._place(lens))
-        n = len(llm_lens)
-        return np.asarray(emb)[:n, :int(llm_lens.max())], llm_lens
+            emb = self._audio(self.params, self._place(arrays["audio_feats"]), self._place(arrays["audio_lens"]))
+        llm_lens = batch_lib.llm_length(lens).astype(np.int32)
+        return np.asarray(emb)[:len(feats), :int(llm_lens.max())], llm_lens
+
+
+    # ----------------------------------------------------------------------------- saving
+    def save_pretrained(self, path: str, format: str = "pytorch", overwrite: bool = False,
+                        max_shard_bytes: int = 5 * 1024 ** 3):
+        """Writes the model: ``format="pytorch"`` -> the official release layout (safetensors shards +
+        index, config files, tokenizer, tower folders, ``vita_tts_ckpt``; source dtypes kept);
+        ``"orbax"`` -> a vita_jax checkpoint that :func:`from_pretrained` reads back (with
+        resharding onto any mesh). The target is written to a temporary sibling folder and only then
+        moved into place."""
+        tok_dir = os.path.dirname(self.tokenizer.path) if self.tokenizer is not None and self.tokenizer.path else None
+        speech = self.speech
+        extra = None if speech is None else (lambda tmp: speech.save(os.path.join(tmp, "vita_tts_ckpt")))
+        if format == "pytorch":
+            return pytorch.save(path, self.config, self.params, self.source_dtypes, self.path, tok_dir, extra,
+                                max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+        if format == "orbax":
+            return orbax_io.save(path, self.config, self.params, self.source_dtypes, (self.path, tok_dir), extra,
+                                 overwrite=overwrite)
+        raise ValueError(f"format must be 'pytorch' or 'orbax', got {format!r}")
 
 
 def init_model(config, seed: int = 0, mesh=None, tokenizer=None) -> VitaModel:
     """A randomly initialised model for ``config`` (e.g. ``config_lib.load_config("tiny")``), each
     part created directly in its shards when a mesh is given."""
-    params = {name: init_params(module, mesh, seed + i, example)
-              for i, (name, (module, example, _)) in enumerate(release.build_parts(config).items())}
-    return VitaModel(config, params, tokenizer, mesh)
-
-
-def _save_pretrained(self, path: str, format: str = "pytorch", overwrite: bool = False,
-                     max_shard_bytes: int = 5 * 1024 ** 3):
-    """Writes the model: ``format="pytorch"`` -> the official release layout (safetensors shards +
-    index, config files, tokenizer, tower folders; source dtypes kept); ``"orbax"`` -> a vita_jax
-    checkpoint that :func:`from_pretrained` reads back (with resharding onto any mesh). The target
-    is written to a temporary sibling folder and only then moved into place."""
-    if format == "pytorch":
-        return export.save_pytorch(self, path, max_shard_bytes=max_shard_bytes, overwrite=overwrite)
-    if format == "orbax":
-        return export.save_orbax(self, path, overwrite=overwrite)
-    raise ValueError(f"format must be 'pytorch' or 'orbax', got {format!r}")
-
-
-VitaModel.save_pretrained = _save_pretrained
+    return VitaModel(config, vita_lib.init_params(config, seed, mesh), tokenizer, mesh)
 
 
 def from_pretrained(path: str, dtype=jnp.float32, mesh=None, config_overrides: Optional[dict] = None,
                     strict: bool = True) -> VitaModel:
     """Loads an official-layout release folder (``config.json`` + safetensors index + shards, the
-    vision and audio-encoder folders, tokenizer files) or a vita_jax orbax checkpoint.
+    vision and audio-encoder folders, tokenizer files, ``vita_tts_ckpt``) or a vita_jax orbax
+    checkpoint.
 
     Parameters are stored and computed in ``dtype``; with a ``mesh`` every tensor is read once and
     placed straight into its shards. ``config_overrides`` maps dotted config fields to values
     (e.g. ``{"remat_policy": "full"}``). ``strict``: unknown tensors in the shards are an error."""
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path} is not a directory")
-    speech = None
-    if os.path.isdir(os.path.join(path, "vita_tts_ckpt")):
-        from vita_jax.infer.speech import load_speech
-        speech = load_speech(os.path.join(path, "vita_tts_ckpt"))
-    if export.is_orbax_checkpoint(path):
-        config, params, dtypes = export.load_orbax(path, dtype, mesh)
-        return VitaModel(config, params, load_tokenizer(path), mesh, (), dtypes, None, speech)
-    config = config_lib.from_release(path)
-    config.dtype = config.param_dtype = jnp.dtype(dtype).name
-    for k, v in (config_overrides or {}).items():
-        config_lib.apply_override(config, k, str(v))
-    params, keys, dtypes = release.load(path, config, mesh, strict=strict)
-    return VitaModel(config, params, load_tokenizer(path), mesh, keys, dtypes, path, speech)
+    ck = checkpoint.load(path, dtype, mesh, config_overrides, strict)
+    speech = None if ck.tts is None else SpeechModel(*ck.tts, path=os.path.join(path, "vita_tts_ckpt"))
+    return VitaModel(ck.config, ck.params, ck.tokenizer, mesh, ck.keys_read, ck.source_dtypes, ck.path, speech)

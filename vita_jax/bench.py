@@ -9,8 +9,12 @@ all parameters plus the live KV cache once).
 """
 from __future__ import annotations
 
+import gc
 import json
+import shutil
 import sys
+import tempfile
+import threading
 import time
 
 import jax
@@ -20,46 +24,10 @@ import optax
 
 from vita_jax import api, parallel
 from vita_jax import config as config_lib
+from vita_jax.convert.safetensors_io import SafetensorsReader
 from vita_jax.infer import generate as gen
-from vita_jax.models import qwen2
-
-# dense bf16 peak FLOP/s and HBM bytes/s per device (vendor figures); matched by substring of
-# jax's device_kind, first match wins
-PEAKS = (
-    ("H200", 989e12, 4.8e12),
-    ("H100", 989e12, 3.35e12),
-    ("A100", 312e12, 2.039e12),
-    ("L4", 121e12, 0.3e12),
-    ("TPU v6", 918e12, 1.64e12),
-    ("TPU v5 lite", 197e12, 0.819e12),
-    ("TPU v5e", 197e12, 0.819e12),
-    ("TPU v5", 459e12, 2.765e12),
-    ("TPU v4", 275e12, 1.2e12),
-)
-
-
-def device_peaks(kind: str, override_tflops: float = 0.0, override_gbps: float = 0.0):
-    peak, bw = None, None
-    for sub, p, b in PEAKS:
-        if sub.lower() in kind.lower():
-            peak, bw = p, b
-            break
-    if override_tflops:
-        peak = override_tflops * 1e12
-    if override_gbps:
-        bw = override_gbps * 1e9
-    return peak, bw
-
-
-def training_flops(cfg: qwen2.Qwen2Config, batch: int, seq: int) -> float:
-    """Model FLOPs of one training step (forward + backward), MaxText's accounting."""
-    e, m, h, k, d, n = (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
-                        cfg.num_key_value_heads, cfg.dim_head, cfg.num_hidden_layers)
-    matmul_params = n * (e * (h + 2 * k) * d + h * d * e + 3 * e * m) + e * cfg.vocab_size
-    tokens = batch * seq
-    attention = n * 4 * batch * seq * seq * h * d / 2
-    return 6 * matmul_params * tokens + 3 * attention
-
+from vita_jax.models import qwen2, vita
+from vita_jax.train.flops import device_peaks, training_flops
 
 def _timeit(fn, steps):
     out = fn()  # compile + warm-up
@@ -72,11 +40,11 @@ def _timeit(fn, steps):
 
 
 def bench_llm(config) -> dict:
-    cfg = config_lib.llm_config(config)
+    cfg = vita.llm_config(config)
     b = config.bench
     mesh = parallel.make_mesh(dict(config.mesh_shape))
     module = qwen2.Qwen2ForCausalLM(cfg)
-    params = api.init_params(module, mesh)
+    params = vita.init_module(module, mesh)
     n_params = sum(x.size for x in jax.tree.leaves(params))
     opt = optax.adamw(1e-5, weight_decay=0.0)
     opt_state = jax.jit(opt.init)(params)
@@ -147,7 +115,6 @@ class _RSSPeak:
     array buffers, not the page cache of memory-mapped shards) in a thread; ``peak`` in bytes."""
 
     def __init__(self, every: float = 0.005):
-        import threading
         self.every, self.peak, self._stop = every, self.rss(), threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
 
@@ -178,12 +145,7 @@ class _RSSPeak:
 def bench_convert(config, shard_mb: int = 256) -> dict:
     """Host memory of export and import: a random model of ``config`` is written in the official
     layout and read back; reports the peak resident memory above the level before each step."""
-    import gc
-    import shutil
-    import tempfile
-    import vita_jax
-    from vita_jax.convert.safetensors_io import SafetensorsReader
-    m = vita_jax.init_model(config)
+    m = api.init_model(config)
     n_bytes = sum(x.nbytes for x in jax.tree.leaves(m.params))
     largest_leaf = max(x.nbytes for x in jax.tree.leaves(m.params))
     d = tempfile.mkdtemp()
@@ -200,7 +162,7 @@ def bench_convert(config, shard_mb: int = 256) -> dict:
             shard_sizes[r._where[k]] = shard_sizes.get(r._where[k], 0) + r.get(k).nbytes
         with _RSSPeak() as l:
             t0 = time.perf_counter()
-            m2 = vita_jax.from_pretrained(d + "/out")
+            m2 = api.from_pretrained(d + "/out")
             jax.block_until_ready(m2.params)
             t_load = time.perf_counter() - t0
         return dict(params_bytes=n_bytes, largest_leaf_bytes=largest_leaf, largest_shard_bytes=max(shard_sizes.values()),

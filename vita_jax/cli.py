@@ -1,4 +1,12 @@
-"""``vita-jax`` command line: ``generate``, ``convert`` and ``bench``."""
+"""``vita-jax`` command line: ``demo``, ``train``, ``generate``, ``convert`` and ``bench``; every
+subcommand answers ``--help``. Subcommands import the package when they run, so ``--help`` does
+not pay for loading JAX.
+
+One error boundary (:func:`main`): a user mistake (a missing or unreadable file, a bad option or
+config value, a checkpoint that does not match: the ``ValueError`` / ``KeyError`` / ``OSError``
+families that vita_jax raises with the file, key or field named) prints one line
+``vita-jax: error: ...`` and exits 2; ``--debug`` shows the traceback instead. Anything else is a
+bug and keeps its traceback."""
 from __future__ import annotations
 
 import argparse
@@ -8,22 +16,32 @@ import time
 import numpy as np
 
 
+class UsageError(ValueError):
+    """A command line that cannot work (reported as ``vita-jax: error: ...``, exit 2)."""
+
+
+# what a user mistake raises (vita_jax's own CheckpointError / ImageError / AudioError / VideoError
+# are ValueErrors; file problems are OSErrors; config overrides naming no field are KeyErrors)
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+               PermissionError)
+
+
 def _ids(text: str) -> list[int]:
     try:
         return [int(t) for t in text.replace(",", " ").split()]
     except ValueError as e:
-        raise SystemExit(f"--ids: expected integers separated by commas or spaces, got {text!r}") from e
+        raise UsageError(f"--ids: expected integers separated by commas or spaces, got {text!r}") from e
 
 
 def cmd_generate(a) -> int:
-    import jax.numpy as jnp
-    import vita_jax
-    from vita_jax.data import text as text_lib
+    import jax.numpy as jnp  # subcommands import late: --help stays fast
+    from vita_jax import api  # (late, as above)
+    from vita_jax.data import text as text_lib  # (late, as above)
     path = a.checkpoint or a.path
     if not path:
-        raise SystemExit("give the model directory: vita-jax generate --checkpoint DIR (or as the first argument)")
+        raise UsageError("give the model directory: vita-jax generate --checkpoint DIR (or as the first argument)")
     t0 = time.perf_counter()
-    m = vita_jax.from_pretrained(path, dtype=jnp.dtype(a.dtype))
+    m = api.from_pretrained(path, dtype=jnp.dtype(a.dtype))
     print(f"loaded {path}: {len(m.keys_read)} tensors, {m.config.llm.num_hidden_layers} layers, "
           f"hidden {m.config.llm.hidden_size}, vocab {m.config.llm.vocab_size} ({time.perf_counter() - t0:.1f} s)")
     sampling = dict(max_new_tokens=a.max_new_tokens, do_sample=a.sample, temperature=a.temperature, top_k=a.top_k,
@@ -31,7 +49,7 @@ def cmd_generate(a) -> int:
     t0 = time.perf_counter()
     if a.ids is not None:
         if a.image or a.video or a.audio:
-            raise SystemExit("--ids is a raw prompt: combine media with --prompt (the chat template is applied)")
+            raise UsageError("--ids is a raw prompt: combine media with --prompt (the chat template is applied)")
         ids = _ids(a.ids)
         out = m.generate(np.asarray([ids]), **sampling)
         new = [int(t) for t in out[0] if t >= 0]
@@ -41,9 +59,9 @@ def cmd_generate(a) -> int:
             print("text:      ", m.tokenizer.decode(new))
     else:
         if m.tokenizer is None:
-            raise SystemExit(f"{path} has no tokenizer.json: give the prompt as --ids")
+            raise UsageError(f"{path} has no tokenizer.json: give the prompt as --ids")
         if len(a.image) > 1:
-            raise SystemExit("one --image per prompt (the official demo takes one image)")
+            raise UsageError("one --image per prompt (the official demo takes one image)")
         reply = m.chat(a.prompt or "", image=a.image[0] if a.image else None, video=a.video, audio=a.audio,
                        **sampling)
         print(reply)
@@ -57,9 +75,9 @@ def cmd_generate(a) -> int:
 
 
 def _speak(m, reply: str, out: str, seed: int, max_tokens: int) -> None:
-    import soundfile as sf
+    import soundfile as sf  # only with --speak
     if m.speech is None:
-        raise SystemExit("--speak: the checkpoint has no vita_tts_ckpt/ speech decoder")
+        raise UsageError("--speak: the checkpoint has no vita_tts_ckpt/ speech decoder")
     t0, first, segs = time.perf_counter(), None, []
     for seg in m.speak_stream(reply, seed=seed, max_tokens=max_tokens):
         if first is None:
@@ -72,49 +90,66 @@ def _speak(m, reply: str, out: str, seed: int, max_tokens: int) -> None:
 
 
 def cmd_convert(a) -> int:
-    import jax.numpy as jnp
-    import vita_jax
+    import jax.numpy as jnp  # subcommands import late: --help stays fast
+    from vita_jax import api  # (late, as above)
     t0 = time.perf_counter()
-    m = vita_jax.from_pretrained(a.src, dtype=jnp.dtype(a.dtype) if a.dtype else jnp.float32)
+    m = api.from_pretrained(a.src, dtype=jnp.dtype(a.dtype) if a.dtype else jnp.float32)
     fmt = {"pytorch": "pytorch", "orbax": "orbax"}[a.to]
     m.save_pretrained(a.dst, format=fmt, overwrite=a.overwrite)
     print(f"converted {a.src} -> {a.dst} ({fmt}, {len(m.keys_read) or 'all'} tensors, {time.perf_counter() - t0:.1f} s)")
     return 0
 
 
-def cmd_train(argv) -> int:
+def cmd_train(a, rest) -> int:
     """``vita-jax train --config=configs/stage1_1.py[:tiny] [--config.x=y] --workdir DIR``."""
-    from vita_jax import config as config_lib
-    from vita_jax import parallel
-    from vita_jax.train import trainer
-    config, rest = config_lib.parse_args(argv)
-    p = argparse.ArgumentParser(prog="vita-jax train")
-    p.add_argument("--workdir", required=True)
-    p.add_argument("--no-progress", action="store_true")
-    a = p.parse_args(rest)
+    import jax  # subcommands import late: --help stays fast
+    from vita_jax import config as config_lib  # (late, as above)
+    from vita_jax import parallel  # (late, as above)
+    from vita_jax.train import trainer  # (late, as above)
+    config, rest = config_lib.parse_args(rest)
+    if rest:
+        raise UsageError(f"vita-jax train: unrecognized arguments: {' '.join(rest)}")
     if "stage" not in config:
-        raise SystemExit("--config must be a stage config (configs/stage*.py)")
+        raise UsageError("--config must be a stage config (configs/stage*.py)")
     parallel.maybe_initialize_distributed()
-    mesh = parallel.make_mesh(dict(config.mesh_shape)) if jax_device_count() > 1 else None
+    mesh = parallel.make_mesh(dict(config.mesh_shape)) if jax.device_count() > 1 else None
     out = trainer.train(config, a.workdir, mesh=mesh, progress=not a.no_progress)
     print(f"stage {config.stage}: {out['steps']} steps, last loss {out['last'].get('loss', float('nan')):.4f}")
     return 0
 
 
-def jax_device_count() -> int:
-    import jax
-    return jax.device_count()
+def cmd_demo(a) -> int:
+    from vita_jax.demo import run_demo  # subcommands import late: --help stays fast
+    run_demo(a.workdir, a.budget_minutes, speech=a.speech, seed=a.seed, codec=a.codec, progress=not a.no_progress)
+    return 0
 
 
-def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "bench":
-        from vita_jax import bench
-        return bench.main(argv[1:])
-    if argv and argv[0] == "train":
-        return cmd_train(argv[1:])
-    p = argparse.ArgumentParser(prog="vita-jax", description="VITA-1.5 in JAX")
+def cmd_bench(a, rest) -> int:
+    from vita_jax import bench  # subcommands import late: --help stays fast
+    return bench.main([a.what] + ([f"--json={a.json}"] if a.json else []) + list(rest))
+
+
+CONFIG_HELP = ("config: --config=FILE.py[:ARG] (a bare name means configs/NAME.py) and any number of "
+               "--config.FIELD=VALUE overrides, e.g. --config.batch_size=8")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vita-jax", description="VITA-1.5 in JAX",
+                                epilog="--debug (anywhere): show the traceback of an error instead of one line")
     sub = p.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("demo", help="every training stage on a tiny model, CPU, offline; export; a spoken answer")
+    d.add_argument("--workdir", default="vita_demo", help="where data, checkpoints, the export and summary.json go")
+    d.add_argument("--budget-minutes", type=float, default=15.0, help="scales every stage's steps (15: the full demo)")
+    d.add_argument("--speech", default="auto", choices=["auto", "espeak", "recordings"],
+                   help="espeak-ng synthesis (auto: when installed) or the bundled CMU ARCTIC recordings")
+    d.add_argument("--codec", default=None, help="a vita_tts_ckpt/codec folder (default: the fixtures' tiny codec "
+                                                 "when ../shared is beside the checkout, else random weights)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--no-progress", action="store_true")
+    t = sub.add_parser("train", help="run (or resume) one curriculum stage",
+                       description="Runs or resumes one stage in WORKDIR.", epilog=CONFIG_HELP)
+    t.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, tb/ and the final model/ go here")
+    t.add_argument("--no-progress", action="store_true")
     g = sub.add_parser("generate", help="answer a prompt (text, image, video, speech) or continue raw ids")
     g.add_argument("path", nargs="?", help="release directory or vita_jax checkpoint (same as --checkpoint)")
     g.add_argument("--checkpoint", help="release directory (config.json + safetensors) or vita_jax orbax checkpoint")
@@ -138,22 +173,42 @@ def main(argv=None) -> int:
     c.add_argument("dst")
     c.add_argument("--dtype", default=None, help="dtype to hold the weights in while converting (default float32)")
     c.add_argument("--overwrite", action="store_true")
-    d = sub.add_parser("demo", help="every training stage on a tiny model, CPU, offline; export; a spoken answer")
-    d.add_argument("--workdir", default="vita_demo", help="where data, checkpoints, the export and summary.json go")
-    d.add_argument("--budget-minutes", type=float, default=15.0, help="scales every stage's steps (15: the full demo)")
-    d.add_argument("--speech", default="auto", choices=["auto", "espeak", "recordings"],
-                   help="espeak-ng synthesis (auto: when installed) or the bundled CMU ARCTIC recordings")
-    d.add_argument("--codec", default=None, help="a vita_tts_ckpt/codec folder (default: the fixtures' tiny codec "
-                                                 "when ../shared is beside the checkout, else random weights)")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--no-progress", action="store_true")
-    sub.add_parser("bench", help="benchmarks: vita-jax bench llm --config=configs/FILE.py")
-    sub.add_parser("train", help="vita-jax train --config=configs/stage1_1.py[:tiny] --workdir DIR")
-    a = p.parse_args(argv)
+    b = sub.add_parser("bench", help="benchmarks: vita-jax bench llm|convert --config=configs/FILE.py",
+                       description="Train-step and decode speed (llm) or conversion memory (convert) of a config.",
+                       epilog=CONFIG_HELP)
+    b.add_argument("what", choices=["llm", "convert"])
+    b.add_argument("--json", help="also write the results to this JSON file")
+    return p
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        return _dispatch(argv)
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"vita-jax: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vita-jax: interrupted", file=sys.stderr)
+        return 130
+
+
+def _dispatch(argv) -> int:
+    p = parser()
+    a, rest = p.parse_known_args(argv)
+    if a.cmd == "train":
+        return cmd_train(a, rest)
+    if a.cmd == "bench":
+        return cmd_bench(a, rest)
+    if rest:
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
     if a.cmd == "demo":
-        from vita_jax.demo import run_demo
-        run_demo(a.workdir, a.budget_minutes, speech=a.speech, seed=a.seed, codec=a.codec, progress=not a.no_progress)
-        return 0
+        return cmd_demo(a)
     return cmd_convert(a) if a.cmd == "convert" else cmd_generate(a)
 
 

@@ -1,22 +1,17 @@
-"""Configs: ``ml_collections`` ``get_config(arg)`` files, big_vision-style overrides
-(``--config=configs/tiny.py[:arg] --config.llm.hidden_size=128``), and the translation of an
-official ``config.json`` into the same ConfigDict."""
+"""Configs: ``ml_collections`` ``get_config(arg)`` files and big_vision-style overrides
+(``--config=configs/tiny.py[:arg] --config.llm.hidden_size=128``). Plumbing only: the tower configs
+derived from a ConfigDict live in :mod:`vita_jax.models.vita`, the reading of an official
+``config.json`` in :mod:`vita_jax.convert.release`."""
 from __future__ import annotations
 
 import ast
 import importlib.util
-import json
 import os
 from typing import Sequence
 
 import ml_collections
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-
-# Qwen2 fields read from an official config.json (same names in config.llm).
-LLM_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-              "intermediate_size", "rope_theta", "rms_norm_eps", "tie_word_embeddings")
-
 
 def base_config() -> ml_collections.ConfigDict:
     """Defaults shared by every config file; model files fill ``llm``."""
@@ -134,113 +129,3 @@ def parse_args(argv: Sequence[str], default: str | None = None):
     for key, val in overrides:
         apply_override(config, key, val)
     return config, rest
-
-
-def from_release(directory: str) -> ml_collections.ConfigDict:
-    """ConfigDict of an official release folder (``config.json``); unknown fields are ignored."""
-    path = os.path.join(directory, "config.json")
-    try:
-        with open(path) as f:
-            hf = json.load(f)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{path} not found: not an official-layout release directory") from e
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON: {e}") from e
-    c = base_config()
-    for k in LLM_FIELDS:
-        if k not in hf:
-            raise KeyError(f"{path}: field {k!r} is missing")
-        c.llm[k] = type(c.llm[k])(hf[k])
-    if hf.get("head_dim"):
-        c.llm.head_dim = int(hf["head_dim"])
-    for k in ("bos_token_id", "eos_token_id", "tokenizer_model_max_length"):
-        if isinstance(hf.get(k), int):
-            c[k] = hf[k]
-    _vision_from_release(c, hf, directory, path)
-    _audio_from_release(c, hf, directory, path)
-    return c
-
-
-def _audio_from_release(c, hf: dict, directory: str, path: str) -> None:
-    """Fills ``c.audio`` from the ``train.yaml`` of the folder that ``mm_audio_encoder`` names (relative
-    to the release directory); the built-in VITA-1.5 dimensions when it is the hub id without a folder."""
-    import logging
-    from vita_jax.models import whale
-    enc = hf.get("mm_audio_encoder")
-    if not enc:
-        c.has_audio = False
-        return
-    c.mm_audio_encoder = enc
-    folder = enc if os.path.isabs(enc) else os.path.join(directory, enc)
-    yaml_path = os.path.join(folder, "train.yaml")
-    if os.path.exists(yaml_path):
-        y = whale.read_train_yaml(yaml_path)
-        if y.pop("dynamic_chunks"):
-            logging.getLogger(__name__).warning(
-                "%s: transformer-dynamic-chunks is true: the official code then draws a random chunk mask on "
-                "every call; vita_jax uses the static setting (chunk_size %s) instead", yaml_path, y["chunk_size"])
-        y.pop("cmvn_file")
-        for k, v in y.items():
-            c.audio[k] = type(c.audio[k])(v)
-    elif enc == whale.HUB_ID:
-        c.audio.llm_embed_dim = c.llm.hidden_size
-    else:
-        raise FileNotFoundError(f"{path}: mm_audio_encoder {enc!r}: no folder {folder} with a train.yaml")
-    if c.audio.llm_embed_dim != c.llm.hidden_size:
-        raise ValueError(f"{yaml_path}: llm_embed_dim {c.audio.llm_embed_dim} != LLM hidden_size {c.llm.hidden_size}")
-
-def _vision_from_release(c, hf: dict, directory: str, path: str) -> None:
-    """Fills ``c.vision`` / ``c.image`` from the folder that ``mm_vision_tower`` names (relative to
-    the release directory), or the built-in InternViT-300M-448px when it is that hub id."""
-    from vita_jax.data.image import ImageProcessorConfig
-    from vita_jax.models import internvit
-    tower = hf.get("mm_vision_tower")
-    if not tower:
-        c.has_vision = False
-        return
-    if "internvit" not in tower.lower():
-        raise ValueError(f"{path}: mm_vision_tower {tower!r} is not an InternViT tower (the only one VITA-1.5 uses)")
-    if hf.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
-        raise ValueError(f"{path}: mm_projector_type {hf['mm_projector_type']!r} is not supported (mlp2x_gelu)")
-    c.mm_vision_tower = tower
-    folder = tower if os.path.isabs(tower) else os.path.join(directory, tower)
-    if os.path.isdir(folder):
-        for k, v in internvit.read_hf_config(folder).items():
-            c.vision[k] = type(c.vision[k])(v)
-        pp = os.path.join(folder, "preprocessor_config.json")
-        proc = ImageProcessorConfig.from_file(pp) if os.path.exists(pp) else ImageProcessorConfig(
-            size=c.vision.image_size, crop_size=c.vision.image_size)
-    elif tower == internvit.HUB_ID:
-        proc = ImageProcessorConfig()
-    else:
-        raise FileNotFoundError(f"{path}: mm_vision_tower {tower!r}: no folder {folder}")
-    c.image.update(size=proc.size, crop_size=proc.crop_size, mean=tuple(proc.mean), std=tuple(proc.std),
-                   resample=proc.resample)
-    c.mm_hidden_size = int(hf.get("mm_hidden_size", 4 * c.vision.hidden_size))
-    if c.mm_hidden_size != 4 * c.vision.hidden_size:
-        raise ValueError(f"{path}: mm_hidden_size {c.mm_hidden_size} != 4 x vision hidden {c.vision.hidden_size}")
-
-
-# ----------------------------------------------------------------------------- module configs
-def llm_config(config: ml_collections.ConfigDict):
-    from vita_jax.models import qwen2
-    impl = None if config.attention_impl == "auto" else config.attention_impl
-    return qwen2.Qwen2Config.from_config(config.llm, dtype=config.dtype, param_dtype=config.param_dtype,
-                                         remat_policy=config.remat_policy, attention_impl=impl)
-
-
-def vision_config(config: ml_collections.ConfigDict):
-    from vita_jax.models import internvit
-    if not config.has_vision:
-        return None
-    return internvit.InternViTConfig.from_config(config.vision, dtype=config.dtype, param_dtype=config.param_dtype,
-                                                 remat_policy=config.remat_policy)
-
-
-def audio_config(config: ml_collections.ConfigDict):
-    from vita_jax.models import whale
-    if not config.has_audio:
-        return None
-    # the adapter always projects to the LLM width (a train.yaml that disagrees is rejected on load)
-    return whale.WhaleConfig.from_config(config.audio, dtype=config.dtype, param_dtype=config.param_dtype,
-                                         remat_policy=config.remat_policy, llm_embed_dim=config.llm.hidden_size)

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import threading
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -76,7 +78,6 @@ def make_mesh(mesh_shape: Mapping[str, int] | Sequence[int], devices=None) -> Me
         raise ValueError(f"mesh_shape {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} "
                          f"devices, {n} are available")
     try:
-        from jax.experimental import mesh_utils
         dev = mesh_utils.create_device_mesh(sizes, devices)
     except Exception:  # odd topologies: plain row-major order is always valid
         dev = np.asarray(devices).reshape(sizes)
@@ -87,7 +88,6 @@ def maybe_initialize_distributed() -> None:
     """``jax.distributed.initialize()`` when launched as several processes (the coordinator and
     process ids come from the environment: ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` /
     ``JAX_PROCESS_ID``, or the TPU / SLURM environment that jax detects by itself)."""
-    import os
     if os.environ.get("JAX_NUM_PROCESSES") and int(os.environ["JAX_NUM_PROCESSES"]) > 1:
         jax.distributed.initialize(os.environ.get("JAX_COORDINATOR_ADDRESS"), int(os.environ["JAX_NUM_PROCESSES"]),
                                    int(os.environ.get("JAX_PROCESS_ID", 0)))

@@ -1,6 +1,8 @@
 """Small real media bundled with the package (see each folder's README for provenance and licence)."""
 import os
 
+import soundfile as sf
+
 ASSETS = os.path.dirname(os.path.abspath(__file__))
 SPEECH = os.path.join(ASSETS, "speech")
 
@@ -18,7 +20,6 @@ A0009_WORDS = [(0.13, 0.27, "he"), (0.27, 0.595, "turned"), (0.595, 1.14, "sharp
 def speech_clips():
     """Real clips with transcripts: the two full recordings plus word-aligned segments of a0009.
     Returns a list of ``(name, waveform float32 16 kHz, text)``."""
-    import soundfile as sf
     clips = []
     for name, text in TRANSCRIPTS.items():
         wav, sr = sf.read(os.path.join(SPEECH, name + ".wav"), dtype="float32")

@@ -14,7 +14,7 @@ import numpy as np
 from flax import traverse_util
 
 from vita_jax.convert.safetensors_io import CheckpointError
-from vita_jax.convert.table import KeyRule
+from vita_jax.models.keys import KeyRule
 
 
 def _flat(tree) -> dict[tuple, object]:

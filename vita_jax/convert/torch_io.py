@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import os
 
+import ml_dtypes
 import numpy as np
 
 from vita_jax.convert.safetensors_io import CheckpointError
 
 
 def _to_numpy(t):
-    import torch
+    import torch  # optional dependency (the [torch] extra); only .pt files need it
     if t.dtype == torch.bfloat16:
-        import ml_dtypes
         return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     return t.numpy()
 
@@ -20,7 +20,7 @@ def _to_numpy(t):
 def torch_load(path: str):
     """``torch.load(path, weights_only=True)`` with errors that name the file."""
     try:
-        import torch
+        import torch  # optional dependency (the [torch] extra); only .pt files need it
     except ImportError as e:
         raise CheckpointError(f"{path}: reading .pt files needs torch (pip install 'vita_jax[torch]')") from e
     if not os.path.exists(path):

@@ -1,1 +1,2 @@
-"""Host-side preprocessing (numpy): images and video frames, audio, text."""
+"""Host-side data: media preprocessing (images, video frames, audio, text), the one batch builder
+(``batch``), official sources (JSON, TFDS), the grain pipeline and the tiny synthetic sets."""

@@ -10,11 +10,13 @@ averaged to mono. Global CMVN statistics come from the official ``global_cmvn`` 
 from __future__ import annotations
 
 import functools
-import json
 import os
 from typing import IO, Optional, Union
 
 import numpy as np
+import soundfile as sf
+
+from vita_jax.models.whale import encoder_length, llm_length  # noqa: F401  (re-exported: frames -> LLM tokens)
 
 SAMPLE_RATE = 16000
 FRAME_LENGTH = 400   # 25 ms
@@ -30,16 +32,6 @@ class AudioError(ValueError):
 def num_frames(n_samples: int) -> int:
     """Kaldi frames with snip edges: ``1 + (n - 400) // 160`` (0 below one window)."""
     return 0 if n_samples < FRAME_LENGTH else 1 + (n_samples - FRAME_LENGTH) // FRAME_SHIFT
-
-
-def encoder_length(frames):
-    """fbank frames -> whale encoder frames: ``((T - 1) // 2 - 1) // 2`` (two stride-2 3x3 convs)."""
-    return ((np.asarray(frames) - 1) // 2 - 1) // 2
-
-
-def llm_length(frames):
-    """fbank frames -> LLM tokens (``lengths_for_llm``): encoder frames then the stride-2 adapter."""
-    return (encoder_length(frames) - 1) // 2 + 1
 
 
 @functools.lru_cache(maxsize=None)
@@ -131,7 +123,7 @@ def prepare_waveform(waveform, sample_rate: int, name: str = "<waveform>") -> np
     if not np.isfinite(x).all():
         raise AudioError(f"{name}: audio contains NaN or infinite samples")
     if sample_rate != SAMPLE_RATE:
-        import librosa
+        import librosa  # slow import (~1-2 s, numba): only when resampling
         x = librosa.resample(x / 32768.0, orig_sr=sample_rate, target_sr=SAMPLE_RATE) * 32768.0
     return x
 
@@ -146,7 +138,6 @@ def load_audio(path: Union[str, os.PathLike, IO[bytes]]) -> tuple[np.ndarray, in
     bytes, named in errors by its ``name`` if set) -> ``(samples [n] or [n, ch] float32 in [-1, 1],
     sample_rate)``."""
     name = _name(path)
-    import soundfile as sf
     try:
         data, sr = sf.read(path if hasattr(path, "read") else name, dtype="float32", always_2d=False)
     except FileNotFoundError as e:
@@ -168,22 +159,6 @@ def audio_features(waveform_or_path, sample_rate: Optional[int] = None, dither: 
         raise AudioError("sample_rate is required with a waveform")
     x = prepare_waveform(waveform_or_path, sample_rate, name)
     return fbank(x, num_mel_bins, dither=dither, name=name)
-
-
-def load_cmvn(path: str) -> tuple[np.ndarray, np.ndarray]:
-    """Official ``global_cmvn`` JSON (``mean_stat``, ``var_stat``, ``frame_num``) -> float32
-    ``(mean, istd)`` with the variance floored at 1e-20."""
-    try:
-        with open(path) as f:
-            stats = json.load(f)
-        mean_stat = np.asarray(stats["mean_stat"], np.float64)
-        var_stat = np.asarray(stats["var_stat"], np.float64)
-        count = float(stats["frame_num"])
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{path}: not a global_cmvn statistics file: {e}") from e
-    mean = mean_stat / count
-    var = np.maximum(var_stat / count - mean * mean, 1e-20)
-    return mean.astype(np.float32), (1.0 / np.sqrt(var)).astype(np.float32)
 
 
 def pad_batch(features: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

@@ -9,7 +9,6 @@ folder: shortest-edge resize (BICUBIC), centre crop, rescale 1/255, ImageNet mea
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import warnings
 from typing import IO, Sequence, Union
@@ -34,20 +33,6 @@ class ImageProcessorConfig:
     std: tuple = IMAGENET_STD
     resample: int = 3  # PIL BICUBIC
 
-    @classmethod
-    def from_file(cls, path: str) -> "ImageProcessorConfig":
-        with open(path) as f:
-            c = json.load(f)
-
-        def edge(v):
-            return int(v["shortest_edge"] if isinstance(v, dict) and "shortest_edge" in v else
-                       v["height"] if isinstance(v, dict) else v)
-        try:
-            return cls(size=edge(c["size"]), crop_size=edge(c.get("crop_size", c["size"])),
-                       mean=tuple(c.get("image_mean", IMAGENET_MEAN)), std=tuple(c.get("image_std", IMAGENET_STD)),
-                       resample=int(c.get("resample", 3)))
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{path}: cannot read image processor settings: {e}") from e
 
 
 def load_image(image: Union[str, os.PathLike, IO[bytes], Image.Image]) -> Image.Image:

@@ -2,8 +2,9 @@
 ``image`` / ``audio`` / ``video`` paths (strings or lists), optional ``set`` (a folder key),
 ``inserted_id`` and ``end_tag``; several files mixed with weights.
 
-:class:`OfficialExamples` turns a sample into an example for :class:`~vita_jax.data.pipeline.LMCollator`
-(tiles, frames, fbank, ids and SFT labels exactly as the official loader). A sample that cannot be
+:class:`OfficialExamples` turns a sample into an example for :class:`~vita_jax.data.batch.LMCollator`
+(tiles, frames, fbank, ids and SFT labels exactly as the official loader, with the preprocessing
+settings of :func:`~vita_jax.data.batch.preprocess_settings`: what inference uses). A sample that cannot be
 used (unreadable media, placeholder/media count mismatch, bad fields) becomes ``{"id", "bad"}``:
 the collator drops it, counts it and logs its id; the run goes on.
 
@@ -17,14 +18,12 @@ import io
 import json
 import logging
 import os
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
-from vita_jax.data import audio as audio_lib
-from vita_jax.data import image as image_lib
 from vita_jax.data import text as text_lib
-from vita_jax.data import video as video_lib
+from vita_jax.data.batch import Preprocess
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +74,8 @@ def _as_list(x) -> list:
 class OfficialExamples:
     """Sample -> example (``input_ids``, ``labels``, ``pixels``, ``audio``), or ``{"id", "bad"}``."""
 
-    def __init__(self, tokenizer, image_cfg: image_lib.ImageProcessorConfig, max_tiles: int = 12,
-                 video_fps: float = 3.0, dither: float = 0.0):
-        self.tok, self.img, self.max_tiles, self.video_fps, self.dither = tokenizer, image_cfg, max_tiles, video_fps, dither
+    def __init__(self, tokenizer, prep: Preprocess):
+        self.tok, self.prep = tokenizer, prep
 
     @staticmethod
     def _path(sample, name, k=0):
@@ -115,16 +113,14 @@ class OfficialExamples:
         images, videos, audios = _as_list(sample.get("image")), _as_list(sample.get("video")), _as_list(sample.get("audio"))
         pixels, tiles, frames = [], [], 0
         for k, name in enumerate(images):
-            px = image_lib.preprocess_image(self._source(sample, "image", k, name, k), self.img,
-                                            max_num=self.max_tiles)
+            px = self.prep.tiles(self._source(sample, "image", k, name, k))
             pixels.append(px)
             tiles.append(len(px))
         for k, name in enumerate(videos):
-            px = video_lib.preprocess_video(self._source(sample, "video", k, name), self.img, video_fps=self.video_fps)
+            px = self.prep.frames(self._source(sample, "video", k, name))
             pixels.append(px)
             frames = len(px)
-        clips = [audio_lib.audio_features(self._source(sample, "audio", k, name), dither=self.dither)
-                 for k, name in enumerate(audios)]
+        clips = [self.prep.fbank(self._source(sample, "audio", k, name)) for k, name in enumerate(audios)]
         modality = "video" if videos else "image" if images else "lang"
         ids, labels = text_lib.encode_sample(sample, self.tok, modality, tiles, frames)
         n_img, n_aud = int((ids == text_lib.IMAGE_TOKEN_INDEX).sum()), int((ids == text_lib.AUDIO_TOKEN_INDEX).sum())
@@ -139,23 +135,3 @@ class OfficialExamples:
         if clips:
             ex["audio"] = clips
         return ex
-
-
-def mixture(files: Sequence[dict] = (), seed: int = 0, tfds: Sequence[dict] = ()):
-    """``files = [{"json": path, "weight": w, "media_root": dir, "sets": {...}}, ...]`` and
-    ``tfds = [{"name": name_or_dir, "split": "train", "data_dir": dir, "weight": w}, ...]``
-    (datasets written by :func:`~vita_jax.data.tfds_source.write_tfds`) -> a grain ``MapDataset``
-    mixing all sources by weight (deterministic: source ``i`` is shuffled with ``seed + i``, JSON
-    files first, then the TFDS datasets)."""
-    import grain
-    srcs = [(OfficialJSON(f["json"], f.get("media_root"), f.get("sets")), f) for f in files]
-    if tfds:
-        # imports tensorflow_datasets (~1 s): only when a TFDS dataset is used
-        from vita_jax.data.tfds_source import TFDSSource
-        srcs += [(TFDSSource(t["name"], t.get("split", "train"), t.get("data_dir")), t) for t in tfds]
-    if not srcs:
-        raise ValueError("mixture: no JSON file and no TFDS dataset given")
-    ds = [grain.MapDataset.source(src).shuffle(seed=seed + i) for i, (src, _) in enumerate(srcs)]
-    if len(ds) == 1:
-        return ds[0]
-    return grain.MapDataset.mix(ds, [float(f.get("weight", 1.0)) for _, f in srcs])

@@ -13,9 +13,11 @@ import re
 from typing import Optional, Sequence
 
 import numpy as np
+from tokenizers import Tokenizer
+
+from vita_jax.models.vita import AUDIO_TOKEN_INDEX, IGNORE_INDEX, IMAGE_TOKEN_INDEX  # noqa: F401  (re-exported)
 
 IMAGE_TOKEN, AUDIO_TOKEN, VIDEO_TOKEN = "<image>", "<audio>", "<video>"
-IMAGE_TOKEN_INDEX, AUDIO_TOKEN_INDEX, IGNORE_INDEX = -200, -500, -100
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 STATE_SPEECH, STATE_TEXT, STATE_NEGATIVE = "☞", "☜", "☟"
 ROLES = {"human": "user", "gpt": "assistant"}
@@ -53,7 +55,6 @@ class TextTokenizer:
 
     @classmethod
     def from_file(cls, path: str) -> "TextTokenizer":
-        from tokenizers import Tokenizer
         if os.path.isdir(path):
             path = os.path.join(path, "tokenizer.json")
         try:

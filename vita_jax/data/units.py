@@ -5,6 +5,8 @@ import io
 import re
 from typing import Iterable, Sequence
 
+import sentencepiece as spm
+
 
 def normalize(text: str) -> str:
     """Lower case, letters / digits / apostrophes, single spaces (what CTC targets are made of)."""
@@ -15,14 +17,12 @@ class UnitVocab:
     """A sentencepiece model; CTC ids are sentencepiece ids + 1 (0 is the CTC blank)."""
 
     def __init__(self, model_proto: bytes):
-        import sentencepiece as spm
         self.proto = model_proto
         self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
 
     @classmethod
     def train(cls, transcripts: Iterable[str], vocab_size: int = 0, model_type: str = "char") -> "UnitVocab":
         """``model_type`` char / unigram / bpe; ``vocab_size`` 0 = as many as the text needs (char)."""
-        import sentencepiece as spm
         texts = [normalize(t) for t in transcripts]
         if not any(texts):
             raise ValueError("no transcript text to train a unit vocabulary on")

@@ -42,7 +42,7 @@ def sample_frame_indices(num_frames: int, fps: float, video_fps: float = 1.0, ma
 def read_frames(path: str, video_fps: float = 1.0, max_frames: int = MAX_FRAMES, min_frames: int = MIN_FRAMES):
     """Decodes ``path`` (a path, or a binary file object such as ``io.BytesIO`` of the file, named
     in errors by its ``name`` if set) -> ``(frames: list of RGB PIL images, indices, fps)``."""
-    import av
+    import av  # PyAV: slow import, only when a video is read
     is_file = hasattr(path, "read")
     name = str(getattr(path, "name", "<video bytes>")) if is_file else os.fspath(path)
     try:

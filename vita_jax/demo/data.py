@@ -16,7 +16,14 @@ import subprocess
 import tempfile
 
 import numpy as np
+import soundfile as sf
 from PIL import Image, ImageDraw
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from vita_jax import assets
+from vita_jax.assets import A0009_WORDS
+from vita_jax.data import audio as audio_lib
+from vita_jax.data.text import IM_END, IM_START, STATE_NEGATIVE, STATE_SPEECH, STATE_TEXT, SYSTEM_PROMPTS
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +79,7 @@ def draw_scene(colour: str, shape: str, count: int, rng: np.random.Generator, si
 def photo_paths() -> dict[str, str]:
     """``{name: path}`` of the photos shipped inside scikit-image."""
     try:
-        import skimage
+        import skimage  # heavy import (~1 s), only when the photos are made
     except ImportError as e:
         raise RuntimeError("the demo's photos come from scikit-image: pip install scikit-image") from e
     root = os.path.join(os.path.dirname(skimage.__file__), "data")
@@ -102,7 +109,6 @@ def espeak_available() -> bool:
 
 def espeak(text: str) -> np.ndarray:
     """``text`` -> float32 16 kHz waveform synthesised by espeak-ng."""
-    from vita_jax.data import audio as audio_lib
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "s.wav")
         subprocess.run(["espeak-ng", "-v", "en-us", "-s", "175", "-w", path, text], check=True, capture_output=True)
@@ -117,7 +123,6 @@ class Speech:
     the speech stages transcribe. ``word(w)`` is a waveform for one reply word (speech decoder)."""
 
     def __init__(self, mode: str = "auto"):
-        from vita_jax import assets
         if mode == "auto":
             mode = "espeak" if espeak_available() else "recordings"
         if mode == "espeak" and not espeak_available():
@@ -136,7 +141,6 @@ class Speech:
         self.phrases = [self.questions[k] for k in QUESTIONS] + [clips[n] for n in clips
                                                                  if n not in stand_in and len(clips[n][1]) < 28000]
         self._words = {}
-        from vita_jax.assets import A0009_WORDS
         wav9 = clips["arctic_a0009"][1]
         self._word_clips = [wav9[int(s * 16000):int(e * 16000)] for s, e, _ in A0009_WORDS]
 
@@ -181,7 +185,6 @@ class DemoData:
         return name
 
     def _save_wav(self, wav: np.ndarray) -> str:
-        import soundfile as sf
         self._k += 1
         name = f"media/wav{self._k:05d}.wav"
         sf.write(os.path.join(self.root, name), np.asarray(wav, np.float32), 16000, subtype="FLOAT")
@@ -310,8 +313,6 @@ def build_tokenizer(texts, path: str):
     """A word-level tokenizer over every word the demo uses (system prompts included) with the
     Qwen2 chat specials, saved as ``path/tokenizer.json``: it plays the Qwen2.5 tokenizer's part
     with a vocabulary of a few hundred, so a tiny model learns in minutes."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from vita_jax.data.text import IM_END, IM_START, STATE_NEGATIVE, STATE_SPEECH, STATE_TEXT, SYSTEM_PROMPTS
     pre = pre_tokenizers.Whitespace()
     words = set()
     for t in list(texts) + list(SYSTEM_PROMPTS.values()) + ["user assistant system",

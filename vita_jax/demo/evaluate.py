@@ -10,22 +10,23 @@
 from __future__ import annotations
 
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
-from vita_jax.models.vita import IGNORE_INDEX
+from vita_jax.data.units import cer
+from vita_jax.models import ctc as ctc_lib
+from vita_jax.models import vita
+from vita_jax.models.vita import IGNORE_INDEX, VITA
+from vita_jax.train.step import make_loss
 
 
 @functools.lru_cache(maxsize=4)
 def _lm_forward(model_json: str):
-    import ml_collections
-
-    from vita_jax import config as config_lib
-    from vita_jax.models.vita import VITA
-    c = ml_collections.ConfigDict(__import__("json").loads(model_json))
-    module = VITA(config_lib.llm_config(c), config_lib.vision_config(c), config_lib.audio_config(c))
+    module = VITA.from_config(ml_collections.ConfigDict(json.loads(model_json)))
     return jax.jit(lambda p, b: module.apply({"params": p}, b["kind"], b["text_ids"], b["src"], b["pixels"],
                                              b["audio_feats"], b["audio_lens"]))
 
@@ -34,7 +35,7 @@ def _model_key(config) -> str:
     c = config.copy_and_resolve_references()
     keep = {k: c[k] for k in ("llm", "vision", "audio", "image", "mm_hidden_size", "dtype", "param_dtype",
                               "remat_policy", "attention_impl", "has_vision", "has_audio") if k in c}
-    return __import__("json").dumps({k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in keep.items()},
+    return json.dumps({k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in keep.items()},
                                     sort_keys=True)
 
 
@@ -61,11 +62,7 @@ def reply_accuracy(config, params, batches) -> tuple[float, float]:
 
 def ctc_cer(config, params, batch, vocab) -> float:
     """CER of greedy CTC decoding on one batch (``feats``, ``lengths``, ``labels``, ``label_mask``)."""
-    from vita_jax.models import ctc as ctc_lib
-    from vita_jax.train.ctc import WhaleCTC
-    from vita_jax.data.units import cer
-    from vita_jax import config as config_lib
-    module = WhaleCTC(config_lib.audio_config(config), int(config.ctc_units))
+    module = ctc_lib.WhaleCTC(vita.audio_config(config), int(config.ctc_units))
     p = {"encoder": params["audio_encoder"]["encoder"], "ctc": params["ctc"]}
     logits, mask = module.apply({"params": p}, jnp.asarray(batch["feats"]), jnp.asarray(batch["lengths"]))
     hyps = [vocab.decode(h) for h in ctc_lib.greedy_decode(logits, np.asarray(mask).sum(-1))]
@@ -76,6 +73,5 @@ def ctc_cer(config, params, batch, vocab) -> float:
 
 def speech_token_accuracy(config, params, batch) -> float:
     """Teacher-forced codec-id accuracy of the speech decoder on one batch."""
-    from vita_jax.train.step import make_loss
     _, (count, correct) = make_loss(config)(params, jax.tree.map(jnp.asarray, batch))
     return float(correct) / max(float(count), 1.0)

@@ -14,10 +14,27 @@ import os
 import shutil
 import time
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import librosa
 import numpy as np
+import soundfile as sf
 
+from vita_jax import api
+from vita_jax.data import audio as audio_lib
+from vita_jax.data import batch as batch_lib
+from vita_jax.data import pipeline
+from vita_jax.data import text as text_lib
+from vita_jax.data.text import TextTokenizer
+from vita_jax.data.units import UnitVocab
 from vita_jax.demo import data as demo_data
 from vita_jax.demo import evaluate
+from vita_jax.infer import speech as speech_lib
+from vita_jax.infer.speech import SpeechModel
+from vita_jax.models import ticodec
+from vita_jax.models.tts_decoder import TTSDecoderConfig
+from vita_jax.train import stages, trainer
 
 # stage -> (what it trains, metric, higher_is_better, steps at the 15-minute budget, learning rate,
 #           media slots per sample (tiles, clips)). Stages whose LLM is frozen and whose only
@@ -80,7 +97,6 @@ class Demo:
                     texts += [m["value"].replace("<image>", " ").replace("<audio>", " ") for m in s["conversations"]]
         self.tok_dir = os.path.join(self.wd, "tokenizer")
         demo_data.build_tokenizer(texts + demo_data.reply_texts(), self.tok_dir)
-        from vita_jax.data.text import TextTokenizer
         self.tok = TextTokenizer.from_file(self.tok_dir)
         self.photos = sorted(d.photos)
         self.seq_len = self._seq_len()
@@ -93,8 +109,6 @@ class Demo:
     def _seq_len(self) -> int:
         """The longest spliced sample (text ids + 16 tokens per tile + the audio bucket's LLM
         length), rounded up to 16: one static sequence length for every stage."""
-        from vita_jax.data import audio as audio_lib
-        from vita_jax.data import text as text_lib
         tpt, aud = (112 // 14 // 2) ** 2, int(audio_lib.llm_length(MAX_FRAMES))
         longest = 0
         for train, held in self.files.values():
@@ -108,7 +122,6 @@ class Demo:
         return -(-longest // 16) * 16
 
     def config(self, stage: str, init_from: str = ""):
-        from vita_jax.train import stages
         c = stages.stage_config("1.3" if stage == "0" else stage, "tiny")
         if stage == "0":
             c.stage, c.description, c.trainable, c.optim.group_lrs = "0", PLAN["0"][0], ["llm/.*"], []
@@ -137,19 +150,13 @@ class Demo:
 
     # ------------------------------------------------------------------ held-out data
     def lm_batches(self, config, path: str) -> list[dict]:
-        from vita_jax.data import sources
-        from vita_jax.train import trainer
-        src = sources.OfficialJSON(path)
-        tf = trainer.official_transform(config, self.tok)
-        col = trainer._lm_collator(config, trainer.layout(config))
-        exs = [tf(src[i]) for i in range(len(src))]
-        return [col(exs[i:i + BATCH]) for i in range(0, len(exs) - BATCH + 1, BATCH)]
+        """The held-out file as the trainer's own batches (same preprocessing and collator)."""
+        return pipeline.held_out_batches(config, self.tok, path, BATCH)
 
     def codec(self):
         """``(config, raw, params)``: the tiny official-layout codec of ../shared/fixtures when given
         (``--codec``) or found, else a randomly initialised one of the same shape."""
         if getattr(self, "_codec", None) is None:
-            from vita_jax.infer import speech as speech_lib
             path = self.codec_dir or _default_codec()
             if path:
                 self._codec = speech_lib.load_codec(path)
@@ -161,7 +168,6 @@ class Demo:
 
     # ------------------------------------------------------------------ stages
     def run_stage(self, stage: str, init_from: str, train_json, eval_json):
-        from vita_jax.train import stages, trainer
         c = self.config(stage, init_from)
         c.data.mixture = [dict(json=p, weight=w) for p, w in train_json]
         batches = self.lm_batches(c, eval_json)
@@ -172,16 +178,11 @@ class Demo:
         return self._record(stage, before[k], after[k], out, exact=(before[0], after[0]), token=(before[1], after[1]))
 
     def run_ctc(self, init_from: str):
-        from vita_jax.data import audio as audio_lib
-        from vita_jax.data.units import UnitVocab
-        from vita_jax.train import ctc as ctc_train
-        from vita_jax.train import stages, trainer
         train, held = self.ctc_clips
         vocab = UnitVocab.train([t for _, t in train])
         # global CMVN statistics of the speech, as the official recipe computes before training
         feats = np.concatenate([audio_lib.audio_features(w, 16000) for w, _ in train])
-        import vita_jax
-        m = vita_jax.from_pretrained(init_from)
+        m = api.from_pretrained(init_from)
         enc = m.params["audio_encoder"]["encoder"]
         enc["cmvn_mean"] = np.asarray(feats.mean(0), np.float32)
         enc["cmvn_istd"] = np.asarray(1.0 / np.maximum(feats.std(0), 1e-5), np.float32)
@@ -192,23 +193,20 @@ class Demo:
         width = max(len(vocab.encode(t)) for _, t in train + held)
 
         def batch(clips):
-            f, n, lab, lm = ctc_train.make_batch([w for w, _ in clips], [t for _, t in clips], vocab,
-                                                 frame_bucket=MAX_FRAMES)
-            pad = ((0, 0), (0, width - lab.shape[1]))
-            return dict(feats=f, lengths=n, labels=np.pad(lab, pad), label_mask=np.pad(lm, pad))
+            return batch_lib.ctc_batch([w for w, _ in clips], [t for _, t in clips], vocab, frame_bucket=MAX_FRAMES,
+                                       label_width=width)
 
         def make(i):
             order = np.random.default_rng((self.seed, i)).permutation(len(train))[:BATCH]
             return batch([train[k] for k in order])
         held_batch = batch(held)
         before = evaluate.ctc_cer(c, trainer.initial_params(c), held_batch, vocab)
-        out = trainer.train(c, os.path.join(self.wd, "2.1a"), data=trainer.IndexedBatches(make), log=self._stage_log,
+        out = trainer.train(c, os.path.join(self.wd, "2.1a"), data=pipeline.IndexedBatches(make), log=self._stage_log,
                             progress=self.progress)
         after = evaluate.ctc_cer(c, stages.merge(out["state"].train, out["state"].frozen), held_batch, vocab)
         return self._record("2.1a", before, after, out)
 
     def run_tts(self, init_from: str):
-        from vita_jax.train import stages, trainer
         c = self.config("3.2", init_from)
         replies = demo_data.reply_texts()
         rng = np.random.default_rng(self.seed)
@@ -220,19 +218,14 @@ class Demo:
         n_code = max(len(k) for *_, k in pairs)
 
         def batch(items):
-            ids = np.zeros((len(items), n_text), np.int32)
-            codes = np.full((len(items), n_code), -1, np.int32)
-            for b, (_, t, k) in enumerate(items):
-                ids[b, :len(t)], codes[b, :len(k)] = t, k
-            return dict(text_ids=ids, text_lens=np.array([len(t) for _, t, _ in items], np.int32), codes=codes,
-                        code_lens=np.array([len(k) for *_, k in items], np.int32))
+            return batch_lib.tts_batch([t for _, t, _ in items], [k for *_, k in items], n_text, n_code)
 
         def make(i):
             order = np.random.default_rng((self.seed, i)).permutation(len(train))[:BATCH]
             return batch([train[k] for k in order])
         held_batch = batch(held)
         before = evaluate.speech_token_accuracy(c, trainer.initial_params(c), held_batch)
-        out = trainer.train(c, os.path.join(self.wd, "3.2"), data=trainer.IndexedBatches(make), log=self._stage_log,
+        out = trainer.train(c, os.path.join(self.wd, "3.2"), data=pipeline.IndexedBatches(make), log=self._stage_log,
                             progress=self.progress)
         after = evaluate.speech_token_accuracy(c, stages.merge(out["state"].train, out["state"].frozen), held_batch)
         self.held_replies = [r for r, *_ in held]
@@ -240,10 +233,7 @@ class Demo:
 
     def reply_codes(self, text: str) -> np.ndarray:
         """Codec ids of a reply: each word's recording through the codec encoder, concatenated."""
-        from vita_jax.infer.speech import SpeechModel
-        import librosa
         if getattr(self, "_codec_model", None) is None:
-            from vita_jax.models.tts_decoder import TTSDecoderConfig
             self._codec_model = SpeechModel(TTSDecoderConfig(), None, codec=self.codec())
             self._word_codes = {}
         cm = self._codec_model
@@ -310,9 +300,8 @@ class Demo:
         self.log(f"\n== stage {stage}: {PLAN[stage][0]} ({_steps(stage, self.budget)} steps)")
 
     def _merge_encoder(self, base: str, ctc_model: str) -> str:
-        import vita_jax
-        m = vita_jax.from_pretrained(base)
-        enc = vita_jax.from_pretrained(ctc_model).params["audio_encoder"]["encoder"]
+        m = api.from_pretrained(base)
+        enc = api.from_pretrained(ctc_model).params["audio_encoder"]["encoder"]
         m.params["audio_encoder"]["encoder"] = enc
         path = os.path.join(self.wd, "2.1b-init")
         m.save_pretrained(path, format="orbax", overwrite=True)
@@ -320,19 +309,14 @@ class Demo:
 
     def finish(self, model_dir: str) -> dict:
         """Export to the official layout, read it back, answer a spoken question about an image."""
-        import soundfile as sf
-
-        import vita_jax
-        from vita_jax.infer.speech import SpeechModel
         for fname in os.listdir(self.tok_dir):
             shutil.copy2(os.path.join(self.tok_dir, fname), model_dir)
-        m = vita_jax.from_pretrained(model_dir)
+        m = api.from_pretrained(model_dir)
         m.speech = SpeechModel(m.speech.decoder_cfg, m.speech.decoder_params, codec=self.codec())
         export = os.path.join(self.wd, "export")
         t = time.perf_counter()
         m.save_pretrained(export, format="pytorch", overwrite=True)
-        back = vita_jax.from_pretrained(export)
-        import jax
+        back = api.from_pretrained(export)
         same = all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
                    zip(jax.tree.leaves(m.params), jax.tree.leaves(back.params)))
         same = same and all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
@@ -379,11 +363,6 @@ def _default_codec() -> str | None:
 
 def random_codec(seed: int = 0):
     """A TiCodec of a small shape with random weights: ``(config, None, params)``."""
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
-
-    from vita_jax.models import ticodec
     cfg = ticodec.TiCodecConfig(upsample_initial_channel=64, n_codes=64)
     k = jax.random.split(jax.random.PRNGKey(seed), 4)
     gen = nn.unbox(ticodec.Generator(cfg).init(k[0], jnp.zeros((1, 4, cfg.code_dim)), jnp.zeros((1, 128)))["params"])

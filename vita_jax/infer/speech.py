@@ -1,22 +1,18 @@
 """Speech output: the NAR+AR decoder's code generation (and, with the codec, waveforms).
 
-``load_speech(folder)`` reads a ``vita_tts_ckpt`` folder (``decoder/{model.json,final.pt}``,
-``codec/{model.json,final.pt}``; ``.pt`` files only with ``weights_only=True``).
+``load_speech(folder)`` reads a ``vita_tts_ckpt`` folder through :mod:`vita_jax.convert.tts`
+(``decoder/{model.json,final.pt}``, ``codec/{model.json,final.pt}``).
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Sequence
 
-import json
-
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vita_jax.convert import loader
-from vita_jax.convert.torch_io import TorchReader
+from vita_jax.convert import tts as tts_io
+from vita_jax.models import ticodec
 from vita_jax.models import tts_decoder as dec
 
 
@@ -25,7 +21,6 @@ class SpeechModel:
     ``codec_raw``: the official state dicts, kept for export; ``codec_params``: folded for use)."""
 
     def __init__(self, decoder_cfg: dec.TTSDecoderConfig, decoder_params, codec=None, path: Optional[str] = None):
-        from vita_jax.models import ticodec
         self.decoder_cfg, self.decoder_params, self.path = decoder_cfg, decoder_params, path
         self.codec_cfg, self.codec_raw, self.codec_params = codec if codec is not None else (None, None, None)
         self.decoder = dec.TTSDecoder(decoder_cfg)
@@ -109,7 +104,6 @@ class SpeechModel:
     def codes_to_wave(self, codes, global_tokens=None) -> np.ndarray:
         """Codec ids ``[T]`` (or ``[1, T]``) -> float32 waveform ``[hop·T]`` at the codec rate, with
         the config's fixed global tokens (the voice) unless given."""
-        from vita_jax.models import ticodec
         self._need_codec()
         codes = np.asarray(codes).reshape(-1)
         if codes.size == 0:
@@ -161,36 +155,9 @@ class SpeechModel:
 
     # ------------------------------------------------------------------ export
     def save(self, path: str) -> None:
-        """Writes ``decoder/{model.json,final.pt}`` and ``codec/{model.json,final.pt}`` in the
-        official formats (``{"model": sd}`` and ``{"generator", "quantizer", "encoder"}``)."""
-        import shutil
-        import torch
-        os.makedirs(os.path.join(path, "decoder"), exist_ok=True)
-        sd = {k: torch.from_numpy(v) for k, v in loader.official_tensors(dec.key_table(self.decoder_cfg),
-                                                                         self.decoder_params)}
-        torch.save({"model": sd}, os.path.join(path, "decoder", "final.pt"))
-        _write_or_copy_json(self.path, "decoder", path, self.decoder_cfg.to_model_json)
-        if self.codec_raw is not None:
-            os.makedirs(os.path.join(path, "codec"), exist_ok=True)
-            torch.save({part: {k: torch.from_numpy(np.array(v, copy=True)) for k, v in d.items()}
-                        for part, d in self.codec_raw.items()}, os.path.join(path, "codec", "final.pt"))
-            src = os.path.join(self.path or "", "codec", "model.json")
-            if self.path and os.path.exists(src):
-                shutil.copy2(src, os.path.join(path, "codec", "model.json"))
-            else:
-                with open(os.path.join(path, "codec", "model.json"), "w") as f:
-                    json.dump(self.codec_cfg.to_model_json(), f, indent=4)
+        """Writes the official ``vita_tts_ckpt`` folder (decoder, and codec when loaded)."""
+        tts_io.write(path, self.decoder_cfg, self.decoder_params, self.codec_cfg, self.codec_raw, self.path)
 
-
-def _write_or_copy_json(src_root, part, dst_root, make):
-    import shutil
-    src = os.path.join(src_root or "", part, "model.json")
-    dst = os.path.join(dst_root, part, "model.json")
-    if src_root and os.path.exists(src):
-        shutil.copy2(src, dst)
-    else:
-        with open(dst, "w") as f:
-            json.dump(make(), f, indent=4)
 
 
 PUNCTUATION = set(",，.。?？!！、\n")
@@ -221,24 +188,13 @@ def trim_leading(wav: np.ndarray, level: float = 0.03) -> np.ndarray:
     return wav[loud[0]:] if len(loud) else wav[:0]
 
 
-def load_decoder(folder: str):
-    """``(config, params)`` from ``decoder/model.json`` + ``decoder/final.pt``."""
-    cfg = dec.TTSDecoderConfig.from_model_json(os.path.join(folder, "model.json"))
-    module = dec.TTSDecoder(cfg)
-    x = jnp.zeros((1, 4, cfg.idim))
-    abstract = nn.unbox(jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), x, jnp.array([4]),
-                                                           jnp.zeros((1, 2), jnp.int32), jnp.array([2]))["params"]))
-    params, _ = loader.load(dec.key_table(cfg), TorchReader(os.path.join(folder, "final.pt")), abstract)
-    return cfg, params
-
-
 def load_speech(path: str) -> SpeechModel:
     """A ``vita_tts_ckpt`` folder (``decoder/`` and ``codec/``) -> :class:`SpeechModel`."""
-    if not os.path.isdir(os.path.join(path, "decoder")):
-        raise FileNotFoundError(f"{path}: no decoder/ folder (expected a vita_tts_ckpt folder)")
-    cfg, params = load_decoder(os.path.join(path, "decoder"))
-    codec = load_codec(os.path.join(path, "codec")) if os.path.isdir(os.path.join(path, "codec")) else None
+    cfg, params, codec = tts_io.read(path)
     return SpeechModel(cfg, params, codec, path)
+
+
+load_codec = tts_io.load_codec  # the codec alone: (config, raw state dicts, folded params)
 
 
 
@@ -263,24 +219,3 @@ def find_min_sum_index(buffer: np.ndarray, syn: np.ndarray, n: int, threshold: f
     if m / n < threshold:
         return a[cut:], np.concatenate([buffer, a[:cut]])
     return np.concatenate([buffer, a]), None
-
-
-def load_codec(folder: str):
-    """``(config, raw state dicts {generator, quantizer, encoder} as numpy, folded Flax params)``."""
-    from vita_jax.models import ticodec
-    cfg = ticodec.TiCodecConfig.from_model_json(os.path.join(folder, "model.json"))
-    path = os.path.join(folder, "final.pt")
-    raw = TorchReader.load_nested(path)
-    missing = [p for p in ("generator", "quantizer") if p not in raw]
-    if missing:
-        from vita_jax.convert.safetensors_io import CheckpointError
-        raise CheckpointError(f"{path}: missing part(s) {missing} (expected generator, quantizer, encoder)")
-    ups = [f"ups.{i}" for i in range(len(cfg.upsample_rates))]
-    q = raw["quantizer"]
-    params = {"generator": ticodec.fold_state_dict(raw["generator"], transposed=ups),
-              "codebook": jnp.asarray(q["quantizer_modules.0.embedding.weight"]),
-              "globaltokens": [jnp.asarray(q[f"quantizer_modules_globaltokens.{j}.embedding.weight"])
-                               for j in range(cfg.global_code_num)]}
-    if "encoder" in raw:
-        params["encoder"] = ticodec.fold_state_dict(raw["encoder"])
-    return cfg, raw, params

@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from vita_jax.models import whale
+
 BLANK = 0
 
 
@@ -22,6 +24,18 @@ class CTCHead(nn.Module):
         return nn.Dense(self.num_units, name="ctc_lo",
                         kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", "vocab")),
                         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)))(x)
+
+
+class WhaleCTC(nn.Module):
+    """Encoder (same Flax names as in the full model, so its params move over) + CTC head:
+    ``[B, T, 80]`` fbank, ``[B]`` lengths -> ``(logits [B, T', num_units], mask [B, T'])``."""
+    cfg: whale.WhaleConfig
+    num_units: int
+
+    @nn.compact
+    def __call__(self, features, lengths):
+        out, mask = whale.WhaleEncoder(self.cfg, name="encoder")(features, lengths)
+        return CTCHead(self.num_units, name="ctc")(out), mask
 
 
 def ctc_loss(logits, logit_mask, labels, label_mask):

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
 from typing import Any
 
 import flax.linen as nn
@@ -21,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from vita_jax import parallel
-from vita_jax.convert.table import KeyRule, T
-from vita_jax.models.common import config_from_mapping
+from vita_jax.models.keys import KeyRule, T
+from vita_jax.models.common import config_from_mapping, remat_policy
 from vita_jax.layers.norms import LayerNorm
 
 _init = nn.initializers.normal(0.02)
@@ -52,31 +50,15 @@ class InternViTConfig:
     def grid(self) -> int:
         return self.image_size // self.patch_size
 
+    @property
+    def tokens_per_tile(self) -> int:
+        """LLM positions one tile becomes: the patch grid after the x0.5 pixel shuffle."""
+        return (self.grid // 2) ** 2
+
     @classmethod
     def from_config(cls, vision, **kw) -> "InternViTConfig":
         """From an ``ml_collections`` sub-config (or any mapping with the same fields)."""
         return config_from_mapping(cls, vision, **kw)
-
-
-def read_hf_config(folder: str) -> dict:
-    """Fields of an InternViT ``config.json`` (the ``mm_vision_tower`` folder), checked against
-    what this implementation supports."""
-    path = os.path.join(folder, "config.json")
-    with open(path) as f:
-        hf = json.load(f)
-    hf = hf.get("vision_config", hf)
-    if hf.get("norm_type", "layer_norm") != "layer_norm":
-        raise ValueError(f"{path}: norm_type {hf['norm_type']!r} is not supported (InternViT-300M uses layer_norm)")
-    if hf.get("qk_normalization", False):
-        raise ValueError(f"{path}: qk_normalization=true is not supported (InternViT-300M has none)")
-    if hf.get("hidden_act", "gelu") != "gelu":
-        raise ValueError(f"{path}: hidden_act {hf['hidden_act']!r} is not supported")
-    fields = [f.name for f in dataclasses.fields(InternViTConfig) if f.name not in ("dtype", "param_dtype",
-                                                                                   "remat_policy")]
-    missing = [k for k in fields if k not in hf and k not in ("num_channels", "qkv_bias")]
-    if missing:
-        raise KeyError(f"{path}: missing field(s) {missing}")
-    return {k: hf[k] for k in fields if k in hf}
 
 
 @functools.lru_cache(maxsize=None)
@@ -199,7 +181,6 @@ class Encoder(nn.Module):
         c = self.cfg
         block = Block
         if c.remat_policy != "none":
-            from vita_jax.models.qwen2 import remat_policy
             block = nn.remat(block, prevent_cse=False, policy=remat_policy(c.remat_policy))
         stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=0,
                         length=c.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"})

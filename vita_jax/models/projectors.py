@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from vita_jax import parallel
-from vita_jax.convert.table import KeyRule, T
+from vita_jax.models.keys import KeyRule, T
 
 _init = nn.initializers.normal(0.02)
 

@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from vita_jax import parallel
-from vita_jax.convert.table import KeyRule, T
-from vita_jax.models.common import config_from_mapping
+from vita_jax.models.keys import KeyRule, T
+from vita_jax.models.common import config_from_mapping, remat_policy
 from vita_jax.layers.attention import Attention, causal_padding_mask
 from vita_jax.layers.mlp import SwiGLU
 from vita_jax.layers.norms import RMSNorm
@@ -76,22 +76,6 @@ class KVCache:
         dtype = dtype or cfg.dtype
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, slots), bool),
                    jnp.zeros((), jnp.int32), jnp.zeros((batch,), jnp.int32))
-
-
-_REMAT = {
-    "full": lambda: jax.checkpoint_policies.nothing_saveable,
-    "dots": lambda: jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": lambda: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "qkv_proj": lambda: jax.checkpoint_policies.save_only_these_names(
-        "query_proj", "key_proj", "value_proj", "out_proj"),
-}
-
-
-def remat_policy(name: str):
-    """A ``jax.checkpoint`` policy by name (config field ``remat_policy``)."""
-    if name not in _REMAT:
-        raise ValueError(f"remat_policy {name!r}: choose none or one of {sorted(_REMAT)}")
-    return _REMAT[name]()
 
 
 class DecoderLayer(nn.Module):

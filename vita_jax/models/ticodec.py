@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 LRELU = 0.1
 
@@ -225,7 +226,6 @@ def _module_path(torch_path: str) -> tuple:
 def fold_state_dict(sd: dict, transposed: Sequence[str] = ()) -> dict:
     """Official generator / encoder state dict (numpy) -> Flax params with weight norm folded.
     ``transposed``: module paths that are ConvTranspose1d."""
-    from flax import traverse_util
     flat, seen = {}, set()
     for key in sd:
         mod, _, leaf = key.rpartition(".")

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vita_jax.convert.table import KeyRule, T
+from vita_jax.models.keys import KeyRule, T
 from vita_jax.layers.norms import RMSNorm
 from vita_jax.layers.rope import rope_cos_sin
 from vita_jax.models import qwen2

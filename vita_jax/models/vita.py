@@ -1,103 +1,35 @@
-"""The VITA-1.5 omni model: vision and speech features spliced into the Qwen2 sequence, and the
-official loss.
+"""The VITA-1.5 omni model: its assembly from a config, initialisation, the splicing contract and
+the official loss.
 
-Splicing is planned on the host (:func:`plan_splice`, numpy) exactly as the official
-``prepare_inputs_labels_for_multimodal`` lays the sequence out: padding removed with the attention
-mask, each ``-200`` replaced by the next tile's tokens (one global tile counter over the batch),
-each ``-500`` by the next clip's adapter rows truncated to its ``lengths_for_llm``, inserted rows
-labelled -100, each row cut to ``max_length`` *after* splicing, then right-padded. The plan is a set
-of static-shape index arrays (``kind`` / ``src`` / ``text_ids``), so the jitted model gathers the
-features into place without any data-dependent shapes.
+Assembly: the config's ``llm`` / ``vision`` / ``audio`` / ``tts`` sections become the tower configs
+here and nowhere else (:func:`llm_config`, :func:`vision_config`, :func:`audio_config`,
+:func:`tts_config`); :func:`parts` lists the model's parts with their example inputs and key tables
+(the parameter tree is ``{part: params}``); :meth:`VITA.from_config` builds the whole model and
+:func:`init_params` initialises it (sharded when a mesh is given), :func:`init_heads` the stage
+heads (CTC head, speech decoder).
+
+Splicing contract: the host lays the sequence out (``vita_jax.data.batch.plan_splice``) as the
+official ``prepare_inputs_labels_for_multimodal`` does, as static-shape index arrays ``kind`` /
+``src`` / ``text_ids`` over the spliced positions; the jitted model gathers tile and clip features
+into place with no data-dependent shapes. The placeholder ids, the ignore index and the position
+kinds are defined here, once.
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from vita_jax import parallel
-from vita_jax.models import internvit, projectors, qwen2, whale
+from vita_jax.models import ctc, internvit, projectors, qwen2, tts_decoder, whale
 
+# placeholder ids in ``input_ids`` (one per tile / clip), the label of unsupervised positions
 IMAGE_TOKEN_INDEX, AUDIO_TOKEN_INDEX, IGNORE_INDEX = -200, -500, -100
+# what a spliced position holds
 TEXT, IMAGE, AUDIO, PAD = 0, 1, 2, -1
-
-
-@dataclasses.dataclass
-class SplicePlan:
-    """Per spliced position (``[batch, length]``): ``kind`` (0 text, 1 image, 2 audio, -1 pad),
-    ``text_ids`` (the id for text rows, else 0), ``src`` (row of the flattened image features
-    ``[tiles * tokens_per_tile]`` or audio features ``[clips * audio_len]``), ``labels`` (or None)
-    and ``lengths [batch]`` (real positions per row)."""
-    kind: np.ndarray
-    text_ids: np.ndarray
-    src: np.ndarray
-    labels: Optional[np.ndarray]
-    lengths: np.ndarray
-
-    @property
-    def attention_mask(self) -> np.ndarray:
-        return (self.kind != PAD).astype(np.int32)
-
-
-def plan_splice(input_ids, attention_mask=None, labels=None, *, tokens_per_tile: int = 256,
-                audio_llm_lengths: Sequence[int] = (), audio_len: int = 0, max_length: int = 6200,
-                pad_to: Optional[int] = None, n_tiles: Optional[int] = None) -> SplicePlan:
-    """Host-side layout of the spliced batch. ``audio_len`` is the (padded) time axis of the audio
-    features the model will produce; ``pad_to`` rounds the length up (jit buckets)."""
-    ids = np.asarray(input_ids)
-    if ids.ndim == 1:
-        ids = ids[None]
-    mask = np.ones_like(ids, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
-    lab = None if labels is None else np.asarray(labels)
-    rows, tile, clip = [], 0, 0
-    for b in range(ids.shape[0]):
-        row_ids = ids[b][mask[b]]
-        row_lab = lab[b][mask[b]] if lab is not None else np.full(row_ids.shape, IGNORE_INDEX)
-        kind, text, src, out_lab = [], [], [], []
-        for t, tok in enumerate(row_ids):
-            if tok == IMAGE_TOKEN_INDEX:
-                if n_tiles is not None and tile >= n_tiles:
-                    raise ValueError(f"row {b}: more <image> placeholders than the {n_tiles} image tiles given")
-                kind += [IMAGE] * tokens_per_tile
-                src += list(range(tile * tokens_per_tile, (tile + 1) * tokens_per_tile))
-                text += [0] * tokens_per_tile
-                out_lab += [IGNORE_INDEX] * tokens_per_tile
-                tile += 1
-            elif tok == AUDIO_TOKEN_INDEX:
-                if clip >= len(audio_llm_lengths):
-                    raise ValueError(f"row {b}: more <audio> placeholders than the {len(audio_llm_lengths)} clips given")
-                n = int(audio_llm_lengths[clip])
-                kind += [AUDIO] * n
-                src += list(range(clip * audio_len, clip * audio_len + n))
-                text += [0] * n
-                out_lab += [IGNORE_INDEX] * n
-                clip += 1
-            elif tok < 0:
-                raise ValueError(f"row {b}: unknown placeholder id {int(tok)} (only -200 image, -500 audio)")
-            else:
-                kind.append(TEXT)
-                src.append(0)
-                text.append(int(tok))
-                out_lab.append(int(row_lab[t]))
-        rows.append([np.asarray(a[:max_length]) for a in (kind, text, src, out_lab)])
-    if n_tiles is not None and tile != n_tiles:
-        raise ValueError(f"{n_tiles} image tiles given but the ids hold {tile} <image> placeholders")
-    if clip != len(audio_llm_lengths):
-        raise ValueError(f"{len(audio_llm_lengths)} audio clips given but the ids hold {clip} <audio> placeholders")
-    lengths = np.asarray([len(r[0]) for r in rows], np.int32)
-    L = int(lengths.max()) if len(rows) else 0
-    if pad_to:
-        L = -(-max(L, 1) // pad_to) * pad_to
-    out = [np.full((len(rows), L), fill, dtype) for fill, dtype in ((PAD, np.int8), (0, np.int32), (0, np.int32),
-                                                                      (IGNORE_INDEX, np.int32))]
-    for b, r in enumerate(rows):
-        for arr, vals in zip(out, r):
-            arr[b, :len(vals)] = vals
-    return SplicePlan(out[0], out[1], out[2], out[3] if lab is not None else None, lengths)
+VISION_PREFIX = "model.vision_tower.vision_tower."
 
 
 def lm_loss_terms(logits, labels):
@@ -111,11 +43,49 @@ def lm_loss_terms(logits, labels):
     return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid)
 
 
+# ------------------------------------------------------------------------------ tower configs
+def llm_config(config) -> qwen2.Qwen2Config:
+    impl = None if config.attention_impl == "auto" else config.attention_impl
+    return qwen2.Qwen2Config.from_config(config.llm, dtype=config.dtype, param_dtype=config.param_dtype,
+                                         remat_policy=config.remat_policy, attention_impl=impl)
+
+
+def vision_config(config) -> Optional[internvit.InternViTConfig]:
+    if not config.has_vision:
+        return None
+    return internvit.InternViTConfig.from_config(config.vision, dtype=config.dtype, param_dtype=config.param_dtype,
+                                                 remat_policy=config.remat_policy)
+
+
+def audio_config(config) -> Optional[whale.WhaleConfig]:
+    if not config.has_audio:
+        return None
+    # the adapter always projects to the LLM width (a train.yaml that disagrees is rejected on load)
+    return whale.WhaleConfig.from_config(config.audio, dtype=config.dtype, param_dtype=config.param_dtype,
+                                         remat_policy=config.remat_policy, llm_embed_dim=config.llm.hidden_size)
+
+
+def tts_config(config) -> tts_decoder.TTSDecoderConfig:
+    t = config.get("tts", None)
+    if t is None:
+        raise ValueError("stage 3.2 needs config.tts (the speech decoder's dimensions)")
+    return tts_decoder.TTSDecoderConfig(**dict(t))
+
+
 class VITA(nn.Module):
     """The whole model; parameter tree ``{llm, vision_tower, mm_projector, audio_encoder}``."""
     llm_cfg: qwen2.Qwen2Config
     vit_cfg: Optional[internvit.InternViTConfig] = None
     whale_cfg: Optional[whale.WhaleConfig] = None
+
+    @classmethod
+    def from_config(cls, config) -> "VITA":
+        """The model a (ml_collections) config describes."""
+        return cls(llm_config(config), vision_config(config), audio_config(config))
+
+    @property
+    def tokens_per_tile(self) -> int:
+        return self.vit_cfg.tokens_per_tile if self.vit_cfg is not None else 0
 
     def setup(self):
         self.llm = qwen2.Qwen2ForCausalLM(self.llm_cfg)
@@ -155,3 +125,68 @@ class VITA(nn.Module):
         x = self.embed(kind, text_ids, src, pixels, audio_features, audio_lengths)
         logits, _ = self.llm(inputs_embeds=x, attention_mask=(kind != PAD).astype(jnp.int32))
         return logits
+
+
+# ------------------------------------------------------------------------------ parts and init
+class Part(NamedTuple):
+    module: nn.Module
+    example: tuple      # inputs that ``module.init`` takes
+    key_table: list     # official tensor names (``vita_jax.models.keys.KeyRule``)
+
+
+def parts(config) -> dict[str, Part]:
+    """name -> :class:`Part` for every part the config has; the model's parameter tree is
+    ``{name: part params}`` (the submodule names of :class:`VITA`)."""
+    lc = llm_config(config)
+    out = {"llm": Part(qwen2.Qwen2ForCausalLM(lc), (jnp.zeros((1, 8), jnp.int32),), qwen2.key_table(lc))}
+    vc = vision_config(config)
+    if vc is not None:
+        out["vision_tower"] = Part(internvit.InternViT(vc), (jnp.zeros((1, 3, vc.image_size, vc.image_size)),),
+                                   internvit.key_table(vc, VISION_PREFIX))
+        out["mm_projector"] = Part(projectors.MLPProjector(lc.hidden_size, lc.dtype, lc.param_dtype),
+                                   (jnp.zeros((1, 1, config.mm_hidden_size)),), projectors.projector_key_table())
+    ac = audio_config(config)
+    if ac is not None:
+        out["audio_encoder"] = Part(whale.WhaleAudioEncoder(ac), (jnp.zeros((1, 16, ac.input_dim)), jnp.array([16])),
+                                    whale.key_table(ac))
+    return out
+
+
+def abstract_part(module: nn.Module, example: tuple) -> dict:
+    """Boxed (logically partitioned) abstract parameters of one part."""
+    return jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *example)["params"])
+
+
+def init_module(module: nn.Module, mesh=None, seed: int = 0, example=None) -> dict:
+    """Random parameters of ``module`` (created directly in their sharded slots with a mesh);
+    ``example``: its init inputs (a tuple, or one array; default int ids ``[1, 8]``)."""
+    args = example if isinstance(example, tuple) else (jnp.zeros((1, 8), jnp.int32) if example is None else example,)
+
+    def init(key):
+        return module.init(key, *args)["params"]
+    key = jax.random.PRNGKey(seed)
+    if mesh is None:
+        return nn.unbox(jax.jit(init)(key))
+    return parallel.sharded_init(init, mesh, key)[0]
+
+
+def init_params(config, seed: int = 0, mesh=None) -> dict:
+    """Random parameters of every part of ``config``'s model (part ``i`` from ``seed + i``)."""
+    return {name: init_module(p.module, mesh, seed + i, p.example) for i, (name, p) in enumerate(parts(config).items())}
+
+
+def init_heads(config, params: dict, seed: int = 0) -> dict:
+    """``params`` plus the heads the stage's loss needs and does not have yet: the CTC head
+    (``ctc``, ``config.ctc_units`` units) for stage 2.1a, the speech decoder (``tts_decoder``)
+    for stage 3.2."""
+    params = dict(params)
+    if config.loss == "ctc" and "ctc" not in params:
+        f = jnp.zeros((1, 64, config.audio.input_dim))
+        module = ctc.WhaleCTC(audio_config(config), int(config.ctc_units))
+        params["ctc"] = nn.unbox(module.init(jax.random.PRNGKey(seed), f, jnp.array([64]))["params"]["ctc"])
+    if config.loss == "tts" and "tts_decoder" not in params:
+        tc = tts_config(config)
+        params["tts_decoder"] = nn.unbox(tts_decoder.TTSDecoder(tc).init(
+            jax.random.PRNGKey(seed + 1), jnp.zeros((1, 4, tc.idim)), jnp.array([4]), jnp.zeros((1, 2), jnp.int32),
+            jnp.array([2]))["params"])
+    return params

@@ -1,5 +1,5 @@
 """The "whale" speech encoder of VITA-1.5 and its speech adapter (``adpter``, sic), with the key
-table for ``model.audio_encoder.*`` and the reader of the official ``train.yaml``.
+table for ``model.audio_encoder.*`` (the official ``train.yaml`` is read by ``vita_jax.convert.release``).
 
 Pipeline on a zero-padded fbank batch ``[B, T, 80]`` (lengths ``[B]``):
 global CMVN (also on padded frames, as official) -> Conv2dSubsampling4 (two 3x3 stride-2 convs +
@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from vita_jax import parallel
-from vita_jax.convert.table import KeyRule, T
-from vita_jax.models.common import config_from_mapping
+from vita_jax.models.keys import KeyRule, T
+from vita_jax.models.common import config_from_mapping, remat_policy
 from vita_jax.layers.norms import LayerNorm
 
 _init = nn.initializers.normal(0.02)
@@ -55,56 +55,30 @@ class WhaleConfig:
     def freq_out(self) -> int:
         return ((self.input_dim - 1) // 2 - 1) // 2
 
+    @property
+    def max_frames(self) -> int:
+        """The longest fbank input the position table covers (``max_positions`` encoder rows)."""
+        return 4 * self.max_positions + 3
+
+    @staticmethod
+    def llm_length(frames):
+        """fbank frames -> LLM tokens of one clip (see :func:`llm_length`)."""
+        return llm_length(frames)
+
     @classmethod
     def from_config(cls, audio, **kw) -> "WhaleConfig":
         """From an ``ml_collections`` sub-config (or any mapping with the same fields)."""
         return config_from_mapping(cls, audio, **kw)
 
 
-def read_train_yaml(path: str) -> dict:
-    """The architecture fields of an official whale ``train.yaml`` (hyphenated keys as the
-    official argparse-based reader maps them), checked against what is implemented."""
-    import yaml
-    try:
-        with open(path) as f:
-            y = yaml.safe_load(f)
-        enc = y["encoder_conf"]
-        tr = {k.replace("-", "_"): v for k, v in enc["para_conf"]["transformer"].items()}
-        sub = {k.replace("-", "_"): v for k, v in enc["para_conf"].get("subsampling", {}).items()}
-        model = y.get("model_conf", {})
-        layers = enc["overview_conf"].get("encoder-layer-config", "subsampling-transformer")
-    except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"{path}: not a whale train.yaml: {e}") from e
+def encoder_length(frames):
+    """fbank frames -> whale encoder frames: ``((T - 1) // 2 - 1) // 2`` (two stride-2 3x3 convs)."""
+    return ((np.asarray(frames) - 1) // 2 - 1) // 2
 
-    def need(cond, msg):
-        if not cond:
-            raise ValueError(f"{path}: {msg}")
 
-    need(layers == "subsampling-transformer", f"encoder-layer-config {layers!r} is not supported")
-    need(sub.get("subsampling_rate", 4) == 4, f"subsampling-rate {sub.get('subsampling_rate')} is not supported (4)")
-    need(tr.get("transformer_pos_enc_class", "rel-enc") == "rel-enc", "only transformer-pos-enc-class rel-enc is supported")
-    need(tr.get("transformer_input_layer", "linear") == "linear", "only transformer-input-layer linear is supported")
-    need(tr.get("transformer_normalize_before", True), "only transformer-normalize-before true is supported")
-    need(not tr.get("transformer_concat_after", False), "transformer-concat-after true is not supported")
-    need(model.get("adpter_type", "subsampling") == "subsampling", f"adpter_type {model.get('adpter_type')!r} is not supported")
-    need(model.get("norm", "layer") == "layer", f"adapter norm {model.get('norm')!r} is not supported (layer)")
-    need(not model.get("add_audio_bos_eos", False), "add_audio_bos_eos true is not supported")
-    act = model.get("activation_func", "gelu")
-    need(act in ("gelu", "relu"), f"adapter activation_func {act!r} is not supported")
-    dim = int(tr.get("transformer_attention_dim", tr.get("transformer_output_dim", 1024)))
-    need(int(sub.get("subsampling_output_dim", dim)) == dim, "subsampling-output-dim must equal transformer-attention-dim")
-    out = dict(input_dim=int(y.get("input_dim", sub.get("subsampling_input_dim", 80))), attention_dim=dim,
-               attention_heads=int(tr.get("transformer_attention_heads", 16)),
-               linear_units=int(tr.get("transformer_linear_units", 4096)),
-               num_blocks=int(tr.get("transformer_num_blocks", 24)),
-               chunk_size=int(tr.get("transformer_chunk_size", -1)), left_chunks=int(tr.get("transformer_left_chunks", -1)),
-               llm_embed_dim=int(model.get("llm_embed_dim", 3584)), kernel_size=int(model.get("kernel_size", 5)),
-               activation=act,
-               dynamic_chunks=bool(tr.get("transformer_dynamic_chunks", True)),
-               dither=float(y.get("dataset_conf", {}).get("fbank_conf", {}).get("dither", 0.0)),
-               cmvn_file=y.get("cmvn_file", "global_cmvn"))
-    need(out["chunk_size"] != 0, "transformer-chunk_size 0 crashes the official code; use -1 (full) or > 0")
-    return out
+def llm_length(frames):
+    """fbank frames -> LLM tokens (``lengths_for_llm``): encoder frames then the stride-2 adapter."""
+    return (encoder_length(frames) - 1) // 2 + 1
 
 
 @functools.lru_cache(maxsize=None)
@@ -229,7 +203,6 @@ class WhaleEncoder(nn.Module):
             att_mask = att_mask & jnp.asarray(chunk_mask(t2, c.chunk_size, c.left_chunks))[None]
         block = Block
         if c.remat_policy != "none":
-            from vita_jax.models.qwen2 import remat_policy
             block = nn.remat(block, prevent_cse=False, policy=remat_policy(c.remat_policy))
         stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                         in_axes=(nn.broadcast, nn.broadcast), length=c.num_blocks,

@@ -1,11 +1,56 @@
-"""Model FLOPs of one training step, MaxText's way: matmul parameters x tokens x 2 per forward, the
-embedding gather not counted, causal attention 4·B·S²·H·D/2; a module that is differentiated costs
-3x its forward (forward + backward), a frozen tower below every trainable module 1x (forward only)."""
+"""Model FLOPs of one training step, MaxText's way, and the device peak table: the one place the
+trainer's MFU and the benchmarks (``vita_jax.bench``) take them from.
+
+Matmul parameters x tokens x 2 per forward, the embedding gather not counted, causal attention
+4·B·S²·H·D/2; a module that is differentiated costs 3x its forward (forward + backward), a frozen
+tower below every trainable module 1x (forward only)."""
 from __future__ import annotations
 
 import re
 
-from vita_jax import config as config_lib
+from vita_jax.models import qwen2, vita
+
+# dense bf16 peak FLOP/s and HBM bytes/s per device (vendor figures); matched by substring of
+# jax's device_kind, first match wins
+PEAKS = (
+    ("H200", 989e12, 4.8e12),
+    ("H100", 989e12, 3.35e12),
+    ("A100", 312e12, 2.039e12),
+    ("L4", 121e12, 0.3e12),
+    ("TPU v6", 918e12, 1.64e12),
+    ("TPU v5 lite", 197e12, 0.819e12),
+    ("TPU v5e", 197e12, 0.819e12),
+    ("TPU v5", 459e12, 2.765e12),
+    ("TPU v4", 275e12, 1.2e12),
+)
+
+
+def device_peaks(kind: str, override_tflops: float = 0.0, override_gbps: float = 0.0):
+    """``(peak FLOP/s, HBM bytes/s)`` of one device of ``kind`` (None when unknown); overrides in
+    TFLOP/s and GB/s win."""
+    peak, bw = None, None
+    for sub, p, b in PEAKS:
+        if sub.lower() in kind.lower():
+            peak, bw = p, b
+            break
+    if override_tflops:
+        peak = override_tflops * 1e12
+    if override_gbps:
+        bw = override_gbps * 1e9
+    return peak, bw
+
+
+def llm_forward_flops(cfg: qwen2.Qwen2Config, batch: int, seq: int) -> float:
+    """One forward of the LLM over ``batch`` x ``seq`` tokens: matmuls + causal attention."""
+    e, m, h, k, d, n = (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
+                        cfg.num_key_value_heads, cfg.dim_head, cfg.num_hidden_layers)
+    matmul_params = n * (e * (h + 2 * k) * d + h * d * e + 3 * e * m) + e * cfg.vocab_size
+    return 2 * matmul_params * batch * seq + n * 4 * batch * seq * seq * h * d / 2
+
+
+def training_flops(cfg: qwen2.Qwen2Config, batch: int, seq: int) -> float:
+    """Model FLOPs of one LLM-only training step (forward + backward), MaxText's accounting."""
+    return 3 * llm_forward_flops(cfg, batch, seq)
 
 
 def _trained(config, prefix: str) -> bool:
@@ -14,15 +59,13 @@ def _trained(config, prefix: str) -> bool:
 
 def step_flops(config, batch_size: int, seq_len: int, tiles: int = 0, audio_frames: int = 0) -> float:
     """``tiles``: ViT tiles per step; ``audio_frames``: fbank frames per step (all clips)."""
-    lc = config_lib.llm_config(config)
-    e, m, h, k, d, n = (lc.hidden_size, lc.intermediate_size, lc.num_attention_heads, lc.num_key_value_heads,
-                        lc.dim_head, lc.num_hidden_layers)
-    llm_params = n * (e * (h + 2 * k) * d + h * d * e + 3 * e * m) + e * lc.vocab_size
-    llm = 2 * llm_params * batch_size * seq_len + n * 4 * batch_size * seq_len ** 2 * h * d / 2
+    lc = vita.llm_config(config)
+    e = lc.hidden_size
+    llm = llm_forward_flops(lc, batch_size, seq_len)
     # the LLM is differentiated whenever anything trains (everything trainable sits below or in it),
     # except the CTC stage, which does not use it
     total = 0.0 if config.loss == "ctc" else 3 * llm
-    vc = config_lib.vision_config(config)
+    vc = vita.vision_config(config)
     if vc is not None and tiles:
         t = (vc.image_size // vc.patch_size) ** 2 + 1
         c, mm = vc.hidden_size, vc.intermediate_size
@@ -30,7 +73,7 @@ def step_flops(config, batch_size: int, seq_len: int, tiles: int = 0, audio_fram
         proj_in = 4 * c
         proj = tiles * (t // 4) * 2 * (proj_in * e + e * e)
         total += vit * (3 if _trained(config, "vision_tower/") else 1) + 3 * proj
-    ac = config_lib.audio_config(config)
+    ac = vita.audio_config(config)
     if ac is not None and audio_frames:
         t = audio_frames / 4
         c, ff = ac.attention_dim, ac.linear_units

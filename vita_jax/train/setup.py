@@ -2,6 +2,7 @@
 explicit shardings, and the jitted step."""
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +10,7 @@ from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vita_jax import parallel
+from vita_jax.models import vita
 from vita_jax.train import stages
 from vita_jax.train import step as step_lib
 
@@ -29,7 +31,6 @@ def state_shardings(state: step_lib.TrainState, param_shardings: dict, mesh):
 
 def flat_param_shardings(boxed_tree, mesh) -> dict:
     """``{"a/b/c": (NamedSharding, shape)}`` from a boxed (logically partitioned) parameter tree."""
-    import flax.linen as nn
     sh = traverse_util.flatten_dict(nn.unbox(parallel.param_shardings(boxed_tree, mesh)), sep="/")
     shapes = traverse_util.flatten_dict(nn.unbox(boxed_tree), sep="/")
     return {k: (sh[k], tuple(shapes[k].shape)) for k in sh}
@@ -58,9 +59,8 @@ def build(config, params, mesh=None, total_steps: int | None = None):
     if mesh is None:
         return state, jax.jit(fn, donate_argnums=0), info
     pshard = {}
-    for name, (module, example, _) in _parts(config).items():
-        from vita_jax.convert import release
-        boxed = release.abstract_part(module, example)
+    for name, (module, example, _) in vita.parts(config).items():
+        boxed = vita.abstract_part(module, example)
         pshard.update({f"{name}/{k}": v for k, v in flat_param_shardings(boxed, mesh).items()})
     shard = state_shardings(state, pshard, mesh)
     state = jax.device_put(state, shard)
@@ -98,7 +98,3 @@ def build(config, params, mesh=None, total_steps: int | None = None):
     info["shardings"] = shard
     return state, run, info
 
-
-def _parts(config):
-    from vita_jax.convert import release
-    return release.build_parts(config)

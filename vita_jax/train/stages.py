@@ -18,6 +18,8 @@ import ml_collections
 import optax
 from flax import traverse_util
 
+from vita_jax import config as config_lib
+
 # stage -> (description, trainable patterns, loss, lr, {pattern: lr}, frozen pattern overrides)
 STAGES = {
     "1.1": ("vision alignment: projector only", (r"mm_projector/.*",), "lm", 5e-4, {}),
@@ -35,7 +37,6 @@ STAGES = {
 
 def stage_config(stage: str, arg: str | None = None) -> ml_collections.ConfigDict:
     """The config of one stage; ``arg == "tiny"`` selects the tiny model (tests, the demo)."""
-    from vita_jax import config as config_lib
     if stage not in STAGES:
         raise KeyError(f"unknown stage {stage!r}; stages: {sorted(STAGES)}")
     desc, trainable, loss, lr, group_lrs = STAGES[stage]
@@ -57,7 +58,8 @@ def stage_config(stage: str, arg: str | None = None) -> ml_collections.ConfigDic
     c.ctc_units = 0  # 0: from the unit vocabulary trained on the transcripts
     c.init_from = ""  # previous stage's checkpoint (parameters only, fresh optimizer)
     c.data = ml_collections.ConfigDict(dict(mixture=[], tfds=[], shuffle_seed=0, seq_len=128 if arg == "tiny" else 6200,
-                                            max_tiles_per_sample=1 if arg == "tiny" else 13, max_clips_per_sample=1,
+                                            max_tiles_per_sample=1 if arg == "tiny" else tiles_per_image(c),
+                                            max_clips_per_sample=1,
                                             max_frames=128 if arg == "tiny" else 3000, synthetic_size=256,
                                             tokenizer=""))  # tokenizer folder (default: init_from)
     if stage == "3.2":  # the speech decoder: input width = LLM width / 4 (the release: 896, 1024 codes)
@@ -66,6 +68,14 @@ def stage_config(stage: str, arg: str | None = None) -> ml_collections.ConfigDic
                                                attention_heads=4 if tiny else 14, linear_units=64 if tiny else 4864,
                                                num_blocks=4))
     return c
+
+
+def tiles_per_image(config) -> int:
+    """The most tiles one image becomes under ``config.image`` (``max_dynamic_patch`` + the
+    thumbnail): the default tile budget of a training sample (13 for VITA-1.5; the tiny configs
+    keep 1, what their synthetic examples have: set it to this for official data)."""
+    im = config.image
+    return int(im.max_dynamic_patch) + (1 if im.use_thumbnail and im.max_dynamic_patch > 1 else 0)
 
 
 def _path(p) -> str:

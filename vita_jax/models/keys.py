@@ -1,5 +1,5 @@
-"""Key-table vocabulary: one :class:`KeyRule` per official tensor name, with the layout transform
-between the PyTorch tensor and the Flax leaf. Tables themselves live next to their models."""
+"""The official-name vocabulary of the key tables: one :class:`KeyRule` per official tensor name,
+with the layout transform between the PyTorch tensor and the Flax leaf. Tables themselves live next to their models."""
 from __future__ import annotations
 
 import dataclasses

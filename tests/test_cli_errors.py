@@ -1,0 +1,38 @@
+"""The CLI's error boundary: a user mistake is one line ``vita-jax: error: ...`` naming the file,
+option or field, exit code 2, no traceback; ``--debug`` shows the traceback."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import TINY
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", "vita_jax.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+@pytest.mark.parametrize("args, named", [
+    (("generate", "--checkpoint", "/no/such/model", "--prompt", "hi"), "/no/such/model"),
+    (("convert", "--to", "orbax", "/no/such/release", "out"), "/no/such/release"),
+    (("generate", TINY, "--prompt", "hi"), "tokenizer.json"),
+    (("train", "--config=configs/no_such_stage.py", "--workdir", "wd"), "no_such_stage.py"),
+    (("train", "--config=configs/stage1_1.py:tiny", "--config.llm.hidden_sise=3", "--workdir", "wd"),
+     "llm.hidden_sise"),
+    (("train", "--config=configs/tiny.py", "--workdir", "wd"), "stage config"),
+])
+def test_user_mistake_is_one_line(tmp_path, args, named):
+    r = _run(*[a.replace("wd", str(tmp_path / "wd")) if a == "wd" else a for a in args])
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr and r.stderr.strip().splitlines()[-1].startswith("vita-jax: error: ")
+    assert named in r.stderr
+    assert not os.path.exists(tmp_path / "wd")  # nothing was started
+
+
+def test_debug_shows_the_traceback():
+    r = _run("convert", "--to", "orbax", "/no/such/release", "out", "--debug")
+    assert r.returncode == 1 and "Traceback" in r.stderr and "FileNotFoundError" in r.stderr

@@ -1,0 +1,37 @@
+"""Opening a model checkpoint of either kind: an official release folder or a vita_jax (orbax)
+checkpoint, with its tokenizer and speech-output checkpoint. What the API, the trainer
+(``init_from``) and the demo load through."""
+from __future__ import annotations
+
+import os
+from typing import NamedTuple, Optional
+
+import jax.numpy as jnp
+
+from vita_jax.convert import orbax_io, pytorch, tts
+from vita_jax.data.text import TextTokenizer, load_tokenizer
+
+
+class Checkpoint(NamedTuple):
+    config: object              # ml_collections.ConfigDict
+    params: dict                # {llm, vision_tower, mm_projector, audio_encoder}
+    tokenizer: Optional[TextTokenizer]
+    keys_read: list             # official keys read (empty for an orbax checkpoint)
+    source_dtypes: dict         # official key -> stored dtype (kept for export)
+    path: Optional[str]         # the release folder (None for an orbax checkpoint)
+    tts: Optional[tuple]        # (decoder_cfg, decoder_params, codec or None) of vita_tts_ckpt/
+
+
+def load(path: str, dtype=jnp.float32, mesh=None, config_overrides: Optional[dict] = None,
+         strict: bool = True) -> Checkpoint:
+    """Reads ``path`` (release folder or vita_jax checkpoint); parameters in ``dtype``, placed in
+    their shards with a ``mesh``. ``config_overrides`` (dotted fields -> values) apply to a release
+    folder's config (an orbax checkpoint keeps the config it was saved with)."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path} is not a directory")
+    speech = tts.read(os.path.join(path, "vita_tts_ckpt")) if os.path.isdir(os.path.join(path, "vita_tts_ckpt")) else None
+    if orbax_io.is_orbax_checkpoint(path):
+        config, params, dtypes = orbax_io.load(path, dtype, mesh)
+        return Checkpoint(config, params, load_tokenizer(path), [], dtypes, None, speech)
+    config, params, keys, dtypes = pytorch.load_release(path, dtype, mesh, config_overrides, strict)
+    return Checkpoint(config, params, load_tokenizer(path), keys, dtypes, path, speech)

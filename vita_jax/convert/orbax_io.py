@@ -1,0 +1,92 @@
+"""vita_jax checkpoints of a model (orbax): ``params/`` (sharded arrays, restored straight into the
+shardings of any mesh), ``vita_jax.json`` (the config and the source dtypes), tokenizer files and an
+optional ``vita_tts_ckpt/``. Written into a temporary sibling folder and committed atomically."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Optional, Sequence
+
+import flax.linen as nn
+import jax
+import ml_collections
+import ml_dtypes
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+from vita_jax import parallel
+from vita_jax.convert import release
+from vita_jax.convert.safetensors_io import CheckpointError
+from vita_jax.models import vita
+
+ORBAX_META = "vita_jax.json"
+
+
+def is_orbax_checkpoint(path: str) -> bool:
+    return os.path.exists(os.path.join(path, ORBAX_META))
+
+
+def save(dst: str, config, params: dict, source_dtypes: Optional[dict] = None, tokenizer_dirs: Sequence = (),
+         write_extra=None, overwrite: bool = False) -> None:
+    """``dst/params`` (orbax, sharded arrays written in parallel by every process), ``dst/vita_jax.json``
+    (config and source dtypes), the tokenizer files of the first of ``tokenizer_dirs`` that has
+    them, and whatever ``write_extra(tmp)`` adds (``vita_tts_ckpt``; process 0 only)."""
+    multi = jax.process_count() > 1
+    if multi:  # every process writes its shards into one shared folder; process 0 does the rest
+        tmp = os.path.abspath(dst) + ".partial"
+        if jax.process_index() == 0:
+            if os.path.exists(dst) and os.listdir(dst) and not overwrite:
+                raise FileExistsError(f"{dst} exists and is not empty (pass overwrite=True to replace it)")
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        multihost_utils.sync_global_devices("vita_jax.save_orbax:prepared")
+    else:
+        tmp = release.prepare_target(dst, overwrite)
+    try:
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save(os.path.join(tmp, "params"), params)
+        ckptr.wait_until_finished()
+        if multi and jax.process_index() != 0:
+            multihost_utils.sync_global_devices("vita_jax.save_orbax:committed")
+            return
+        meta = {"format": "vita_jax", "version": 1, "config": json.loads(config.to_json()),
+                "source_dtypes": {k: np.dtype(v).name for k, v in (source_dtypes or {}).items()}}
+        with open(os.path.join(tmp, ORBAX_META), "w") as f:
+            json.dump(meta, f, indent=1)
+        release.copy_tokenizer(tmp, *tokenizer_dirs)
+        if write_extra is not None:
+            write_extra(tmp)
+        release.commit(tmp, dst)
+        if multi:
+            multihost_utils.sync_global_devices("vita_jax.save_orbax:committed")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load(path: str, dtype=None, mesh=None):
+    """Returns ``(config, params, source_dtypes)`` of a checkpoint written by :func:`save`,
+    restored straight into the shardings of ``mesh`` (or the default device)."""
+    with open(os.path.join(path, ORBAX_META)) as f:
+        meta = json.load(f)
+    config = ml_collections.ConfigDict(meta["config"])
+    if dtype is not None:
+        config.dtype = config.param_dtype = np.dtype(dtype).name
+    target = {}
+    for name, (module, example, _) in vita.parts(config).items():
+        boxed = vita.abstract_part(module, example)
+        if mesh is not None:
+            sh = nn.unbox(parallel.param_shardings(boxed, mesh))
+        else:
+            dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            sh = jax.tree.map(lambda _: dev, nn.unbox(boxed))
+        target[name] = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), sh)
+    try:
+        params = ocp.StandardCheckpointer().restore(os.path.join(path, "params"), target)
+    except Exception as e:
+        raise CheckpointError(f"{path}/params: cannot restore the orbax checkpoint: {e}") from e
+    dtypes = {k: np.dtype(ml_dtypes.bfloat16) if v == "bfloat16" else np.dtype(v)
+              for k, v in meta.get("source_dtypes", {}).items()}
+    return config, params, dtypes

@@ -1,0 +1,301 @@
+"""The one host batch builder of vita_jax: preprocessing settings from the config, the splice plan,
+and the static-shape arrays the jitted model takes, for training, ``chat`` / ``generate``, the
+demo and the tests alike.
+
+* :func:`preprocess_settings` maps the config to the official preprocessing (dynamic tiling with
+  ``image.max_dynamic_patch`` / ``min_dynamic_patch`` / ``use_thumbnail`` and the CLIP processor
+  settings, video frame sampling, fbank), once; :class:`Preprocess` applies it to media.
+* :func:`plan_splice` lays a batch out as the official ``prepare_inputs_labels_for_multimodal``
+  does: padding removed with the attention mask, each ``-200`` replaced by the next tile's tokens
+  (one global tile counter over the batch), each ``-500`` by the next clip's adapter rows truncated
+  to its ``lengths_for_llm``, inserted rows labelled -100, each row cut to ``max_length`` *after*
+  splicing, then right-padded.
+* :func:`build` turns ids, labels, tiles and fbank clips into the model's arrays (``kind``,
+  ``text_ids``, ``src``, ``labels``, ``pixels``, ``audio_feats``, ``audio_lens``) with the given
+  slot counts: fixed budgets in training (:class:`LMCollator`), power-of-two buckets at inference.
+* :func:`ctc_batch` and :func:`tts_batch` build the batches of stages 2.1a and 3.2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Optional, Sequence
+
+import numpy as np
+
+from vita_jax.data import audio as audio_lib
+from vita_jax.data import image as image_lib
+from vita_jax.data import video as video_lib
+from vita_jax.models.vita import AUDIO, AUDIO_TOKEN_INDEX, IGNORE_INDEX, IMAGE, IMAGE_TOKEN_INDEX, PAD, TEXT
+from vita_jax.models.whale import llm_length
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- preprocessing
+@dataclasses.dataclass(frozen=True)
+class Preprocess:
+    """The official host preprocessing, one setting per field (defaults: VITA-1.5's)."""
+    image: image_lib.ImageProcessorConfig = image_lib.ImageProcessorConfig()
+    max_tiles: int = 12          # image.max_dynamic_patch
+    min_tiles: int = 1           # image.min_dynamic_patch
+    use_thumbnail: bool = True
+    video_fps: float = 1.0
+    video_max_frames: int = video_lib.MAX_FRAMES
+    video_min_frames: int = video_lib.MIN_FRAMES
+    dither: float = 0.0
+    num_mel_bins: int = 80
+
+    def tiles(self, src) -> np.ndarray:
+        """An image (path, binary file object or PIL image) -> float32 ``[tiles, 3, S, S]``."""
+        return image_lib.preprocess_image(src, self.image, max_num=self.max_tiles, min_num=self.min_tiles,
+                                          use_thumbnail=self.use_thumbnail)
+
+    def frames(self, src) -> np.ndarray:
+        """A video (path or binary file object) -> float32 ``[frames, 3, S, S]``, one tile a frame."""
+        return video_lib.preprocess_video(src, self.image, self.video_fps, self.video_max_frames,
+                                          self.video_min_frames)
+
+    def fbank(self, src, sample_rate: Optional[int] = None) -> np.ndarray:
+        """Audio (path, file object, or waveform with its rate) -> float32 fbank ``[frames, mel]``."""
+        return audio_lib.audio_features(src, sample_rate, dither=self.dither, num_mel_bins=self.num_mel_bins)
+
+
+def preprocess_settings(config) -> Preprocess:
+    """The config's preprocessing (``config.image``, ``config.audio``): the only mapping from the
+    config to preprocessing settings, used by training and inference alike."""
+    im = config.image
+    proc = image_lib.ImageProcessorConfig(size=int(im.size), crop_size=int(im.crop_size), mean=tuple(im.mean),
+                                          std=tuple(im.std), resample=int(im.resample))
+    return Preprocess(proc, int(im.max_dynamic_patch), int(im.min_dynamic_patch), bool(im.use_thumbnail),
+                      float(im.video_fps), int(im.video_max_frames), int(im.video_min_frames),
+                      float(config.audio.dither), int(config.audio.input_dim))
+
+
+# ------------------------------------------------------------------------------ splicing
+@dataclasses.dataclass
+class SplicePlan:
+    """Per spliced position (``[batch, length]``): ``kind`` (0 text, 1 image, 2 audio, -1 pad),
+    ``text_ids`` (the id for text rows, else 0), ``src`` (row of the flattened image features
+    ``[tiles * tokens_per_tile]`` or audio features ``[clips * audio_len]``), ``labels`` (or None)
+    and ``lengths [batch]`` (real positions per row)."""
+    kind: np.ndarray
+    text_ids: np.ndarray
+    src: np.ndarray
+    labels: Optional[np.ndarray]
+    lengths: np.ndarray
+
+    @property
+    def attention_mask(self) -> np.ndarray:
+        return (self.kind != PAD).astype(np.int32)
+
+
+def plan_splice(input_ids, attention_mask=None, labels=None, *, tokens_per_tile: int = 256,
+                audio_llm_lengths: Sequence[int] = (), audio_len: int = 0, max_length: int = 6200,
+                pad_to: Optional[int] = None, n_tiles: Optional[int] = None) -> SplicePlan:
+    """Host-side layout of the spliced batch. ``audio_len`` is the (padded) time axis of the audio
+    features the model will produce; ``pad_to`` rounds the length up (jit buckets)."""
+    ids = np.asarray(input_ids)
+    if ids.ndim == 1:
+        ids = ids[None]
+    mask = np.ones_like(ids, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+    lab = None if labels is None else np.asarray(labels)
+    rows, tile, clip = [], 0, 0
+    for b in range(ids.shape[0]):
+        row_ids = ids[b][mask[b]]
+        row_lab = lab[b][mask[b]] if lab is not None else np.full(row_ids.shape, IGNORE_INDEX)
+        kind, text, src, out_lab = [], [], [], []
+        for t, tok in enumerate(row_ids):
+            if tok == IMAGE_TOKEN_INDEX:
+                if n_tiles is not None and tile >= n_tiles:
+                    raise ValueError(f"row {b}: more <image> placeholders than the {n_tiles} image tiles given")
+                kind += [IMAGE] * tokens_per_tile
+                src += list(range(tile * tokens_per_tile, (tile + 1) * tokens_per_tile))
+                text += [0] * tokens_per_tile
+                out_lab += [IGNORE_INDEX] * tokens_per_tile
+                tile += 1
+            elif tok == AUDIO_TOKEN_INDEX:
+                if clip >= len(audio_llm_lengths):
+                    raise ValueError(f"row {b}: more <audio> placeholders than the {len(audio_llm_lengths)} clips given")
+                n = int(audio_llm_lengths[clip])
+                kind += [AUDIO] * n
+                src += list(range(clip * audio_len, clip * audio_len + n))
+                text += [0] * n
+                out_lab += [IGNORE_INDEX] * n
+                clip += 1
+            elif tok < 0:
+                raise ValueError(f"row {b}: unknown placeholder id {int(tok)} (only -200 image, -500 audio)")
+            else:
+                kind.append(TEXT)
+                src.append(0)
+                text.append(int(tok))
+                out_lab.append(int(row_lab[t]))
+        rows.append([np.asarray(a[:max_length]) for a in (kind, text, src, out_lab)])
+    if n_tiles is not None and tile != n_tiles:
+        raise ValueError(f"{n_tiles} image tiles given but the ids hold {tile} <image> placeholders")
+    if clip != len(audio_llm_lengths):
+        raise ValueError(f"{len(audio_llm_lengths)} audio clips given but the ids hold {clip} <audio> placeholders")
+    lengths = np.asarray([len(r[0]) for r in rows], np.int32)
+    L = int(lengths.max()) if len(rows) else 0
+    if pad_to:
+        L = -(-max(L, 1) // pad_to) * pad_to
+    out = [np.full((len(rows), L), fill, dtype) for fill, dtype in ((PAD, np.int8), (0, np.int32), (0, np.int32),
+                                                                      (IGNORE_INDEX, np.int32))]
+    for b, r in enumerate(rows):
+        for arr, vals in zip(out, r):
+            arr[b, :len(vals)] = vals
+    return SplicePlan(out[0], out[1], out[2], out[3] if lab is not None else None, lengths)
+
+
+
+
+def bucket(n: int, multiple: int = 1) -> int:
+    """Next power of two >= n, rounded up to a multiple (the data-parallel size)."""
+    b = max(1 << max(n - 1, 0).bit_length(), multiple)
+    return -(-b // multiple) * multiple
+
+
+def build(input_ids, attention_mask, labels, pixels, clips: Sequence[np.ndarray], *, tokens_per_tile: int,
+          max_length: int, pad_to: int, tile_slots: int, clip_slots: int, frame_slots: int,
+          clip_lengths: Optional[Sequence[int]] = None, tile_offset: int = 0, clip_offset: int = 0,
+          image_size: int = 0, mel_bins: int = 80):
+    """Model inputs of one batch -> ``(arrays, plan)``.
+
+    ``input_ids`` / ``attention_mask`` / ``labels``: ``[B, L]`` (labels may be None); ``pixels``:
+    the batch's tiles in placeholder order ``[n, 3, S, S]`` (None: no tiles); ``clips``: fbank
+    clips ``[frames_i, mel]`` in placeholder order (``clip_lengths``: real frames of each, when the
+    arrays are longer). Slots: tiles (``tile_slots``), clips (``clip_slots``) x frames
+    (``frame_slots``) and the spliced length (rounded up to ``pad_to``) are zero-padded to these
+    sizes (empty tile slots are ``image_size``-square); padding clips get length ``frame_slots``. ``tile_offset`` / ``clip_offset`` shift ``src``
+    into global tile / clip arrays (several processes feeding one batch). ``arrays`` holds
+    ``kind``, ``text_ids``, ``src``, ``labels`` (with labels), ``pixels`` and ``audio_feats`` /
+    ``audio_lens`` (None when there are no slots of that kind)."""
+    n_tiles = 0 if pixels is None else len(pixels)
+    lens = [len(c) for c in clips] if clip_lengths is None else [int(n) for n in clip_lengths]
+    if n_tiles > tile_slots or len(clips) > clip_slots or any(n > frame_slots for n in lens):
+        raise ValueError(f"{n_tiles} tiles / {len(clips)} clips of up to {max(lens, default=0)} frames do not fit "
+                         f"{tile_slots} tile and {clip_slots} x {frame_slots} clip slots")
+    audio_len = int(llm_length(frame_slots)) if clip_slots else 0
+    plan = plan_splice(input_ids, attention_mask, labels, tokens_per_tile=tokens_per_tile,
+                       audio_llm_lengths=[int(llm_length(n)) for n in lens], audio_len=audio_len,
+                       max_length=max_length, pad_to=pad_to, n_tiles=n_tiles)
+    plan.src[plan.kind == IMAGE] += tile_offset * tokens_per_tile
+    plan.src[plan.kind == AUDIO] += clip_offset * audio_len
+    px = None
+    if tile_slots:
+        px = np.zeros((tile_slots,) + (tuple(np.shape(pixels)[1:]) if n_tiles else (3, image_size, image_size)),
+                      np.float32)
+        if n_tiles:
+            px[:n_tiles] = pixels
+    feats = audio_lens = None
+    if clip_slots:
+        feats = np.zeros((clip_slots, frame_slots, mel_bins), np.float32)
+        audio_lens = np.full((clip_slots,), frame_slots, np.int32)
+        for k, c in enumerate(clips):
+            n = min(len(c), frame_slots)
+            feats[k, :n] = c[:n]
+            audio_lens[k] = lens[k]
+    arrays = dict(kind=plan.kind, text_ids=plan.text_ids, src=plan.src, pixels=px, audio_feats=feats,
+                  audio_lens=audio_lens)
+    if plan.labels is not None:
+        arrays["labels"] = plan.labels
+    return arrays, plan
+
+
+class LMCollator:
+    """Examples (``input_ids``, ``labels``, ``pixels [tiles, 3, S, S]``, ``audio``: fbank clips) ->
+    one static-shape batch for the LM stages: tiles padded to ``max_tiles``, clips to
+    ``max_clips`` x ``max_frames``, the spliced sequence to ``seq_len``, rows to the number of
+    examples. Examples that do not fit (and bad ones, ``{"id", "bad"}``) are replaced by
+    all-padding rows (counted in ``skipped`` and logged with their id), so every batch has the same
+    shape. With several processes each collates its own rows; ``tile_offset`` / ``clip_offset``
+    (this process's first slot in the *global* tile / clip arrays) make ``src`` index the global
+    arrays that ``jax.make_array_from_process_local_data`` assembles."""
+
+    def __init__(self, tokens_per_tile: int, seq_len: int, max_tiles: int, max_clips: int, max_frames: int,
+                 image_size: int, tile_offset: int = 0, clip_offset: int = 0):
+        self.tpt, self.seq_len, self.max_tiles, self.max_clips, self.max_frames = (tokens_per_tile, seq_len, max_tiles,
+                                                                                    max_clips, max_frames)
+        self.s, self.tile_offset, self.clip_offset = image_size, tile_offset, clip_offset
+        self.skipped: dict[str, str] = {}
+
+    def _problem(self, ex, n_tiles: int, ex_clips, used_tiles: int, used_clips: int) -> Optional[str]:
+        ids = np.asarray(ex["input_ids"])
+        n_img, n_aud = int((ids == IMAGE_TOKEN_INDEX).sum()), int((ids == AUDIO_TOKEN_INDEX).sum())
+        if n_img != n_tiles or n_aud != len(ex_clips):
+            return f"{n_img} <image> / {n_aud} <audio> placeholders for {n_tiles} tiles / {len(ex_clips)} clips"
+        spliced = len(ex["input_ids"]) + n_tiles * (self.tpt - 1) + sum(int(llm_length(len(a))) - 1 for a in ex_clips)
+        if spliced > self.seq_len:
+            return f"{spliced} spliced positions > seq_len {self.seq_len}"
+        if used_tiles + n_tiles > self.max_tiles or used_clips + len(ex_clips) > self.max_clips:
+            return "media over the batch bucket"
+        if any(len(a) > self.max_frames for a in ex_clips):
+            return f"audio over {self.max_frames} frames"
+        return None
+
+    def __call__(self, examples):
+        ids, labels, pixels, clips = [], [], [], []
+        for ex in examples:
+            if "bad" in ex:
+                self.skipped[ex.get("id", "?")] = ex["bad"]
+                continue
+            n_tiles = 0 if ex.get("pixels") is None else len(ex["pixels"])
+            ex_clips = [] if ex.get("audio") is None else (ex["audio"] if isinstance(ex["audio"], list) else [ex["audio"]])
+            problem = self._problem(ex, n_tiles, ex_clips, sum(len(p) for p in pixels), len(clips))
+            if problem:
+                self.skipped[ex.get("id", "?")] = problem
+                log.warning("skipping sample %s: %s", ex.get("id", "?"), problem)
+                continue
+            ids.append(ex["input_ids"])
+            labels.append(ex["labels"])
+            if n_tiles:
+                pixels.append(ex["pixels"])
+            clips += ex_clips
+        L = max([len(i) for i in ids] + [1])
+        rows = len(examples)  # bad examples leave all-padding rows: one static shape
+        id_arr = np.full((rows, L), 0, np.int64)
+        lab_arr = np.full((rows, L), IGNORE_INDEX, np.int64)
+        mask = np.zeros((rows, L), bool)
+        for b, (i, lab) in enumerate(zip(ids, labels)):
+            id_arr[b, :len(i)], lab_arr[b, :len(i)], mask[b, :len(i)] = i, lab, True
+        px = np.concatenate(pixels) if pixels else np.zeros((0, 3, self.s, self.s), np.float32)
+        arrays, _ = build(id_arr, mask, lab_arr, px, clips, tokens_per_tile=self.tpt, max_length=self.seq_len,
+                          pad_to=self.seq_len, tile_slots=self.max_tiles, clip_slots=self.max_clips,
+                          frame_slots=self.max_frames, tile_offset=self.tile_offset, clip_offset=self.clip_offset,
+                          image_size=self.s)
+        # static shapes even with no slots of a kind: empty arrays, never None
+        if arrays["pixels"] is None:
+            arrays["pixels"] = np.zeros((0, 3, self.s, self.s), np.float32)
+        if arrays["audio_feats"] is None:
+            arrays["audio_feats"] = np.zeros((0, self.max_frames, 80), np.float32)
+            arrays["audio_lens"] = np.zeros((0,), np.int32)
+        return arrays
+
+
+# ------------------------------------------------------------------- stages 2.1a and 3.2
+def ctc_batch(waves: Sequence[np.ndarray], texts: Sequence[str], vocab, frame_bucket: int = 64,
+              label_width: Optional[int] = None) -> dict:
+    """16 kHz waveforms and transcripts -> ``feats [B, T, 80]`` (T a multiple of
+    ``frame_bucket``), ``lengths``, ``labels [B, W]`` (unit ids) and ``label_mask`` (W =
+    ``label_width`` or the longest transcript)."""
+    feats, lengths = audio_lib.pad_batch([audio_lib.audio_features(w, 16000) for w in waves])
+    t = -(-feats.shape[1] // frame_bucket) * frame_bucket
+    feats = np.pad(feats, ((0, 0), (0, t - feats.shape[1]), (0, 0)))
+    ids = [vocab.encode(s) for s in texts]
+    width = max(len(i) for i in ids) if label_width is None else int(label_width)
+    labels = np.zeros((len(ids), width), np.int32)
+    label_mask = np.zeros_like(labels)
+    for k, i in enumerate(ids):
+        labels[k, :len(i)], label_mask[k, :len(i)] = i, 1
+    return dict(feats=feats, lengths=lengths, labels=labels, label_mask=label_mask)
+
+
+def tts_batch(text_ids: Sequence[Sequence[int]], codes: Sequence[Sequence[int]], n_text: int, n_code: int) -> dict:
+    """Reply token ids and their codec ids -> ``text_ids [B, n_text]`` (0-padded), ``text_lens``,
+    ``codes [B, n_code]`` (-1-padded) and ``code_lens`` for the speech decoder's loss."""
+    ids = np.zeros((len(text_ids), n_text), np.int32)
+    out = np.full((len(codes), n_code), -1, np.int32)
+    for b, (t, k) in enumerate(zip(text_ids, codes)):
+        ids[b, :len(t)], out[b, :len(k)] = t, k
+    return dict(text_ids=ids, text_lens=np.array([len(t) for t in text_ids], np.int32), codes=out,
+                code_lens=np.array([len(k) for k in codes], np.int32))
