@@ -116,7 +116,7 @@ def test_bad_source_fails_before_writing(tiny_dir, tmp_path, how):
     src, name = _corrupt(tiny_dir, tmp_path, how)
     dst = tmp_path / "dst"
     with pytest.raises(CheckpointError, match=name.replace(".", r"\.")):
-        cli.main(["convert", "--to", "pytorch", src, str(dst)])
+        cli.run(["convert", "--to", "pytorch", src, str(dst)])
     assert not dst.exists()
     assert not [p for p in os.listdir(tmp_path) if p.startswith("dst")]
 
@@ -126,7 +126,7 @@ def test_existing_target_kept(tiny_dir, tmp_path):
     dst.mkdir()
     (dst / "precious.txt").write_text("keep me")
     with pytest.raises(FileExistsError):
-        cli.main(["convert", "--to", "orbax", tiny_dir, str(dst)])
+        cli.run(["convert", "--to", "orbax", tiny_dir, str(dst)])
     assert (dst / "precious.txt").read_text() == "keep me"
 
 

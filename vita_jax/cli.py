@@ -186,7 +186,7 @@ def main(argv=None) -> int:
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     try:
-        return _dispatch(argv)
+        return run(argv)
     except USER_ERRORS as e:
         if debug:
             raise
@@ -198,7 +198,8 @@ def main(argv=None) -> int:
         return 130
 
 
-def _dispatch(argv) -> int:
+def run(argv) -> int:
+    """The command line without the error boundary: user mistakes raise (for programs and tests)."""
     p = parser()
     a, rest = p.parse_known_args(argv)
     if a.cmd == "train":
