@@ -38,7 +38,7 @@ def _dataset(tmp_path):
     return str(path), str(media)
 
 
-@pytest.mark.parametrize("source", ["json", "tfds"])
+@pytest.mark.parametrize("source", ["json", "tfds", "packed"])
 def test_run_completes_with_bad_samples_counted(tmp_path, source):
     data, media = _dataset(tmp_path)
     c = stages.stage_config("1.3", "tiny")
@@ -51,7 +51,8 @@ def test_run_completes_with_bad_samples_counted(tmp_path, source):
     c.data.max_tiles_per_sample = 3
     c.image.max_dynamic_patch = 3  # training tiles like inference: at most 3 tiles (2 + thumbnail here)
     c.data.tokenizer = os.path.join(FIXTURES, "qwen2.5-tokenizer")
-    if source == "json":
+    c.data.packing = source == "packed"  # several examples per row
+    if source in ("json", "packed"):
         c.data.mixture = [dict(json=data, media_root=media, weight=1.0)]
     else:  # the same samples, media embedded, in a TFDS array_record dataset
         from vita_jax.data.tfds_source import write_tfds

@@ -25,6 +25,9 @@ import optax
 from vita_jax import api, parallel
 from vita_jax import config as config_lib
 from vita_jax.convert.safetensors_io import SafetensorsReader
+from vita_jax.data import audio as audio_lib
+from vita_jax.data import pipeline
+from vita_jax.data.text import load_tokenizer
 from vita_jax.infer import generate as gen
 from vita_jax.models import qwen2, vita
 from vita_jax.train.flops import device_peaks, training_flops
@@ -172,6 +175,43 @@ def bench_convert(config, shard_mb: int = 256) -> dict:
         shutil.rmtree(d, ignore_errors=True)
 
 
+def batch_usage(batch: dict, tokens_per_tile: int, audio_len: int) -> dict:
+    """Real vs allocated LLM positions, ViT tiles and whale frames of one host batch (packed or not):
+    a tile / clip is real when some spliced position reads from it."""
+    kind, src = np.asarray(batch["kind"]), np.asarray(batch["src"])
+    tiles = np.unique(src[kind == 1] // max(tokens_per_tile, 1)) if (kind == 1).any() else []
+    clips = np.unique(src[kind == 2] // max(audio_len, 1)) if (kind == 2).any() else []
+    lens = np.asarray(batch["audio_lens"])
+    seg = np.asarray(batch["segment_ids"]) if "segment_ids" in batch else (kind != -1).any(1)[:, None].astype(int)
+    return dict(llm_real=int((kind != -1).sum()), llm_slots=kind.size, tiles_real=len(tiles),
+                tile_slots=int(np.shape(batch["pixels"])[0]), frames_real=int(sum(int(lens[c]) for c in clips)),
+                frame_slots=int(np.prod(np.shape(batch["audio_feats"])[:2])),
+                examples=int(sum(len(set(r[r > 0].tolist())) for r in seg)))
+
+
+def bench_data(config) -> dict:
+    """What the input pipeline achieves on ``config.data`` (official files): the fraction of LLM
+    positions, tiles and frames that hold real data, and host examples/s, over
+    ``config.bench.data_steps`` batches of one process."""
+    tok = load_tokenizer(config.data.tokenizer or config.init_from)
+    if tok is None:
+        raise ValueError("bench data needs a tokenizer: --config.data.tokenizer=DIR")
+    it = pipeline.official_data(config, tok)
+    vc = vita.vision_config(config)
+    audio_len = int(audio_lib.llm_length(config.data.max_frames))
+    tot: dict = {}
+    t0 = time.perf_counter()
+    for _ in range(int(config.bench.get("data_steps", 20))):
+        for k, v in batch_usage(next(it), vc.tokens_per_tile, audio_len).items():
+            tot[k] = tot.get(k, 0) + v
+    dt = time.perf_counter() - t0
+    frac = lambda a, b: tot[a] / tot[b] if tot[b] else None  # noqa: E731
+    return dict(packing=bool(config.data.get("packing", False)), llm_real_fraction=frac("llm_real", "llm_slots"),
+                tile_real_fraction=frac("tiles_real", "tile_slots"), frame_real_fraction=frac("frames_real", "frame_slots"),
+                examples=tot["examples"], skipped=len(getattr(it, "skipped", {}) or {}),
+                host_examples_per_s=tot["examples"] / dt)
+
+
 def format_table(res: dict) -> str:
     def f(v, fmt):
         return "n/a" if v is None else fmt.format(v)
@@ -194,8 +234,8 @@ def format_table(res: dict) -> str:
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("llm", "convert"):
-        print("usage: python -m vita_jax.bench llm|convert --config=configs/FILE.py [--config.x=y] [--json=OUT]",
+    if not argv or argv[0] not in ("llm", "convert", "data"):
+        print("usage: python -m vita_jax.bench llm|convert|data --config=configs/FILE.py [--config.x=y] [--json=OUT]",
               file=sys.stderr)
         return 2
     what, rest = argv[0], argv[1:]
@@ -207,7 +247,10 @@ def main(argv=None):
         else:
             print(f"unknown argument {a}", file=sys.stderr)
             return 2
-    if what == "convert":
+    if what == "data":
+        res = bench_data(config)
+        print(json.dumps(res))
+    elif what == "convert":
         res = bench_convert(config)
         for k, v in res.items():
             print(f"{k:32s} {v / 2 ** 20:10.1f} MiB" if k.endswith("bytes") else f"{k:32s} {v:10.2f}")

@@ -51,7 +51,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.frame_bucket = 64          # fbank frames of an audio batch likewise
     c.seed = 0
     c.bench = ml_collections.ConfigDict(dict(batch=1, seq_len=128, steps=3, decode_tokens=32,
-                                             decode_batch=1, prompt_len=16, peak_tflops=0.0, hbm_gbps=0.0))
+                                             decode_batch=1, prompt_len=16, peak_tflops=0.0, hbm_gbps=0.0,
+                                             data_steps=20))
     return c
 
 

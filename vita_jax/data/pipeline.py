@@ -13,7 +13,7 @@ import grain
 import jax
 
 from vita_jax.data import batch as batch_lib
-from vita_jax.data import sources
+from vita_jax.data import packing, sources
 from vita_jax.models import vita
 
 
@@ -37,6 +37,16 @@ def lm_collator(config, layout: dict) -> batch_lib.LMCollator:
                                 tile_offset=layout["index"] * tiles, clip_offset=layout["index"] * clips)
 
 
+def packing_budget(config, layout: dict) -> packing.Budget:
+    """The static shape of this process's packed batch: ``local`` rows of ``data.seq_len``, the
+    per-sample media budgets times the rows, this process's tile / clip offsets."""
+    d = config.data
+    vc = vita.vision_config(config)
+    tiles, clips = d.max_tiles_per_sample * layout["local"], d.max_clips_per_sample * layout["local"]
+    return packing.Budget(layout["local"], d.seq_len, tiles, clips, d.max_frames, vc.tokens_per_tile, vc.image_size,
+                          tile_offset=layout["index"] * tiles, clip_offset=layout["index"] * clips)
+
+
 def official_transform(config, tokenizer) -> sources.OfficialExamples:
     """The host preprocessing of one official sample: the inference preprocessing of the config."""
     return sources.OfficialExamples(tokenizer, batch_lib.preprocess_settings(config))
@@ -45,15 +55,21 @@ def official_transform(config, tokenizer) -> sources.OfficialExamples:
 def official_data(config, tokenizer):
     """``config.data.mixture`` (official JSON files) and ``config.data.tfds`` (array_record datasets
     written by :func:`~vita_jax.data.tfds_source.write_tfds`) -> a checkpointable iterator of this
-    process's micro-batches (``.collator`` counts the skipped samples)."""
+    process's micro-batches (``.skipped``: the skipped samples by id). With ``config.data.packing``
+    the rows are packed (:mod:`vita_jax.data.packing`), else one example per row."""
     d = config.data
     lay = batch_layout(config)
-    col = lm_collator(config, lay)
     files = [dict(m) for m in d.mixture]
     tfds = [dict(t) for t in d.tfds]
+    if d.get("packing", False):
+        ds = mixture(files, int(d.shuffle_seed), tfds=tfds).repeat(None)
+        return packing.PackedBatches(ds, official_transform(config, tokenizer), packing_budget(config, lay),
+                                     shard=(lay["index"], lay["count"]))
+    col = lm_collator(config, lay)
     it = make_iterator(mixture(files, int(d.shuffle_seed), tfds=tfds), lay["local"], col,
                        transform=official_transform(config, tokenizer), shard=(lay["index"], lay["count"]))
     it.collator = col
+    it.skipped = col.skipped
     return it
 
 

@@ -72,7 +72,7 @@ class Attention(nn.Module):
             new_cache = (ck, cv)
             k, v = ck.astype(self.dtype), cv.astype(self.dtype)
 
-        if self.implementation == "cudnn" and cache is None:
+        if self.implementation == "cudnn" and cache is None and mask is None:
             out = jax.nn.dot_product_attention(q, k, v, is_causal=True, key_value_seq_lengths=kv_lengths,
                                                implementation="cudnn")
         else:

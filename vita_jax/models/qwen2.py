@@ -117,7 +117,7 @@ class Qwen2Model(nn.Module):
         """``[batch, length]`` int ids -> ``[batch, length, embed]``."""
         return self.embed_tokens(input_ids)
 
-    def __call__(self, x, attention_mask, positions, cache: Optional[KVCache]):
+    def __call__(self, x, attention_mask, positions, cache: Optional[KVCache], segment_ids=None):
         c = self.cfg
         b, t = x.shape[:2]
         x = parallel.constrain(x.astype(c.dtype), ("batch", "length", "act_embed"))
@@ -126,11 +126,13 @@ class Qwen2Model(nn.Module):
         if cache is None:
             if positions is None:
                 positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-            if c.attention_impl == "cudnn":
+            if c.attention_impl == "cudnn" and segment_ids is None:
                 kv_lengths = valid.sum(-1).astype(jnp.int32)
-            else:
+            else:  # packed rows (segment ids) take the mask path: the cuDNN call here knows right padding only
                 slots = jnp.arange(t)
                 mask = causal_padding_mask(valid, slots, slots)
+                if segment_ids is not None:
+                    mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
         else:
             index = cache.index
             valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, index))
@@ -169,13 +171,15 @@ class Qwen2ForCausalLM(nn.Module):
         return self.model.embed(input_ids)
 
     def __call__(self, input_ids=None, attention_mask=None, positions=None, inputs_embeds=None,
-                 cache: Optional[KVCache] = None, logits_index=None):
+                 cache: Optional[KVCache] = None, logits_index=None, segment_ids=None):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.model.embed(input_ids) if inputs_embeds is None else inputs_embeds
         if attention_mask is None:
             attention_mask = jnp.ones(x.shape[:2], jnp.int32)
-        h, new_cache = self.model(x, attention_mask, positions, cache)
+        if segment_ids is not None and cache is not None:
+            raise ValueError("segment_ids (packed rows) are for training forwards, not for cached decoding")
+        h, new_cache = self.model(x, attention_mask, positions, cache, segment_ids)
         if logits_index is not None:
             h = jnp.take_along_axis(h, logits_index[:, None, None].astype(jnp.int32), axis=1)
         if self.cfg.tie_word_embeddings:

@@ -120,10 +120,14 @@ class VITA(nn.Module):
         x = jnp.where((kind == PAD)[..., None], 0.0, x)
         return parallel.constrain(x, ("batch", "length", "act_embed"))
 
-    def __call__(self, kind, text_ids, src, pixels=None, audio_features=None, audio_lengths=None):
-        """Logits ``[batch, length, vocab]`` over the spliced sequence (positions 0..L-1)."""
+    def __call__(self, kind, text_ids, src, pixels=None, audio_features=None, audio_lengths=None,
+                 segment_ids=None, positions=None):
+        """Logits ``[batch, length, vocab]`` over the spliced sequence (positions 0..L-1). A packed
+        batch gives ``segment_ids [batch, length]`` (1, 2, ... per example, 0 on padding: attention
+        stays inside an example) and ``positions`` (rotary positions restarting at each example)."""
         x = self.embed(kind, text_ids, src, pixels, audio_features, audio_lengths)
-        logits, _ = self.llm(inputs_embeds=x, attention_mask=(kind != PAD).astype(jnp.int32))
+        logits, _ = self.llm(inputs_embeds=x, attention_mask=(kind != PAD).astype(jnp.int32), positions=positions,
+                             segment_ids=segment_ids)
         return logits
 
 

@@ -61,6 +61,7 @@ def stage_config(stage: str, arg: str | None = None) -> ml_collections.ConfigDic
                                             max_tiles_per_sample=1 if arg == "tiny" else tiles_per_image(c),
                                             max_clips_per_sample=1,
                                             max_frames=128 if arg == "tiny" else 3000, synthetic_size=256,
+                                            packing=arg != "tiny",  # several examples per row (data/packing.py)
                                             tokenizer=""))  # tokenizer folder (default: init_from)
     if stage == "3.2":  # the speech decoder: input width = LLM width / 4 (the release: 896, 1024 codes)
         tiny = arg == "tiny"

@@ -35,7 +35,8 @@ class TrainState:
 def lm_loss(module: VITA, params, batch):
     """Official LM loss pieces on the spliced batch: ``(sum CE, (tokens, correct))``."""
     logits = module.apply({"params": params}, batch["kind"], batch["text_ids"], batch["src"], batch.get("pixels"),
-                          batch.get("audio_feats"), batch.get("audio_lens"))
+                          batch.get("audio_feats"), batch.get("audio_lens"), batch.get("segment_ids"),
+                          batch.get("positions"))
     total, count = lm_loss_terms(logits, batch["labels"])
     tgt = batch["labels"][:, 1:]
     correct = jnp.sum((jnp.argmax(logits[:, :-1], -1) == tgt) & (tgt != IGNORE_INDEX))

@@ -181,7 +181,7 @@ def train(config, workdir: str, mesh=None, data=None, log: Callable = print, pro
     if last.get("step") == total:
         export_model(config, state, os.path.join(workdir, "model"))
         log(f"final parameters written to {os.path.join(workdir, 'model')} (use it as the next stage's init_from)")
-    skipped = dict(getattr(getattr(data, "collator", None), "skipped", {}) or {})
+    skipped = dict(getattr(data, "skipped", None) or getattr(getattr(data, "collator", None), "skipped", {}) or {})
     if skipped:
         log(f"skipped {len(skipped)} bad sample(s): " + "; ".join(f"{k}: {v}" for k, v in sorted(skipped.items())))
     return dict(last=last, state=state, steps=last.get("step", start), skipped=skipped)

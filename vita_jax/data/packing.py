@@ -1,0 +1,193 @@
+"""Packing: several examples share one row of ``seq_len`` spliced positions, so the LLM computes on
+real tokens instead of padding (``config.data.packing``).
+
+:func:`pack` lays placed examples out as :func:`vita_jax.data.batch.build` does for one row each
+(same tiles, clips, splice plan), then concatenates each row's examples: ``segment_ids`` 1, 2, ...
+per example (0 on padding) keep attention inside an example, ``positions`` restart at 0 for each
+example, and the label of each example's first position is ignored (the official loss never
+targets a sequence's first token), so the loss of a packed batch is the summed CE / target count
+of the same examples computed one by one.
+
+:class:`PackedBatches` is the checkpointable iterator: it reads this process's share of the example
+stream (positions ``index, index + count, ...`` of a random-access dataset), places the examples
+that waited first (oldest first), then new ones first-fit decreasing by length, within the row
+length and the batch's tile / clip / frame budgets. An example that does not fit waits for the
+next step (never dropped, never duplicated); one that can never fit (longer than a row, more
+media than a whole batch holds) or is bad is skipped and reported by id. State: the next stream
+position and the waiting positions (re-read on restore), so a resume continues bitwise.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional, Sequence
+
+import numpy as np
+
+from vita_jax.data.batch import build
+from vita_jax.models.vita import AUDIO_TOKEN_INDEX, IGNORE_INDEX, IMAGE_TOKEN_INDEX, PAD
+from vita_jax.models.whale import llm_length
+
+log = logging.getLogger(__name__)
+
+
+def _clips(ex) -> list:
+    a = ex.get("audio")
+    return [] if a is None else (a if isinstance(a, list) else [a])
+
+
+def _tiles(ex) -> int:
+    return 0 if ex.get("pixels") is None else len(ex["pixels"])
+
+
+class Budget:
+    """The static shape of one process's packed batch and the size of an example within it."""
+
+    def __init__(self, rows: int, seq_len: int, tile_slots: int, clip_slots: int, frame_slots: int,
+                 tokens_per_tile: int, image_size: int, tile_offset: int = 0, clip_offset: int = 0):
+        self.rows, self.seq_len, self.tile_slots, self.clip_slots, self.frame_slots = (rows, seq_len, tile_slots,
+                                                                                        clip_slots, frame_slots)
+        self.tpt, self.image_size, self.tile_offset, self.clip_offset = (tokens_per_tile, image_size, tile_offset,
+                                                                         clip_offset)
+
+    def length(self, ex) -> int:
+        """Spliced positions of one example."""
+        return len(ex["input_ids"]) + _tiles(ex) * (self.tpt - 1) + sum(int(llm_length(len(a))) - 1
+                                                                       for a in _clips(ex))
+
+    def never_fits(self, ex) -> Optional[str]:
+        ids = np.asarray(ex["input_ids"])
+        n_img, n_aud = int((ids == IMAGE_TOKEN_INDEX).sum()), int((ids == AUDIO_TOKEN_INDEX).sum())
+        if n_img != _tiles(ex) or n_aud != len(_clips(ex)):
+            return f"{n_img} <image> / {n_aud} <audio> placeholders for {_tiles(ex)} tiles / {len(_clips(ex))} clips"
+        if self.length(ex) > self.seq_len:
+            return f"{self.length(ex)} spliced positions > seq_len {self.seq_len}"
+        if _tiles(ex) > self.tile_slots or len(_clips(ex)) > self.clip_slots:
+            return f"{_tiles(ex)} tiles / {len(_clips(ex))} clips over the batch's {self.tile_slots} / {self.clip_slots}"
+        if any(len(a) > self.frame_slots for a in _clips(ex)):
+            return f"audio over {self.frame_slots} frames"
+        return None
+
+
+def place(examples: Sequence[dict], budget: Budget, first_fit_order: Sequence[int]) -> tuple[list, list]:
+    """First-fit of ``examples`` (in ``first_fit_order``) into ``budget.rows`` rows -> ``(rows as
+    lists of example indices, indices left over)``."""
+    free = [budget.seq_len] * budget.rows
+    rows: list[list[int]] = [[] for _ in range(budget.rows)]
+    tiles = clips = 0
+    left = []
+    for i in first_fit_order:
+        ex = examples[i]
+        n, t, c = budget.length(ex), _tiles(ex), len(_clips(ex))
+        r = next((r for r in range(budget.rows) if free[r] >= n), None)
+        if r is None or tiles + t > budget.tile_slots or clips + c > budget.clip_slots:
+            left.append(i)
+            continue
+        rows[r].append(i)
+        free[r] -= n
+        tiles, clips = tiles + t, clips + c
+    return rows, left
+
+
+def pack(examples: Sequence[dict], rows: Sequence[Sequence[int]], budget: Budget) -> dict:
+    """The packed batch of ``examples`` placed in ``rows``: ``kind``, ``text_ids``, ``src``,
+    ``labels``, ``segment_ids``, ``positions`` ``[rows, seq_len]``, ``pixels``, ``audio_feats``,
+    ``audio_lens`` (static budget shapes)."""
+    order = [i for row in rows for i in row]
+    exs = [examples[i] for i in order]
+    width = max([len(e["input_ids"]) for e in exs] + [1])
+    ids = np.zeros((len(exs), width), np.int64)
+    labels = np.full((len(exs), width), IGNORE_INDEX, np.int64)
+    mask = np.zeros((len(exs), width), bool)
+    for b, e in enumerate(exs):
+        n = len(e["input_ids"])
+        ids[b, :n], labels[b, :n], mask[b, :n] = e["input_ids"], e["labels"], True
+    pixels = [e["pixels"] for e in exs if _tiles(e)]
+    px = np.concatenate(pixels) if pixels else np.zeros((0, 3, budget.image_size, budget.image_size), np.float32)
+    clips = [a for e in exs for a in _clips(e)]
+    arrays, plan = build(ids, mask, labels, px, clips, tokens_per_tile=budget.tpt, max_length=budget.seq_len,
+                         pad_to=1, tile_slots=budget.tile_slots, clip_slots=budget.clip_slots,
+                         frame_slots=budget.frame_slots, tile_offset=budget.tile_offset,
+                         clip_offset=budget.clip_offset, image_size=budget.image_size)
+    R, L = budget.rows, budget.seq_len
+    out = dict(kind=np.full((R, L), PAD, np.int8), text_ids=np.zeros((R, L), np.int32),
+               src=np.zeros((R, L), np.int32), labels=np.full((R, L), IGNORE_INDEX, np.int32),
+               segment_ids=np.zeros((R, L), np.int32), positions=np.zeros((R, L), np.int32))
+    k = 0
+    for r, row in enumerate(rows):
+        at = 0
+        for seg, _ in enumerate(row, start=1):
+            n = int(plan.lengths[k])
+            for name in ("kind", "text_ids", "src", "labels"):
+                out[name][r, at:at + n] = arrays[name][k, :n]
+            out["labels"][r, at] = IGNORE_INDEX  # never a target: the official loss starts at position 1
+            out["segment_ids"][r, at:at + n] = seg
+            out["positions"][r, at:at + n] = np.arange(n)
+            at, k = at + n, k + 1
+    out["pixels"] = arrays["pixels"] if arrays["pixels"] is not None else \
+        np.zeros((0, 3, budget.image_size, budget.image_size), np.float32)
+    if arrays["audio_feats"] is not None:
+        out["audio_feats"], out["audio_lens"] = arrays["audio_feats"], arrays["audio_lens"]
+    else:
+        out["audio_feats"] = np.zeros((0, budget.frame_slots, 80), np.float32)
+        out["audio_lens"] = np.zeros((0,), np.int32)
+    return out
+
+
+class PackedBatches:
+    """Checkpointable iterator of packed batches over ``dataset`` (random access; ``transform``
+    turns a sample into an example), reading stream positions ``index, index + count, ...``."""
+
+    def __init__(self, dataset, transform, budget: Budget, shard=(0, 1), pool: int = 0):
+        self.ds, self.transform, self.budget = dataset, transform, budget
+        self.index, self.count = shard
+        self.pool = pool or 16 * budget.rows  # new examples read per step at most (rows hold several)
+        self.next, self.pending, self._cache = 0, [], {}
+        self.skipped: dict[str, str] = {}
+        self.stats = dict(examples=0, real_positions=0, real_tiles=0, real_frames=0, steps=0)
+
+    def _example(self, pos: int) -> dict:
+        if pos not in self._cache:
+            sample = self.ds[pos * self.count + self.index]
+            self._cache[pos] = self.transform(sample) if self.transform is not None else sample
+        return self._cache[pos]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        b = self.budget
+        cand = list(self.pending)  # oldest first
+        new, length, reads = [], sum(b.length(self._example(p)) for p in cand), 0
+        # reads are bounded too: a stream of bad samples ends the step (with padding rows), not the run
+        while len(new) < self.pool and length < b.rows * b.seq_len and reads < 4 * self.pool:
+            pos, self.next, reads = self.next, self.next + 1, reads + 1
+            ex = self._example(pos)
+            problem = ex.get("bad") or b.never_fits(ex)
+            if problem:
+                self.skipped[str(ex.get("id", pos))] = problem
+                log.warning("skipping sample %s: %s", ex.get("id", pos), problem)
+                self._cache.pop(pos)
+                continue
+            new.append(pos)
+            length += b.length(ex)
+        new.sort(key=lambda p: -b.length(self._example(p)))  # first-fit decreasing for the new ones
+        positions = cand + new
+        exs = [self._example(p) for p in positions]
+        rows, left = place(exs, b, range(len(exs)))
+        batch = pack(exs, rows, b)
+        placed = {positions[i] for row in rows for i in row}
+        self.pending = sorted(positions[i] for i in left)
+        for p in placed:
+            self._cache.pop(p)
+        self.stats["examples"] += len(placed)
+        self.stats["real_positions"] += int((batch["kind"] != PAD).sum())
+        self.stats["real_tiles"] += sum(_tiles(exs[i]) for row in rows for i in row)
+        self.stats["real_frames"] += sum(len(a) for row in rows for i in row for a in _clips(exs[i]))
+        self.stats["steps"] += 1
+        return batch
+
+    def get_state(self) -> dict:
+        return {"next": self.next, "pending": list(self.pending)}
+
+    def set_state(self, state: dict) -> None:
+        self.next, self.pending, self._cache = int(state["next"]), [int(p) for p in state["pending"]], {}
