@@ -124,3 +124,25 @@ def test_every_stage_config_trains_tiny(stage, tmp_path):
     out = trainer.train(c, str(tmp_path), log=lambda *_: None, progress=False)
     assert out["steps"] == 2 and np.isfinite(out["last"]["loss"])
     assert os.path.isdir(tmp_path / "model")
+
+
+def test_torn_metrics_line_dropped_on_resume(tmp_path):
+    """A kill in the middle of a metrics write leaves a torn last line: resume drops it."""
+    from vita_jax.train import trainer
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    trainer._trim_metrics(str(path), 2)
+    assert [json.loads(line)["step"] for line in open(path)] == [1, 2]
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    trainer._trim_metrics(str(path), 3)  # the torn step 3 is gone even when its checkpoint exists
+    assert [json.loads(line)["step"] for line in open(path)] == [1, 2]
+
+
+@pytest.mark.parametrize("field", ["checkpoint_every", "total_steps", "batch_size"])
+def test_bad_run_settings_named_before_any_work(tmp_path, field):
+    from vita_jax.train import stages, trainer
+    c = stages.stage_config("1.1", "tiny")
+    c[field] = 0
+    with pytest.raises(ValueError, match=f"config.{field} = 0"):
+        trainer.train(c, str(tmp_path / "wd"), log=lambda *_: None, progress=False)
+    assert not (tmp_path / "wd").exists()

@@ -77,19 +77,38 @@ def _tensorboard(workdir: str):
     return SummaryWriter(os.path.join(workdir, "tb"))
 
 
+def _step_of(line: str) -> Optional[int]:
+    """The step of one metrics line; None for a torn line (a kill mid-write) or a foreign one."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def _trim_metrics(path: str, last_step: int) -> None:
+    """Keeps the lines up to the checkpoint being resumed from; a torn or unreadable line is dropped."""
     if not os.path.exists(path):
         return
     with open(path) as f:
-        keep = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+        steps = [(line, _step_of(line)) for line in f]
+    keep = [line if line.endswith("\n") else line + "\n" for line, step in steps
+            if step is not None and step <= last_step]
     with open(path, "w") as f:
         f.writelines(keep)
+
+
+def check_config(config) -> None:
+    """Cheap checks of the run's settings, before any model is built (one line naming the field)."""
+    for field in ("total_steps", "checkpoint_every", "keep_checkpoints", "batch_size", "grad_accum"):
+        if int(config[field]) < 1:
+            raise ValueError(f"config.{field} = {config[field]}: must be at least 1")
 
 
 def train(config, workdir: str, mesh=None, data=None, log: Callable = print, progress: bool = True,
           stop_after: Optional[int] = None) -> dict:
     """Runs (or resumes) ``config``'s stage in ``workdir``. ``data``: an iterator of host batches
     with ``get_state``/``set_state`` (default: the synthetic set of the tiny configs)."""
+    check_config(config)
     os.makedirs(workdir, exist_ok=True)
     config = config.copy_and_resolve_references()  # the caller's config is never changed
     main = jax.process_index() == 0  # one process writes the metrics and logs, draws the bar
