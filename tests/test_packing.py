@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from vita_jax.data import packing
+from vita_jax.data.batch import LMCollator
 from vita_jax.models.vita import AUDIO_TOKEN_INDEX, IGNORE_INDEX, IMAGE_TOKEN_INDEX, PAD, lm_loss_terms
 
 
@@ -49,21 +50,11 @@ def test_packed_loss_and_gradient_equal_one_by_one(tiny_model, examples):
         total, count = lm_loss_terms(logits, b["labels"])
         return total, count
 
-    # the official layout: one example per row, right-padded (rows do not interact: = one by one)
-    width = max(len(ex["input_ids"]) for ex in examples)
-    ids = np.zeros((len(examples), width), np.int64)
-    lab = np.full((len(examples), width), IGNORE_INDEX, np.int64)
-    mask = np.zeros((len(examples), width), bool)
-    for r, ex in enumerate(examples):
-        n = len(ex["input_ids"])
-        ids[r, :n], lab[r, :n], mask[r, :n] = ex["input_ids"], ex["labels"], True
-    clips = [a for ex in examples for a in ex.get("audio", [])]
-    feats = np.zeros((len(clips), max(len(a) for a in clips), 80), np.float32)
-    for k, a in enumerate(clips):
-        feats[k, :len(a)] = a
-    arrays, _ = m.batch(ids, mask, lab, np.concatenate([ex["pixels"] for ex in examples if "pixels" in ex]), feats,
-                        [len(a) for a in clips])
-    u = {k: (None if v is None else jnp.asarray(v)) for k, v in arrays.items()}
+    # the official layout (the training collator, unpacked): one example per row, rows do not interact
+    col = LMCollator(m.tokens_per_tile, seq_len=256, max_tiles=8, max_clips=2, max_frames=192,
+                     image_size=m.vit_cfg.image_size)
+    u = jax.tree.map(jnp.asarray, col(examples))
+    assert not col.skipped
 
     def unpacked(p):
         logits = m.module.apply({"params": p}, u["kind"], u["text_ids"], u["src"], u["pixels"], u["audio_feats"],

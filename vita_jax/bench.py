@@ -30,6 +30,7 @@ from vita_jax.data import pipeline
 from vita_jax.data.text import load_tokenizer
 from vita_jax.infer import generate as gen
 from vita_jax.models import qwen2, vita
+from vita_jax.models.vita import AUDIO, IMAGE, PAD
 from vita_jax.train.flops import device_peaks, training_flops
 
 def _timeit(fn, steps):
@@ -179,11 +180,11 @@ def batch_usage(batch: dict, tokens_per_tile: int, audio_len: int) -> dict:
     """Real vs allocated LLM positions, ViT tiles and whale frames of one host batch (packed or not):
     a tile / clip is real when some spliced position reads from it."""
     kind, src = np.asarray(batch["kind"]), np.asarray(batch["src"])
-    tiles = np.unique(src[kind == 1] // max(tokens_per_tile, 1)) if (kind == 1).any() else []
-    clips = np.unique(src[kind == 2] // max(audio_len, 1)) if (kind == 2).any() else []
+    tiles = np.unique(src[kind == IMAGE] // max(tokens_per_tile, 1)) if (kind == IMAGE).any() else []
+    clips = np.unique(src[kind == AUDIO] // max(audio_len, 1)) if (kind == AUDIO).any() else []
     lens = np.asarray(batch["audio_lens"])
-    seg = np.asarray(batch["segment_ids"]) if "segment_ids" in batch else (kind != -1).any(1)[:, None].astype(int)
-    return dict(llm_real=int((kind != -1).sum()), llm_slots=kind.size, tiles_real=len(tiles),
+    seg = np.asarray(batch["segment_ids"]) if "segment_ids" in batch else (kind != PAD).any(1)[:, None].astype(int)
+    return dict(llm_real=int((kind != PAD).sum()), llm_slots=kind.size, tiles_real=len(tiles),
                 tile_slots=int(np.shape(batch["pixels"])[0]), frames_real=int(sum(int(lens[c]) for c in clips)),
                 frame_slots=int(np.prod(np.shape(batch["audio_feats"])[:2])),
                 examples=int(sum(len(set(r[r > 0].tolist())) for r in seg)))
@@ -193,9 +194,10 @@ def bench_data(config) -> dict:
     """What the input pipeline achieves on ``config.data`` (official files): the fraction of LLM
     positions, tiles and frames that hold real data, and host examples/s, over
     ``config.bench.data_steps`` batches of one process."""
-    tok = load_tokenizer(config.data.tokenizer or config.init_from)
+    tok_dir = config.data.tokenizer or config.init_from
+    tok = load_tokenizer(tok_dir) if tok_dir else None
     if tok is None:
-        raise ValueError("bench data needs a tokenizer: --config.data.tokenizer=DIR")
+        raise ValueError("bench data needs a tokenizer: --config.data.tokenizer=DIR (a folder with tokenizer.json)")
     it = pipeline.official_data(config, tok)
     vc = vita.vision_config(config)
     audio_len = int(audio_lib.llm_length(config.data.max_frames))

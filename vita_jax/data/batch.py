@@ -202,6 +202,52 @@ def build(input_ids, attention_mask, labels, pixels, clips: Sequence[np.ndarray]
     return arrays, plan
 
 
+def example_tiles(ex) -> int:
+    """Tiles (image tiles and video frames) of an example."""
+    return 0 if ex.get("pixels") is None else len(ex["pixels"])
+
+
+def example_clips(ex) -> list:
+    """The fbank clips of an example (``audio``: one clip or a list)."""
+    a = ex.get("audio")
+    return [] if a is None else (a if isinstance(a, list) else [a])
+
+
+def spliced_length(ex, tokens_per_tile: int) -> int:
+    """Positions an example takes once its placeholders are replaced by tile and clip rows."""
+    return len(ex["input_ids"]) + example_tiles(ex) * (tokens_per_tile - 1) + \
+        sum(int(llm_length(len(a))) - 1 for a in example_clips(ex))
+
+
+def example_problem(ex, tokens_per_tile: int, seq_len: int, max_frames: int) -> Optional[str]:
+    """Why an example can never be trained on with these limits (None if it can)."""
+    ids = np.asarray(ex["input_ids"])
+    n_img, n_aud = int((ids == IMAGE_TOKEN_INDEX).sum()), int((ids == AUDIO_TOKEN_INDEX).sum())
+    tiles, clips = example_tiles(ex), example_clips(ex)
+    if n_img != tiles or n_aud != len(clips):
+        return f"{n_img} <image> / {n_aud} <audio> placeholders for {tiles} tiles / {len(clips)} clips"
+    n = spliced_length(ex, tokens_per_tile)
+    if n > seq_len:
+        return f"{n} spliced positions > seq_len {seq_len}"
+    if any(len(a) > max_frames for a in clips):
+        return f"audio over {max_frames} frames"
+    return None
+
+
+def pad_rows(examples: Sequence[dict], rows: Optional[int] = None):
+    """``input_ids`` / ``labels`` of examples as right-padded ``[rows, L]`` arrays (labels -100 on
+    padding) and the mask of real positions; rows past the examples are all padding."""
+    rows = len(examples) if rows is None else rows
+    width = max([len(e["input_ids"]) for e in examples] + [1])
+    ids = np.zeros((rows, width), np.int64)
+    labels = np.full((rows, width), IGNORE_INDEX, np.int64)
+    mask = np.zeros((rows, width), bool)
+    for b, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[b, :n], labels[b, :n], mask[b, :n] = e["input_ids"], e["labels"], True
+    return ids, labels, mask
+
+
 class LMCollator:
     """Examples (``input_ids``, ``labels``, ``pixels [tiles, 3, S, S]``, ``audio``: fbank clips) ->
     one static-shape batch for the LM stages: tiles padded to ``max_tiles``, clips to
@@ -219,45 +265,27 @@ class LMCollator:
         self.s, self.tile_offset, self.clip_offset = image_size, tile_offset, clip_offset
         self.skipped: dict[str, str] = {}
 
-    def _problem(self, ex, n_tiles: int, ex_clips, used_tiles: int, used_clips: int) -> Optional[str]:
-        ids = np.asarray(ex["input_ids"])
-        n_img, n_aud = int((ids == IMAGE_TOKEN_INDEX).sum()), int((ids == AUDIO_TOKEN_INDEX).sum())
-        if n_img != n_tiles or n_aud != len(ex_clips):
-            return f"{n_img} <image> / {n_aud} <audio> placeholders for {n_tiles} tiles / {len(ex_clips)} clips"
-        spliced = len(ex["input_ids"]) + n_tiles * (self.tpt - 1) + sum(int(llm_length(len(a))) - 1 for a in ex_clips)
-        if spliced > self.seq_len:
-            return f"{spliced} spliced positions > seq_len {self.seq_len}"
-        if used_tiles + n_tiles > self.max_tiles or used_clips + len(ex_clips) > self.max_clips:
-            return "media over the batch bucket"
-        if any(len(a) > self.max_frames for a in ex_clips):
-            return f"audio over {self.max_frames} frames"
-        return None
-
     def __call__(self, examples):
-        ids, labels, pixels, clips = [], [], [], []
+        kept, pixels, clips = [], [], []
         for ex in examples:
             if "bad" in ex:
                 self.skipped[ex.get("id", "?")] = ex["bad"]
                 continue
-            n_tiles = 0 if ex.get("pixels") is None else len(ex["pixels"])
-            ex_clips = [] if ex.get("audio") is None else (ex["audio"] if isinstance(ex["audio"], list) else [ex["audio"]])
-            problem = self._problem(ex, n_tiles, ex_clips, sum(len(p) for p in pixels), len(clips))
+            n_tiles, ex_clips = example_tiles(ex), example_clips(ex)
+            problem = example_problem(ex, self.tpt, self.seq_len, self.max_frames)
+            if problem is None and (sum(len(p) for p in pixels) + n_tiles > self.max_tiles
+                                    or len(clips) + len(ex_clips) > self.max_clips):
+                problem = "media over the batch bucket"
             if problem:
                 self.skipped[ex.get("id", "?")] = problem
                 log.warning("skipping sample %s: %s", ex.get("id", "?"), problem)
                 continue
-            ids.append(ex["input_ids"])
-            labels.append(ex["labels"])
+            kept.append(ex)
             if n_tiles:
                 pixels.append(ex["pixels"])
             clips += ex_clips
-        L = max([len(i) for i in ids] + [1])
-        rows = len(examples)  # bad examples leave all-padding rows: one static shape
-        id_arr = np.full((rows, L), 0, np.int64)
-        lab_arr = np.full((rows, L), IGNORE_INDEX, np.int64)
-        mask = np.zeros((rows, L), bool)
-        for b, (i, lab) in enumerate(zip(ids, labels)):
-            id_arr[b, :len(i)], lab_arr[b, :len(i)], mask[b, :len(i)] = i, lab, True
+        # bad examples leave all-padding rows: one static shape
+        id_arr, lab_arr, mask = pad_rows(kept, len(examples))
         px = np.concatenate(pixels) if pixels else np.zeros((0, 3, self.s, self.s), np.float32)
         arrays, _ = build(id_arr, mask, lab_arr, px, clips, tokens_per_tile=self.tpt, max_length=self.seq_len,
                           pad_to=self.seq_len, tile_slots=self.max_tiles, clip_slots=self.max_clips,

@@ -23,20 +23,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from vita_jax.data.batch import build
-from vita_jax.models.vita import AUDIO_TOKEN_INDEX, IGNORE_INDEX, IMAGE_TOKEN_INDEX, PAD
-from vita_jax.models.whale import llm_length
+from vita_jax.data.batch import build, example_clips, example_problem, example_tiles, pad_rows, spliced_length
+from vita_jax.models.vita import IGNORE_INDEX, PAD
 
 log = logging.getLogger(__name__)
-
-
-def _clips(ex) -> list:
-    a = ex.get("audio")
-    return [] if a is None else (a if isinstance(a, list) else [a])
-
-
-def _tiles(ex) -> int:
-    return 0 if ex.get("pixels") is None else len(ex["pixels"])
 
 
 class Budget:
@@ -51,21 +41,15 @@ class Budget:
 
     def length(self, ex) -> int:
         """Spliced positions of one example."""
-        return len(ex["input_ids"]) + _tiles(ex) * (self.tpt - 1) + sum(int(llm_length(len(a))) - 1
-                                                                       for a in _clips(ex))
+        return spliced_length(ex, self.tpt)
 
     def never_fits(self, ex) -> Optional[str]:
-        ids = np.asarray(ex["input_ids"])
-        n_img, n_aud = int((ids == IMAGE_TOKEN_INDEX).sum()), int((ids == AUDIO_TOKEN_INDEX).sum())
-        if n_img != _tiles(ex) or n_aud != len(_clips(ex)):
-            return f"{n_img} <image> / {n_aud} <audio> placeholders for {_tiles(ex)} tiles / {len(_clips(ex))} clips"
-        if self.length(ex) > self.seq_len:
-            return f"{self.length(ex)} spliced positions > seq_len {self.seq_len}"
-        if _tiles(ex) > self.tile_slots or len(_clips(ex)) > self.clip_slots:
-            return f"{_tiles(ex)} tiles / {len(_clips(ex))} clips over the batch's {self.tile_slots} / {self.clip_slots}"
-        if any(len(a) > self.frame_slots for a in _clips(ex)):
-            return f"audio over {self.frame_slots} frames"
-        return None
+        """Why an example cannot go into any batch of this shape (None if it can)."""
+        problem = example_problem(ex, self.tpt, self.seq_len, self.frame_slots)
+        tiles, clips = example_tiles(ex), len(example_clips(ex))
+        if problem is None and (tiles > self.tile_slots or clips > self.clip_slots):
+            problem = f"{tiles} tiles / {clips} clips over the batch's {self.tile_slots} / {self.clip_slots}"
+        return problem
 
 
 def place(examples: Sequence[dict], budget: Budget, first_fit_order: Sequence[int]) -> tuple[list, list]:
@@ -77,7 +61,7 @@ def place(examples: Sequence[dict], budget: Budget, first_fit_order: Sequence[in
     left = []
     for i in first_fit_order:
         ex = examples[i]
-        n, t, c = budget.length(ex), _tiles(ex), len(_clips(ex))
+        n, t, c = budget.length(ex), example_tiles(ex), len(example_clips(ex))
         r = next((r for r in range(budget.rows) if free[r] >= n), None)
         if r is None or tiles + t > budget.tile_slots or clips + c > budget.clip_slots:
             left.append(i)
@@ -94,16 +78,10 @@ def pack(examples: Sequence[dict], rows: Sequence[Sequence[int]], budget: Budget
     ``audio_lens`` (static budget shapes)."""
     order = [i for row in rows for i in row]
     exs = [examples[i] for i in order]
-    width = max([len(e["input_ids"]) for e in exs] + [1])
-    ids = np.zeros((len(exs), width), np.int64)
-    labels = np.full((len(exs), width), IGNORE_INDEX, np.int64)
-    mask = np.zeros((len(exs), width), bool)
-    for b, e in enumerate(exs):
-        n = len(e["input_ids"])
-        ids[b, :n], labels[b, :n], mask[b, :n] = e["input_ids"], e["labels"], True
-    pixels = [e["pixels"] for e in exs if _tiles(e)]
+    ids, labels, mask = pad_rows(exs)
+    pixels = [e["pixels"] for e in exs if example_tiles(e)]
     px = np.concatenate(pixels) if pixels else np.zeros((0, 3, budget.image_size, budget.image_size), np.float32)
-    clips = [a for e in exs for a in _clips(e)]
+    clips = [a for e in exs for a in example_clips(e)]
     arrays, plan = build(ids, mask, labels, px, clips, tokens_per_tile=budget.tpt, max_length=budget.seq_len,
                          pad_to=1, tile_slots=budget.tile_slots, clip_slots=budget.clip_slots,
                          frame_slots=budget.frame_slots, tile_offset=budget.tile_offset,
@@ -181,8 +159,8 @@ class PackedBatches:
             self._cache.pop(p)
         self.stats["examples"] += len(placed)
         self.stats["real_positions"] += int((batch["kind"] != PAD).sum())
-        self.stats["real_tiles"] += sum(_tiles(exs[i]) for row in rows for i in row)
-        self.stats["real_frames"] += sum(len(a) for row in rows for i in row for a in _clips(exs[i]))
+        self.stats["real_tiles"] += sum(example_tiles(exs[i]) for row in rows for i in row)
+        self.stats["real_frames"] += sum(len(a) for row in rows for i in row for a in example_clips(exs[i]))
         self.stats["steps"] += 1
         return batch
 
