@@ -31,6 +31,8 @@ from vita_jax.data.text import load_tokenizer
 from vita_jax.infer import generate as gen
 from vita_jax.models import qwen2, vita
 from vita_jax.models.vita import AUDIO, IMAGE, PAD
+from vita_jax.data import synthetic
+from vita_jax.train import stages, trainer
 from vita_jax.train.flops import device_peaks, training_flops
 
 def _timeit(fn, steps):
@@ -214,6 +216,57 @@ def bench_data(config) -> dict:
                 host_examples_per_s=tot["examples"] / dt)
 
 
+class _SlowData:
+    """A data iterator that takes ``delay`` more seconds per batch (the host side of bench pipeline)."""
+
+    def __init__(self, it, delay: float):
+        self.it, self.delay = it, delay
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        time.sleep(self.delay)
+        return next(self.it)
+
+    def get_state(self):
+        return self.it.get_state()
+
+    def set_state(self, state):
+        self.it.set_state(state)
+
+
+def bench_pipeline(config) -> dict:
+    """Does the trainer overlap its input pipeline with the step? Runs the real trainer on the tiny
+    stage 2.2 set with a source made ``config.bench.host_delay`` s slower per batch and a step made
+    ``config.bench.step_delay`` s slower (the loop's thread sleeps before dispatch, as it would wait
+    on a busy device), with the pipeline's prefetch on and off; reports the median step period,
+    the median data wait and what full overlap (the larger delay) and none (their sum) would give."""
+    b = config.bench
+    host, dev, steps = float(b.get("host_delay", 0.4)), float(b.get("step_delay", 0.4)), int(b.get("pipeline_steps", 12))
+    out = dict(host_delay_s=host, step_delay_s=dev, steps=steps)
+    for prefetch in (2, 0):
+        c = stages.stage_config("2.2", "tiny")
+        c.update(total_steps=steps, checkpoint_every=10 * steps)
+        c.data.prefetch = prefetch
+        data, _ = synthetic.synthetic_data(c)
+
+        def slow_step(step_fn):
+            def run(state, batch):
+                time.sleep(dev)
+                return step_fn(state, batch)
+            return run
+        with tempfile.TemporaryDirectory() as wd:
+            trainer.train(c, wd, data=_SlowData(data, host), log=lambda *_: None, progress=False, wrap_step=slow_step)
+            with open(f"{wd}/metrics.jsonl") as f:
+                lines = [json.loads(x) for x in f][2:]  # the first steps compile
+        key = "prefetch" if prefetch else "serial"
+        out[f"{key}_step_s"] = float(np.median([m["step_s"] for m in lines]))
+        out[f"{key}_data_wait_s"] = float(np.median([m["data_wait_s"] for m in lines]))
+    out["overlap_bound_s"], out["serial_bound_s"] = max(host, dev), host + dev
+    return out
+
+
 def format_table(res: dict) -> str:
     def f(v, fmt):
         return "n/a" if v is None else fmt.format(v)
@@ -234,10 +287,13 @@ def format_table(res: dict) -> str:
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
 
 
+WHAT = ("llm", "convert", "data", "pipeline")
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("llm", "convert", "data"):
-        print("usage: python -m vita_jax.bench llm|convert|data --config=configs/FILE.py [--config.x=y] [--json=OUT]",
+    if not argv or argv[0] not in WHAT:
+        print(f"usage: python -m vita_jax.bench {'|'.join(WHAT)} --config=configs/FILE.py [--config.x=y] [--json=OUT]",
               file=sys.stderr)
         return 2
     what, rest = argv[0], argv[1:]
@@ -249,8 +305,8 @@ def main(argv=None):
         else:
             print(f"unknown argument {a}", file=sys.stderr)
             return 2
-    if what == "data":
-        res = bench_data(config)
+    if what in ("data", "pipeline"):
+        res = bench_data(config) if what == "data" else bench_pipeline(config)
         print(json.dumps(res))
     elif what == "convert":
         res = bench_convert(config)

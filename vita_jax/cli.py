@@ -173,11 +173,12 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("dst")
     c.add_argument("--dtype", default=None, help="dtype to hold the weights in while converting (default float32)")
     c.add_argument("--overwrite", action="store_true")
-    b = sub.add_parser("bench", help="benchmarks: vita-jax bench llm|convert|data --config=configs/FILE.py",
-                       description="Train-step and decode speed (llm), conversion memory (convert) or what the input "
-                                   "pipeline fills with real data (data) for a config.",
+    b = sub.add_parser("bench", help="benchmarks: vita-jax bench llm|convert|data|pipeline --config=configs/FILE.py",
+                       description="Train-step and decode speed (llm), conversion memory (convert), what the input "
+                                   "pipeline fills with real data (data) for a config, or whether the trainer overlaps "
+                                   "its input pipeline with the step (pipeline: tiny stage 2.2, slowed source and step).",
                        epilog=CONFIG_HELP)
-    b.add_argument("what", choices=["llm", "convert", "data"])
+    b.add_argument("what", choices=["llm", "convert", "data", "pipeline"])
     b.add_argument("--json", help="also write the results to this JSON file")
     return p
 

@@ -19,6 +19,7 @@ position and the waiting positions (re-read on restore), so a resume continues b
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Sequence
 
 import numpy as np
@@ -115,25 +116,42 @@ class PackedBatches:
     """Checkpointable iterator of packed batches over ``dataset`` (random access; ``transform``
     turns a sample into an example), reading stream positions ``index, index + count, ...``."""
 
-    def __init__(self, dataset, transform, budget: Budget, shard=(0, 1), pool: int = 0):
+    def __init__(self, dataset, transform, budget: Budget, shard=(0, 1), pool: int = 0, workers: int = 0):
         self.ds, self.transform, self.budget = dataset, transform, budget
         self.index, self.count = shard
         self.pool = pool or 16 * budget.rows  # new examples read per step at most (rows hold several)
         self.next, self.pending, self._cache = 0, [], {}
+        # read-ahead: the next ``pool`` stream positions are preprocessed in ``workers`` threads (PIL tiling,
+        # fbank and tokenizers release the GIL); which examples a step packs does not depend on it
+        self._workers = ThreadPoolExecutor(workers, thread_name_prefix="vita-pack") if workers > 0 else None
         self.skipped: dict[str, str] = {}
         self.stats = dict(examples=0, real_positions=0, real_tiles=0, real_frames=0, steps=0)
 
+    def _load(self, pos: int) -> dict:
+        sample = self.ds[pos * self.count + self.index]
+        return self.transform(sample) if self.transform is not None else sample
+
     def _example(self, pos: int) -> dict:
         if pos not in self._cache:
-            sample = self.ds[pos * self.count + self.index]
-            self._cache[pos] = self.transform(sample) if self.transform is not None else sample
-        return self._cache[pos]
+            self._cache[pos] = self._load(pos)
+        ex = self._cache[pos]
+        if not isinstance(ex, dict):  # a future of the read-ahead
+            ex = self._cache[pos] = ex.result()
+        return ex
+
+    def _read_ahead(self) -> None:
+        if self._workers is None:
+            return
+        for pos in range(self.next, self.next + self.pool):
+            if pos not in self._cache:
+                self._cache[pos] = self._workers.submit(self._load, pos)
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict:
         b = self.budget
+        self._read_ahead()
         cand = list(self.pending)  # oldest first
         new, length, reads = [], sum(b.length(self._example(p)) for p in cand), 0
         # reads are bounded too: a stream of bad samples ends the step (with padding rows), not the run
@@ -162,10 +180,14 @@ class PackedBatches:
         self.stats["real_tiles"] += sum(example_tiles(exs[i]) for row in rows for i in row)
         self.stats["real_frames"] += sum(len(a) for row in rows for i in row for a in example_clips(exs[i]))
         self.stats["steps"] += 1
+        self._read_ahead()  # the next step's examples are made while this step runs
         return batch
 
     def get_state(self) -> dict:
         return {"next": self.next, "pending": list(self.pending)}
 
     def set_state(self, state: dict) -> None:
+        for f in self._cache.values():
+            if not isinstance(f, dict):
+                f.cancel()
         self.next, self.pending, self._cache = int(state["next"]), [int(p) for p in state["pending"]], {}

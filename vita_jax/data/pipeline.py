@@ -7,7 +7,10 @@ stage's global batch splits over micro-batches and processes.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import queue
+import threading
+import time
+from typing import Callable, Sequence
 
 import grain
 import jax
@@ -61,13 +64,15 @@ def official_data(config, tokenizer):
     lay = batch_layout(config)
     files = [dict(m) for m in d.mixture]
     tfds = [dict(t) for t in d.tfds]
+    workers = int(d.get("workers", 4))
     if d.get("packing", False):
         ds = mixture(files, int(d.shuffle_seed), tfds=tfds).repeat(None)
         return packing.PackedBatches(ds, official_transform(config, tokenizer), packing_budget(config, lay),
-                                     shard=(lay["index"], lay["count"]))
+                                     shard=(lay["index"], lay["count"]), workers=workers)
     col = lm_collator(config, lay)
     it = make_iterator(mixture(files, int(d.shuffle_seed), tfds=tfds), lay["local"], col,
-                       transform=official_transform(config, tokenizer), shard=(lay["index"], lay["count"]))
+                       transform=official_transform(config, tokenizer), shard=(lay["index"], lay["count"]),
+                       workers=workers)
     it.collator = col
     it.skipped = col.skipped
     return it
@@ -102,14 +107,17 @@ def mixture(files: Sequence[dict] = (), seed: int = 0, tfds: Sequence[dict] = ()
 
 
 def make_iterator(source, batch_size: int, collate, seed: int = 0, num_epochs: int | None = None, transform=None,
-                  shard: tuple[int, int] = (0, 1)):
+                  shard: tuple[int, int] = (0, 1), workers: int = 4):
     """Deterministically shuffled (per epoch, from ``seed``), repeated, batched; ``transform``
     (host preprocessing) runs per example, ``collate`` per batch. The iterator has ``get_state()``
     / ``set_state()`` for checkpoints. ``source`` is a random-access source or a grain MapDataset.
 
     ``shard = (index, count)``: the stream is cut into global batches of ``count * batch_size``
     and this process keeps rows ``index * batch_size ...`` of each, reading (and preprocessing)
-    only those: the processes together feed exactly the rows, in the order, of one process."""
+    only those: the processes together feed exactly the rows, in the order, of one process.
+
+    ``workers``: batches preprocessed ahead in that many grain threads (0: in the caller's thread);
+    grain's iterator state accounts for them, so a restored iterator continues with the same batch."""
     ds = source if isinstance(source, grain.MapDataset) else grain.MapDataset.source(source).shuffle(seed=seed)
     index, count = shard
     lo, hi = index * batch_size, (index + 1) * batch_size
@@ -118,7 +126,65 @@ def make_iterator(source, batch_size: int, collate, seed: int = 0, num_epochs: i
         samples = samples[lo:hi]
         return collate([transform(x) for x in samples] if transform is not None else samples)
     ds = ds.repeat(num_epochs).batch(batch_size * count, drop_remainder=True, batch_fn=list).map(local_batch)
-    return iter(ds.to_iter_dataset())
+    # grain's default (16 threads, 500 elements ahead) would hold hundreds of real-size batches in memory
+    opts = grain.ReadOptions(num_threads=max(int(workers), 0), prefetch_buffer_size=max(2 * int(workers), 1))
+    return iter(ds.to_iter_dataset(opts))
+
+
+class Prefetch:
+    """The next ``depth`` steps' inputs, made ahead in a background thread while the device runs.
+
+    ``produce()`` makes one item (the trainer's: the host batch of a step, the data-iterator state
+    after it, placed on the devices); it alone touches the data iterator once started. ``next()``
+    returns ``(item, wait_s)``, ``wait_s`` being the seconds the caller was kept waiting. An error
+    in ``produce`` is raised, unchanged, by the ``next()`` that would have got its item. ``depth=0``
+    makes each item on demand in the caller's thread (no overlap)."""
+
+    def __init__(self, produce: Callable, depth: int = 2):
+        self.produce, self.depth = produce, int(depth)
+        self._stop = threading.Event()
+        self._thread = None
+        if self.depth > 0:
+            self._q: queue.Queue = queue.Queue(maxsize=self.depth)
+            self._thread = threading.Thread(target=self._work, name="vita-prefetch", daemon=True)
+            self._thread.start()
+
+    def _work(self):
+        while not self._stop.is_set():
+            try:
+                item = (True, self.produce())
+            except BaseException as e:  # handed to the consumer, raised there
+                item = (False, e)
+            while not self._stop.is_set():
+                try:
+                    self._q.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if not item[0]:
+                return
+
+    def next(self):
+        t = time.perf_counter()
+        if self._thread is None:
+            item = self.produce()
+            return item, time.perf_counter() - t
+        ok, item = self._q.get()
+        if not ok:
+            self._stop.set()
+            raise item
+        return item, time.perf_counter() - t
+
+    def close(self):
+        """Stops the thread (items made ahead are dropped; their data state was never handed out)."""
+        self._stop.set()
+        if self._thread is not None:
+            while self._thread.is_alive():
+                try:
+                    self._q.get(timeout=0.05)
+                except queue.Empty:
+                    pass
+            self._thread.join()
 
 
 class IndexedBatches:

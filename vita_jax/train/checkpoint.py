@@ -14,6 +14,7 @@ import orbax.checkpoint as ocp
 class Checkpointer:
     def __init__(self, directory: str, keep: int = 3, every: int = 1000, async_save: bool = True):
         self.directory = os.path.abspath(directory)
+        self.every = int(every)
         opts = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every,
                                             enable_async_checkpointing=async_save, create=True)
         self.mgr = ocp.CheckpointManager(self.directory, options=opts)

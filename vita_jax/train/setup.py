@@ -57,6 +57,8 @@ def build(config, params, mesh=None, total_steps: int | None = None):
                             accum=int(config.grad_accum), compute_dtype=jnp.dtype(config.dtype))
     info = dict(table=stages.count_table(params, lab), labels=lab)
     if mesh is None:
+        # placement (``info["place"]``) may run ahead in the input pipeline's thread; the step takes either
+        info["place"] = lambda batch: jax.tree.map(jnp.asarray, batch)
         return state, jax.jit(fn, donate_argnums=0), info
     pshard = {}
     for name, (module, example, _) in vita.parts(config).items():
@@ -70,8 +72,8 @@ def build(config, params, mesh=None, total_steps: int | None = None):
     accum = int(config.grad_accum)
     n_proc = jax.process_count()
 
-    def run(state, batch):
-        """Places the host batch over the data axes and runs the step (jitted once per batch shape).
+    def place_batch(batch):
+        """This process's host batch -> global arrays placed over the data axes (``info["place"]``).
 
         ``batch`` is this process's slice of the global batch (all of it with one process); with
         ``grad_accum > 1`` its leaves carry a leading micro-batch axis, which is not sharded."""
@@ -88,7 +90,11 @@ def build(config, params, mesh=None, total_steps: int | None = None):
                                  f"{gshape[names.index('batch')]} is not sharded over the mesh's data/fsdp axes "
                                  f"{dict(mesh.shape)}: make batch_size divisible by data x fsdp")
             return jax.make_array_from_process_local_data(sh, x, tuple(gshape))
-        placed = jax.tree.map(place, batch)
+        return jax.tree.map(place, batch)
+
+    def run(state, batch):
+        """Runs the step on a host batch (placed here) or a placed one (jitted once per batch shape)."""
+        placed = batch if all(isinstance(x, jax.Array) for x in jax.tree.leaves(batch)) else place_batch(batch)
         bs = jax.tree.map(lambda x: x.sharding, placed)
         key = str(jax.tree.map(lambda x: (x.shape, str(x.dtype), str(x.sharding.spec)), placed))
         with parallel.use_mesh(mesh):
@@ -96,5 +102,6 @@ def build(config, params, mesh=None, total_steps: int | None = None):
                 compiled[key] = jax.jit(fn, in_shardings=(shard, bs), out_shardings=(shard, None), donate_argnums=0)
             return compiled[key](state, placed)
     info["shardings"] = shard
+    info["place"] = place_batch
     return state, run, info
 

@@ -62,6 +62,8 @@ def stage_config(stage: str, arg: str | None = None) -> ml_collections.ConfigDic
                                             max_clips_per_sample=1,
                                             max_frames=128 if arg == "tiny" else 3000, synthetic_size=256,
                                             packing=arg != "tiny",  # several examples per row (data/packing.py)
+                                            workers=4,  # host preprocessing threads (0: in the pipeline's thread)
+                                            prefetch=2,  # steps' batches made and placed ahead (0: in series)
                                             tokenizer=""))  # tokenizer folder (default: init_from)
     if stage == "3.2":  # the speech decoder: input width = LLM width / 4 (the release: 896, 1024 codes)
         tiny = arg == "tiny"

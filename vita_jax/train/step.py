@@ -123,7 +123,7 @@ def make_step(loss_fn: Callable, opt: optax.GradientTransformation, lr_fn: Calla
         new_state = TrainState(state.step + 1, keep(new_train, state.train), state.frozen,
                                keep(new_opt, state.opt_state), jnp.where(finite, 0, state.nonfinite + 1))
         metrics = dict(loss=loss, grad_norm=gnorm, lr=lr_fn(state.step), tokens=count,
-                       accuracy=correct / denom, finite=finite)
+                       accuracy=correct / denom, finite=finite, nonfinite=new_state.nonfinite)
         return new_state, metrics
 
     return step

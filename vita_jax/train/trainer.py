@@ -66,6 +66,16 @@ def next_batch(data, accum: int) -> dict:
     return {k: np.stack([np.asarray(mb[k]) for mb in mbs]) for k in mbs[0]}
 
 
+def _batch_size(config, host: dict, accum: int):
+    """``(rows, length, tiles, audio frames)`` of the global step for the FLOPs count (LM stages; else None)."""
+    if config.loss != "lm" or "kind" not in host:
+        return None
+    b, L = np.shape(host["kind"])[-2:]
+    copies = accum * jax.process_count()  # this process holds 1/copies of the step's rows
+    return (b * copies, L, int(np.shape(host["pixels"])[-4]) * copies,
+            int(np.asarray(host["audio_lens"]).sum()) * jax.process_count())
+
+
 def _tensorboard(workdir: str):
     """A TensorBoard writer on process 0 (None elsewhere or without tensorboardX)."""
     if jax.process_index() != 0:
@@ -105,9 +115,10 @@ def check_config(config) -> None:
 
 
 def train(config, workdir: str, mesh=None, data=None, log: Callable = print, progress: bool = True,
-          stop_after: Optional[int] = None) -> dict:
+          stop_after: Optional[int] = None, wrap_step: Optional[Callable] = None) -> dict:
     """Runs (or resumes) ``config``'s stage in ``workdir``. ``data``: an iterator of host batches
-    with ``get_state``/``set_state`` (default: the synthetic set of the tiny configs)."""
+    with ``get_state``/``set_state`` (default: the synthetic set of the tiny configs). ``wrap_step``:
+    ``step -> step`` around the jitted step (profiling, ``bench pipeline``'s deliberately slow step)."""
     check_config(config)
     os.makedirs(workdir, exist_ok=True)
     config = config.copy_and_resolve_references()  # the caller's config is never changed
@@ -123,6 +134,8 @@ def train(config, workdir: str, mesh=None, data=None, log: Callable = print, pro
     tok_dir = config.data.tokenizer or config.init_from or None
     params = initial_params(config, ck_in)
     state, step_fn, info = setup.build(config, params, mesh=mesh)
+    if wrap_step is not None:
+        step_fn = wrap_step(step_fn)
     del params, ck_in
     log(f"stage {config.stage}: {config.description}\n{info['table']}")
     log(f"processes: {jax.process_count()}, devices: {jax.device_count()} ({jax.local_device_count()} local), "
@@ -149,49 +162,72 @@ def train(config, workdir: str, mesh=None, data=None, log: Callable = print, pro
     bar = None
     if progress:
         bar = tqdm(total=total, initial=start, desc=f"stage {config.stage}", leave=False)
-    last, t0 = {}, time.perf_counter()
     tb = _tensorboard(workdir)
     peak = flops.device_peaks(jax.devices()[0].device_kind)[0]
-    with open(metrics_path, "a") as mf:
-        for i in range(start, total):
-            batch = next_batch(data, accum)
-            if mesh is None:
-                batch = jax.tree.map(jnp.asarray, batch)
-            t_step = time.perf_counter()
-            state, met = step_fn(state, batch)
-            met = {k: float(v) for k, v in jax.device_get(met).items()}
-            dt = time.perf_counter() - t_step
-            met["step"] = i + 1
-            met["seconds"] = time.perf_counter() - t0
-            met["tokens_per_s"] = met["tokens"] / dt
-            if config.loss == "lm" and "kind" in batch:
-                b, L = np.shape(batch["kind"])[-2:]
-                copies = accum * jax.process_count()  # this process holds 1/copies of the step's rows
-                fl = flops.step_flops(config, b * copies, L, tiles=int(np.shape(batch["pixels"])[-4]) * copies,
-                                audio_frames=int(np.asarray(batch["audio_lens"]).sum()) * jax.process_count())
-                met["tflops_per_s"] = fl / dt / 1e12
-                if peak:
-                    met["mfu"] = fl / dt / (peak * jax.device_count())
-            if tb is not None:
-                for k, v in met.items():
-                    if k not in ("step", "finite"):
-                        tb.add_scalar(f"train/{k}", v, i + 1)
-            mf.write(json.dumps(met) + "\n")
-            mf.flush()
-            last = met
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{met['loss']:.4f}")
-            if met["finite"] and not met["tokens"]:
-                log(f"step {i + 1}: no target tokens in the batch (every sample skipped), update skipped")
-            if not met["finite"]:
-                log(f"step {i + 1}: non-finite loss or gradient, update skipped")
-                if int(state.nonfinite) >= int(config.max_nonfinite_steps):
-                    ck.close()
-                    raise FloatingPointError(f"{int(state.nonfinite)} non-finite steps in a row; stopping")
-            ck.save(i + 1, state, data.get_state(), config, force=(i + 1 == total))
-            if stop_after is not None and i + 1 >= stop_after:
-                break
+    place = info["place"]
+
+    def produce():
+        """One step's input, made ahead in the pipeline's thread: placed batch, data state after it, its size."""
+        host = next_batch(data, accum)
+        return place(host), data.get_state(), _batch_size(config, host, accum)
+
+    # the next batches are made and placed while the device runs; a step's metrics are read once the next
+    # step is dispatched, so neither the host pipeline nor the metrics read stalls the device
+    feed = pipeline.Prefetch(produce, depth=int(config.data.get("prefetch", 2)))
+    last, pending, t0 = {}, None, time.perf_counter()
+    t_done = t0
+
+    def record(p) -> None:
+        """Reads the metrics of a dispatched step (blocks until it is done), logs them, stops on non-finite runs."""
+        nonlocal last, t_done
+        i, met, size, wait = p
+        met = {k: float(v) for k, v in jax.device_get(met).items()}
+        now = time.perf_counter()
+        dt, t_done = now - t_done, now  # step period: between consecutive completions
+        met.update(step=i + 1, seconds=now - t0, step_s=dt, data_wait_s=wait, tokens_per_s=met["tokens"] / dt)
+        if size is not None:
+            fl = flops.step_flops(config, *size)
+            met["tflops_per_s"] = fl / dt / 1e12
+            if peak:
+                met["mfu"] = fl / dt / (peak * jax.device_count())
+        if tb is not None:
+            for k, v in met.items():
+                if k not in ("step", "finite"):
+                    tb.add_scalar(f"train/{k}", v, i + 1)
+        mf.write(json.dumps(met) + "\n")
+        mf.flush()
+        last = met
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{met['loss']:.4f}")
+        if met["finite"] and not met["tokens"]:
+            log(f"step {i + 1}: no target tokens in the batch (every sample skipped), update skipped")
+        if not met["finite"]:
+            log(f"step {i + 1}: non-finite loss or gradient, update skipped")
+            if int(met["nonfinite"]) >= int(config.max_nonfinite_steps):
+                raise FloatingPointError(f"{int(met['nonfinite'])} non-finite steps in a row; stopping")
+
+    try:
+        with open(metrics_path, "a") as mf:
+            for i in range(start, total):
+                (batch, data_state, size), wait = feed.next()
+                state, met = step_fn(state, batch)  # dispatched: runs while the previous step's metrics are read
+                if pending is not None:
+                    record(pending)
+                pending = (i, met, size, wait)
+                if (i + 1) % ck.every == 0 or i + 1 == total:  # a checkpoint never gets ahead of its metrics line
+                    record(pending)
+                    pending = None
+                ck.save(i + 1, state, data_state, config, force=(i + 1 == total))
+                if stop_after is not None and i + 1 >= stop_after:
+                    break
+            if pending is not None:
+                record(pending)
+    except FloatingPointError:
+        ck.close()
+        raise
+    finally:
+        feed.close()
     if bar is not None:
         bar.close()
     if tb is not None:
