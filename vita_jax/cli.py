@@ -176,9 +176,10 @@ def parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks: vita-jax bench llm|convert|data|pipeline --config=configs/FILE.py",
                        description="Train-step and decode speed (llm), conversion memory (convert), what the input "
                                    "pipeline fills with real data (data) for a config, or whether the trainer overlaps "
-                                   "its input pipeline with the step (pipeline: tiny stage 2.2, slowed source and step).",
+                                   "its input pipeline with the step (pipeline: tiny stage 2.2, slowed source and step); mixture "
+                                   "--out=DIR [--n=400] writes a VITA-like official-format mixture (real photos, speech).",
                        epilog=CONFIG_HELP)
-    b.add_argument("what", choices=["llm", "convert", "data", "pipeline"])
+    b.add_argument("what", choices=["llm", "convert", "data", "pipeline", "mixture"])
     b.add_argument("--json", help="also write the results to this JSON file")
     return p
 

@@ -92,9 +92,12 @@ class SplicePlan:
 
 def plan_splice(input_ids, attention_mask=None, labels=None, *, tokens_per_tile: int = 256,
                 audio_llm_lengths: Sequence[int] = (), audio_len: int = 0, max_length: int = 6200,
-                pad_to: Optional[int] = None, n_tiles: Optional[int] = None) -> SplicePlan:
+                pad_to: Optional[int] = None, n_tiles: Optional[int] = None,
+                audio_bases: Optional[Sequence[int]] = None) -> SplicePlan:
     """Host-side layout of the spliced batch. ``audio_len`` is the (padded) time axis of the audio
-    features the model will produce; ``pad_to`` rounds the length up (jit buckets)."""
+    features the model will produce (clip ``k`` starts at flat row ``k * audio_len``, or at
+    ``audio_bases[k]`` when the clips sit in slots of several lengths); ``pad_to`` rounds the
+    length up (jit buckets)."""
     ids = np.asarray(input_ids)
     if ids.ndim == 1:
         ids = ids[None]
@@ -118,8 +121,9 @@ def plan_splice(input_ids, attention_mask=None, labels=None, *, tokens_per_tile:
                 if clip >= len(audio_llm_lengths):
                     raise ValueError(f"row {b}: more <audio> placeholders than the {len(audio_llm_lengths)} clips given")
                 n = int(audio_llm_lengths[clip])
+                base = clip * audio_len if audio_bases is None else int(audio_bases[clip])
                 kind += [AUDIO] * n
-                src += list(range(clip * audio_len, clip * audio_len + n))
+                src += list(range(base, base + n))
                 text += [0] * n
                 out_lab += [IGNORE_INDEX] * n
                 clip += 1
@@ -158,7 +162,8 @@ def bucket(n: int, multiple: int = 1) -> int:
 def build(input_ids, attention_mask, labels, pixels, clips: Sequence[np.ndarray], *, tokens_per_tile: int,
           max_length: int, pad_to: int, tile_slots: int, clip_slots: int, frame_slots: int,
           clip_lengths: Optional[Sequence[int]] = None, tile_offset: int = 0, clip_offset: int = 0,
-          image_size: int = 0, mel_bins: int = 80):
+          image_size: int = 0, mel_bins: int = 80, clip_groups: Optional[Sequence["ClipGroup"]] = None,
+          clip_group_of: Optional[Sequence[int]] = None):
     """Model inputs of one batch -> ``(arrays, plan)``.
 
     ``input_ids`` / ``attention_mask`` / ``labels``: ``[B, L]`` (labels may be None); ``pixels``:
@@ -169,37 +174,67 @@ def build(input_ids, attention_mask, labels, pixels, clips: Sequence[np.ndarray]
     sizes (empty tile slots are ``image_size``-square); padding clips get length ``frame_slots``. ``tile_offset`` / ``clip_offset`` shift ``src``
     into global tile / clip arrays (several processes feeding one batch). ``arrays`` holds
     ``kind``, ``text_ids``, ``src``, ``labels`` (with labels), ``pixels`` and ``audio_feats`` /
-    ``audio_lens`` (None when there are no slots of that kind)."""
+    ``audio_lens`` (None when there are no slots of that kind).
+
+    ``clip_groups`` (packing's audio budget) replaces the one ``clip_slots x frame_slots`` array by
+    one array per group of slots (each its own length; ``clip_group_of[k]``: clip ``k``'s group,
+    slots filled in clip order): ``audio_feats`` / ``audio_lens`` are then lists, one per group."""
     n_tiles = 0 if pixels is None else len(pixels)
     lens = [len(c) for c in clips] if clip_lengths is None else [int(n) for n in clip_lengths]
-    if n_tiles > tile_slots or len(clips) > clip_slots or any(n > frame_slots for n in lens):
+    grouped = clip_groups is not None
+    if not grouped:
+        clip_groups = [ClipGroup(frame_slots, clip_slots, 0, clip_offset)] if clip_slots else []
+        clip_group_of = [0] * len(clips)
+    used = [0] * len(clip_groups)
+    slot_of = []
+    for k, g in enumerate(clip_group_of):
+        if g >= len(clip_groups) or used[g] >= clip_groups[g].slots or lens[k] > clip_groups[g].frames:
+            used = None
+            break
+        slot_of.append(used[g])
+        used[g] += 1
+    if n_tiles > tile_slots or used is None:
         raise ValueError(f"{n_tiles} tiles / {len(clips)} clips of up to {max(lens, default=0)} frames do not fit "
-                         f"{tile_slots} tile and {clip_slots} x {frame_slots} clip slots")
-    audio_len = int(llm_length(frame_slots)) if clip_slots else 0
+                         f"{tile_slots} tile slots and clip slots {[(g.slots, g.frames) for g in clip_groups]}")
+    bases = [clip_groups[g].row(s) for g, s in zip(clip_group_of, slot_of)]
     plan = plan_splice(input_ids, attention_mask, labels, tokens_per_tile=tokens_per_tile,
-                       audio_llm_lengths=[int(llm_length(n)) for n in lens], audio_len=audio_len,
-                       max_length=max_length, pad_to=pad_to, n_tiles=n_tiles)
+                       audio_llm_lengths=[int(llm_length(n)) for n in lens], max_length=max_length, pad_to=pad_to,
+                       n_tiles=n_tiles, audio_bases=bases)
     plan.src[plan.kind == IMAGE] += tile_offset * tokens_per_tile
-    plan.src[plan.kind == AUDIO] += clip_offset * audio_len
     px = None
     if tile_slots:
         px = np.zeros((tile_slots,) + (tuple(np.shape(pixels)[1:]) if n_tiles else (3, image_size, image_size)),
                       np.float32)
         if n_tiles:
             px[:n_tiles] = pixels
-    feats = audio_lens = None
-    if clip_slots:
-        feats = np.zeros((clip_slots, frame_slots, mel_bins), np.float32)
-        audio_lens = np.full((clip_slots,), frame_slots, np.int32)
-        for k, c in enumerate(clips):
-            n = min(len(c), frame_slots)
-            feats[k, :n] = c[:n]
-            audio_lens[k] = lens[k]
+    feats = [np.zeros((g.slots, g.frames, mel_bins), np.float32) for g in clip_groups]
+    audio_lens = [np.full((g.slots,), g.frames, np.int32) for g in clip_groups]
+    for k, (c, g, s) in enumerate(zip(clips, clip_group_of, slot_of)):
+        n = min(len(c), clip_groups[g].frames)
+        feats[g][s, :n] = c[:n]
+        audio_lens[g][s] = lens[k]
+    if not grouped:
+        feats, audio_lens = (feats[0], audio_lens[0]) if clip_groups else (None, None)
     arrays = dict(kind=plan.kind, text_ids=plan.text_ids, src=plan.src, pixels=px, audio_feats=feats,
                   audio_lens=audio_lens)
     if plan.labels is not None:
         arrays["labels"] = plan.labels
     return arrays, plan
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipGroup:
+    """One array of clip slots ``[slots, frames, mel]``: ``base`` = the flat adapter row where the
+    group's *global* slot 0 starts (the groups of all processes laid end to end), ``first`` = this
+    process's first global slot in it."""
+    frames: int
+    slots: int
+    base: int = 0
+    first: int = 0
+
+    def row(self, slot: int) -> int:
+        """Flat adapter row of this process's ``slot``."""
+        return self.base + (self.first + slot) * int(llm_length(self.frames))
 
 
 def example_tiles(ex) -> int:

@@ -24,32 +24,65 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from vita_jax.data.batch import build, example_clips, example_problem, example_tiles, pad_rows, spliced_length
+from vita_jax.data.batch import (ClipGroup, build, example_clips, example_problem, example_tiles, pad_rows,
+                                 spliced_length)
 from vita_jax.models.vita import IGNORE_INDEX, PAD
+from vita_jax.models.whale import llm_length
 
 log = logging.getLogger(__name__)
 
 
 class Budget:
-    """The static shape of one process's packed batch and the size of an example within it."""
+    """The static shape of one process's packed batch and the size of an example within it.
+
+    Clip slots: ``clip_slots`` x ``frame_slots`` (one array), or ``audio_groups = [(frames, slots),
+    ...]``: one array per group, so the whale encoder computes clips padded to the nearest group
+    length instead of ``frame_slots``; ``shard = (index, count)`` places this process's slots in
+    the global group arrays. A clip goes to the shortest group that holds it with a slot free."""
 
     def __init__(self, rows: int, seq_len: int, tile_slots: int, clip_slots: int, frame_slots: int,
-                 tokens_per_tile: int, image_size: int, tile_offset: int = 0, clip_offset: int = 0):
+                 tokens_per_tile: int, image_size: int, tile_offset: int = 0, clip_offset: int = 0,
+                 audio_groups: Optional[Sequence[Sequence[int]]] = None, shard: tuple[int, int] = (0, 1)):
         self.rows, self.seq_len, self.tile_slots, self.clip_slots, self.frame_slots = (rows, seq_len, tile_slots,
                                                                                         clip_slots, frame_slots)
         self.tpt, self.image_size, self.tile_offset, self.clip_offset = (tokens_per_tile, image_size, tile_offset,
                                                                          clip_offset)
+        self.groups = None
+        if audio_groups is not None:
+            index, count = shard
+            self.groups, base = [], 0
+            for frames, slots in sorted((int(f), int(n)) for f, n in audio_groups):
+                self.groups.append(ClipGroup(frames, slots, base, index * slots))
+                base += slots * count * int(llm_length(frames))
+            self.clip_slots = sum(g.slots for g in self.groups)
+            self.frame_slots = max([g.frames for g in self.groups], default=0)
 
     def length(self, ex) -> int:
         """Spliced positions of one example."""
         return spliced_length(ex, self.tpt)
 
+    def clip_groups(self, lengths: Sequence[int]) -> Optional[list[int]]:
+        """The group of each clip (frames ``lengths``) when they all fit the slots together, else None:
+        longest clip first, each into the shortest group with a slot left (optimal for nested sizes)."""
+        if self.groups is None:
+            ok = len(lengths) <= self.clip_slots and all(n <= self.frame_slots for n in lengths)
+            return [0] * len(lengths) if ok else None
+        free = [g.slots for g in self.groups]
+        out = [0] * len(lengths)
+        for k in sorted(range(len(lengths)), key=lambda k: -lengths[k]):
+            g = next((g for g, grp in enumerate(self.groups) if grp.frames >= lengths[k] and free[g]), None)
+            if g is None:
+                return None
+            out[k], free[g] = g, free[g] - 1
+        return out
+
     def never_fits(self, ex) -> Optional[str]:
         """Why an example cannot go into any batch of this shape (None if it can)."""
         problem = example_problem(ex, self.tpt, self.seq_len, self.frame_slots)
-        tiles, clips = example_tiles(ex), len(example_clips(ex))
-        if problem is None and (tiles > self.tile_slots or clips > self.clip_slots):
-            problem = f"{tiles} tiles / {clips} clips over the batch's {self.tile_slots} / {self.clip_slots}"
+        tiles, clips = example_tiles(ex), example_clips(ex)
+        if problem is None and (tiles > self.tile_slots or self.clip_groups([len(a) for a in clips]) is None):
+            slots = self.clip_slots if self.groups is None else [(g.slots, g.frames) for g in self.groups]
+            problem = f"{tiles} tiles / {len(clips)} clips over the batch's {self.tile_slots} tiles / clip slots {slots}"
         return problem
 
 
@@ -58,13 +91,13 @@ def place(examples: Sequence[dict], budget: Budget, first_fit_order: Sequence[in
     lists of example indices, indices left over)``."""
     free = [budget.seq_len] * budget.rows
     rows: list[list[int]] = [[] for _ in range(budget.rows)]
-    tiles = clips = 0
+    tiles, clips = 0, []
     left = []
     for i in first_fit_order:
         ex = examples[i]
-        n, t, c = budget.length(ex), example_tiles(ex), len(example_clips(ex))
+        n, t, c = budget.length(ex), example_tiles(ex), [len(a) for a in example_clips(ex)]
         r = next((r for r in range(budget.rows) if free[r] >= n), None)
-        if r is None or tiles + t > budget.tile_slots or clips + c > budget.clip_slots:
+        if r is None or tiles + t > budget.tile_slots or (c and budget.clip_groups(clips + c) is None):
             left.append(i)
             continue
         rows[r].append(i)
@@ -86,7 +119,8 @@ def pack(examples: Sequence[dict], rows: Sequence[Sequence[int]], budget: Budget
     arrays, plan = build(ids, mask, labels, px, clips, tokens_per_tile=budget.tpt, max_length=budget.seq_len,
                          pad_to=1, tile_slots=budget.tile_slots, clip_slots=budget.clip_slots,
                          frame_slots=budget.frame_slots, tile_offset=budget.tile_offset,
-                         clip_offset=budget.clip_offset, image_size=budget.image_size)
+                         clip_offset=budget.clip_offset, image_size=budget.image_size, clip_groups=budget.groups,
+                         clip_group_of=budget.clip_groups([len(a) for a in clips]) if budget.groups else None)
     R, L = budget.rows, budget.seq_len
     out = dict(kind=np.full((R, L), PAD, np.int8), text_ids=np.zeros((R, L), np.int32),
                src=np.zeros((R, L), np.int32), labels=np.full((R, L), IGNORE_INDEX, np.int32),
@@ -104,7 +138,7 @@ def pack(examples: Sequence[dict], rows: Sequence[Sequence[int]], budget: Budget
             at, k = at + n, k + 1
     out["pixels"] = arrays["pixels"] if arrays["pixels"] is not None else \
         np.zeros((0, 3, budget.image_size, budget.image_size), np.float32)
-    if arrays["audio_feats"] is not None:
+    if arrays["audio_feats"] is not None:  # one array, or one per clip group
         out["audio_feats"], out["audio_lens"] = arrays["audio_feats"], arrays["audio_lens"]
     else:
         out["audio_feats"] = np.zeros((0, budget.frame_slots, 80), np.float32)
@@ -119,7 +153,10 @@ class PackedBatches:
     def __init__(self, dataset, transform, budget: Budget, shard=(0, 1), pool: int = 0, workers: int = 0):
         self.ds, self.transform, self.budget = dataset, transform, budget
         self.index, self.count = shard
-        self.pool = pool or 16 * budget.rows  # new examples read per step at most (rows hold several)
+        self.pool = pool or 64 * budget.rows  # new examples read per step at most (rows hold several)
+        # candidates for a step: examples for ``lookahead`` times its positions, so that when a tile or clip
+        # budget is spent others (text, other media) still fill the rows; the rest wait, oldest placed first
+        self.lookahead = 2.0
         self.next, self.pending, self._cache = 0, [], {}
         # read-ahead: the next ``pool`` stream positions are preprocessed in ``workers`` threads (PIL tiling,
         # fbank and tokenizers release the GIL); which examples a step packs does not depend on it
@@ -155,7 +192,7 @@ class PackedBatches:
         cand = list(self.pending)  # oldest first
         new, length, reads = [], sum(b.length(self._example(p)) for p in cand), 0
         # reads are bounded too: a stream of bad samples ends the step (with padding rows), not the run
-        while len(new) < self.pool and length < b.rows * b.seq_len and reads < 4 * self.pool:
+        while len(new) < self.pool and length < self.lookahead * b.rows * b.seq_len and reads < 4 * self.pool:
             pos, self.next, reads = self.next, self.next + 1, reads + 1
             ex = self._example(pos)
             problem = ex.get("bad") or b.never_fits(ex)

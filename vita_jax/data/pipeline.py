@@ -7,6 +7,8 @@ stage's global batch splits over micro-batches and processes.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import logging
 import queue
 import threading
 import time
@@ -14,10 +16,13 @@ from typing import Callable, Sequence
 
 import grain
 import jax
+import numpy as np
 
 from vita_jax.data import batch as batch_lib
 from vita_jax.data import packing, sources
 from vita_jax.models import vita
+
+log = logging.getLogger(__name__)
 
 
 def batch_layout(config) -> dict:
@@ -40,14 +45,87 @@ def lm_collator(config, layout: dict) -> batch_lib.LMCollator:
                                 tile_offset=layout["index"] * tiles, clip_offset=layout["index"] * clips)
 
 
-def packing_budget(config, layout: dict) -> packing.Budget:
-    """The static shape of this process's packed batch: ``local`` rows of ``data.seq_len``, the
-    per-sample media budgets times the rows, this process's tile / clip offsets."""
+def packing_budget(config, layout: dict, tile_slots: int = 0, audio_groups=None) -> packing.Budget:
+    """The static shape of this process's packed batch: ``local`` rows of ``data.seq_len``; tile slots
+    ``tile_slots`` (else ``data.tile_budget``, else the per-sample maximum times the rows); clip
+    slots in ``audio_groups`` / ``data.audio_buckets`` (``[[frames, slots], ...]``), else the
+    per-sample maximum times the rows, each of ``data.max_frames``."""
     d = config.data
     vc = vita.vision_config(config)
-    tiles, clips = d.max_tiles_per_sample * layout["local"], d.max_clips_per_sample * layout["local"]
+    tiles = int(tile_slots or d.get("tile_budget", 0) or d.max_tiles_per_sample * layout["local"])
+    clips = d.max_clips_per_sample * layout["local"]
+    groups = audio_groups or [list(g) for g in d.get("audio_buckets", [])] or None
     return packing.Budget(layout["local"], d.seq_len, tiles, clips, d.max_frames, vc.tokens_per_tile, vc.image_size,
-                          tile_offset=layout["index"] * tiles, clip_offset=layout["index"] * clips)
+                          tile_offset=layout["index"] * tiles, clip_offset=layout["index"] * clips,
+                          audio_groups=groups, shard=(layout["index"], layout["count"]))
+
+
+MAX_GROUPS, MIN_CLIPS_PER_GROUP = 8, 1.5  # clip groups: each one more whale compile; few clips a group fill badly
+
+
+def group_lengths(lens: np.ndarray, k: int, multiple: int = 16) -> list[int]:
+    """Up to ``k`` slot lengths (multiples of ``multiple``, the longest >= every clip) that minimise
+    the padding of ``lens`` (sorted clip lengths), each clip in the shortest slot that holds it:
+    a dynamic programme over the sorted lengths (a group = a run of them, its slot = its longest)."""
+    w = -(-np.asarray(lens, np.int64) // multiple) * multiple
+    n = len(w)
+    pre = np.concatenate([[0], np.cumsum(lens)])
+    # cost[i, j]: clips i..j (inclusive) in one slot length w[j]
+    i, j = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    cost = np.where(i <= j, (j - i + 1) * w[j] - (pre[j + 1] - pre[i]), np.inf)
+    best, back = cost[0].copy(), []  # best[j]: clips 0..j in g groups
+    for _ in range(1, k):
+        cand = best[:, None] + np.vstack([cost[1:], np.full((1, n), np.inf)])  # last group starts after i
+        arg = np.argmin(cand, axis=0)
+        new = cand[arg, np.arange(n)]
+        back.append(np.where(new < best, arg, -1))
+        best = np.minimum(best, new)
+    out, j = [], n - 1
+    for b in reversed(back):
+        if b[j] >= 0:
+            out.append(int(w[j]))
+            j = int(b[j])
+    out.append(int(w[j]))
+    return sorted(set(out))
+
+
+def calibrate(config, dataset, transform, layout: dict, workers: int = 4) -> tuple[int, list, dict]:
+    """Per-step media budgets sized to the data (``data.budgets = "auto"``): reads the first
+    ``data.calibration_examples`` samples of the *global* stream (the same on every process, so
+    every process derives the same shapes) and returns ``(tile slots, [[frames, slots], ...],
+    report)``: the tiles and clips that rows of ``seq_len`` filled with such examples hold, the
+    clips split into up to ``MAX_GROUPS`` groups at length quantiles (the longest group: the
+    longest clip seen, rounded up to 16 frames; a longer clip later is skipped and reported by id).
+    Budgets match the expected need; the examples that do not fit a step's slots wait while others
+    fill the rows."""
+    d = config.data
+    full = packing_budget(config, layout)
+    n = int(d.get("calibration_examples", 256))
+    with concurrent.futures.ThreadPoolExecutor(max(workers, 1)) as pool:
+        exs = list(pool.map(lambda i: transform(dataset[i]) if transform is not None else dataset[i], range(n)))
+    exs = [e for e in exs if not e.get("bad") and full.never_fits(e) is None]
+    if not exs:
+        raise ValueError(f"data.budgets = 'auto': none of the first {n} samples is usable; set data.budgets = 'fixed'")
+    per_step = full.rows * full.seq_len / np.mean([full.length(e) for e in exs])  # examples in full rows
+    tiles = [batch_lib.example_tiles(e) for e in exs]
+    tile_slots = max(max(tiles), int(round(per_step * np.mean(tiles))))
+    lens = np.sort([len(a) for e in exs for a in batch_lib.example_clips(e)])
+    groups = []
+    if len(lens):
+        clips = per_step * len(lens) / len(exs)
+        k = int(np.clip(clips // MIN_CLIPS_PER_GROUP, 1, MAX_GROUPS))
+        edges = group_lengths(lens, k)
+        raw = np.array([np.mean((lens > lo) & (lens <= e)) for lo, e in zip([0] + edges[:-1], edges)]) * clips
+        # the expected clip count rounded down (largest remainders share it out), each group at least one:
+        # measured on the bench mixture, rounding up leaves ~6 % of the slots empty, rounding down keeps
+        # a bounded queue of waiting speech examples and the rows as full (bench data, README)
+        slots = np.floor(raw).astype(int)
+        for g in np.argsort(-(raw - slots))[:max(0, int(clips) - int(slots.sum()))]:
+            slots[g] += 1
+        groups = [[min(e, int(d.max_frames)), max(1, int(n))] for e, n in zip(edges, slots)]
+    report = dict(examples=len(exs), examples_per_step=per_step, tile_slots=tile_slots, audio_groups=groups,
+                  longest_clip=int(lens[-1]) if len(lens) else 0)
+    return tile_slots, groups, report
 
 
 def official_transform(config, tokenizer) -> sources.OfficialExamples:
@@ -67,8 +145,13 @@ def official_data(config, tokenizer):
     workers = int(d.get("workers", 4))
     if d.get("packing", False):
         ds = mixture(files, int(d.shuffle_seed), tfds=tfds).repeat(None)
-        return packing.PackedBatches(ds, official_transform(config, tokenizer), packing_budget(config, lay),
-                                     shard=(lay["index"], lay["count"]), workers=workers)
+        tf = official_transform(config, tokenizer)
+        budget = packing_budget(config, lay)
+        if d.get("budgets", "fixed") == "auto":
+            tiles, groups, report = calibrate(config, ds, tf, lay, workers)
+            log.info("data budgets from %d examples: %s", report["examples"], report)
+            budget = packing_budget(config, lay, tiles, groups)
+        return packing.PackedBatches(ds, tf, budget, shard=(lay["index"], lay["count"]), workers=workers)
     col = lm_collator(config, lay)
     it = make_iterator(mixture(files, int(d.shuffle_seed), tfds=tfds), lay["local"], col,
                        transform=official_transform(config, tokenizer), shard=(lay["index"], lay["count"]),

@@ -113,9 +113,13 @@ class VITA(nn.Module):
             img = self.encode_images(pixels).astype(x.dtype)
             img = img.reshape(-1, img.shape[-1])
             x = jnp.where((kind == IMAGE)[..., None], jnp.take(img, src, axis=0, mode="clip"), x)
-        if audio_features is not None and audio_features.shape[0]:
-            aud = self.encode_audio(audio_features, audio_lengths).astype(x.dtype)
-            aud = aud.reshape(-1, aud.shape[-1])
+        # clips: one array [clips, T, mel], or a list of them (packing's clip groups, each its own T): each
+        # group is encoded on its own (a clip's result does not depend on its padding), rows laid end to end
+        feats = list(zip(audio_features, audio_lengths)) if isinstance(audio_features, (list, tuple)) else \
+            [(audio_features, audio_lengths)]
+        rows = [self.encode_audio(f, n).astype(x.dtype) for f, n in feats if f is not None and f.shape[0]]
+        if rows:
+            aud = jnp.concatenate([r.reshape(-1, r.shape[-1]) for r in rows])
             x = jnp.where((kind == AUDIO)[..., None], jnp.take(aud, src, axis=0, mode="clip"), x)
         x = jnp.where((kind == PAD)[..., None], 0.0, x)
         return parallel.constrain(x, ("batch", "length", "act_embed"))

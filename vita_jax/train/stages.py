@@ -62,6 +62,12 @@ def stage_config(stage: str, arg: str | None = None) -> ml_collections.ConfigDic
                                             max_clips_per_sample=1,
                                             max_frames=128 if arg == "tiny" else 3000, synthetic_size=256,
                                             packing=arg != "tiny",  # several examples per row (data/packing.py)
+                                            # packed batches' media slots: "auto" (sized from the first
+                                            # calibration_examples samples) or "fixed" (tile_budget tiles, 0: the
+                                            # per-sample maximum x rows; audio_buckets [[frames, slots], ...], []: one
+                                            # bucket of max_frames)
+                                            budgets="fixed" if arg == "tiny" else "auto", calibration_examples=256,
+                                            tile_budget=0, audio_buckets=[],
                                             workers=4,  # host preprocessing threads (0: in the pipeline's thread)
                                             prefetch=2,  # steps' batches made and placed ahead (0: in series)
                                             tokenizer=""))  # tokenizer folder (default: init_from)

@@ -73,7 +73,7 @@ def _batch_size(config, host: dict, accum: int):
     b, L = np.shape(host["kind"])[-2:]
     copies = accum * jax.process_count()  # this process holds 1/copies of the step's rows
     return (b * copies, L, int(np.shape(host["pixels"])[-4]) * copies,
-            int(np.asarray(host["audio_lens"]).sum()) * jax.process_count())
+            sum(int(np.asarray(n).sum()) for n in jax.tree.leaves(host["audio_lens"])) * jax.process_count())
 
 
 def _tensorboard(workdir: str):

@@ -31,6 +31,7 @@ from vita_jax.data.text import load_tokenizer
 from vita_jax.infer import generate as gen
 from vita_jax.models import qwen2, vita
 from vita_jax.models.vita import AUDIO, IMAGE, PAD
+from vita_jax.bench import mixture
 from vita_jax.data import synthetic
 from vita_jax.train import stages, trainer
 from vita_jax.train.flops import device_peaks, training_flops
@@ -178,17 +179,24 @@ def bench_convert(config, shard_mb: int = 256) -> dict:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def batch_usage(batch: dict, tokens_per_tile: int, audio_len: int) -> dict:
-    """Real vs allocated LLM positions, ViT tiles and whale frames of one host batch (packed or not):
-    a tile / clip is real when some spliced position reads from it."""
+def batch_usage(batch: dict, tokens_per_tile: int) -> dict:
+    """Real vs allocated LLM positions, ViT tiles and whale frames of one host batch (packed or not,
+    one clip array or packing's clip groups): a tile / clip is real when some spliced position
+    reads from it."""
     kind, src = np.asarray(batch["kind"]), np.asarray(batch["src"])
     tiles = np.unique(src[kind == IMAGE] // max(tokens_per_tile, 1)) if (kind == IMAGE).any() else []
-    clips = np.unique(src[kind == AUDIO] // max(audio_len, 1)) if (kind == AUDIO).any() else []
-    lens = np.asarray(batch["audio_lens"])
+    read = set(src[kind == AUDIO].tolist())
+    frames_real = frame_slots = base = 0
+    feats, lens = batch["audio_feats"], batch["audio_lens"]
+    for f, n in (zip(feats, lens) if isinstance(feats, (list, tuple)) else [(feats, lens)]):
+        f, n = np.asarray(f), np.asarray(n)
+        rows = int(audio_lib.llm_length(f.shape[1])) if f.size else 0  # adapter rows of one clip slot
+        frames_real += sum(int(n[c]) for c in range(len(n)) if base + c * rows in read)
+        frame_slots += int(np.prod(f.shape[:2]))
+        base += len(n) * rows
     seg = np.asarray(batch["segment_ids"]) if "segment_ids" in batch else (kind != PAD).any(1)[:, None].astype(int)
     return dict(llm_real=int((kind != PAD).sum()), llm_slots=kind.size, tiles_real=len(tiles),
-                tile_slots=int(np.shape(batch["pixels"])[0]), frames_real=int(sum(int(lens[c]) for c in clips)),
-                frame_slots=int(np.prod(np.shape(batch["audio_feats"])[:2])),
+                tile_slots=int(np.shape(batch["pixels"])[0]), frames_real=frames_real, frame_slots=frame_slots,
                 examples=int(sum(len(set(r[r > 0].tolist())) for r in seg)))
 
 
@@ -202,15 +210,17 @@ def bench_data(config) -> dict:
         raise ValueError("bench data needs a tokenizer: --config.data.tokenizer=DIR (a folder with tokenizer.json)")
     it = pipeline.official_data(config, tok)
     vc = vita.vision_config(config)
-    audio_len = int(audio_lib.llm_length(config.data.max_frames))
     tot: dict = {}
     t0 = time.perf_counter()
     for _ in range(int(config.bench.get("data_steps", 20))):
-        for k, v in batch_usage(next(it), vc.tokens_per_tile, audio_len).items():
+        for k, v in batch_usage(next(it), vc.tokens_per_tile).items():
             tot[k] = tot.get(k, 0) + v
     dt = time.perf_counter() - t0
     frac = lambda a, b: tot[a] / tot[b] if tot[b] else None  # noqa: E731
-    return dict(packing=bool(config.data.get("packing", False)), llm_real_fraction=frac("llm_real", "llm_slots"),
+    b = getattr(it, "budget", None)
+    shape = {} if b is None else dict(tile_slots=b.tile_slots, audio_groups=[[g.frames, g.slots] for g in b.groups]
+                                      if b.groups else [[b.frame_slots, b.clip_slots]])
+    return dict(**shape, packing=bool(config.data.get("packing", False)), llm_real_fraction=frac("llm_real", "llm_slots"),
                 tile_real_fraction=frac("tiles_real", "tile_slots"), frame_real_fraction=frac("frames_real", "frame_slots"),
                 examples=tot["examples"], skipped=len(getattr(it, "skipped", {}) or {}),
                 host_examples_per_s=tot["examples"] / dt)
@@ -287,7 +297,7 @@ def format_table(res: dict) -> str:
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
 
 
-WHAT = ("llm", "convert", "data", "pipeline")
+WHAT = ("llm", "convert", "data", "pipeline", "mixture")
 
 
 def main(argv=None):
@@ -298,13 +308,22 @@ def main(argv=None):
         return 2
     what, rest = argv[0], argv[1:]
     config, rest = config_lib.parse_args(rest, default="tiny")
-    out = None
+    out, opts = None, {}
     for a in rest:
         if a.startswith("--json="):
             out = a.split("=", 1)[1]
+        elif what == "mixture" and a.split("=", 1)[0] in ("--out", "--n", "--seed") and "=" in a:
+            opts[a[2:].split("=", 1)[0]] = a.split("=", 1)[1]
         else:
             print(f"unknown argument {a}", file=sys.stderr)
             return 2
+    if what == "mixture":
+        if "out" not in opts:
+            print("bench mixture needs --out=DIR", file=sys.stderr)
+            return 2
+        path = mixture.write_mixture(opts["out"], int(opts.get("n", 400)), int(opts.get("seed", 0)))
+        print(json.dumps(dict(mixture=path, media_root=opts["out"])))
+        return 0
     if what in ("data", "pipeline"):
         res = bench_data(config) if what == "data" else bench_pipeline(config)
         print(json.dumps(res))

@@ -1,0 +1,6 @@
+"""``python -m vita_jax.bench WHAT --config=...``."""
+import sys
+
+from vita_jax.bench import main
+
+sys.exit(main())
