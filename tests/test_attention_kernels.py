@@ -51,7 +51,7 @@ def test_splash_matches_xla_masked_path(t, heads, kv_heads, packed):
     seg = _packed_segments(2, t) if packed else np.where(np.arange(t)[None] < np.array([[t], [t // 2]]), 1, 0)
     valid = seg > 0
     ids = kernel_segment_ids(jnp.asarray(valid), jnp.asarray(seg))
-    out = splash_attention(q, k, v, ids, interpret=True)
+    out = jax.jit(lambda q, k, v: splash_attention(q, k, v, ids, interpret=True))(q, k, v)
     ref = _xla_reference(q, k, v, seg)
     assert out.shape == ref.shape
     assert rel_err(out[valid], ref[valid]) <= TOL
@@ -62,15 +62,17 @@ def test_splash_forward_and_gradient_match_xla():
     seg = _packed_segments(2, 128)
     valid = jnp.asarray(seg > 0)
     ids = kernel_segment_ids(valid, jnp.asarray(seg))
-    out, ref = splash_attention(q, k, v, ids, interpret=True), _xla_reference(q, k, v, seg)
-    assert rel_err(out[valid], ref[valid]) <= TOL
 
     def loss(fn):
         return lambda q, k, v: jnp.sum(jnp.where(valid[:, :, None, None], fn(q, k, v), 0.0) ** 2)
 
-    ours = jax.grad(loss(lambda q, k, v: splash_attention(q, k, v, ids, interpret=True)), (0, 1, 2))(q, k, v)
-    ref = jax.grad(loss(lambda q, k, v: _xla_reference(q, k, v, seg)), (0, 1, 2))(q, k, v)
-    for a, b in zip(ours, ref):
+    def both(fn):
+        return jax.jit(lambda q, k, v: (fn(q, k, v), jax.grad(loss(fn), (0, 1, 2))(q, k, v)))(q, k, v)
+
+    out, ours = both(lambda q, k, v: splash_attention(q, k, v, ids, interpret=True))
+    ref, grads = both(lambda q, k, v: _xla_reference(q, k, v, seg))
+    assert rel_err(out[valid], ref[valid]) <= TOL
+    for a, b in zip(ours, grads):
         assert rel_err(a, b) <= TOL
 
 
@@ -95,8 +97,8 @@ def test_qwen2_splash_forward_matches_xla_on_packed_batch():
     xla = Qwen2ForCausalLM(_tiny(attention_impl="xla"))
     params = xla.init(jax.random.PRNGKey(0), ids[:, :8])["params"]
     splash = Qwen2ForCausalLM(_tiny(attention_impl="splash", attention_interpret=True))
-    ref, _ = xla.apply({"params": params}, ids, mask, positions, segment_ids=seg)
-    out, _ = splash.apply({"params": params}, ids, mask, positions, segment_ids=seg)
+    ref, _ = jax.jit(xla.apply)({"params": params}, ids, mask, positions, segment_ids=seg)
+    out, _ = jax.jit(splash.apply)({"params": params}, ids, mask, positions, segment_ids=seg)
     valid = np.asarray(mask, bool)
     assert rel_err(out[valid], ref[valid]) <= TOL
 
@@ -108,9 +110,9 @@ def test_auto_is_xla_on_cpu_and_bitwise_the_old_default():
     ids, mask, positions, seg = _packed_batch(32)
     old = Qwen2ForCausalLM(_tiny())
     params = old.init(jax.random.PRNGKey(0), ids[:, :8])["params"]
-    a, _ = old.apply({"params": params}, ids, mask, positions, segment_ids=seg)
-    b, _ = Qwen2ForCausalLM(_tiny(attention_impl="auto")).apply({"params": params}, ids, mask, positions,
-                                                                  segment_ids=seg)
+    a, _ = jax.jit(old.apply)({"params": params}, ids, mask, positions, segment_ids=seg)
+    b, _ = jax.jit(Qwen2ForCausalLM(_tiny(attention_impl="auto")).apply)({"params": params}, ids, mask, positions,
+                                                                           segment_ids=seg)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
