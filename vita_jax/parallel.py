@@ -172,6 +172,18 @@ def use_mesh(mesh: Mesh | None, rules=DEFAULT_RULES):
         _CTX.value = prev
 
 
+def current_mesh():
+    """``(mesh, rules)`` of the enclosing :func:`use_mesh` block, or None outside one."""
+    return getattr(_CTX, "value", None)
+
+
+def current_platform() -> str:
+    """Platform the code being traced will run on: the active mesh's devices (so an ahead-of-time
+    compile for a TPU topology on a CPU host says ``tpu``), else JAX's default backend."""
+    v = current_mesh()
+    return v[0].devices.flat[0].platform if v is not None else jax.default_backend()
+
+
 def constrain(x, names: Sequence[str | None]):
     """``with_sharding_constraint`` by logical names; a no-op outside :func:`use_mesh`."""
     v = getattr(_CTX, "value", None)

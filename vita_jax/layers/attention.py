@@ -1,8 +1,19 @@
 """Grouped-query attention with q/k/v bias, rotary embeddings and an explicit KV cache.
 
-The score/softmax/value product goes through ``jax.nn.dot_product_attention`` so that XLA picks
-cuDNN flash attention on GPU (``implementation="cudnn"`` forces it; it needs right padding,
-expressed as ``key_value_seq_lengths``, and 16-bit inputs).
+Kernels (``implementation``; :func:`resolve_implementation` turns ``"auto"`` into one of them per
+platform, at trace time):
+
+* ``"splash"`` (TPU, the ``auto`` choice there for training/scoring forwards): the Pallas splash
+  attention kernel (:mod:`vita_jax.layers.splash`), causal with segment ids, so packed rows and
+  padding cost no dense mask. The model passes ``segment_ids`` instead of a mask.
+* ``"cudnn"`` (GPU, the ``auto`` choice there for unpacked 16-bit forwards): cuDNN flash attention
+  through ``jax.nn.dot_product_attention(implementation="cudnn")``, causal with
+  ``key_value_seq_lengths`` (right padding only). jax 0.10.2's public ``dot_product_attention`` takes
+  sequence lengths, not segment ids, so **packed rows do not use cuDNN**: they (and cached decoding,
+  and 32-bit compute) take the XLA masked path. (The private ``jax._src.cudnn`` entry point has a
+  packed layout with per-segment offsets, Hopper only; not used here.)
+* ``"xla"`` / ``None`` (CPU and everything else): ``jax.nn.dot_product_attention`` with the dense
+  boolean mask ``[batch, 1, q, k]`` (causal & padding & same segment).
 """
 from __future__ import annotations
 
@@ -15,6 +26,9 @@ from jax.ad_checkpoint import checkpoint_name
 
 from vita_jax import parallel
 from vita_jax.layers.rope import apply_rope
+from vita_jax.layers.splash import splash_attention
+
+IMPLEMENTATIONS = (None, "auto", "xla", "cudnn", "splash")
 
 _init = nn.initializers.normal(0.02)
 
@@ -27,11 +41,33 @@ def causal_padding_mask(key_valid, q_slots, k_slots):
     return (causal[None] & key_valid[:, None, :])[:, None]
 
 
+def resolve_implementation(impl: Optional[str], dtype, head_dim: int, packed: bool, cached: bool) -> Optional[str]:
+    """The kernel a forward uses. ``"auto"``: ``"splash"`` on TPU (no cache), ``"cudnn"`` on GPU
+    (no cache, no packing, 16-bit compute, head_dim a multiple of 8 up to 128), else ``"xla"``.
+    An explicit ``"cudnn"`` keeps its old meaning (packed or cached forwards take the mask path);
+    ``"splash"`` applies to every cache-free forward, on any platform (with ``interpret`` off TPU)."""
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"attention_impl {impl!r}: expected one of {IMPLEMENTATIONS}")
+    if impl != "auto":
+        return impl
+    platform = parallel.current_platform()
+    if cached:
+        return "xla"
+    if platform == "tpu":
+        return "splash"
+    if (platform == "gpu" and not packed and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+            and head_dim % 8 == 0 and head_dim <= 128):
+        return "cudnn"
+    return "xla"
+
+
 class Attention(nn.Module):
     """Qwen2 self-attention.
 
     ``x [batch, q, embed]``, ``cos/sin [batch, q, head_dim]``; ``mask [batch, 1, q, k]`` (bool) or,
-    for ``implementation="cudnn"``, ``kv_lengths [batch]`` (right padding, causal).
+    for ``implementation="cudnn"``, ``kv_lengths [batch]`` (right padding, causal), or, for the
+    splash kernel, ``segment_ids [batch, q]`` (kernel ids, :func:`vita_jax.layers.splash.kernel_segment_ids`;
+    causal). ``interpret`` runs splash in the Pallas interpreter (tests on CPU).
     With ``cache=(k, v)`` of shape ``[batch, S, kv_heads, head_dim]`` the new keys/values are written
     at slot ``cache_index`` and attention runs over all ``S`` slots; the updated cache is returned.
     Returns ``(out [batch, q, embed], new_cache or None)``.
@@ -44,9 +80,10 @@ class Attention(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     implementation: Optional[str] = None
     use_bias: bool = True  # q/k/v biases (Qwen2: yes; Llama, the TTS decoder: no)
+    interpret: bool = False  # splash kernel in the Pallas interpreter (debug / CPU tests)
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask=None, kv_lengths=None, cache=None, cache_index=None):
+    def __call__(self, x, cos, sin, mask=None, kv_lengths=None, cache=None, cache_index=None, segment_ids=None):
         def proj(name, heads, axes):
             return nn.DenseGeneral(
                 (heads, self.head_dim), axis=-1, use_bias=self.use_bias, dtype=self.dtype,
@@ -72,12 +109,14 @@ class Attention(nn.Module):
             new_cache = (ck, cv)
             k, v = ck.astype(self.dtype), cv.astype(self.dtype)
 
-        if self.implementation == "cudnn" and cache is None and mask is None:
+        if segment_ids is not None and cache is None and mask is None:
+            out = splash_attention(q, k, v, segment_ids, interpret=self.interpret)
+        elif (self.implementation == "cudnn" or kv_lengths is not None) and cache is None and mask is None:
             out = jax.nn.dot_product_attention(q, k, v, is_causal=True, key_value_seq_lengths=kv_lengths,
                                                implementation="cudnn")
         else:
             out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.implementation
-                                               if self.implementation != "cudnn" else None)
+                                               if self.implementation == "xla" else None)
         out = parallel.constrain(out, ("batch", "length", "act_heads", None))
         out = nn.DenseGeneral(
             self.hidden_size, axis=(-2, -1), use_bias=False, dtype=self.dtype,

@@ -18,10 +18,11 @@ import jax.numpy as jnp
 from vita_jax import parallel
 from vita_jax.models.keys import KeyRule, T
 from vita_jax.models.common import config_from_mapping, remat_policy
-from vita_jax.layers.attention import Attention, causal_padding_mask
+from vita_jax.layers.attention import Attention, causal_padding_mask, resolve_implementation
 from vita_jax.layers.mlp import SwiGLU
 from vita_jax.layers.norms import RMSNorm
 from vita_jax.layers.rope import rope_cos_sin
+from vita_jax.layers.splash import kernel_segment_ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +40,11 @@ class Qwen2Config:
     dtype: Any = jnp.float32          # compute dtype
     param_dtype: Any = jnp.float32
     remat_policy: str = "none"
-    attention_impl: Optional[str] = None  # None (XLA chooses), "xla" or "cudnn"
+    # None (XLA), "xla", "cudnn", "splash" or "auto" (per platform: vita_jax.layers.attention.resolve_implementation).
+    # Default None: "auto" on GPU means cuDNN, which assumes right padding in cache-free forwards (the
+    # VITA splice layout guarantees it; VITA configs set "auto"), while a direct caller may left-pad.
+    attention_impl: Optional[str] = None
+    attention_interpret: bool = False  # run the splash kernel in the Pallas interpreter (CPU tests)
     attention_bias: bool = True  # q/k/v biases (False gives a Llama layer)
 
     @property
@@ -83,12 +88,14 @@ class DecoderLayer(nn.Module):
     cfg: Qwen2Config
 
     @nn.compact
-    def __call__(self, x, cache, cos, sin, mask, kv_lengths, cache_index):
+    def __call__(self, x, cache, cos, sin, mask, kv_lengths, cache_index, segment_ids=None):
         c = self.cfg
         h = RMSNorm(c.hidden_size, c.rms_norm_eps, c.param_dtype, name="input_layernorm")(x)
         a, new_cache = Attention(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.dim_head,
-                                 c.dtype, c.param_dtype, c.attention_impl, c.attention_bias, name="self_attn")(
-            h, cos, sin, mask=mask, kv_lengths=kv_lengths, cache=cache, cache_index=cache_index)
+                                 c.dtype, c.param_dtype, c.attention_impl, c.attention_bias, c.attention_interpret,
+                                 name="self_attn")(
+            h, cos, sin, mask=mask, kv_lengths=kv_lengths, cache=cache, cache_index=cache_index,
+            segment_ids=segment_ids)
         x = x + a
         h = RMSNorm(c.hidden_size, c.rms_norm_eps, c.param_dtype, name="post_attention_layernorm")(x)
         x = x + SwiGLU(c.hidden_size, c.intermediate_size, c.dtype, c.param_dtype, name="mlp")(h)
@@ -109,7 +116,7 @@ class Qwen2Model(nn.Module):
             layer = nn.remat(layer, prevent_cse=False, policy=remat_policy(c.remat_policy))
         self.layers = nn.scan(
             layer, variable_axes={"params": 0}, split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             length=c.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"})(c)
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, c.param_dtype)
 
@@ -123,10 +130,14 @@ class Qwen2Model(nn.Module):
         x = parallel.constrain(x.astype(c.dtype), ("batch", "length", "act_embed"))
         valid = attention_mask.astype(bool)
         kv_lengths, mask, layer_cache, index = None, None, None, jnp.zeros((), jnp.int32)
+        kernel_ids = None
+        impl = resolve_implementation(c.attention_impl, c.dtype, c.dim_head, segment_ids is not None, cache is not None)
         if cache is None:
             if positions is None:
                 positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-            if c.attention_impl == "cudnn" and segment_ids is None:
+            if impl == "splash":  # segment ids instead of a dense mask (padding: an id no real token has)
+                kernel_ids = kernel_segment_ids(valid, segment_ids)
+            elif impl == "cudnn" and segment_ids is None:
                 kv_lengths = valid.sum(-1).astype(jnp.int32)
             else:  # packed rows (segment ids) take the mask path: the cuDNN call here knows right padding only
                 slots = jnp.arange(t)
@@ -142,7 +153,7 @@ class Qwen2Model(nn.Module):
             mask = causal_padding_mask(valid, index + jnp.arange(t), jnp.arange(cache.valid.shape[1]))
             layer_cache = (cache.k, cache.v)
         cos, sin = rope_cos_sin(positions, c.dim_head, c.rope_theta)
-        x, new_kv = self.layers(x, layer_cache, cos, sin, mask, kv_lengths, index)
+        x, new_kv = self.layers(x, layer_cache, cos, sin, mask, kv_lengths, index, kernel_ids)
         new_cache = None
         if cache is not None:
             new_cache = KVCache(new_kv[0], new_kv[1], valid, index + t,

@@ -45,9 +45,8 @@ def lm_loss_terms(logits, labels):
 
 # ------------------------------------------------------------------------------ tower configs
 def llm_config(config) -> qwen2.Qwen2Config:
-    impl = None if config.attention_impl == "auto" else config.attention_impl
     return qwen2.Qwen2Config.from_config(config.llm, dtype=config.dtype, param_dtype=config.param_dtype,
-                                         remat_policy=config.remat_policy, attention_impl=impl)
+                                         remat_policy=config.remat_policy, attention_impl=config.attention_impl)
 
 
 def vision_config(config) -> Optional[internvit.InternViTConfig]:
