@@ -1,6 +1,7 @@
 """Opening a model checkpoint of either kind: an official release folder or a vita_jax (orbax)
 checkpoint, with its tokenizer and speech-output checkpoint. What the API, the trainer
-(``init_from``) and the demo load through."""
+(``init_from``) and the demo load through. A vita_jax checkpoint may also be read from a URL
+(``gs://bucket/run/model``, through :mod:`vita_jax.paths`); a release folder must be local."""
 from __future__ import annotations
 
 import os
@@ -8,6 +9,7 @@ from typing import NamedTuple, Optional
 
 import jax.numpy as jnp
 
+from vita_jax import paths
 from vita_jax.convert import orbax_io, pytorch, tts
 from vita_jax.data.text import TextTokenizer, load_tokenizer
 
@@ -27,11 +29,25 @@ def load(path: str, dtype=jnp.float32, mesh=None, config_overrides: Optional[dic
     """Reads ``path`` (release folder or vita_jax checkpoint); parameters in ``dtype``, placed in
     their shards with a ``mesh``. ``config_overrides`` (dotted fields -> values) apply to a release
     folder's config (an orbax checkpoint keeps the config it was saved with)."""
-    if not os.path.isdir(path):
+    if not paths.isdir(path):
         raise FileNotFoundError(f"{path} is not a directory")
-    speech = tts.read(os.path.join(path, "vita_tts_ckpt")) if os.path.isdir(os.path.join(path, "vita_tts_ckpt")) else None
+    if not paths.is_local(path):
+        if not orbax_io.is_orbax_checkpoint(path):
+            raise FileNotFoundError(f"{path}: no vita_jax checkpoint there (a release folder must be on a local disk)")
+        config, params, dtypes = orbax_io.load(path, dtype, mesh)
+        with paths.local_copy(path, skip=("params",)) as local:  # tokenizer and speech files, read locally
+            speech, tok = _speech(local), load_tokenizer(local)
+        if tok is not None:
+            tok.path = paths.join(path, "tokenizer.json")  # where an export copies it from
+        return Checkpoint(config, params, tok, [], dtypes, None, speech)
+    speech = _speech(path)
     if orbax_io.is_orbax_checkpoint(path):
         config, params, dtypes = orbax_io.load(path, dtype, mesh)
         return Checkpoint(config, params, load_tokenizer(path), [], dtypes, None, speech)
     config, params, keys, dtypes = pytorch.load_release(path, dtype, mesh, config_overrides, strict)
     return Checkpoint(config, params, load_tokenizer(path), keys, dtypes, path, speech)
+
+
+def _speech(path: str) -> Optional[tuple]:
+    d = os.path.join(path, "vita_tts_ckpt")
+    return tts.read(d) if os.path.isdir(d) else None
