@@ -139,3 +139,24 @@ def test_trainer_on_a_url_workdir_and_resume(gs_memory, tmp_path):
                                   np.asarray(out["state"].train["mm_projector/0/kernel"]))
     assert not any(k.startswith("/bucket/run/ckpt") for k in gs_memory)  # orbax's arrays: the local map
     assert os.path.isdir(tmp_path / "orbax-gs" / "bucket" / "run" / "ckpt" / "4")
+
+
+def test_model_with_tokenizer_and_speech_saves_to_and_loads_from_a_url(gs_memory, tiny_dir, tmp_path):
+    """The exporter's extras (tokenizer files, the torch .pt files of vita_tts_ckpt, written into a
+    local folder) are uploaded; loading from the URL reads them back through a local copy."""
+    import vita_jax
+    from tokenizers import Tokenizer, models
+    from vita_jax.data.text import TextTokenizer
+    tok_file = str(tmp_path / "tokenizer.json")
+    Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")).save(tok_file)
+    m = vita_jax.from_pretrained(tiny_dir)
+    m.tokenizer = TextTokenizer.from_file(tok_file)
+    url = "gs://bucket/m"
+    m.save_pretrained(url, format="orbax")
+    assert {"/bucket/m/vita_jax.json", "/bucket/m/tokenizer.json", "/bucket/m/vita_tts_ckpt/decoder/final.pt"} <= set(gs_memory)
+    with pytest.raises(FileExistsError):
+        m.save_pretrained(url, format="orbax")
+    back = vita_jax.from_pretrained(url)
+    assert back.tokenizer is not None and back.tokenizer.path == url + "/tokenizer.json" and back.speech is not None
+    np.testing.assert_array_equal(np.asarray(back.params["mm_projector"]["0"]["kernel"]),
+                                  np.asarray(m.params["mm_projector"]["0"]["kernel"]))

@@ -4,7 +4,6 @@ checkpoint, with its tokenizer and speech-output checkpoint. What the API, the t
 (``gs://bucket/run/model``, through :mod:`vita_jax.paths`); a release folder must be local."""
 from __future__ import annotations
 
-import os
 from typing import NamedTuple, Optional
 
 import jax.numpy as jnp
@@ -31,15 +30,8 @@ def load(path: str, dtype=jnp.float32, mesh=None, config_overrides: Optional[dic
     folder's config (an orbax checkpoint keeps the config it was saved with)."""
     if not paths.isdir(path):
         raise FileNotFoundError(f"{path} is not a directory")
-    if not paths.is_local(path):
-        if not orbax_io.is_orbax_checkpoint(path):
-            raise FileNotFoundError(f"{path}: no vita_jax checkpoint there (a release folder must be on a local disk)")
-        config, params, dtypes = orbax_io.load(path, dtype, mesh)
-        with paths.local_copy(path, skip=("params",)) as local:  # tokenizer and speech files, read locally
-            speech, tok = _speech(local), load_tokenizer(local)
-        if tok is not None:
-            tok.path = paths.join(path, "tokenizer.json")  # where an export copies it from
-        return Checkpoint(config, params, tok, [], dtypes, None, speech)
+    if not paths.is_local(path) and not orbax_io.is_orbax_checkpoint(path):
+        raise FileNotFoundError(f"{path}: no vita_jax checkpoint there (a release folder must be on a local disk)")
     speech = _speech(path)
     if orbax_io.is_orbax_checkpoint(path):
         config, params, dtypes = orbax_io.load(path, dtype, mesh)
@@ -49,5 +41,8 @@ def load(path: str, dtype=jnp.float32, mesh=None, config_overrides: Optional[dic
 
 
 def _speech(path: str) -> Optional[tuple]:
-    d = os.path.join(path, "vita_tts_ckpt")
-    return tts.read(d) if os.path.isdir(d) else None
+    d = paths.join(path, "vita_tts_ckpt")
+    if not paths.isdir(d):
+        return None
+    with paths.local_copy(d) as local:  # torch reads local files (a URL's folder is copied first)
+        return tts.read(local)
