@@ -160,3 +160,10 @@ def test_model_with_tokenizer_and_speech_saves_to_and_loads_from_a_url(gs_memory
     assert back.tokenizer is not None and back.tokenizer.path == url + "/tokenizer.json" and back.speech is not None
     np.testing.assert_array_equal(np.asarray(back.params["mm_projector"]["0"]["kernel"]),
                                   np.asarray(m.params["mm_projector"]["0"]["kernel"]))
+
+
+def test_release_format_refuses_a_url(tmp_path):
+    from vita_jax.convert import release
+    with pytest.raises(ValueError, match="local disk"):
+        release.prepare_target("gs://bucket/release", overwrite=True)
+    assert not os.path.exists("gs:")

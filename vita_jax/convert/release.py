@@ -333,6 +333,8 @@ def copy_tokenizer(dst: str, *sources: Optional[str]) -> None:
 def prepare_target(dst: str, overwrite: bool) -> str:
     """A fresh temporary sibling folder of ``dst`` to write into (``dst`` must be empty unless
     ``overwrite``); :func:`commit` moves it into place."""
+    if not paths.is_local(dst):  # os.path would turn gs://b/x into a local folder named gs:
+        raise ValueError(f"{dst}: this format is written to a local disk (a vita_jax/orbax checkpoint can go to a URL)")
     dst = os.path.abspath(dst)
     if os.path.exists(dst) and os.listdir(dst) and not overwrite:
         raise FileExistsError(f"{dst} exists and is not empty (pass overwrite=True to replace it)")
