@@ -84,6 +84,10 @@ def test_helpers_on_a_url(gs_memory, tmp_path):
     with paths.appender(log) as f:  # continues what is there
         f.writelines(["2\n"])
     assert paths.open(log).read() == "1\n2\n"
+    with paths.appender(log, every_s=0.0) as f:  # a due flush uploads before close
+        f.write("3\n")
+        f.flush()
+        assert paths.open(log).read() == "1\n2\n3\n"
 
     st = paths.Staged(paths.join(base, "tb"), every_s=3600)
     open(os.path.join(st.local, "ev"), "w").write("e")
@@ -167,3 +171,12 @@ def test_release_format_refuses_a_url(tmp_path):
     with pytest.raises(ValueError, match="local disk"):
         release.prepare_target("gs://bucket/release", overwrite=True)
     assert not os.path.exists("gs:")
+
+
+def test_staged_tensorboard_uploads_periodically(gs_memory):
+    from vita_jax.train import trainer
+    tb = trainer._tensorboard("gs://bucket/tbrun")
+    tb.staged.every_s = 0.0  # every write is due
+    tb.add_scalar("train/loss", 1.0, 1)
+    assert any(k.startswith("/bucket/tbrun/tb/events.out.tfevents") for k in gs_memory)  # before close
+    tb.close()

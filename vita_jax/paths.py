@@ -133,8 +133,12 @@ class Staged:
         self.remote, self.every_s, self._last = os.fspath(remote), every_s, time.monotonic()
         self.local = self.remote if is_local(self.remote) else tempfile.mkdtemp(prefix="vita_jax-staged-")
 
+    def due(self) -> bool:
+        """Whether a :meth:`sync` now would upload (a URL target, ``every_s`` passed since the last)."""
+        return self.local != self.remote and time.monotonic() - self._last >= self.every_s
+
     def sync(self, force: bool = False) -> None:
-        if self.local == self.remote or (not force and time.monotonic() - self._last < self.every_s):
+        if self.local == self.remote or not (force or self.due()):
             return
         upload_tree(self.local, self.remote)
         self._last = time.monotonic()

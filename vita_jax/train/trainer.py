@@ -91,7 +91,7 @@ class _StagedWriter:
 
     def add_scalar(self, *args, **kwargs):
         self.writer.add_scalar(*args, **kwargs)
-        if time.monotonic() - self.staged._last >= self.staged.every_s:
+        if self.staged.due():
             self.writer.flush()
             self.staged.sync()
 
