@@ -13,6 +13,7 @@ setup(
         "flax>=0.12.8",
         "optax>=0.2.8",
         "orbax-checkpoint>=0.12",
+        "etils[epath]>=1.5",  # vita_jax/paths.py: work dirs at object-storage URLs (orbax uses it too)
         "grain>=0.2.18",
         "tensorflow-datasets>=4.9",
         "ml-collections>=1.1",
@@ -37,6 +38,8 @@ setup(
         # the tests run the notebooks (nbclient + a kernel) and the demo (scikit-image photos)
         "dev": ["pytest>=8", "pytest-xdist>=3", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6", "matplotlib>=3.7"],
         "notebooks": ["jupyter", "nbclient", "matplotlib"],
+        # gs:// work dirs: etils.epath reaches Google Cloud Storage through fsspec's gcsfs
+        "gcs": ["gcsfs"],
     },
     entry_points={"console_scripts": ["vita-jax=vita_jax.cli:main"]},
 )

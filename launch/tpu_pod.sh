@@ -7,9 +7,10 @@
 #       vita-jax train --config=configs/stage1_2.py --config.mesh_shape.fsdp=-1 --workdir gs://bucket/run1
 #
 # One-time set-up on every worker (the same ssh fan-out):
-#   launch/tpu_pod.sh bash -c 'git clone <this repo> vita_jax && cd vita_jax && pip install -e . "jax[tpu]"'
+#   launch/tpu_pod.sh bash -c 'git clone <this repo> vita_jax && cd vita_jax && pip install -e ".[gcs]" "jax[tpu]"'
 # The work dir must be shared by all workers (a gs:// bucket or an NFS path): orbax writes one
-# checkpoint from every host's shards; metrics.jsonl and TensorBoard come from process 0.
+# checkpoint from every host's shards; metrics.jsonl and TensorBoard come from process 0. A gs:// work
+# dir needs gcsfs (the [gcs] extra): every other file goes through vita_jax/paths.py (etils.epath).
 set -euo pipefail
 : "${TPU_NAME:?set TPU_NAME to the TPU VM name}"
 : "${ZONE:?set ZONE to its zone}"

@@ -148,7 +148,8 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--no-progress", action="store_true")
     t = sub.add_parser("train", help="run (or resume) one curriculum stage",
                        description="Runs or resumes one stage in WORKDIR.", epilog=CONFIG_HELP)
-    t.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, tb/ and the final model/ go here")
+    t.add_argument("--workdir", required=True,
+                   help="checkpoints, metrics.jsonl, tb/ and the final model/ go here (a folder or a URL: gs://bucket/run)")
     t.add_argument("--no-progress", action="store_true")
     g = sub.add_parser("generate", help="answer a prompt (text, image, video, speech) or continue raw ids")
     g.add_argument("path", nargs="?", help="release directory or vita_jax checkpoint (same as --checkpoint)")

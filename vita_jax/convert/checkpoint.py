@@ -1,13 +1,14 @@
 """Opening a model checkpoint of either kind: an official release folder or a vita_jax (orbax)
 checkpoint, with its tokenizer and speech-output checkpoint. What the API, the trainer
-(``init_from``) and the demo load through."""
+(``init_from``) and the demo load through. A vita_jax checkpoint may also be read from a URL
+(``gs://bucket/run/model``, through :mod:`vita_jax.paths`); a release folder must be local."""
 from __future__ import annotations
 
-import os
 from typing import NamedTuple, Optional
 
 import jax.numpy as jnp
 
+from vita_jax import paths
 from vita_jax.convert import orbax_io, pytorch, tts
 from vita_jax.data.text import TextTokenizer, load_tokenizer
 
@@ -27,11 +28,21 @@ def load(path: str, dtype=jnp.float32, mesh=None, config_overrides: Optional[dic
     """Reads ``path`` (release folder or vita_jax checkpoint); parameters in ``dtype``, placed in
     their shards with a ``mesh``. ``config_overrides`` (dotted fields -> values) apply to a release
     folder's config (an orbax checkpoint keeps the config it was saved with)."""
-    if not os.path.isdir(path):
+    if not paths.isdir(path):
         raise FileNotFoundError(f"{path} is not a directory")
-    speech = tts.read(os.path.join(path, "vita_tts_ckpt")) if os.path.isdir(os.path.join(path, "vita_tts_ckpt")) else None
+    if not paths.is_local(path) and not orbax_io.is_orbax_checkpoint(path):
+        raise FileNotFoundError(f"{path}: no vita_jax checkpoint there (a release folder must be on a local disk)")
+    speech = _speech(path)
     if orbax_io.is_orbax_checkpoint(path):
         config, params, dtypes = orbax_io.load(path, dtype, mesh)
         return Checkpoint(config, params, load_tokenizer(path), [], dtypes, None, speech)
     config, params, keys, dtypes = pytorch.load_release(path, dtype, mesh, config_overrides, strict)
     return Checkpoint(config, params, load_tokenizer(path), keys, dtypes, path, speech)
+
+
+def _speech(path: str) -> Optional[tuple]:
+    d = paths.join(path, "vita_tts_ckpt")
+    if not paths.isdir(d):
+        return None
+    with paths.local_copy(d) as local:  # torch reads local files (a URL's folder is copied first)
+        return tts.read(local)

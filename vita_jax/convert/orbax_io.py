@@ -1,11 +1,16 @@
 """vita_jax checkpoints of a model (orbax): ``params/`` (sharded arrays, restored straight into the
 shardings of any mesh), ``vita_jax.json`` (the config and the source dtypes), tokenizer files and an
-optional ``vita_tts_ckpt/``. Written into a temporary sibling folder and committed atomically."""
+optional ``vita_tts_ckpt/``. Written into a temporary sibling folder and committed atomically.
+
+The target may be a URL (``gs://bucket/run/model``, through :mod:`vita_jax.paths`). Object stores
+cannot rename a folder atomically, so there the files are written in place and ``vita_jax.json``,
+the mark of a checkpoint, goes last: a half-written export is never taken for one."""
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import tempfile
 from typing import Optional, Sequence
 
 import flax.linen as nn
@@ -16,7 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from vita_jax import parallel
+from vita_jax import parallel, paths
 from vita_jax.convert import release
 from vita_jax.convert.safetensors_io import CheckpointError
 from vita_jax.models import vita
@@ -25,51 +30,63 @@ ORBAX_META = "vita_jax.json"
 
 
 def is_orbax_checkpoint(path: str) -> bool:
-    return os.path.exists(os.path.join(path, ORBAX_META))
+    return paths.exists(paths.join(path, ORBAX_META))
 
 
 def save(dst: str, config, params: dict, source_dtypes: Optional[dict] = None, tokenizer_dirs: Sequence = (),
          write_extra=None, overwrite: bool = False) -> None:
     """``dst/params`` (orbax, sharded arrays written in parallel by every process), ``dst/vita_jax.json``
     (config and source dtypes), the tokenizer files of the first of ``tokenizer_dirs`` that has
-    them, and whatever ``write_extra(tmp)`` adds (``vita_tts_ckpt``; process 0 only)."""
+    them, and whatever ``write_extra(folder)`` adds into a local folder (``vita_tts_ckpt``; process 0 only)."""
     multi = jax.process_count() > 1
-    if multi:  # every process writes its shards into one shared folder; process 0 does the rest
-        tmp = os.path.abspath(dst) + ".partial"
+    remote = not paths.is_local(dst)
+    if multi or remote:  # one shared folder: every process writes its shards; process 0 does the rest
+        tmp = dst if remote else os.path.abspath(dst) + ".partial"
         if jax.process_index() == 0:
-            if os.path.exists(dst) and os.listdir(dst) and not overwrite:
+            if paths.exists(dst) and paths.listdir(dst) and not overwrite:
                 raise FileExistsError(f"{dst} exists and is not empty (pass overwrite=True to replace it)")
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-        multihost_utils.sync_global_devices("vita_jax.save_orbax:prepared")
+            if remote:
+                paths.rmtree(paths.join(dst, ORBAX_META))  # unmarked first: never a mix of old and new
+            paths.rmtree(tmp)
+            paths.makedirs(tmp)
+        if multi:
+            multihost_utils.sync_global_devices("vita_jax.save_orbax:prepared")
     else:
         tmp = release.prepare_target(dst, overwrite)
     try:
         ckptr = ocp.StandardCheckpointer()
-        ckptr.save(os.path.join(tmp, "params"), params)
+        ckptr.save(paths.for_orbax(paths.join(tmp, "params")), params)
         ckptr.wait_until_finished()
         if multi and jax.process_index() != 0:
             multihost_utils.sync_global_devices("vita_jax.save_orbax:committed")
             return
         meta = {"format": "vita_jax", "version": 1, "config": json.loads(config.to_json()),
                 "source_dtypes": {k: np.dtype(v).name for k, v in (source_dtypes or {}).items()}}
-        with open(os.path.join(tmp, ORBAX_META), "w") as f:
+        local = tempfile.mkdtemp(prefix="vita_jax-export-") if remote else tmp
+        try:
+            release.copy_tokenizer(local, *tokenizer_dirs)
+            if write_extra is not None:
+                write_extra(local)
+            if remote:
+                paths.upload_tree(local, tmp)
+        finally:
+            if remote:
+                shutil.rmtree(local, ignore_errors=True)
+        with paths.open(paths.join(tmp, ORBAX_META), "w") as f:  # last: the mark of a complete checkpoint
             json.dump(meta, f, indent=1)
-        release.copy_tokenizer(tmp, *tokenizer_dirs)
-        if write_extra is not None:
-            write_extra(tmp)
-        release.commit(tmp, dst)
+        if not remote:
+            release.commit(tmp, dst)
         if multi:
             multihost_utils.sync_global_devices("vita_jax.save_orbax:committed")
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        paths.rmtree(tmp)
         raise
 
 
 def load(path: str, dtype=None, mesh=None):
     """Returns ``(config, params, source_dtypes)`` of a checkpoint written by :func:`save`,
     restored straight into the shardings of ``mesh`` (or the default device)."""
-    with open(os.path.join(path, ORBAX_META)) as f:
+    with paths.open(paths.join(path, ORBAX_META)) as f:
         meta = json.load(f)
     config = ml_collections.ConfigDict(meta["config"])
     if dtype is not None:
@@ -84,7 +101,7 @@ def load(path: str, dtype=None, mesh=None):
             sh = jax.tree.map(lambda _: dev, nn.unbox(boxed))
         target[name] = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), sh)
     try:
-        params = ocp.StandardCheckpointer().restore(os.path.join(path, "params"), target)
+        params = ocp.StandardCheckpointer().restore(paths.for_orbax(paths.join(path, "params")), target)
     except Exception as e:
         raise CheckpointError(f"{path}/params: cannot restore the orbax checkpoint: {e}") from e
     dtypes = {k: np.dtype(ml_dtypes.bfloat16) if v == "bfloat16" else np.dtype(v)

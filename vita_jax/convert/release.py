@@ -21,6 +21,7 @@ import numpy as np
 import yaml
 
 from vita_jax import config as config_lib
+from vita_jax import paths
 from vita_jax.convert import loader
 from vita_jax.convert.safetensors_io import save_file
 from vita_jax.data.image import IMAGENET_MEAN, IMAGENET_STD, ImageProcessorConfig
@@ -317,11 +318,14 @@ def write_side_folders(config, params, src: Optional[str], tmp: str) -> None:
 
 
 def copy_tokenizer(dst: str, *sources: Optional[str]) -> None:
-    """The tokenizer files of the first of ``sources`` (folders) that has a ``tokenizer.json``."""
+    """The tokenizer files of the first of ``sources`` (folders, local or URLs) that has a
+    ``tokenizer.json``, into the local folder ``dst``."""
     for src in sources:
-        if src and os.path.exists(os.path.join(src, "tokenizer.json")):
+        if src and paths.exists(paths.join(src, "tokenizer.json")):
             for f in TOKENIZER_FILES:
-                if os.path.exists(os.path.join(src, f)):
+                if not paths.is_local(src) and paths.exists(paths.join(src, f)):
+                    paths.copy_file(paths.join(src, f), os.path.join(dst, f))
+                elif os.path.exists(os.path.join(src, f)):
                     shutil.copy2(os.path.join(src, f), dst)
             return
 
@@ -329,6 +333,8 @@ def copy_tokenizer(dst: str, *sources: Optional[str]) -> None:
 def prepare_target(dst: str, overwrite: bool) -> str:
     """A fresh temporary sibling folder of ``dst`` to write into (``dst`` must be empty unless
     ``overwrite``); :func:`commit` moves it into place."""
+    if not paths.is_local(dst):  # os.path would turn gs://b/x into a local folder named gs:
+        raise ValueError(f"{dst}: this format is written to a local disk (a vita_jax/orbax checkpoint can go to a URL)")
     dst = os.path.abspath(dst)
     if os.path.exists(dst) and os.listdir(dst) and not overwrite:
         raise FileExistsError(f"{dst} exists and is not empty (pass overwrite=True to replace it)")

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vita_jax import paths
 from vita_jax.convert import loader
 from vita_jax.convert.safetensors_io import CheckpointError
 from vita_jax.convert.torch_io import TorchReader
@@ -80,9 +81,11 @@ def write(path: str, decoder_cfg, decoder_params, codec_cfg=None, codec_raw=None
 
 def _write_or_copy_json(src_root, part, dst_root, make):
     """``part/model.json``: copied from the source checkpoint when it has one (unknown fields kept)."""
-    src = os.path.join(src_root or "", part, "model.json")
+    src = paths.join(src_root or "", part, "model.json")  # the source may be a URL (vita_jax.paths)
     dst = os.path.join(dst_root, part, "model.json")
-    if src_root and os.path.exists(src):
+    if src_root and not paths.is_local(src_root) and paths.exists(src):
+        paths.copy_file(src, dst)
+    elif src_root and os.path.exists(src):
         shutil.copy2(src, dst)
     else:
         with open(dst, "w") as f:

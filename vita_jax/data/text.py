@@ -10,11 +10,13 @@ from __future__ import annotations
 import copy
 import os
 import re
+import tempfile
 from typing import Optional, Sequence
 
 import numpy as np
 from tokenizers import Tokenizer
 
+from vita_jax import paths
 from vita_jax.models.vita import AUDIO_TOKEN_INDEX, IGNORE_INDEX, IMAGE_TOKEN_INDEX  # noqa: F401  (re-exported)
 
 IMAGE_TOKEN, AUDIO_TOKEN, VIDEO_TOKEN = "<image>", "<audio>", "<video>"
@@ -76,7 +78,17 @@ class TextTokenizer:
 
 
 def load_tokenizer(path: str) -> Optional[TextTokenizer]:
-    """The tokenizer of a release directory (``tokenizer.json``), or None when it has none."""
+    """The tokenizer of a release directory (``tokenizer.json``), or None when it has none; the
+    directory may be a URL (``gs://...``, read through :mod:`vita_jax.paths`)."""
+    if not paths.is_local(path):
+        src = path if path.endswith(".json") else paths.join(path, "tokenizer.json")
+        if src != path and not paths.exists(src):
+            return None
+        with tempfile.TemporaryDirectory() as d:  # the tokenizers library reads a local file
+            paths.copy_file(src, os.path.join(d, "tokenizer.json"))
+            tok = TextTokenizer.from_file(os.path.join(d, "tokenizer.json"))
+        tok.path = src  # where an export copies it from
+        return tok
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, "tokenizer.json")):
         return None
     return TextTokenizer.from_file(path)

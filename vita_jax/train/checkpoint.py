@@ -1,19 +1,21 @@
 """Orbax checkpoints of a training run: the train state, the data-iterator state and the config,
 saved asynchronously every N steps, K kept. Orbax writes into a temporary folder and commits it
 atomically, so a half-written checkpoint is never picked up. Restoring takes the *current* run's
-shardings as the target, so a checkpoint saved on one mesh restores onto another."""
+shardings as the target, so a checkpoint saved on one mesh restores onto another. The directory may
+be a URL (``gs://bucket/run/ckpt``): orbax gets it as an ``epath.Path`` (:func:`vita_jax.paths.for_orbax`)."""
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import orbax.checkpoint as ocp
 
+from vita_jax import paths
+
 
 class Checkpointer:
     def __init__(self, directory: str, keep: int = 3, every: int = 1000, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
+        self.directory = paths.for_orbax(directory)
         self.every = int(every)
         opts = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every,
                                             enable_async_checkpointing=async_save, create=True)

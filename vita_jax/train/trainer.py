@@ -3,6 +3,7 @@ sets), ``models/`` for the initial parameters and heads, ``train/setup`` for the
 jitted step, ``train/checkpoint`` for checkpoints, and runs: step, metrics, checkpoint, resume.
 
 Every logged step is appended to ``WORKDIR/metrics.jsonl``; checkpoints live in ``WORKDIR/ckpt``.
+WORKDIR may be a URL (``gs://bucket/run``): every file goes through :mod:`vita_jax.paths`.
 Re-running on the same work dir resumes from the newest complete checkpoint (state, data-iterator
 position) and drops metric lines past it, so an interrupted run continues exactly where it was.
 """
@@ -19,6 +20,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
+from vita_jax import paths
 from vita_jax.convert import checkpoint, orbax_io
 from vita_jax.convert import tts as tts_io
 from vita_jax.data import pipeline, synthetic
@@ -84,7 +86,28 @@ def _tensorboard(workdir: str):
         from tensorboardX import SummaryWriter  # optional at run time (installed by default; slow import)
     except ImportError:
         return None
-    return SummaryWriter(os.path.join(workdir, "tb"))
+    tb_dir = paths.join(workdir, "tb")
+    return SummaryWriter(tb_dir) if paths.is_local(tb_dir) else _StagedWriter(SummaryWriter, tb_dir)
+
+
+class _StagedWriter:
+    """TensorBoard for a URL work dir: the event files are written to a local folder and uploaded
+    to ``WORKDIR/tb`` every minute (on a write) and at close (tensorboardX's own gs:// support needs
+    extra packages and does not cover other stores)."""
+
+    def __init__(self, writer_cls, remote: str):
+        self.staged = paths.Staged(remote)
+        self.writer = writer_cls(self.staged.local)
+
+    def add_scalar(self, *args, **kwargs):
+        self.writer.add_scalar(*args, **kwargs)
+        if self.staged.due():
+            self.writer.flush()
+            self.staged.sync()
+
+    def close(self):
+        self.writer.close()
+        self.staged.close()
 
 
 def _step_of(line: str) -> Optional[int]:
@@ -97,13 +120,13 @@ def _step_of(line: str) -> Optional[int]:
 
 def _trim_metrics(path: str, last_step: int) -> None:
     """Keeps the lines up to the checkpoint being resumed from; a torn or unreadable line is dropped."""
-    if not os.path.exists(path):
+    if not paths.exists(path):
         return
-    with open(path) as f:
+    with paths.open(path) as f:
         steps = [(line, _step_of(line)) for line in f]
     keep = [line if line.endswith("\n") else line + "\n" for line, step in steps
             if step is not None and step <= last_step]
-    with open(path, "w") as f:
+    with paths.open(path, "w") as f:
         f.writelines(keep)
 
 
@@ -120,7 +143,7 @@ def train(config, workdir: str, mesh=None, data=None, log: Callable = print, pro
     with ``get_state``/``set_state`` (default: the synthetic set of the tiny configs). ``wrap_step``:
     ``step -> step`` around the jitted step (profiling, ``bench pipeline``'s deliberately slow step)."""
     check_config(config)
-    os.makedirs(workdir, exist_ok=True)
+    paths.makedirs(workdir)
     config = config.copy_and_resolve_references()  # the caller's config is never changed
     main = jax.process_index() == 0  # one process writes the metrics and logs, draws the bar
     if not main:
@@ -145,9 +168,9 @@ def train(config, workdir: str, mesh=None, data=None, log: Callable = print, pro
         if tok is None:
             raise ValueError("config.data.mixture / config.data.tfds need a tokenizer: set config.data.tokenizer (or init_from)")
         data = pipeline.official_data(config, tok)
-    ck = ckpt_lib.Checkpointer(os.path.join(workdir, "ckpt"), keep=int(config.keep_checkpoints),
+    ck = ckpt_lib.Checkpointer(paths.join(workdir, "ckpt"), keep=int(config.keep_checkpoints),
                                every=int(config.checkpoint_every))
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    metrics_path = paths.join(workdir, "metrics.jsonl")
     start = ck.latest_step() or 0
     if start:
         state, data_state = ck.restore(start, state)
@@ -208,7 +231,7 @@ def train(config, workdir: str, mesh=None, data=None, log: Callable = print, pro
                 raise FloatingPointError(f"{int(met['nonfinite'])} non-finite steps in a row; stopping")
 
     try:
-        with open(metrics_path, "a") as mf:
+        with paths.appender(metrics_path) as mf:
             for i in range(start, total):
                 (batch, data_state, size), wait = feed.next()
                 state, met = step_fn(state, batch)  # dispatched: runs while the previous step's metrics are read
@@ -234,8 +257,8 @@ def train(config, workdir: str, mesh=None, data=None, log: Callable = print, pro
         tb.close()
     ck.close()
     if last.get("step") == total:
-        export_model(config, state, os.path.join(workdir, "model"))
-        log(f"final parameters written to {os.path.join(workdir, 'model')} (use it as the next stage's init_from)")
+        export_model(config, state, paths.join(workdir, "model"))
+        log(f"final parameters written to {paths.join(workdir, 'model')} (use it as the next stage's init_from)")
     skipped = dict(getattr(data, "skipped", None) or getattr(getattr(data, "collator", None), "skipped", {}) or {})
     if skipped:
         log(f"skipped {len(skipped)} bad sample(s): " + "; ".join(f"{k}: {v}" for k, v in sorted(skipped.items())))
