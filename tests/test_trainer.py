@@ -16,9 +16,9 @@ CMD = [sys.executable, "-m", "vita_jax.cli", "train", "--config=configs/stage1_1
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(workdir, kill_at=None):
+def _run(workdir, kill_at=None, cmd=CMD):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    p = subprocess.Popen(CMD + ["--workdir", str(workdir)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+    p = subprocess.Popen(cmd + ["--workdir", str(workdir)], cwd=REPO, env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True)
     if kill_at is None:
         out, _ = p.communicate(timeout=600)
@@ -34,16 +34,16 @@ def _run(workdir, kill_at=None):
     p.wait()
 
 
-def _losses(workdir):
+def _losses(workdir, steps=STEPS):
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
     return [r["loss"] for r in rows]
 
 
-def _final(workdir):
+def _final(workdir, steps=STEPS):
     mgr = ocp.CheckpointManager(os.path.join(workdir, "ckpt"))
-    assert mgr.latest_step() == STEPS
-    out = mgr.restore(STEPS, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    assert mgr.latest_step() == steps
+    out = mgr.restore(steps, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
     mgr.close()
     import jax
     return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(out["state"])[0]}
@@ -67,6 +67,36 @@ def test_sigkill_resume_bitwise(reference, tmp_path, kill_points):
     assert got.keys() == ref_params.keys()
     for k in got:
         assert np.array_equal(got[k], ref_params[k]), k
+
+
+def test_sigkill_resume_bitwise_packed(tmp_path_factory):
+    """Stage 2.2 on official files (images, spoken questions, text), packed rows with budgets sized
+    from the data and the pipeline running ahead: killed mid-run and resumed, it equals the run
+    that was never interrupted."""
+    import vita_jax.demo.data as demo_data
+    from vita_jax.data.text import TextTokenizer
+    root = tmp_path_factory.mktemp("packed_data")
+    d = demo_data.DemoData(str(root), demo_data.Speech("recordings"), n_train=24)
+    files = [d.captions("train", 24), d.spoken_vqa("train", 24), d.text_qa("train", 24)]
+    texts = [m["value"].replace("<image>", " ").replace("<audio>", " ") for f in files for s in json.load(open(f))
+             for m in s["conversations"]]
+    demo_data.build_tokenizer(texts + demo_data.reply_texts(), str(root / "tok"))
+    vocab = -(-len(TextTokenizer.from_file(str(root / "tok"))) // 64) * 64
+    steps = 8
+    cmd = [sys.executable, "-m", "vita_jax.cli", "train", "--config=configs/stage2_2.py:tiny",
+           f"--config.total_steps={steps}", "--config.checkpoint_every=2", "--no-progress",
+           f"--config.llm.vocab_size={vocab}", f"--config.data.tokenizer={root / 'tok'}",
+           "--config.data.mixture=" + json.dumps([{"json": f} for f in files]), "--config.data.packing=true",
+           "--config.data.budgets=auto", "--config.data.calibration_examples=24", "--config.data.seq_len=256",
+           "--config.data.max_frames=800", "--config.data.workers=2"]
+    ref = tmp_path_factory.mktemp("packed_ref")
+    _run(ref, cmd=cmd)
+    killed = tmp_path_factory.mktemp("packed_killed")
+    _run(killed, kill_at=3, cmd=cmd)
+    _run(killed, cmd=cmd)
+    assert _losses(killed, steps) == _losses(ref, steps)
+    a, b = _final(killed, steps), _final(ref, steps)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
 def test_metrics_and_checkpoints(reference, tmp_path):

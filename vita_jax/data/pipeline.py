@@ -60,7 +60,7 @@ def packing_budget(config, layout: dict, tile_slots: int = 0, audio_groups=None)
                           audio_groups=groups, shard=(layout["index"], layout["count"]))
 
 
-MAX_GROUPS, MIN_CLIPS_PER_GROUP = 8, 1.5  # clip groups: each one more whale compile; few clips a group fill badly
+MAX_GROUPS, MIN_CLIPS_PER_GROUP = 12, 1.5  # clip groups: each one more whale compile; few clips a group fill badly
 
 
 def group_lengths(lens: np.ndarray, k: int, multiple: int = 16) -> list[int]:
@@ -100,7 +100,7 @@ def calibrate(config, dataset, transform, layout: dict, workers: int = 4) -> tup
     fill the rows."""
     d = config.data
     full = packing_budget(config, layout)
-    n = int(d.get("calibration_examples", 256))
+    n = int(d.get("calibration_examples", 1024))
     with concurrent.futures.ThreadPoolExecutor(max(workers, 1)) as pool:
         exs = list(pool.map(lambda i: transform(dataset[i]) if transform is not None else dataset[i], range(n)))
     exs = [e for e in exs if not e.get("bad") and full.never_fits(e) is None]

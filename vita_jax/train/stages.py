@@ -66,7 +66,7 @@ def stage_config(stage: str, arg: str | None = None) -> ml_collections.ConfigDic
                                             # calibration_examples samples) or "fixed" (tile_budget tiles, 0: the
                                             # per-sample maximum x rows; audio_buckets [[frames, slots], ...], []: one
                                             # bucket of max_frames)
-                                            budgets="fixed" if arg == "tiny" else "auto", calibration_examples=256,
+                                            budgets="fixed" if arg == "tiny" else "auto", calibration_examples=1024,
                                             tile_budget=0, audio_buckets=[],
                                             workers=4,  # host preprocessing threads (0: in the pipeline's thread)
                                             prefetch=2,  # steps' batches made and placed ahead (0: in series)
