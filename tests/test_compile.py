@@ -48,6 +48,24 @@ def test_not_fitting_exits_nonzero_with_the_json_line():
     assert err and "does not fit v5e:2x2" in err[0] and "GiB per chip" in err[0], r.stderr[-2000:]
 
 
+@needs_libtpu
+def test_compiler_out_of_hbm_is_a_result():
+    # 65536 positions: dense attention scores alone are far over a v5e chip's 16 GiB
+    r, res = _compile("--config=configs/stage2_2.py:tiny", "--topology=v5e:2x2", "--config.data.seq_len=65536")
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert res["fits"] is False and res["compiler_out_of_memory"] is True and res["hbm_per_chip_gib"] > 16
+    assert res["hbm_capacity_gib"] == 16.0 and res["device_kind"] == "TPU v5 lite"
+    assert "the compiler ran out of HBM" in r.stdout and "does not fit v5e:2x2" in r.stderr
+
+
+def test_out_of_memory_message_is_read():
+    msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+           "(284.29G) exceeds available HBM (95.74G).")
+    assert compile_lib.out_of_memory_gib(msg) == 284.29
+    assert compile_lib.out_of_memory_gib(msg.replace("284.29G", "512M")) == 0.5
+    assert compile_lib.out_of_memory_gib("INTERNAL: something else") is None
+
+
 def test_missing_libtpu_says_how_to_install(monkeypatch):
     monkeypatch.setattr(compile_lib.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ValueError, match=r'pip install -e "\.\[tpu\]"'):

@@ -13,6 +13,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import time
 
 import jax
@@ -108,37 +109,63 @@ def compile_step(config, topology: str, per_chip_batch: int | None = None, hbm_g
     with parallel.use_mesh(mesh):
         lowered = setup.jit_step(fn, shard, jax.tree.map(lambda x: x.sharding, batch)).lower(state, batch)
     t1 = time.perf_counter()
-    compiled = lowered.compile()
+    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves((state.train, state.frozen)))
+    r = dict(topology=topology, chips=len(devices), device_kind=kind, mesh=dict(mesh.shape),
+             stage=str(config.stage), params=int(n_params), per_chip_batch=rows // shards, global_batch=rows * accum,
+             grad_accum=accum, seq_len=int(config.data.seq_len), remat=str(config.remat_policy),
+             tiles_per_sample=int(config.data.max_tiles_per_sample) if config.loss == "lm" else 0,
+             hbm_capacity_gib=cap, lower_s=round(t1 - t0, 2))
+    try:
+        compiled = lowered.compile()
+    except Exception as e:  # libtpu refuses a program over the chip's HBM: a result, not a crash
+        need = out_of_memory_gib(str(e))
+        if need is None:
+            raise
+        r.update(hbm_per_chip_gib=need, fits=False, compiler_out_of_memory=True,
+                 compile_s=round(time.perf_counter() - t1, 2))
+        return r
     t2 = time.perf_counter()
     m = compiled.memory_analysis()
     args, outs, alias = m.argument_size_in_bytes, m.output_size_in_bytes, m.alias_size_in_bytes
     temp, code = m.temp_size_in_bytes, m.generated_code_size_in_bytes
     total = args + outs - alias + temp + code
-    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves((state.train, state.frozen)))
-    return dict(topology=topology, chips=len(devices), device_kind=kind, mesh=dict(mesh.shape),
-                stage=str(config.stage), params=int(n_params), per_chip_batch=rows // shards, global_batch=rows * accum,
-                grad_accum=accum, seq_len=int(config.data.seq_len), remat=str(config.remat_policy),
-                tiles_per_sample=int(config.data.max_tiles_per_sample) if config.loss == "lm" else 0,
-                arguments_gib=args / GIB, outputs_gib=outs / GIB, aliased_gib=alias / GIB, temporaries_gib=temp / GIB,
-                generated_code_gib=code / GIB, hbm_per_chip_gib=total / GIB, hbm_capacity_gib=cap,
-                fits=bool(total <= cap * GIB), lower_s=round(t1 - t0, 2), compile_s=round(t2 - t1, 2))
+    r.update(arguments_gib=args / GIB, outputs_gib=outs / GIB, aliased_gib=alias / GIB, temporaries_gib=temp / GIB,
+             generated_code_gib=code / GIB, hbm_per_chip_gib=total / GIB, fits=bool(total <= cap * GIB),
+             compile_s=round(t2 - t1, 2))
+    return r
+
+
+def out_of_memory_gib(message: str) -> float | None:
+    """The temporaries (GiB) of libtpu's "RESOURCE_EXHAUSTED: Ran out of memory on HBM, ... HLO
+    temporaries (284.29G) exceeds available HBM (95.74G)" (-1 when it names no size; None for any
+    other error)."""
+    if "RESOURCE_EXHAUSTED" not in message:
+        return None
+    m = re.search(r"\(([\d.]+)([KMGT])\) exceeds available HBM", message)
+    return float(m.group(1)) * {"K": 2.0 ** -20, "M": 2.0 ** -10, "G": 1.0, "T": 1024.0}[m.group(2)] if m else -1.0
 
 
 def report(r: dict) -> str:
     """The human-readable lines of a :func:`compile_step` result and, last, its JSON line."""
-    lines = [f"per chip ({r['device_kind']}, {r['hbm_capacity_gib']:.1f} GiB HBM):",
-             f"  arguments        {r['arguments_gib']:9.2f} GiB",
-             f"  outputs          {r['outputs_gib']:9.2f} GiB (aliased with arguments: {r['aliased_gib']:.2f} GiB)",
-             f"  temporaries      {r['temporaries_gib']:9.2f} GiB",
-             f"  generated code   {r['generated_code_gib']:9.2f} GiB",
-             f"  total            {r['hbm_per_chip_gib']:9.2f} GiB of {r['hbm_capacity_gib']:.1f} "
-             f"({100 * r['hbm_per_chip_gib'] / r['hbm_capacity_gib']:.0f} %): {'fits' if r['fits'] else 'DOES NOT FIT'}",
-             f"lowered in {r['lower_s']:.1f} s, compiled in {r['compile_s']:.1f} s",
-             json.dumps(r, sort_keys=True)]
+    head = f"per chip ({r['device_kind']}, {r['hbm_capacity_gib']:.1f} GiB HBM):"
+    if r.get("compiler_out_of_memory"):
+        lines = [head, f"  the compiler ran out of HBM: temporaries alone need {r['hbm_per_chip_gib']:.2f} GiB "
+                       f"of {r['hbm_capacity_gib']:.1f}: DOES NOT FIT"]
+    else:
+        lines = [head,
+                 f"  arguments        {r['arguments_gib']:9.2f} GiB",
+                 f"  outputs          {r['outputs_gib']:9.2f} GiB (aliased with arguments: {r['aliased_gib']:.2f} GiB)",
+                 f"  temporaries      {r['temporaries_gib']:9.2f} GiB",
+                 f"  generated code   {r['generated_code_gib']:9.2f} GiB",
+                 f"  total            {r['hbm_per_chip_gib']:9.2f} GiB of {r['hbm_capacity_gib']:.1f} "
+                 f"({100 * r['hbm_per_chip_gib'] / r['hbm_capacity_gib']:.0f} %): "
+                 f"{'fits' if r['fits'] else 'DOES NOT FIT'}"]
+    lines += [f"lowered in {r['lower_s']:.1f} s, compiled in {r['compile_s']:.1f} s", json.dumps(r, sort_keys=True)]
     return "\n".join(lines)
 
 
 def not_fitting_message(r: dict) -> str:
-    return (f"stage {r['stage']} does not fit {r['topology']}: {r['hbm_per_chip_gib']:.2f} GiB per chip > "
+    return (f"stage {r['stage']} does not fit {r['topology']}: {r['hbm_per_chip_gib']:.2f} GiB per chip"
+            f"{' (temporaries alone, the compiler ran out of HBM)' if r.get('compiler_out_of_memory') else ''} > "
             f"{r['hbm_capacity_gib']:.1f} GiB HBM (per-chip batch {r['per_chip_batch']} x {r['seq_len']}, "
             f"remat {r['remat']})")
