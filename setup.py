@@ -1,5 +1,8 @@
 from setuptools import find_packages, setup
 
+# ahead-of-time compilation for TPU from any host (vita-jax compile): the libtpu that jax 0.10.2 pins
+TPU = ["libtpu==0.0.42.*"]
+
 setup(
     name="vita_jax",
     version="0.1.0",
@@ -35,8 +38,11 @@ setup(
     extras_require={
         # conversion from/to the official PyTorch files and parity tests against transformers
         "torch": ["torch==2.13.0", "transformers==4.57.6"],
-        # the tests run the notebooks (nbclient + a kernel) and the demo (scikit-image photos)
-        "dev": ["pytest>=8", "pytest-xdist>=3", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6", "matplotlib>=3.7"],
+        "tpu": TPU,
+        # the tests run the notebooks (nbclient + a kernel), the demo (scikit-image photos) and compile
+        # for a TPU topology (libtpu)
+        "dev": ["pytest>=8", "pytest-xdist>=3", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6", "matplotlib>=3.7"]
+        + TPU,
         "notebooks": ["jupyter", "nbclient", "matplotlib"],
         # gs:// work dirs: etils.epath reaches Google Cloud Storage through fsspec's gcsfs
         "gcs": ["gcsfs"],

@@ -1,6 +1,10 @@
 import os
 
-import numpy as np
+# the tests run on CPU; with libtpu installed (the dev extra, for `vita-jax compile`) JAX would otherwise probe
+# for a TPU in every process (and the subprocesses inherit this); compiling for a TPU topology still works
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import numpy as np  # noqa: E402
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

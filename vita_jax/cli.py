@@ -1,4 +1,4 @@
-"""``vita-jax`` command line: ``demo``, ``train``, ``generate``, ``convert`` and ``bench``; every
+"""``vita-jax`` command line: ``demo``, ``train``, ``generate``, ``convert``, ``bench`` and ``compile``; every
 subcommand answers ``--help``. Subcommands import the package when they run, so ``--help`` does
 not pay for loading JAX.
 
@@ -10,6 +10,7 @@ bug and keeps its traceback."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 
@@ -118,6 +119,25 @@ def cmd_train(a, rest) -> int:
     return 0
 
 
+def cmd_compile(a, rest) -> int:
+    """``vita-jax compile --config=configs/stage2_2.py --topology=v5p:4x4x2``: AOT, from a CPU host."""
+    from vita_jax import config as config_lib  # subcommands import late: --help stays fast
+    from vita_jax.train import compile as compile_lib  # (late, as above)
+    config, rest = config_lib.parse_args(rest)
+    if rest:
+        raise UsageError(f"vita-jax compile: unrecognized arguments: {' '.join(rest)}")
+    if "stage" not in config:
+        raise UsageError("--config must be a stage config (configs/stage*.py)")
+    r = compile_lib.compile_step(config, a.topology, per_chip_batch=a.per_chip_batch, hbm_gib=a.hbm_gib)
+    print(compile_lib.report(r), flush=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(r, f, indent=1)
+    if not r["fits"]:
+        raise compile_lib.DoesNotFit(compile_lib.not_fitting_message(r))
+    return 0
+
+
 def cmd_demo(a) -> int:
     from vita_jax.demo import run_demo  # subcommands import late: --help stays fast
     run_demo(a.workdir, a.budget_minutes, speech=a.speech, seed=a.seed, codec=a.codec, progress=not a.no_progress)
@@ -181,6 +201,17 @@ def parser() -> argparse.ArgumentParser:
                                    "--out=DIR [--n=400] writes a VITA-like official-format mixture (real photos, speech).",
                        epilog=CONFIG_HELP)
     b.add_argument("what", choices=["llm", "convert", "data", "pipeline", "mixture"])
+    co = sub.add_parser("compile", help="compile a stage's train step for a TPU topology from a CPU host (AOT)",
+                        description="Builds the stage's state and batch abstractly (no weights, no TPU), compiles the "
+                                    "sharded train step for --topology with libtpu (pip install -e \".[tpu]\") and "
+                                    "prints the memory per chip against its HBM; ends with one JSON line; exits "
+                                    "non-zero when it does not fit.", epilog=CONFIG_HELP)
+    co.add_argument("--topology", required=True, help="TPU topology, e.g. v5p:4x4x2 (v5p-64), v5p:2x2x1, v5e:2x2, "
+                                                      "v6e:4x4")
+    co.add_argument("--per-chip-batch", type=int, default=None,
+                    help="rows per chip per micro-batch (sets batch_size; default: the config's batch_size)")
+    co.add_argument("--hbm-gib", type=float, default=None, help="HBM per chip to fit (default: the chip's)")
+    co.add_argument("--json", help="also write the result to this JSON file")
     b.add_argument("--json", help="also write the results to this JSON file")
     return p
 
@@ -210,6 +241,8 @@ def run(argv) -> int:
         return cmd_train(a, rest)
     if a.cmd == "bench":
         return cmd_bench(a, rest)
+    if a.cmd == "compile":
+        return cmd_compile(a, rest)
     if rest:
         p.error(f"unrecognized arguments: {' '.join(rest)}")
     if a.cmd == "demo":

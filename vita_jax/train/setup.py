@@ -1,5 +1,6 @@
 """Building the train state of a stage: parameters (loaded or random), partition, optimizer,
-explicit shardings, and the jitted step."""
+explicit shardings, and the jitted step. The same code builds an abstract state (shapes, dtypes
+and shardings, nothing allocated) for ahead-of-time compilation (:mod:`vita_jax.train.compile`)."""
 from __future__ import annotations
 
 import flax.linen as nn
@@ -36,10 +37,29 @@ def flat_param_shardings(boxed_tree, mesh) -> dict:
     return {k: (sh[k], tuple(shapes[k].shape)) for k in sh}
 
 
-def build(config, params, mesh=None, total_steps: int | None = None):
-    """``(state, jitted step, info)`` for ``params`` (a whole-model tree) under ``config``'s stage.
-    Frozen leaves are cast to ``config.frozen_dtype``; with a mesh, the step has explicit in/out
-    shardings and donates the state."""
+def model_param_shardings(config, mesh) -> dict:
+    """``{"part/a/b": (NamedSharding, shape)}`` for every model part, from its logical names."""
+    out = {}
+    for name, (module, example, _) in vita.parts(config).items():
+        boxed = vita.abstract_part(module, example)
+        out.update({f"{name}/{k}": v for k, v in flat_param_shardings(boxed, mesh).items()})
+    return out
+
+
+def abstract_params(config) -> dict:
+    """The whole-model parameter tree of ``config``'s stage as ``jax.ShapeDtypeStruct`` leaves (the
+    parts and the stage's heads), nothing allocated."""
+    if config.loss == "ctc" and int(config.ctc_units) < 1:
+        raise ValueError("config.ctc_units = 0 (sized from the data): give it, e.g. --config.ctc_units=5000")
+    params = {name: nn.unbox(vita.abstract_part(p.module, p.example)) for name, p in vita.parts(config).items()}
+    heads = jax.eval_shape(lambda: vita.init_heads(config, {}, seed=int(config.seed)))
+    return {**params, **heads}
+
+
+def make_state_and_step(config, params, total_steps: int | None = None):
+    """``(state, step fn, labels)`` for ``params`` (a whole-model tree) under ``config``'s stage:
+    trainable leaves in fp32, frozen ones in ``config.frozen_dtype``, the optimizer over the
+    trainable ones. With ``jax.ShapeDtypeStruct`` leaves the state is abstract too."""
     total = int(total_steps or config.total_steps)
     lab = stages.labels(params, config.trainable, config.optim.group_lrs)
     flat_lab = traverse_util.flatten_dict(lab, sep="/")
@@ -47,24 +67,55 @@ def build(config, params, mesh=None, total_steps: int | None = None):
     if not train:
         raise ValueError(f"stage {config.stage}: no parameter matches the trainable patterns {list(config.trainable)}")
     fdt = jnp.dtype(config.frozen_dtype)
-    # copies: the step donates its state, which must not take the caller's arrays with it
-    frozen = {k: jnp.array(v, dtype=fdt if jnp.issubdtype(v.dtype, jnp.floating) else v.dtype, copy=True)
-              for k, v in frozen.items()}
-    train = {k: jnp.array(v, dtype=jnp.float32, copy=True) for k, v in train.items()}
+    fdt_of = lambda v: fdt if jnp.issubdtype(v.dtype, jnp.floating) else v.dtype  # noqa: E731
     opt = stages.make_optimizer(config.optim, total, {k: flat_lab[k] for k in train})
-    state = step_lib.init_state(train, frozen, opt)
+    if all(isinstance(v, jax.ShapeDtypeStruct) for v in [*train.values(), *frozen.values()]):
+        frozen = {k: jax.ShapeDtypeStruct(v.shape, fdt_of(v)) for k, v in frozen.items()}
+        train = {k: jax.ShapeDtypeStruct(v.shape, jnp.float32) for k, v in train.items()}
+        state = jax.eval_shape(lambda t, f: step_lib.init_state(t, f, opt), train, frozen)
+    else:
+        # copies: the step donates its state, which must not take the caller's arrays with it
+        frozen = {k: jnp.array(v, dtype=fdt_of(v), copy=True) for k, v in frozen.items()}
+        train = {k: jnp.array(v, dtype=jnp.float32, copy=True) for k, v in train.items()}
+        state = step_lib.init_state(train, frozen, opt)
     fn = step_lib.make_step(step_lib.make_loss(config), opt, stages.schedule_fn(config.optim, config.optim.lr, total),
                             accum=int(config.grad_accum), compute_dtype=jnp.dtype(config.dtype))
+    return state, fn, lab
+
+
+def abstract_state(config, mesh, total_steps: int | None = None):
+    """``(abstract state with shardings, step fn, state shardings)`` of ``config``'s stage on
+    ``mesh``: what :func:`build` makes, as ``jax.ShapeDtypeStruct`` leaves (no weights)."""
+    state, fn, _ = make_state_and_step(config, abstract_params(config), total_steps)
+    shard = state_shardings(state, model_param_shardings(config, mesh), mesh)
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shard)
+    return state, fn, shard
+
+
+def batch_sharding(mesh, gshape, accum: int) -> NamedSharding:
+    """A global batch leaf's sharding: rows (tiles, clips) over the data axes; with ``accum > 1``
+    the leading micro-batch axis is not sharded."""
+    names = ((None,) if accum > 1 else ()) + ("batch",) + (None,) * (len(gshape) - (2 if accum > 1 else 1))
+    return NamedSharding(mesh, parallel.logical_to_spec(names, gshape, mesh))
+
+
+def jit_step(fn, state_sharding, batch_sharding_tree):
+    """The step under jit with explicit shardings; the state is donated."""
+    return jax.jit(fn, in_shardings=(state_sharding, batch_sharding_tree), out_shardings=(state_sharding, None),
+                   donate_argnums=0)
+
+
+def build(config, params, mesh=None, total_steps: int | None = None):
+    """``(state, jitted step, info)`` for ``params`` (a whole-model tree) under ``config``'s stage.
+    Frozen leaves are cast to ``config.frozen_dtype``; with a mesh, the step has explicit in/out
+    shardings and donates the state."""
+    state, fn, lab = make_state_and_step(config, params, total_steps)
     info = dict(table=stages.count_table(params, lab), labels=lab)
     if mesh is None:
         # placement (``info["place"]``) may run ahead in the input pipeline's thread; the step takes either
         info["place"] = lambda batch: jax.tree.map(jnp.asarray, batch)
         return state, jax.jit(fn, donate_argnums=0), info
-    pshard = {}
-    for name, (module, example, _) in vita.parts(config).items():
-        boxed = vita.abstract_part(module, example)
-        pshard.update({f"{name}/{k}": v for k, v in flat_param_shardings(boxed, mesh).items()})
-    shard = state_shardings(state, pshard, mesh)
+    shard = state_shardings(state, model_param_shardings(config, mesh), mesh)
     state = jax.device_put(state, shard)
 
     compiled = {}
@@ -80,14 +131,14 @@ def build(config, params, mesh=None, total_steps: int | None = None):
         def place(x):
             x = np.asarray(x)
             gshape = list(x.shape)
-            gshape[1 if accum > 1 else 0] *= n_proc
-            names = ((None,) if accum > 1 else ()) + ("batch",) + (None,) * (x.ndim - (2 if accum > 1 else 1))
-            sh = NamedSharding(mesh, parallel.logical_to_spec(names, gshape, mesh))
+            b = 1 if accum > 1 else 0
+            gshape[b] *= n_proc
+            sh = batch_sharding(mesh, gshape, accum)
             if n_proc == 1:
                 return jax.device_put(x, sh)
-            if sh.spec[names.index("batch")] is None if len(sh.spec) > names.index("batch") else True:
+            if sh.spec[b] is None if len(sh.spec) > b else True:
                 raise ValueError(f"{n_proc} processes feed slices of the batch, but the global batch dimension "
-                                 f"{gshape[names.index('batch')]} is not sharded over the mesh's data/fsdp axes "
+                                 f"{gshape[b]} is not sharded over the mesh's data/fsdp axes "
                                  f"{dict(mesh.shape)}: make batch_size divisible by data x fsdp")
             return jax.make_array_from_process_local_data(sh, x, tuple(gshape))
         return jax.tree.map(place, batch)
@@ -99,9 +150,8 @@ def build(config, params, mesh=None, total_steps: int | None = None):
         key = str(jax.tree.map(lambda x: (x.shape, str(x.dtype), str(x.sharding.spec)), placed))
         with parallel.use_mesh(mesh):
             if key not in compiled:
-                compiled[key] = jax.jit(fn, in_shardings=(shard, bs), out_shardings=(shard, None), donate_argnums=0)
+                compiled[key] = jit_step(fn, shard, bs)
             return compiled[key](state, placed)
     info["shardings"] = shard
     info["place"] = place_batch
     return state, run, info
-

@@ -1,0 +1,77 @@
+"""``vita-jax compile``: the tiny stages' train steps compiled ahead of time for a small TPU
+topology from this CPU host (libtpu, no TPU). Each compile runs in a subprocess, so the TPU
+topology backend never meets the other tests' CPU backend."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from vita_jax.train import compile as compile_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason='libtpu is not installed (pip install -e ".[tpu]")')
+
+
+def _compile(*args):
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-m", "vita_jax.cli", "compile", *args], capture_output=True, text=True,
+                       timeout=300, cwd=REPO, env=env)
+    lines = [line for line in r.stdout.splitlines() if line.startswith("{")]
+    return r, (json.loads(lines[-1]) if lines else None)
+
+
+@needs_libtpu
+def test_tiny_stage_compiles_for_tpu_and_fits():
+    # the packer's batch layout, 2 micro-batches (the leading accumulation axis), 2 rows per chip
+    r, res = _compile("--config=configs/stage2_2.py:tiny", "--topology=v5p:2x2x1", "--per-chip-batch=2",
+                      "--config.grad_accum=2", "--config.data.packing=True", "--config.remat_policy=full")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1].startswith("{")  # the JSON line is last
+    assert res["topology"] == "v5p:2x2x1" and res["chips"] == 4 and res["device_kind"] == "TPU v5"
+    assert res["hbm_capacity_gib"] == 95.0 and res["fits"] is True
+    assert 0 < res["hbm_per_chip_gib"] < 1 and res["arguments_gib"] > 0 and res["compile_s"] > 0
+    assert res["per_chip_batch"] == 2 and res["global_batch"] == 16 and res["grad_accum"] == 2
+    assert res["seq_len"] == 128 and res["remat"] == "full" and res["stage"] == "2.2"
+    assert "total" in r.stdout and "temporaries" in r.stdout
+
+
+@needs_libtpu
+def test_not_fitting_exits_nonzero_with_the_json_line():
+    r, res = _compile("--config=configs/stage1_1.py:tiny", "--topology=v5e:2x2", "--hbm-gib=0.001")
+    assert r.returncode == 2
+    assert res is not None and res["fits"] is False and res["chips"] == 4 and res["hbm_capacity_gib"] == 0.001
+    err = [line for line in r.stderr.splitlines() if line.startswith("vita-jax: error:")]
+    assert err and "does not fit v5e:2x2" in err[0] and "GiB per chip" in err[0], r.stderr[-2000:]
+
+
+@needs_libtpu
+def test_compiler_out_of_hbm_is_a_result():
+    # 65536 positions: dense attention scores alone are far over a v5e chip's 16 GiB
+    r, res = _compile("--config=configs/stage2_2.py:tiny", "--topology=v5e:2x2", "--config.data.seq_len=65536")
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert res["fits"] is False and res["compiler_out_of_memory"] is True and res["hbm_per_chip_gib"] > 16
+    assert res["hbm_capacity_gib"] == 16.0 and res["device_kind"] == "TPU v5 lite"
+    assert "the compiler ran out of HBM" in r.stdout and "does not fit v5e:2x2" in r.stderr
+
+
+def test_out_of_memory_message_is_read():
+    msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+           "(284.29G) exceeds available HBM (95.74G).")
+    assert compile_lib.out_of_memory_gib(msg) == 284.29
+    assert compile_lib.out_of_memory_gib(msg.replace("284.29G", "512M")) == 0.5
+    assert compile_lib.out_of_memory_gib("INTERNAL: something else") is None
+
+
+def test_missing_libtpu_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(compile_lib.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ValueError, match=r'pip install -e "\.\[tpu\]"'):
+        compile_lib.topology_devices("v5p:2x2x1")
+
+
+def test_hbm_table_knows_the_chips():
+    assert compile_lib.HBM_GIB["TPU v5"] == 95.0 and compile_lib.HBM_GIB["TPU v5 lite"] == 16.0
+    assert compile_lib.HBM_GIB["TPU v6 lite"] == 32.0 and compile_lib.HBM_GIB["TPU v4"] == 32.0
