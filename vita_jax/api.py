@@ -155,6 +155,7 @@ class VitaModel:
         """Prefill of the spliced prompt, then cached decoding -> new ids ``[batch, n]`` (-1 after a
         row's stop token). Stops on ``<|im_end|>`` and ``<|im_start|>`` (the config's eos and the
         tokenizer's im_start) unless ``stop_ids`` is given; logits limited to ``len(tokenizer)``."""
+        gen.check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p)
         ids = np.asarray(input_ids)
         ids = ids[None] if ids.ndim == 1 else ids
         if stop_ids is None:
@@ -174,6 +175,8 @@ class VitaModel:
         """The prompt of :meth:`chat` as an example: ``input_ids`` (the official template, system
         prompt and placeholders), ``pixels`` (``[tiles, 3, S, S]`` or None) and ``audio`` (fbank
         clips), preprocessed exactly as training preprocesses a sample (``self.prep``)."""
+        if video is not None and image is not None:
+            raise ValueError("image and video: give one of them, not both (the prompt holds one visual input)")
         if self.tokenizer is None:
             raise ValueError(f"{self.path}: no tokenizer.json, chat() needs one")
         pixels, tiles, frames = None, (), 0
@@ -202,6 +205,8 @@ class VitaModel:
         """Reply text to a question (or ``[(role, content), ...]`` history ending with a user turn),
         with optional ``image`` (path/PIL), ``audio`` (path or ``(waveform, rate)``) and ``video``
         (path). The official template, system prompt and state symbol handling are applied."""
+        gen.check_sampling(max_new_tokens, **{k: v for k, v in sampling.items() if k in (
+            "do_sample", "temperature", "top_k", "top_p")})
         ex = self.chat_inputs(messages, image=image, audio=audio, video=video)
         clips = ex["audio"]
         out = self.generate(ex["input_ids"][None], pixel_values=ex["pixels"],

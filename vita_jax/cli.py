@@ -38,9 +38,11 @@ def cmd_generate(a) -> int:
     import jax.numpy as jnp  # subcommands import late: --help stays fast
     from vita_jax import api  # (late, as above)
     from vita_jax.data import text as text_lib  # (late, as above)
+    from vita_jax.infer import generate as gen  # (late, as above)
     path = a.checkpoint or a.path
     if not path:
         raise UsageError("give the model directory: vita-jax generate --checkpoint DIR (or as the first argument)")
+    _check_generate_options(a, gen)
     t0 = time.perf_counter()
     m = api.from_pretrained(path, dtype=jnp.dtype(a.dtype))
     print(f"loaded {path}: {len(m.keys_read)} tensors, {m.config.llm.num_hidden_layers} layers, "
@@ -73,6 +75,19 @@ def cmd_generate(a) -> int:
                text_lib.STATE_NEGATIVE: "(state: not addressed to the assistant)"}.get(state, ""))
     print(f"generated in {time.perf_counter() - t0:.2f} s (compilation included)")
     return 0
+
+
+def _check_generate_options(a, gen) -> None:
+    """Every option checked before a model is loaded; the message names the option."""
+    try:
+        gen.check_sampling(a.max_new_tokens, a.sample, a.temperature, a.top_k, a.top_p)
+    except ValueError as e:
+        field = str(e).split(" ", 1)[0]
+        raise UsageError(f"--{field.replace('_', '-')}: {e}") from e
+    if a.video and a.image:
+        raise UsageError("--video and --image: give one of them (the prompt holds one visual input)")
+    if len(a.image) > 1:
+        raise UsageError("one --image per prompt (the official demo takes one image)")
 
 
 def _speak(m, reply: str, out: str, seed: int, max_tokens: int) -> None:

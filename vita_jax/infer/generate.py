@@ -16,6 +16,20 @@ import numpy as np
 from vita_jax.models.qwen2 import KVCache, Qwen2Config
 
 
+def check_sampling(max_new_tokens=1, do_sample: bool = False, temperature=1.0, top_k=0, top_p=1.0) -> None:
+    """Raises ``ValueError`` naming the field when a sampling setting cannot work: ``max_new_tokens``
+    >= 1, ``top_k`` >= 0 (0 = off), ``top_p`` in (0, 1] (1 = off), ``temperature`` > 0 when sampling."""
+    if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool) or top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
+    if not (isinstance(top_p, (int, float, np.number)) and 0.0 < float(top_p) <= 1.0):
+        raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p!r}")
+    if not isinstance(temperature, (int, float, np.number)) or not np.isfinite(float(temperature)) or (
+            do_sample and float(temperature) <= 0.0):
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature!r}")
+
+
 def sample_logits(logits, key, do_sample: bool, temperature, top_k: int, top_p):
     """``logits [batch, vocab]`` (float32) -> ids ``[batch]``. Greedy picks the first maximum."""
     if not do_sample:
@@ -29,6 +43,7 @@ def sample_logits(logits, key, do_sample: bool, temperature, top_k: int, top_p):
     probs = jax.nn.softmax(sorted_logits, axis=-1)
     # drop a token when the mass before it already reaches top_p (the top token always stays)
     drop_sorted = (jnp.cumsum(probs, axis=-1) - probs) >= top_p
+    drop_sorted = drop_sorted.at[:, 0].set(False)  # never every token (top_p <= 0 would sample id 0)
     drop = jnp.zeros_like(drop_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(drop_sorted)
     logits = jnp.where(drop, -jnp.inf, logits)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
@@ -74,6 +89,7 @@ def generate(module, params, cfg: Qwen2Config, input_ids, attention_mask=None, *
     A row stops after emitting one of ``stop_ids`` (kept in its output); later positions hold
     ``pad_id``. Decoding ends early when every row has stopped. With ``return_scores`` also returns
     the float32 next-token logits ``[n, batch, vocab]`` of each step."""
+    check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p)
     ids = None if input_ids is None else jnp.asarray(input_ids, jnp.int32)
     b, t = ids.shape[:2] if inputs_embeds is None else inputs_embeds.shape[:2]
     mask = jnp.ones((b, t), jnp.int32) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
