@@ -62,3 +62,39 @@ def test_top_p_tiny_keeps_the_top_token():
 def test_chat_refuses_image_and_video(tiny_model):
     with pytest.raises(ValueError, match="image and video"):
         tiny_model.chat_inputs("hi", image="a.png", video="b.mp4")
+
+
+def _tree(root):
+    import os
+    return sorted((os.path.relpath(os.path.join(d, f), root), os.path.getsize(os.path.join(d, f)))
+                  for d, _, fs in os.walk(root) for f in fs)
+
+
+@pytest.mark.parametrize("target", ["SRC", "SRC/inside", "PARENT", "LINK", "LINK/inside"])
+def test_convert_overwrite_never_touches_the_source(tmp_path, capsys, target):
+    import os
+    import shutil
+    src = tmp_path / "release"
+    shutil.copytree(TINY, src)
+    os.symlink(src, tmp_path / "link")
+    before, around = _tree(src), sorted(os.listdir(tmp_path))
+    dst = {"SRC": str(src), "SRC/inside": str(src / "vita_tts_ckpt"), "PARENT": str(tmp_path),
+           "LINK": str(tmp_path / "link"), "LINK/inside": str(tmp_path / "link" / "sub")}[target]
+    for fmt in ("orbax", "pytorch"):
+        line = _cli_error(capsys, "convert", "--to", fmt, "--overwrite", str(src), dst)
+        assert dst in line and str(src) in line
+    assert _tree(src) == before and sorted(os.listdir(tmp_path)) == around  # nothing written, nothing deleted
+
+
+def test_save_pretrained_refuses_its_source(tmp_path):
+    import os
+    import shutil
+    import vita_jax
+    src = tmp_path / "release"
+    shutil.copytree(TINY, src)
+    before = _tree(src)
+    m = vita_jax.from_pretrained(str(src))
+    for dst in (src, tmp_path, src / "sub"):
+        with pytest.raises(ValueError, match="source"):
+            m.save_pretrained(str(dst), format="orbax", overwrite=True)
+    assert _tree(src) == before and sorted(os.listdir(tmp_path)) == ["release"]

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vita_jax import parallel
-from vita_jax.convert import checkpoint, orbax_io, pytorch
+from vita_jax.convert import checkpoint, orbax_io, pytorch, release
 from vita_jax.data import batch as batch_lib
 from vita_jax.data import text as text_lib
 from vita_jax.infer import generate as gen
@@ -311,6 +311,7 @@ class VitaModel:
         resharding onto any mesh). The target is written to a temporary sibling folder and only then
         moved into place."""
         tok_dir = os.path.dirname(self.tokenizer.path) if self.tokenizer is not None and self.tokenizer.path else None
+        release.check_target(path, self.path, tok_dir)
         speech = self.speech
         extra = None if speech is None else (lambda tmp: speech.save(os.path.join(tmp, "vita_tts_ckpt")))
         if format == "pytorch":

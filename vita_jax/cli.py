@@ -108,6 +108,8 @@ def _speak(m, reply: str, out: str, seed: int, max_tokens: int) -> None:
 def cmd_convert(a) -> int:
     import jax.numpy as jnp  # subcommands import late: --help stays fast
     from vita_jax import api  # (late, as above)
+    from vita_jax.convert import release  # (late, as above)
+    release.check_target(a.dst, a.src)  # before loading: the target must not be (in) the source
     t0 = time.perf_counter()
     m = api.from_pretrained(a.src, dtype=jnp.dtype(a.dtype) if a.dtype else jnp.float32)
     fmt = {"pytorch": "pytorch", "orbax": "orbax"}[a.to]

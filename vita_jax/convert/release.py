@@ -330,6 +330,26 @@ def copy_tokenizer(dst: str, *sources: Optional[str]) -> None:
             return
 
 
+def check_target(dst: str, *sources: Optional[str]) -> None:
+    """Refuses (``ValueError`` naming both) a target that is one of ``sources``, contains one or lies
+    inside one (real paths, symlinks resolved), before anything is written or deleted: an
+    overwrite would delete the weights being converted."""
+    def real(p):
+        p = str(p)
+        return os.path.realpath(p) if paths.is_local(p) else p.rstrip("/")
+    d = real(dst)
+    for src in sources:
+        if not src:
+            continue
+        s = real(src)
+        if d == s:
+            raise ValueError(f"target {dst} is the source {src}: write to another folder")
+        if d.startswith(s.rstrip("/") + "/"):
+            raise ValueError(f"target {dst} lies inside the source {src}: write to a folder outside it")
+        if s.startswith(d.rstrip("/") + "/"):
+            raise ValueError(f"target {dst} contains the source {src}: write to a folder outside it")
+
+
 def prepare_target(dst: str, overwrite: bool) -> str:
     """A fresh temporary sibling folder of ``dst`` to write into (``dst`` must be empty unless
     ``overwrite``); :func:`commit` moves it into place."""
