@@ -98,3 +98,96 @@ def test_save_pretrained_refuses_its_source(tmp_path):
         with pytest.raises(ValueError, match="source"):
             m.save_pretrained(str(dst), format="orbax", overwrite=True)
     assert _tree(src) == before and sorted(os.listdir(tmp_path)) == ["release"]
+
+
+# ------------------------------------------------------------------------------- training data
+def _official_setup(root, samples_fn):
+    """A tokenizer over DemoData's text QA and one official file: ``samples_fn(good samples)``."""
+    import json
+    import vita_jax.demo.data as demo_data
+    from vita_jax.data.text import TextTokenizer
+    d = demo_data.DemoData(str(root), demo_data.Speech("recordings"), n_train=4)
+    good = json.load(open(d.text_qa("train", 4)))
+    texts = [m["value"] for s in good for m in s["conversations"]]
+    demo_data.build_tokenizer(texts + demo_data.reply_texts(), str(root / "tok"))
+    vocab = -(-len(TextTokenizer.from_file(str(root / "tok"))) // 64) * 64
+    path = root / "mix.json"
+    path.write_text(json.dumps(samples_fn(good)))
+    return str(path), str(root / "tok"), vocab
+
+
+def _stage(path, tok, vocab, steps):
+    import os
+    from vita_jax import config as config_lib
+    c = config_lib.load_config(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                            "configs/stage2_2.py:tiny"))
+    c.total_steps, c.checkpoint_every = steps, 100
+    c.llm.vocab_size, c.data.tokenizer, c.data.packing, c.data.seq_len = vocab, tok, False, 256
+    c.data.mixture = [{"json": path}]
+    return c
+
+
+BAD = [None, {"id": "empty", "conversations": []}, "not a dict", {"id": "typed", "conversations": [
+    {"from": "human", "value": 5}, {"from": "gpt", "value": "x"}]}, {"id": "order", "conversations": [
+    {"from": "human", "value": "a"}, {"from": "human", "value": "b"}]}]
+
+
+def test_bad_samples_are_reported_and_training_goes_on(tmp_path, caplog):
+    import logging
+    from vita_jax.data import sources
+    from vita_jax.train import trainer
+    path, tok, vocab = _official_setup(tmp_path, lambda good: BAD + good)
+    with caplog.at_level(logging.WARNING, logger=sources.log.name):
+        src = sources.OfficialJSON(path)
+    warning = [r.getMessage() for r in caplog.records if "unusable" in r.getMessage()]
+    assert len(warning) == 1 and "5 of 9" in warning[0]
+    for sid in ("mix.json#0", "empty", "mix.json#2", "typed", "order"):
+        assert sid in warning[0]
+    assert src[0]["_bad"] and src[1]["_bad"] and "_bad" not in src[5]
+    out = trainer.train(_stage(path, tok, vocab, 3), str(tmp_path / "wd"), log=lambda *_: None, progress=False)
+    assert out["steps"] == 3 and np.isfinite(out["last"]["loss"])
+    assert out["skipped"] and set(out["skipped"]) <= {"mix.json#0", "empty", "mix.json#2", "typed", "order"}
+
+
+def test_any_exception_in_one_sample_is_a_bad_sample(monkeypatch):
+    from vita_jax.data import sources
+    ex = sources.OfficialExamples(tokenizer=None, prep=None)
+
+    def boom(*a, **k):
+        raise ZeroDivisionError("something unexpected")
+    monkeypatch.setattr(sources.text_lib, "encode_sample", boom)
+    assert ex({"id": "x", "conversations": []})["bad"].startswith("ZeroDivisionError")
+    assert ex(None) == {"id": "?", "bad": "TypeError: a sample must be a dict, got NoneType"}
+
+
+def test_no_usable_sample_is_one_line(tmp_path):
+    """Every sample bad: the file is named with its first problems, exit 2, instead of training on nothing."""
+    import json
+    import subprocess
+    import sys
+    path, tok, vocab = _official_setup(tmp_path, lambda good: BAD)
+    r = subprocess.run([sys.executable, "-m", "vita_jax.cli", "train", "--config=configs/stage2_2.py:tiny",
+                        "--config.total_steps=2", f"--config.llm.vocab_size={vocab}", f"--config.data.tokenizer={tok}",
+                        "--config.data.packing=false", "--config.data.mixture=" + json.dumps([{"json": path}]),
+                        "--no-progress", "--workdir", str(tmp_path / "wd")], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("vita-jax: error: ") and path in line and "no usable sample" in line and "empty" in line
+
+
+def test_steps_without_targets_stop_the_run(tmp_path):
+    """Samples whose shape is fine but that all fail (a missing image): stops after max_empty_steps."""
+    from vita_jax.train import trainer
+
+    def missing(good):
+        return [dict(s, id=f"m{k}", image="no_such.jpg", conversations=[
+            dict(s["conversations"][0], value="<image>\n" + s["conversations"][0]["value"])] + s["conversations"][1:])
+            for k, s in enumerate(good)]
+    path, tok, vocab = _official_setup(tmp_path, missing)
+    c = _stage(path, tok, vocab, 6)
+    c.max_empty_steps = 2
+    with pytest.raises(ValueError, match="2 steps in a row had no target tokens") as e:
+        trainer.train(c, str(tmp_path / "wd"), log=lambda *_: None, progress=False)
+    assert path in str(e.value)

@@ -5,8 +5,9 @@
 :class:`OfficialExamples` turns a sample into an example for :class:`~vita_jax.data.batch.LMCollator`
 (tiles, frames, fbank, ids and SFT labels exactly as the official loader, with the preprocessing
 settings of :func:`~vita_jax.data.batch.preprocess_settings`: what inference uses). A sample that cannot be
-used (unreadable media, placeholder/media count mismatch, bad fields) becomes ``{"id", "bad"}``:
-the collator drops it, counts it and logs its id; the run goes on.
+used (unreadable media, placeholder/media count mismatch, bad fields, any exception) becomes ``{"id", "bad"}``:
+the collator drops it, counts it and logs its id; the run goes on. :class:`OfficialJSON` checks the
+file's shape once when opened (one warning listing every unusable sample; ``ValueError`` when none is usable).
 
 Samples may also carry their media in memory (:class:`~vita_jax.data.tfds_source.TFDSSource`):
 ``_media = {"image": [bytes, ...], "audio": [...], "video": [...]}`` aligned with the names in
@@ -46,15 +47,32 @@ class OfficialJSON:
         if not isinstance(self.samples, list):
             raise ValueError(f"{path}: expected a JSON list of samples")
         self.path = path
+        # the file's shape, checked once: an unusable sample is reported here and becomes a bad sample
+        self.problems = {i: p for i, p in ((i, sample_problem(x)) for i, x in enumerate(self.samples)) if p}
+        if self.problems and len(self.problems) == len(self.samples):
+            first = "; ".join(f"{self._sid(i)}: {p}" for i, p in list(self.problems.items())[:3])
+            raise ValueError(f"{path}: no usable sample among {len(self.samples)} ({first})")
+        if not self.samples:
+            raise ValueError(f"{path}: no samples (an empty JSON list)")
+        if self.problems:
+            log.warning("%s: %d of %d samples are unusable and will be skipped: %s", path, len(self.problems),
+                        len(self.samples), "; ".join(f"{self._sid(i)}: {p}" for i, p in self.problems.items()))
         self.root = media_root or os.path.dirname(os.path.abspath(path))
         self.sets = dict(sets or {})
 
     def __len__(self):
         return len(self.samples)
 
+    def _sid(self, i):
+        x = self.samples[i]
+        return x["id"] if isinstance(x, dict) and "id" in x else f"{os.path.basename(self.path)}#{int(i)}"
+
     def __getitem__(self, i):
-        s = dict(self.samples[int(i)])
-        s.setdefault("id", f"{os.path.basename(self.path)}#{int(i)}")
+        i = int(i)
+        s = dict(self.samples[i]) if isinstance(self.samples[i], dict) else {}
+        s["id"] = self._sid(i)
+        if i in self.problems:
+            s["_bad"] = self.problems[i]
         s["_roots"] = self._roots(s)
         s["_root"] = self.root
         return s
@@ -65,6 +83,28 @@ class OfficialJSON:
             return None
         names = sets if isinstance(sets, list) else [sets]
         return [self.sets.get(n, os.path.join(self.root, n)) for n in names]
+
+
+def sample_problem(sample) -> Optional[str]:
+    """Why a sample of an official file cannot be trained on (None: its shape is fine): a dict with a
+    non-empty ``conversations`` list of ``{"from": "human"|"gpt", "value": str}`` dicts, alternating
+    human/gpt (a leading gpt message is dropped, as the official loader does)."""
+    if not isinstance(sample, dict):
+        return f"not a dict (a JSON {type(sample).__name__ if sample is not None else 'null'})"
+    conv = sample.get("conversations")
+    if not isinstance(conv, list) or not conv:
+        return "'conversations' is missing or not a non-empty list" if not isinstance(conv, list) else \
+            "'conversations' is empty"
+    for k, m in enumerate(conv):
+        if not isinstance(m, dict) or m.get("from") not in text_lib.ROLES or not isinstance(m.get("value"), str):
+            return f"conversations[{k}] needs 'from' in {sorted(text_lib.ROLES)} and a string 'value'"
+    roles = [m["from"] for m in conv]
+    roles = roles[1:] if roles[0] == "gpt" else roles
+    if not roles:
+        return "no human message"
+    if any(r != ("human", "gpt")[j % 2] for j, r in enumerate(roles)):
+        return "roles must alternate human/gpt"
+    return None
 
 
 def _as_list(x) -> list:
@@ -99,10 +139,12 @@ class OfficialExamples:
         return f
 
     def __call__(self, sample):
-        sid = sample.get("id", "?")
+        sid = sample.get("id", "?") if isinstance(sample, dict) else "?"
         try:
+            if not isinstance(sample, dict):
+                raise TypeError(f"a sample must be a dict, got {type(sample).__name__}")
             return self._convert(sample)
-        except (ValueError, KeyError, OSError, TypeError) as e:  # bad media, bad fields: skip, never crash
+        except Exception as e:  # bad media, bad fields, anything one sample does: skip, count, never crash
             log.warning("bad sample %s: %s", sid, e)
             return {"id": sid, "bad": f"{type(e).__name__}: {e}"}
 

@@ -55,6 +55,7 @@ def stage_config(stage: str, arg: str | None = None) -> ml_collections.ConfigDic
     c.batch_size = 4 if arg == "tiny" else 512
     c.grad_accum = 1 if arg == "tiny" else 2
     c.max_nonfinite_steps = 5
+    c.max_empty_steps = 20  # steps in a row with no target tokens (every sample bad) stop the run
     c.ctc_units = 0  # 0: from the unit vocabulary trained on the transcripts
     c.init_from = ""  # previous stage's checkpoint (parameters only, fresh optimizer)
     c.data = ml_collections.ConfigDict(dict(mixture=[], tfds=[], shuffle_seed=0, seq_len=128 if arg == "tiny" else 6200,

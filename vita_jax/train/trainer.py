@@ -118,6 +118,12 @@ def _step_of(line: str) -> Optional[int]:
         return None
 
 
+def _data_names(config) -> str:
+    files = [str(f.get("json", f)) if hasattr(f, "get") else str(f) for f in config.data.mixture]
+    files += [str(f.get("data_dir") or f.get("name", f)) if hasattr(f, "get") else str(f) for f in config.data.tfds]
+    return ", ".join(files) or "the synthetic data"
+
+
 def _trim_metrics(path: str, last_step: int) -> None:
     """Keeps the lines up to the checkpoint being resumed from; a torn or unreadable line is dropped."""
     if not paths.exists(path):
@@ -198,11 +204,11 @@ def train(config, workdir: str, mesh=None, data=None, log: Callable = print, pro
     # step is dispatched, so neither the host pipeline nor the metrics read stalls the device
     feed = pipeline.Prefetch(produce, depth=int(config.data.get("prefetch", 2)))
     last, pending, t0 = {}, None, time.perf_counter()
-    t_done = t0
+    t_done, empty = t0, 0
 
     def record(p) -> None:
         """Reads the metrics of a dispatched step (blocks until it is done), logs them, stops on non-finite runs."""
-        nonlocal last, t_done
+        nonlocal last, t_done, empty
         i, met, size, wait = p
         met = {k: float(v) for k, v in jax.device_get(met).items()}
         now = time.perf_counter()
@@ -225,6 +231,10 @@ def train(config, workdir: str, mesh=None, data=None, log: Callable = print, pro
             bar.set_postfix(loss=f"{met['loss']:.4f}")
         if met["finite"] and not met["tokens"]:
             log(f"step {i + 1}: no target tokens in the batch (every sample skipped), update skipped")
+        empty = 0 if met["tokens"] else empty + 1
+        if empty >= int(config.get("max_empty_steps", 20)):
+            raise ValueError(f"{empty} steps in a row had no target tokens (every sample bad or unlabelled); "
+                             f"stopping: check the data ({_data_names(config)}; config.max_empty_steps)")
         if not met["finite"]:
             log(f"step {i + 1}: non-finite loss or gradient, update skipped")
             if int(met["nonfinite"]) >= int(config.max_nonfinite_steps):
@@ -246,7 +256,7 @@ def train(config, workdir: str, mesh=None, data=None, log: Callable = print, pro
                     break
             if pending is not None:
                 record(pending)
-    except FloatingPointError:
+    except (FloatingPointError, ValueError):
         ck.close()
         raise
     finally:
