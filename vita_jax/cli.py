@@ -118,17 +118,24 @@ def cmd_convert(a) -> int:
     return 0
 
 
+def _stage_config(command: str, parsed):
+    """The stage config of ``parse_args``'s ``(config, rest)``; left-over arguments or a model-only config
+    are the user's mistake."""
+    config, rest = parsed
+    if rest:
+        raise UsageError(f"vita-jax {command}: unrecognized arguments: {' '.join(rest)}")
+    if "stage" not in config:
+        raise UsageError("--config must be a stage config (configs/stage*.py)")
+    return config
+
+
 def cmd_train(a, rest) -> int:
     """``vita-jax train --config=configs/stage1_1.py[:tiny] [--config.x=y] --workdir DIR``."""
     import jax  # subcommands import late: --help stays fast
     from vita_jax import config as config_lib  # (late, as above)
     from vita_jax import parallel  # (late, as above)
     from vita_jax.train import trainer  # (late, as above)
-    config, rest = config_lib.parse_args(rest)
-    if rest:
-        raise UsageError(f"vita-jax train: unrecognized arguments: {' '.join(rest)}")
-    if "stage" not in config:
-        raise UsageError("--config must be a stage config (configs/stage*.py)")
+    config = _stage_config("train", config_lib.parse_args(rest))
     parallel.maybe_initialize_distributed()
     mesh = parallel.make_mesh(dict(config.mesh_shape)) if jax.device_count() > 1 else None
     out = trainer.train(config, a.workdir, mesh=mesh, progress=not a.no_progress)
@@ -140,11 +147,7 @@ def cmd_compile(a, rest) -> int:
     """``vita-jax compile --config=configs/stage2_2.py --topology=v5p:4x4x2``: AOT, from a CPU host."""
     from vita_jax import config as config_lib  # subcommands import late: --help stays fast
     from vita_jax.train import compile as compile_lib  # (late, as above)
-    config, rest = config_lib.parse_args(rest)
-    if rest:
-        raise UsageError(f"vita-jax compile: unrecognized arguments: {' '.join(rest)}")
-    if "stage" not in config:
-        raise UsageError("--config must be a stage config (configs/stage*.py)")
+    config = _stage_config("compile", config_lib.parse_args(rest))
     r = compile_lib.compile_step(config, a.topology, per_chip_batch=a.per_chip_batch, hbm_gib=a.hbm_gib)
     print(compile_lib.report(r), flush=True)
     if a.json:
