@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from typing import Optional, Sequence, Union
 
 import jax
@@ -104,7 +105,7 @@ class VitaModel:
         return f, lengths
 
     def batch(self, input_ids, attention_mask=None, labels=None, pixel_values=None, audio_features=None,
-              audio_lengths=None):
+              audio_lengths=None, max_length: Optional[int] = None):
         """The host batch of an inference call -> ``(arrays, plan)``: :func:`vita_jax.data.batch.build`
         (what training uses) with bucketed slots: tiles and clips to a power of two times the
         data-parallel size, frames to a multiple of ``config.frame_bucket``, the spliced length to
@@ -116,7 +117,7 @@ class VitaModel:
         frames = min(-(-feats.shape[1] // fb) * fb, self.whale_cfg.max_frames) if n_clips else 0
         arrays, plan = batch_lib.build(
             input_ids, attention_mask, labels, px, [] if feats is None else list(feats), clip_lengths=lengths,
-            tokens_per_tile=self.tokens_per_tile, max_length=self.config.tokenizer_model_max_length,
+            tokens_per_tile=self.tokens_per_tile, max_length=max_length or self.config.tokenizer_model_max_length,
             pad_to=self.config.get("seq_bucket", 64), tile_slots=batch_lib.bucket(n_tiles, self.dp) if n_tiles else 0,
             clip_slots=batch_lib.bucket(n_clips, self.dp) if n_clips else 0, frame_slots=frames,
             mel_bins=self.whale_cfg.input_dim if self.whale_cfg is not None else 80)
@@ -124,8 +125,10 @@ class VitaModel:
             raise ValueError(f"input_ids hold ids >= the vocabulary size {self.llm_cfg.vocab_size}")
         return arrays, plan
 
-    def _prepare(self, input_ids, attention_mask, labels, pixel_values, audio_features, audio_lengths):
-        arrays, plan = self.batch(input_ids, attention_mask, labels, pixel_values, audio_features, audio_lengths)
+    def _prepare(self, input_ids, attention_mask, labels, pixel_values, audio_features, audio_lengths,
+                 max_length: Optional[int] = None):
+        arrays, plan = self.batch(input_ids, attention_mask, labels, pixel_values, audio_features, audio_lengths,
+                                  max_length)
         return plan, tuple(self._place(arrays[k]) for k in ("kind", "text_ids", "src", "pixels", "audio_feats",
                                                               "audio_lens"))
 
@@ -163,7 +166,15 @@ class VitaModel:
                                     self.tokenizer.im_start_id if self.tokenizer is not None else -1) if i >= 0]
         if vocab_limit is None and self.tokenizer is not None:
             vocab_limit = len(self.tokenizer)
-        plan, args = self._prepare(ids, attention_mask, None, pixel_values, audio_features, audio_lengths)
+        # a prompt is never cut (training's cut at the limit would drop the assistant header and the model
+        # would continue the user's text): measured uncut, refused when over the limit, before any compile
+        plan, args = self._prepare(ids, attention_mask, None, pixel_values, audio_features, audio_lengths,
+                                   max_length=sys.maxsize)
+        limit = int(self.config.tokenizer_model_max_length)
+        if int(plan.lengths.max()) > limit:
+            raise ValueError(f"the prompt is {int(plan.lengths.max())} positions long with its media spliced in, over "
+                             f"config.tokenizer_model_max_length = {limit}: shorten the question or history, or "
+                             f"send fewer image tiles / video frames (it is not cut, which would drop the template)")
         with parallel.use_mesh(self.mesh):
             embeds = self._embed(self.params, *args)
             return gen.generate(self.llm, self.params["llm"], self.llm_cfg, None, self._place(plan.attention_mask),
@@ -191,10 +202,12 @@ class VitaModel:
         clips = []
         if audio is not None:
             clips = [self.audio_features(*audio) if isinstance(audio, tuple) else self.audio_features(audio)]
+        # typed control strings and placeholders are text, never turn boundaries or media slots
         if isinstance(messages, str):
-            msgs = text_lib.generation_messages(messages, modality, tiles, frames, audio is not None)
+            msgs = text_lib.generation_messages(text_lib.as_text(messages, self.tokenizer), modality, tiles, frames,
+                                                audio is not None)
         else:
-            history = [tuple(m) for m in messages]
+            history = [(role, text_lib.as_text(content, self.tokenizer)) for role, content in messages]
             last = text_lib.generation_messages(history[-1][1], modality, tiles, frames, audio is not None)
             msgs = history[:-1] + last
         ids = text_lib.tokenize_with_placeholders(text_lib.build_prompt(msgs, modality), self.tokenizer)

@@ -51,6 +51,10 @@ class TextTokenizer:
     def __init__(self, tok, path: str = ""):
         self.tok = tok
         self.path = path
+        # the tokenizer's control strings (``<|im_start|>``, ...), longest first, and the placeholders
+        self.specials = sorted({t.content for t in tok.get_added_tokens_decoder().values()}, key=len, reverse=True)
+        self._special_re = re.compile("(" + "|".join(map(re.escape, self.specials)) + ")") if self.specials else None
+        self._literal = None  # a copy that encodes control strings as plain text (made on first use)
         self.im_start_id = self.token_to_id(IM_START)
         self.im_end_id = self.token_to_id(IM_END)
         self.pad_id = self.token_to_id("<|endoftext|>")
@@ -66,6 +70,22 @@ class TextTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_escaped(self, text: str) -> list[int]:
+        """Like :meth:`encode` for text holding :func:`as_text`-escaped user strings: the template's
+        control tokens stay tokens, the user's typed ones become their plain-text ids."""
+        if ESC not in text or self._special_re is None:
+            return self.encode(text)
+        if self._literal is None:
+            self._literal = Tokenizer.from_str(self.tok.to_str())
+            self._literal.encode_special_tokens = True
+        ids: list[int] = []
+        for k, seg in enumerate(self._special_re.split(text)):  # odd pieces: the template's control tokens
+            if k % 2:
+                ids.append(self.token_to_id(seg))
+            elif seg:
+                ids.extend(self._literal.encode(seg.replace(ESC, ""), add_special_tokens=False).ids)
+        return ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self.tok.decode([int(i) for i in ids if i >= 0], skip_special_tokens=skip_special_tokens)
@@ -92,6 +112,27 @@ def load_tokenizer(path: str) -> Optional[TextTokenizer]:
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, "tokenizer.json")):
         return None
     return TextTokenizer.from_file(path)
+
+
+# ------------------------------------------------------------------------------ user text
+# A private-use character put after the first character of a control string or placeholder typed by
+# a user (``<|im_start|>``, ``<image>``, ...), so that neither the template code nor the tokenizer
+# takes it for the real thing; :meth:`TextTokenizer.encode_escaped` removes it and encodes the string
+# as plain text. Text without such strings is unchanged, so its ids are the official ones.
+ESC = "\ue000"
+
+
+def as_text(text: Optional[str], tokenizer: Optional[TextTokenizer] = None) -> Optional[str]:
+    """User-typed ``text`` with every control string of ``tokenizer`` and every media placeholder
+    escaped (see :data:`ESC`): typed ``<|im_start|>`` is text, not a turn boundary, and typed
+    ``<image>`` is text, not a tile."""
+    if not text:
+        return text
+    text = text.replace(ESC, "")
+    for sp in (tokenizer.specials if tokenizer is not None else []) + [IMAGE_TOKEN, AUDIO_TOKEN, VIDEO_TOKEN]:
+        if sp in text:
+            text = text.replace(sp, sp[0] + ESC + sp[1:])
+    return text
 
 
 # ----------------------------------------------------------------------------------- template
@@ -128,7 +169,7 @@ def tokenize_with_placeholders(text: str, tokenizer: TextTokenizer) -> list[int]
         elif piece == AUDIO_TOKEN:
             ids.append(AUDIO_TOKEN_INDEX)
         elif piece:
-            ids.extend(tokenizer.encode(piece))
+            ids.extend(tokenizer.encode_escaped(piece))
     return ids
 
 
@@ -237,8 +278,9 @@ def generation_messages(question: str, modality: str = "lang", tiles_per_image: 
 
 def encode_prompt(tokenizer: TextTokenizer, question: str, modality: str = "lang", tiles_per_image: Sequence[int] = (),
                   video_frames: int = 0, audio: bool = False) -> np.ndarray:
-    """``input_ids`` (int64) of the official generation prompt (``video_audio_demo.py``)."""
-    msgs = generation_messages(question, modality, tiles_per_image, video_frames, audio)
+    """``input_ids`` (int64) of the official generation prompt (``video_audio_demo.py``); control
+    strings and placeholders typed in ``question`` are encoded as text (:func:`as_text`)."""
+    msgs = generation_messages(as_text(question, tokenizer), modality, tiles_per_image, video_frames, audio)
     return np.asarray(tokenize_with_placeholders(build_prompt(msgs, modality), tokenizer), np.int64)
 
 
