@@ -84,9 +84,10 @@ def test_grid_choice_spec_examples(size, grid):
 
 
 def test_modes_convert_like_official(tmp_path):
+    """8-bit modes: Pillow's convert("RGB"), as the official loader (16-bit / float: test_media_hardening.py)."""
     rgb = (np.arange(20 * 30 * 3) % 251).astype(np.uint8).reshape(20, 30, 3)
-    for mode in ("L", "RGBA", "P", "CMYK", "LA", "I;16"):
-        im = Image.fromarray(rgb).convert(mode) if mode != "I;16" else Image.fromarray(rgb[..., 0].astype(np.uint16) * 200)
+    for mode in ("L", "RGBA", "P", "CMYK", "LA", "1"):
+        im = Image.fromarray(rgb).convert(mode)
         out = I.load_image(im)
         assert out.mode == "RGB" and out.size == (30, 20)
         expected = np.asarray(im.convert("RGB"))

@@ -35,14 +35,62 @@ class ImageProcessorConfig:
 
 
 
+def _one_line(e: BaseException) -> str:
+    """An exception's message on one line (decoders sometimes put newlines in theirs)."""
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _to_rgb(image: Image.Image, name: str) -> Image.Image:
+    """``image.convert("RGB")`` of the image's 8-bit equivalent.
+
+    8-bit modes (``1``, ``L``, ``P``/``PA`` (transparency dropped), ``RGB``, ``RGBA``, ``LA``,
+    ``CMYK``, ``YCbCr``, ...) go straight through Pillow's ``convert("RGB")``, as the official
+    loader does (``RGB`` / ``L`` bit-identical to it). Pillow alone would clip 16-bit and 32-bit
+    grey levels at 255 and truncate floats, so: ``I;16*`` (16-bit grey) -> ``round(v / 257)``;
+    ``I`` (32-bit integers) -> as 8-bit when every value is in 0..255, as 16-bit when in
+    0..65535, refused otherwise; ``F`` (float) -> ``round(v * 255)`` when every value is in
+    [0, 1], refused otherwise. 16-bit-per-channel RGB(A) files are reduced to 8 bits by Pillow's
+    own decoder (high byte) and arrive as ``RGB`` / ``RGBA``."""
+    mode = image.mode
+    if mode.startswith("I;16") or mode == "I":
+        v = np.asarray(image).astype(np.int64)
+        lo, hi = (int(v.min()), int(v.max())) if v.size else (0, 0)
+        if lo < 0 or hi > 65535:
+            raise ImageError(f"{name}: {mode} image with values {lo}..{hi}: only 0..255 (8-bit) or 0..65535 "
+                             "(16-bit) grey levels can be converted to RGB")
+        if mode == "I" and hi <= 255:  # 8-bit values stored as 32-bit integers: Pillow's conversion is exact
+            v8 = v
+        else:
+            v8 = (v + 128) // 257  # round(v / 257): 65535 -> 255, exact on multiples of 257
+        return Image.fromarray(v8.astype(np.uint8)).convert("RGB")
+    if mode == "F":
+        v = np.asarray(image, np.float64)
+        if v.size and not (np.isfinite(v).all() and v.min() >= 0.0 and v.max() <= 1.0):
+            lo, hi = np.nanmin(v), np.nanmax(v)
+            raise ImageError(f"{name}: 32-bit float image with values {lo:g}..{hi:g}"
+                             f"{' (NaN or infinite included)' if not np.isfinite(v).all() else ''}: only values in "
+                             "[0, 1] can be converted to RGB (scaled by 255)")
+        return Image.fromarray(np.round(v * 255.0).astype(np.uint8)).convert("RGB")
+    try:
+        with warnings.catch_warnings():  # P with byte transparency: Pillow suggests RGBA; RGB drops it anyway
+            warnings.filterwarnings("ignore", message="Palette images with Transparency")
+            return image.convert("RGB")
+    except (ValueError, OSError) as e:  # e.g. "La": no conversion to RGB in Pillow
+        raise ImageError(f"{name}: cannot convert a {mode} image to RGB: {_one_line(e)}") from e
+
+
 def load_image(image: Union[str, os.PathLike, IO[bytes], Image.Image]) -> Image.Image:
     """A path, binary file object (e.g. ``io.BytesIO`` of the encoded file; its ``name``, if set,
-    names it in errors) or PIL image -> RGB PIL image (``.convert("RGB")`` like the official
-    loader: alpha is dropped, palette / grayscale / CMYK converted). Errors name the file."""
+    names it in errors) or PIL image -> RGB PIL image: ``.convert("RGB")`` like the official
+    loader for 8-bit images (alpha dropped, palette / grayscale / CMYK converted), 16-bit and
+    float images first reduced to their 8-bit equivalent (:func:`_to_rgb`). A missing, empty,
+    truncated, corrupt or non-image file raises :class:`ImageError` (one line, naming the file)."""
     name = "<PIL image>"
     if not isinstance(image, Image.Image):
         is_file = hasattr(image, "read")
         name = str(getattr(image, "name", "<image bytes>")) if is_file else os.fspath(image)
+        if not is_file and os.path.isfile(name) and os.path.getsize(name) == 0:
+            raise ImageError(f"{name}: empty file (0 bytes), not an image")
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -55,15 +103,17 @@ def load_image(image: Union[str, os.PathLike, IO[bytes], Image.Image]) -> Image.
         except ImageError:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise ImageError(f"{name}: over Pillow's decompression-bomb limit: {e}") from e
+            raise ImageError(f"{name}: over Pillow's decompression-bomb limit: {_one_line(e)}") from e
         except FileNotFoundError as e:
             raise ImageError(f"{name}: no such image file") from e
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            raise ImageError(f"{name}: cannot read image: {e}") from e
+        except UnidentifiedImageError as e:
+            raise ImageError(f"{name}: not an image Pillow can read (unknown format, empty or corrupt data)") from e
+        except (OSError, SyntaxError, ValueError, EOFError) as e:  # truncated / corrupt data, a folder, ...
+            raise ImageError(f"{name}: cannot read image (truncated or corrupt?): {_one_line(e)}") from e
         image = img
     if image.size[0] < 1 or image.size[1] < 1:
         raise ImageError(f"{name}: zero-size image ({image.size[0]}x{image.size[1]})")
-    return image.convert("RGB")
+    return _to_rgb(image, name)
 
 
 def target_ratios(min_num: int, max_num: int) -> list[tuple[int, int]]:
