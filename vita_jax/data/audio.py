@@ -133,30 +133,88 @@ def _name(src) -> str:
     return str(getattr(src, "name", "<audio bytes>")) if hasattr(src, "read") else os.fspath(src)
 
 
-def load_audio(path: Union[str, os.PathLike, IO[bytes]]) -> tuple[np.ndarray, int]:
+def fbank_frames_for(n_samples: int, sample_rate: int) -> int:
+    """fbank frames of ``n_samples`` at ``sample_rate`` once resampled to 16 kHz (the resampler's
+    output length ``ceil(n * 16000 / rate)``)."""
+    return num_frames(-(-int(n_samples) * SAMPLE_RATE // int(sample_rate)))
+
+
+def check_length(n_samples: int, sample_rate: int, max_frames: Optional[int], name: str) -> None:
+    """:class:`AudioError` naming the file and both lengths when the clip has no samples or is over
+    ``max_frames`` fbank frames (None or 0: no limit; the speech encoder's limit is
+    ``WhaleConfig.max_frames``, from ``config.audio.max_positions``)."""
+    if n_samples <= 0:
+        raise AudioError(f"{name}: empty audio (0 samples)")
+    frames = fbank_frames_for(n_samples, sample_rate)
+    if max_frames and frames > max_frames:
+        raise AudioError(f"{name}: {n_samples / sample_rate:.1f} s of audio ({frames} fbank frames) is longer than the "
+                         f"speech encoder's limit of {max_frames} frames ({max_frames / 100:.1f} s: 4 x "
+                         f"config.audio.max_positions + 3); cut the clip")
+
+
+def _open_error(name: str, e: Exception) -> AudioError:
+    """libsndfile's open errors, reworded: it says "File does not exist" for data it cannot parse
+    (a corrupt MP3) and "System error" for a missing file."""
+    msg = " ".join(str(e).split())
+    msg = msg.split(": ", 1)[1] if msg.startswith("Error opening") and ": " in msg else msg
+    if "does not exist" in msg or "System error" in msg or "not recognised" in msg.lower():
+        msg = "not a recognised audio format, or the data is corrupt"
+    return AudioError(f"{name}: cannot read audio: {msg}")
+
+
+def probe_audio(path: Union[str, os.PathLike, IO[bytes]], max_frames: Optional[int] = None) -> tuple[int, int]:
+    """The file's header only (nothing decoded) -> ``(samples per channel, sample_rate)``;
+    :class:`AudioError` (one line, naming the file) when it is missing, empty, not audio, has no
+    samples or is longer than ``max_frames`` fbank frames."""
+    name, is_file = _name(path), hasattr(path, "read")
+    if not is_file:
+        if not os.path.exists(name):
+            raise AudioError(f"{name}: no such audio file")
+        if os.path.isdir(name):
+            raise AudioError(f"{name}: is a folder, not an audio file")
+        if os.path.getsize(name) == 0:
+            raise AudioError(f"{name}: empty file (0 bytes), not audio")
+    start = path.tell() if is_file else 0
+    try:
+        info = sf.info(path if is_file else name)
+    except Exception as e:  # soundfile raises LibsndfileError / RuntimeError for unreadable files
+        raise _open_error(name, e) from e
+    finally:
+        if is_file:
+            path.seek(start)
+    check_length(int(info.frames), int(info.samplerate), max_frames, name)
+    return int(info.frames), int(info.samplerate)
+
+
+def load_audio(path: Union[str, os.PathLike, IO[bytes]], max_frames: Optional[int] = None) -> tuple[np.ndarray, int]:
     """Reads an audio file (a path, or a binary file object such as ``io.BytesIO`` of the file's
     bytes, named in errors by its ``name`` if set) -> ``(samples [n] or [n, ch] float32 in [-1, 1],
-    sample_rate)``."""
+    sample_rate)``. The header is checked first (:func:`probe_audio`: a clip over ``max_frames``
+    fbank frames is refused without being decoded)."""
     name = _name(path)
+    probe_audio(path, max_frames)
     try:
         data, sr = sf.read(path if hasattr(path, "read") else name, dtype="float32", always_2d=False)
-    except FileNotFoundError as e:
-        raise AudioError(f"{name}: no such audio file") from e
     except Exception as e:  # soundfile raises LibsndfileError / RuntimeError for unreadable files
-        raise AudioError(f"{name}: cannot read audio: {e}") from e
+        raise _open_error(name, e) from e
+    if len(data) == 0:
+        raise AudioError(f"{name}: empty audio (0 samples decoded)")
     return data, int(sr)
 
 
 def audio_features(waveform_or_path, sample_rate: Optional[int] = None, dither: float = 0.0,
-                   num_mel_bins: int = 80) -> np.ndarray:
+                   num_mel_bins: int = 80, max_frames: Optional[int] = None) -> np.ndarray:
     """A path, a binary file object (``io.BytesIO`` of an audio file), or a waveform (float in
-    [-1, 1] or int16) with its rate -> float32 fbank ``[frames, 80]`` before CMVN."""
+    [-1, 1] or int16) with its rate -> float32 fbank ``[frames, 80]`` before CMVN. A clip over
+    ``max_frames`` fbank frames (None: no limit) is refused before it is decoded or resampled."""
     name = "<waveform>"
     if isinstance(waveform_or_path, (str, os.PathLike)) or hasattr(waveform_or_path, "read"):
         name = _name(waveform_or_path)
-        waveform_or_path, sample_rate = load_audio(waveform_or_path)
-    if sample_rate is None:
+        waveform_or_path, sample_rate = load_audio(waveform_or_path, max_frames)
+    elif sample_rate is None:
         raise AudioError("sample_rate is required with a waveform")
+    elif max_frames and np.size(waveform_or_path) and np.ndim(waveform_or_path) in (1, 2):
+        check_length(max(np.shape(waveform_or_path)), sample_rate, max_frames, name)  # samples: the longer axis
     x = prepare_waveform(waveform_or_path, sample_rate, name)
     return fbank(x, num_mel_bins, dither=dither, name=name)
 

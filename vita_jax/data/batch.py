@@ -27,7 +27,7 @@ from vita_jax.data import audio as audio_lib
 from vita_jax.data import image as image_lib
 from vita_jax.data import video as video_lib
 from vita_jax.models.vita import AUDIO, AUDIO_TOKEN_INDEX, IGNORE_INDEX, IMAGE, IMAGE_TOKEN_INDEX, PAD, TEXT
-from vita_jax.models.whale import llm_length
+from vita_jax.models.whale import WhaleConfig, llm_length
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ class Preprocess:
     video_min_frames: int = video_lib.MIN_FRAMES
     dither: float = 0.0
     num_mel_bins: int = 80
+    max_audio_frames: int = WhaleConfig().max_frames  # the speech encoder's limit (0: none), checked on the header
 
     def tiles(self, src) -> np.ndarray:
         """An image (path, binary file object or PIL image) -> float32 ``[tiles, 3, S, S]``."""
@@ -58,7 +59,23 @@ class Preprocess:
 
     def fbank(self, src, sample_rate: Optional[int] = None) -> np.ndarray:
         """Audio (path, file object, or waveform with its rate) -> float32 fbank ``[frames, mel]``."""
-        return audio_lib.audio_features(src, sample_rate, dither=self.dither, num_mel_bins=self.num_mel_bins)
+        return audio_lib.audio_features(src, sample_rate, dither=self.dither, num_mel_bins=self.num_mel_bins,
+                                        max_frames=self.max_audio_frames)
+
+
+def check_media(kind: str, src, decode: bool = True) -> None:
+    """Raises the module's one-line error (``ImageError`` / ``AudioError`` / ``VideoError``, naming
+    the file) unless ``src`` (a path or binary file object) is a usable ``kind`` ("image",
+    "audio", "video"). ``decode``: decode it all (what ``write_tfds`` stores); else a cheap check
+    (images are still decoded; audio: the header; video: the header and first frame)."""
+    if kind == "image":
+        image_lib.load_image(src)
+    elif kind == "audio":
+        (audio_lib.load_audio if decode else audio_lib.probe_audio)(src)
+    elif kind == "video":
+        video_lib.read_frames(src) if decode else video_lib.probe_video(src)
+    else:
+        raise ValueError(f"unknown media kind {kind!r} (image, audio or video)")
 
 
 def preprocess_settings(config) -> Preprocess:
@@ -69,7 +86,8 @@ def preprocess_settings(config) -> Preprocess:
                                           std=tuple(im.std), resample=int(im.resample))
     return Preprocess(proc, int(im.max_dynamic_patch), int(im.min_dynamic_patch), bool(im.use_thumbnail),
                       float(im.video_fps), int(im.video_max_frames), int(im.video_min_frames),
-                      float(config.audio.dither), int(config.audio.input_dim))
+                      float(config.audio.dither), int(config.audio.input_dim),
+                      WhaleConfig(max_positions=int(config.audio.max_positions)).max_frames)
 
 
 # ------------------------------------------------------------------------------ splicing
