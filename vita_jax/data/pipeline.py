@@ -143,8 +143,9 @@ def official_data(config, tokenizer):
     files = [dict(m) for m in d.mixture]
     tfds = [dict(t) for t in d.tfds]
     workers = int(d.get("workers", 4))
+    outside = bool(d.get("allow_outside_media_root", False))
     if d.get("packing", False):
-        ds = mixture(files, int(d.shuffle_seed), tfds=tfds).repeat(None)
+        ds = mixture(files, int(d.shuffle_seed), tfds=tfds, allow_outside_root=outside).repeat(None)
         tf = official_transform(config, tokenizer)
         budget = packing_budget(config, lay)
         if d.get("budgets", "fixed") == "auto":
@@ -153,9 +154,9 @@ def official_data(config, tokenizer):
             budget = packing_budget(config, lay, tiles, groups)
         return packing.PackedBatches(ds, tf, budget, shard=(lay["index"], lay["count"]), workers=workers)
     col = lm_collator(config, lay)
-    it = make_iterator(mixture(files, int(d.shuffle_seed), tfds=tfds), lay["local"], col,
-                       transform=official_transform(config, tokenizer), shard=(lay["index"], lay["count"]),
-                       workers=workers)
+    ds = mixture(files, int(d.shuffle_seed), tfds=tfds, allow_outside_root=outside)
+    it = make_iterator(ds, lay["local"], col, transform=official_transform(config, tokenizer),
+                       shard=(lay["index"], lay["count"]), workers=workers)
     it.collator = col
     it.skipped = col.skipped
     return it
@@ -171,13 +172,15 @@ def held_out_batches(config, tokenizer, path: str, batch_size: int) -> list[dict
     return [col(exs[i:i + batch_size]) for i in range(0, len(exs) - batch_size + 1, batch_size)]
 
 
-def mixture(files: Sequence[dict] = (), seed: int = 0, tfds: Sequence[dict] = ()):
-    """``files = [{"json": path, "weight": w, "media_root": dir, "sets": {...}}, ...]`` and
-    ``tfds = [{"name": name_or_dir, "split": "train", "data_dir": dir, "weight": w}, ...]``
-    (datasets written by :func:`~vita_jax.data.tfds_source.write_tfds`) -> a grain ``MapDataset``
-    mixing all sources by weight (deterministic: source ``i`` is shuffled with ``seed + i``, JSON
-    files first, then the TFDS datasets)."""
-    srcs = [(sources.OfficialJSON(f["json"], f.get("media_root"), f.get("sets")), f) for f in files]
+def mixture(files: Sequence[dict] = (), seed: int = 0, tfds: Sequence[dict] = (), allow_outside_root: bool = False):
+    """``files = [{"json": path, "weight": w, "media_root": dir, "sets": {...}, "allow_outside_root":
+    false}, ...]`` and ``tfds = [{"name": name_or_dir, "split": "train", "data_dir": dir, "weight": w},
+    ...]`` (datasets written by :func:`~vita_jax.data.tfds_source.write_tfds`) -> a grain
+    ``MapDataset`` mixing all sources by weight (deterministic: source ``i`` is shuffled with
+    ``seed + i``, JSON files first, then the TFDS datasets). A file's media paths must stay inside
+    its media root unless its entry (or, for entries that do not say, ``allow_outside_root``) allows it."""
+    srcs = [(sources.OfficialJSON(f["json"], f.get("media_root"), f.get("sets"),
+                                  bool(f.get("allow_outside_root", allow_outside_root))), f) for f in files]
     if tfds:
         from vita_jax.data.tfds_source import TFDSSource  # imports tensorflow_datasets (~1 s): only when used
         srcs += [(TFDSSource(t["name"], t.get("split", "train"), t.get("data_dir")), t) for t in tfds]

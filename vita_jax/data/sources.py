@@ -8,6 +8,8 @@ settings of :func:`~vita_jax.data.batch.preprocess_settings`: what inference use
 used (unreadable media, placeholder/media count mismatch, bad fields, any exception) becomes ``{"id", "bad"}``:
 the collator drops it, counts it and logs its id; the run goes on. :class:`OfficialJSON` checks the
 file's shape once when opened (one warning listing every unusable sample; ``ValueError`` when none is usable).
+Media paths stay inside their media root (:func:`media_path`): an absolute path or a ``..`` / symlink
+escape is a bad sample unless the source allows it (``allow_outside_root``).
 
 Samples may also carry their media in memory (:class:`~vita_jax.data.tfds_source.TFDSSource`):
 ``_media = {"image": [bytes, ...], "audio": [...], "video": [...]}`` aligned with the names in
@@ -31,10 +33,12 @@ log = logging.getLogger(__name__)
 
 class OfficialJSON:
     """Random access over one official JSON file. Media paths are resolved against
-    ``sets[sample["set"]]`` when the sample names a set, else against ``media_root`` (default: the
-    JSON file's folder; the working directory when ``path`` is already a list of samples)."""
+    ``sets[sample["set"]]`` when the sample names a declared set, else against ``media_root``
+    (default: the JSON file's folder; the working directory when ``path`` is already a list of
+    samples), and must stay inside that folder (:func:`media_path`) unless ``allow_outside_root``."""
 
-    def __init__(self, path, media_root: Optional[str] = None, sets: Optional[dict] = None):
+    def __init__(self, path, media_root: Optional[str] = None, sets: Optional[dict] = None,
+                 allow_outside_root: bool = False):
         if isinstance(path, (list, tuple)):  # samples in memory (e.g. for write_tfds)
             self.samples, path = list(path), "<samples>"
             media_root = media_root or os.getcwd()
@@ -59,6 +63,7 @@ class OfficialJSON:
                         len(self.samples), "; ".join(f"{self._sid(i)}: {p}" for i, p in self.problems.items()))
         self.root = media_root or os.path.dirname(os.path.abspath(path))
         self.sets = dict(sets or {})
+        self.allow_outside_root = bool(allow_outside_root)
 
     def __len__(self):
         return len(self.samples)
@@ -73,16 +78,47 @@ class OfficialJSON:
         s["id"] = self._sid(i)
         if i in self.problems:
             s["_bad"] = self.problems[i]
-        s["_roots"] = self._roots(s)
-        s["_root"] = self.root
+        s["_root"], s["_sets"] = self.root, self.sets  # resolved by media_path, in the transform (never raises here)
+        if self.allow_outside_root:
+            s["_outside_ok"] = True
         return s
 
-    def _roots(self, s):
-        sets = s.get("set")
-        if sets is None:
-            return None
-        names = sets if isinstance(sets, list) else [sets]
-        return [self.sets.get(n, os.path.join(self.root, n)) for n in names]
+
+def media_path(sample: dict, name, k: int = 0) -> str:
+    """The file of media ``name`` of a sample from :class:`OfficialJSON`: ``name`` joined to its
+    folder, the ``k``-th (or last) of the sample's ``set`` names (a folder declared in ``sets``, else
+    that name under the media root) or, without a set, the media root (``_root``; the working
+    directory for a bare sample).
+
+    Contained: the path, symlinks resolved, must lie inside its media root (a declared set's
+    folder, else the media root), so an absolute ``name`` or one that escapes with ``..`` or a
+    symlink raises ``ValueError`` (a bad sample) unless the sample's source allows it
+    (``allow_outside_root``, marked ``_outside_ok``)."""
+    if not isinstance(name, (str, os.PathLike)):
+        raise TypeError(f"media name {name!r}: expected a string path")
+    name, root = os.fspath(name), sample.get("_root") or os.getcwd()
+    folder = bound = root
+    set_names = _as_list(sample.get("set"))
+    if set_names:
+        n = set_names[min(k, len(set_names) - 1)]
+        declared = sample.get("_sets") or {}
+        if n in declared:
+            folder = bound = declared[n]
+        else:  # an undeclared set is a folder of the media root, contained in it
+            folder = os.path.join(root, str(n))
+    path = os.path.join(folder, name)
+    if sample.get("_outside_ok"):
+        return path
+    if os.path.isabs(name):
+        raise ValueError(f"{name}: an absolute media path, outside the media root {bound} (media paths are relative "
+                         "to it; allow_outside_root: true on the mixture entry or "
+                         "config.data.allow_outside_media_root=true allows them)")
+    real, real_bound = os.path.realpath(path), os.path.realpath(bound)
+    if os.path.commonpath([real, real_bound]) != real_bound:
+        raise ValueError(f"{name}: resolves to {real}, outside the media root {bound} (a '..' or a symlink; "
+                         "allow_outside_root: true on the mixture entry or config.data.allow_outside_media_root=true "
+                         "allows it)")
+    return path
 
 
 def sample_problem(sample) -> Optional[str]:
@@ -117,20 +153,12 @@ class OfficialExamples:
     def __init__(self, tokenizer, prep: Preprocess):
         self.tok, self.prep = tokenizer, prep
 
-    @staticmethod
-    def _path(sample, name, k=0):
-        roots = sample.get("_roots")
-        if os.path.isabs(name):
-            return name
-        root = roots[min(k, len(roots) - 1)] if roots else sample.get("_root", ".")
-        return os.path.join(root, name)
-
     def _source(self, sample, kind, k, name, root_k=0):
         """The ``k``-th ``kind`` media of the sample: ``io.BytesIO`` of its bytes (named ``name``
         so errors and formats know the file) when the sample carries ``_media``, else its path."""
         media = sample.get("_media")
         if media is None:
-            return self._path(sample, name, root_k)
+            return media_path(sample, name, root_k)
         blobs = media.get(kind) or []
         if k >= len(blobs):
             raise ValueError(f"{name}: no in-memory bytes for {kind} #{k}")

@@ -71,6 +71,11 @@ def stage_config(stage: str, arg: str | None = None) -> ml_collections.ConfigDic
                                             tile_budget=0, audio_buckets=[],
                                             workers=4,  # host preprocessing threads (0: in the pipeline's thread)
                                             prefetch=2,  # steps' batches made and placed ahead (0: in series)
+                                            # media paths of the mixture's JSON files must resolve inside
+                                            # their media_root (or declared set folder): absolute paths and
+                                            # '..' / symlink escapes are bad samples unless this (or an entry's
+                                            # own "allow_outside_root": true) allows them
+                                            allow_outside_media_root=False,
                                             tokenizer=""))  # tokenizer folder (default: init_from)
     if stage == "3.2":  # the speech decoder: input width = LLM width / 4 (the release: 896, 1024 codes)
         tiny = arg == "tiny"
