@@ -1,5 +1,5 @@
 """TFDS array_record sources: official JSON -> write_tfds -> TFDSSource gives the same samples and,
-through OfficialExamples, bitwise the same examples; bad media become {"id", "bad"}; mixtures."""
+through OfficialExamples, bitwise the same examples; samples with bad media are not written; mixtures."""
 import json
 import logging
 import os
@@ -69,13 +69,13 @@ def test_source_round_trip(data):
     assert os.path.isfile(os.path.join(ds_dir, "dataset_info.json"))
     assert any(".array_record" in f for f in os.listdir(ds_dir))
     js, tf = sources.OfficialJSON(path, media), TFDSSource(ds_dir)
-    assert len(tf) == len(js) == len(samples)
-    for i in range(len(js)):
+    assert len(js) == len(samples) and len(tf) == len(samples) - 1  # the sample whose audio is missing: not written
+    for i in range(len(tf)):
         assert _public(tf[i]) == _public(js[i]) == samples[i]  # ids, conversations, names, extra fields
-    # media bytes are the files' bytes; the missing file is stored empty and the sample marked bad
+        assert "_bad" not in tf[i]
+    # media bytes are the files' bytes
     with open(os.path.join(media, "red.png"), "rb") as f:
         assert tf[0]["_media"]["image"] == [f.read()]
-    assert "nothere.wav" in tf[5]["_bad"] and "_bad" not in tf[0]
     # the same dataset opened by dataset folder (newest version) and by name + data_dir
     root = os.path.dirname(ds_dir)
     assert TFDSSource(root)[3] == tf[3]
@@ -85,12 +85,10 @@ def test_source_round_trip(data):
 def test_examples_equal_json(data, transform):
     path, media, samples, ds_dir = data
     js, tf = sources.OfficialJSON(path, media), TFDSSource(ds_dir)
-    for i, s in enumerate(samples):
+    missing = transform(js[5])
+    assert set(missing) == {"id", "bad"} and missing["id"] == "missing-audio" and "nothere.wav" in missing["bad"]
+    for i, s in enumerate(samples[:5]):
         a, b = transform(js[i]), transform(tf[i])
-        if s["id"] == "missing-audio":
-            assert set(a) == set(b) == {"id", "bad"} and a["id"] == b["id"] == "missing-audio"
-            assert "nothere.wav" in a["bad"] and "nothere.wav" in b["bad"]
-            continue
         assert "bad" not in a, a
         assert set(a) == set(b) and a["id"] == b["id"] == s["id"]
         np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
@@ -104,19 +102,42 @@ def test_examples_equal_json(data, transform):
     assert len(transform(tf[1])["pixels"]) > 2  # two images, several tiles
 
 
-def test_missing_media_warns_and_corrupt_bytes_are_bad(tmp_path, caplog, transform):
+def test_unusable_samples_are_not_written(tmp_path, caplog):
+    """Missing, corrupt, wrong-kind and outside-the-root media: skipped and reported by id (default),
+    or the whole write refused with every problem listed; nothing half-written is left either way."""
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    shutil.copy(tmp_path / "ok.png", tmp_path / "image_as.wav")
+    (tmp_path.parent / f"{tmp_path.name}-secret.png").write_bytes((tmp_path / "ok.png").read_bytes())
     samples = [{"id": "gone", "image": "gone.png", "conversations": _conv("<image>\nWhat?", "No.")},
-               {"id": "broken", "image": ["broken.png"], "conversations": _conv("<image>\nWhat?", "No.")}]
+               {"id": "broken", "image": ["broken.png"], "conversations": _conv("<image>\nWhat?", "No.")},
+               {"id": "not-audio", "audio": ["image_as.wav"], "conversations": _conv("<audio>\n", "No.")},
+               {"id": "not-video", "video": "ok.png", "conversations": _conv("<video>\n", "No.")},
+               {"id": "escape", "image": f"../{tmp_path.name}-secret.png", "conversations": _conv("<image>\nA?", "B.")},
+               {"id": "good", "image": "ok.png", "conversations": _conv("<image>\nWhat?", "Black.")}]
+    out = tmp_path / "out"
+    with pytest.raises(ValueError) as e:
+        write_tfds(samples, str(out), name="mini", media_root=str(tmp_path), on_bad="refuse")
+    msg = str(e.value)
+    assert "\n" not in msg and "5 of 6" in msg
+    for sid, file in (("gone", "gone.png"), ("broken", "broken.png"), ("not-audio", "image_as.wav"),
+                      ("not-video", "ok.png"), ("escape", "secret.png")):
+        assert f"{sid}: " in msg and file in msg
+    assert os.listdir(out) == []  # refused: nothing written, no temporary folder left
     with caplog.at_level(logging.WARNING):
-        d = write_tfds(samples, str(tmp_path / "out"), name="mini", media_root=str(tmp_path))
-    assert any("gone" in r.getMessage() and "gone.png" in r.getMessage() for r in caplog.records)
-    src = TFDSSource(d)
-    gone, broken = transform(src[0]), transform(src[1])
-    assert set(gone) == {"id", "bad"} and gone["id"] == "gone" and "gone.png" in gone["bad"]
-    assert set(broken) == {"id", "bad"} and "broken.png" in broken["bad"]  # error names the file
+        d = write_tfds(samples, str(out), name="mini", media_root=str(tmp_path))
+    summary = [r.getMessage() for r in caplog.records if "samples not written" in r.getMessage()]
+    assert len(summary) == 1 and "5 of 6" in summary[0] and all(s["id"] in summary[0] for s in samples[:5])
+    assert [TFDSSource(d)[i]["id"] for i in range(len(TFDSSource(d)))] == ["good"]
+    assert sorted(os.listdir(out)) == ["mini"]  # the temporary folder is gone
     with pytest.raises(FileExistsError, match="mini"):
-        write_tfds(samples, str(tmp_path / "out"), name="mini", media_root=str(tmp_path))
+        write_tfds(samples, str(out), name="mini", media_root=str(tmp_path))
+    with pytest.raises(ValueError, match="5 of 5 samples are unusable"):  # nothing usable: refused
+        write_tfds(samples[:5], str(out), name="none", media_root=str(tmp_path))
+    assert sorted(os.listdir(out)) == ["mini"]
+    # the escape is allowed only when asked for
+    d = write_tfds(samples[4:], str(out), name="outside", media_root=str(tmp_path), allow_outside_root=True)
+    assert len(TFDSSource(d)) == 2
 
 
 def test_open_errors_name_the_dataset(data, tmp_path):
@@ -142,7 +163,8 @@ def test_mixture_with_tfds(data):
     assert _ids(pipeline.mixture(files, seed=3, tfds=tf)) == _ids(a)
     assert _ids(pipeline.mixture(files, seed=4, tfds=tf)) != _ids(a)
     only = pipeline.mixture([], seed=0, tfds=tf)  # no JSON file at all
-    assert sorted(only[i]["id"] for i in range(len(samples))) == sorted(s["id"] for s in samples)
+    written = [s["id"] for s in samples if s["id"] != "missing-audio"]
+    assert sorted(only[i]["id"] for i in range(len(written))) == sorted(written)
     assert _ids(pipeline.mixture(tfds=tf, seed=0), 12) == _ids(only, 12)
     assert _ids(pipeline.mixture(tfds=tf, seed=1), 12) != _ids(only, 12)
     with pytest.raises(ValueError, match="no JSON file"):

@@ -14,8 +14,9 @@ One record per sample (all strings UTF-8):
   ``video_names``: the names as written in the JSON, aligned with the bytes (so the extension and
   error messages keep the file);
 * ``extra``: JSON of the other fields (``set``, ``inserted_id``, ``end_tag``, ...);
-* ``bad``: "" or why the sample cannot be used (a media file that could not be read at write
-  time): reading gives ``_bad`` and ``OfficialExamples`` turns it into ``{"id", "bad"}``.
+* ``bad``: always "" for datasets written now (a sample that cannot be used is not written);
+  datasets of earlier versions may hold why a sample could not be used: reading gives ``_bad``
+  and ``OfficialExamples`` turns it into ``{"id", "bad"}``.
 
 Works without TensorFlow: ``tfds.dataset_builders.store_as_tfds_dataset`` itself does not (its
 builder checks ``isinstance(x, tf.data.Dataset)`` and looks for ``importlib_resources``), so a
@@ -23,9 +24,11 @@ small subclass of its ``AdhocBuilder`` skips both.
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Sequence
 
@@ -33,7 +36,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.dataset_builders import adhoc_builder
 
-from vita_jax.data.sources import OfficialExamples, OfficialJSON, _as_list
+from vita_jax.data.batch import check_media
+from vita_jax.data.sources import OfficialJSON, _as_list, media_path
 
 log = logging.getLogger(__name__)
 
@@ -65,54 +69,103 @@ class _Builder(adhoc_builder.AdhocBuilder, skip_registration=True):
         return dict(self._split_datasets)
 
 
-def _records(src: OfficialJSON):
-    """``(key, record)`` for every sample of ``src``; media read from disk, never raises on them."""
+def _record(s: dict) -> dict:
+    """One sample -> its record; raises (naming the file) when a media file is outside its media
+    root, cannot be read, or does not decode as its kind."""
+    rec = {"id": str(s["id"]), "conversations": json.dumps(s["conversations"], default=str)}
+    single = []
+    for kind in MEDIA:
+        if isinstance(s.get(kind), str):
+            single.append(kind)
+        names, blobs = _as_list(s.get(kind)), []
+        for k, name in enumerate(names):
+            # same path resolution as OfficialExamples (contained; images use root k of their ``set`` list)
+            path = media_path(s, name, k if kind == "image" else 0)
+            try:
+                with open(path, "rb") as f:
+                    blobs.append(f.read())
+            except OSError as e:
+                raise ValueError(f"{name}: cannot read the {kind} file {path}: {e.strerror or e}") from e
+            f = io.BytesIO(blobs[-1])
+            f.name = str(name)
+            check_media(kind, f)  # only bytes that decode as their kind are stored
+        rec[kind], rec[f"{kind}_names"] = blobs, [str(n) for n in names]
+    extra = {k: v for k, v in s.items() if k not in _CORE and not k.startswith("_")}
+    if single:
+        extra[_SINGLE] = single
+    rec["extra"], rec["bad"] = json.dumps(extra, default=str), ""
+    return rec
+
+
+def _records(src: OfficialJSON, problems: dict):
+    """``(key, record)`` for every usable sample of ``src``; each unusable one (bad shape, media
+    outside the media root, unreadable or not decoding as its kind) goes to ``problems[id]``."""
     for i in range(len(src)):
         s = src[i]
         sid = str(s["id"])
-        rec = {"id": sid, "conversations": json.dumps(s["conversations"], default=str) if "conversations" in s else ""}
-        bad, single = [], []
-        for kind in MEDIA:
-            if isinstance(s.get(kind), str):
-                single.append(kind)
-            names, blobs = _as_list(s.get(kind)), []
-            for k, name in enumerate(names):
-                try:  # same path resolution as OfficialExamples: images use root k of their ``set`` list
-                    with open(OfficialExamples._path(s, name, k if kind == "image" else 0), "rb") as f:
-                        blobs.append(f.read())
-                except (OSError, TypeError, ValueError) as e:  # keep the sample, marked bad at read time
-                    log.warning("write_tfds: sample %s: cannot read %s file %s: %s", sid, kind, name, e)
-                    bad.append(f"{name}: {kind} file could not be read when the dataset was written: {e}")
-                    blobs.append(b"")
-            rec[kind], rec[f"{kind}_names"] = blobs, [str(n) for n in names]
-        extra = {k: v for k, v in s.items() if k not in _CORE and not k.startswith("_")}
-        if single:
-            extra[_SINGLE] = single
-        rec["extra"], rec["bad"] = json.dumps(extra, default=str), "; ".join(bad)
+        try:
+            if s.get("_bad"):
+                raise ValueError(s["_bad"])
+            rec = _record(s)
+        except Exception as e:  # any problem of one sample: reported by id, never written
+            problems[sid] = " ".join(str(e).split()) or type(e).__name__
+            log.warning("write_tfds: sample %s not written: %s", sid, problems[sid])
+            continue
         yield i, rec
 
 
 def write_tfds(samples_or_json_path: str | Sequence[dict], out_dir: str, name: str = "vita_sft",
                split: str = "train", media_root: str | None = None, version: str = "1.0.0",
-               sets: dict | None = None) -> str:
+               sets: dict | None = None, on_bad: str = "skip", allow_outside_root: bool = False) -> str:
     """Official-format samples (a JSON file's path, or the list itself) -> a TFDS dataset in
     ``array_record`` files under ``out_dir/name/version``; returns that folder.
 
     Media paths resolve as in :class:`~vita_jax.data.sources.OfficialJSON` (``sets[sample["set"]]``,
-    else ``media_root``, default the JSON's folder or, for a list, the working directory). Records
-    keep the samples' order (no shuffling at write time: grain shuffles at read time). A media file
-    that cannot be read is logged (sample id, file) and stored empty with the sample marked bad.
-    Raises ``FileExistsError`` if that dataset version is already there."""
-    src = OfficialJSON(samples_or_json_path, media_root, sets)
-    builder = _Builder(name=name, version=version, features=features(), split_datasets={split: _records(src)},
-                       data_dir=out_dir, disable_shuffling=True,
-                       description="VITA official-format samples with embedded media (vita_jax.data.tfds_source)")
-    if builder.is_prepared():
-        raise FileExistsError(f"{builder.data_dir}: TFDS dataset {name} {version} already exists")
-    cfg = tfds.download.DownloadConfig(try_download_gcs=False)
-    with tempfile.TemporaryDirectory() as tmp:  # tfds makes a downloads/ folder even with nothing to download
-        builder.download_and_prepare(download_dir=tmp, download_config=cfg, file_format="array_record")
-    return os.fspath(builder.data_dir)
+    else ``media_root``, default the JSON's folder or, for a list, the working directory) and must
+    stay inside that folder unless ``allow_outside_root`` (:func:`~vita_jax.data.sources.media_path`).
+    Only bytes that decode as their declared kind are stored (each file is decoded once: the image,
+    the audio, the video's frames). A sample that fails (bad shape, a media file outside the root,
+    missing, unreadable or not decoding) is never written: ``on_bad="skip"`` (default) writes the
+    others and logs one warning listing every skipped sample by id with its reason;
+    ``on_bad="refuse"`` writes nothing and raises ``ValueError`` listing every problem. Records keep
+    the samples' order (no shuffling at write time: grain shuffles at read time).
+
+    Written to a temporary folder inside ``out_dir`` and moved into place only when complete: an
+    error (or a refused write) leaves nothing behind. Raises ``FileExistsError`` if that dataset
+    version is already there, ``ValueError`` when no sample is usable."""
+    if on_bad not in ("skip", "refuse"):
+        raise ValueError(f"on_bad must be 'skip' or 'refuse', got {on_bad!r}")
+    src = OfficialJSON(samples_or_json_path, media_root, sets, allow_outside_root)
+    final = os.path.join(os.fspath(out_dir), name, version)
+    if os.path.exists(final):
+        raise FileExistsError(f"{final}: TFDS dataset {name} {version} already exists")
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{name}-{version}.writing-", dir=out_dir)
+    problems: dict[str, str] = {}
+    try:
+        builder = _Builder(name=name, version=version, features=features(),
+                           split_datasets={split: _records(src, problems)}, data_dir=tmp, disable_shuffling=True,
+                           description="VITA official-format samples with embedded media (vita_jax.data.tfds_source)")
+        cfg = tfds.download.DownloadConfig(try_download_gcs=False)
+        # tfds makes a downloads/ folder even with nothing to download
+        try:
+            builder.download_and_prepare(download_dir=os.path.join(tmp, "downloads"), download_config=cfg,
+                                         file_format="array_record")
+        except Exception:
+            if len(problems) < len(src):
+                raise
+            # no sample usable: whatever tfds says about an empty split, the message below says why
+        listed = "; ".join(f"{sid}: {why}" for sid, why in problems.items())
+        if problems and (on_bad == "refuse" or len(problems) == len(src)):
+            raise ValueError(f"write_tfds {src.path}: {len(problems)} of {len(src)} samples are unusable, nothing "
+                             f"written: {listed}")
+        if problems:
+            log.warning("write_tfds %s: %d of %d samples not written: %s", src.path, len(problems), len(src), listed)
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        os.rename(os.fspath(builder.data_dir), final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
 
 
 def _text(x) -> str:
