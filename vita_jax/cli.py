@@ -88,6 +88,13 @@ def _check_generate_options(a, gen) -> None:
         raise UsageError("--video and --image: give one of them (the prompt holds one visual input)")
     if len(a.image) > 1:
         raise UsageError("one --image per prompt (the official demo takes one image)")
+    from vita_jax.data import batch as batch_lib  # late, as the subcommand's other imports
+    for kind, path in (("image", a.image[0] if a.image else None), ("video", a.video), ("audio", a.audio)):
+        if path:  # a cheap look at each file (the audio's length limit needs the model's config: after loading)
+            try:
+                batch_lib.check_media(kind, path, decode=False)
+            except ValueError as e:
+                raise UsageError(f"--{kind}: {e}") from e
 
 
 def _speak(m, reply: str, out: str, seed: int, max_tokens: int) -> None:
