@@ -108,8 +108,10 @@ def _speak(m, reply: str, out: str, seed: int, max_tokens: int) -> None:
 def cmd_convert(a) -> int:
     import jax.numpy as jnp  # subcommands import late: --help stays fast
     from vita_jax import api  # (late, as above)
-    from vita_jax.convert import release  # (late, as above)
-    release.check_target(a.dst, a.src)  # before loading: the target must not be (in) the source
+    from vita_jax.convert import target  # (late, as above)
+    target.check_target(a.dst, a.src)  # before loading: the target must not be (in) the source,
+    target.clean_leftovers(a.dst, print)  # and --overwrite must find only what vita_jax wrote there
+    target.check_overwrite(a.dst, a.overwrite)
     t0 = time.perf_counter()
     m = api.from_pretrained(a.src, dtype=jnp.dtype(a.dtype) if a.dtype else jnp.float32)
     fmt = {"pytorch": "pytorch", "orbax": "orbax"}[a.to]

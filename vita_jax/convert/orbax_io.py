@@ -22,15 +22,19 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from vita_jax import parallel, paths
-from vita_jax.convert import release
+from vita_jax.convert import release, target
 from vita_jax.convert.safetensors_io import CheckpointError
+from vita_jax.convert.target import ORBAX_META
 from vita_jax.models import vita
-
-ORBAX_META = "vita_jax.json"
 
 
 def is_orbax_checkpoint(path: str) -> bool:
     return paths.exists(paths.join(path, ORBAX_META))
+
+
+def is_complete(path: str) -> bool:
+    """A finished export: the mark (written last) and the parameters."""
+    return is_orbax_checkpoint(path) and paths.isdir(paths.join(path, "params"))
 
 
 def save(dst: str, config, params: dict, source_dtypes: Optional[dict] = None, tokenizer_dirs: Sequence = (),
@@ -43,8 +47,8 @@ def save(dst: str, config, params: dict, source_dtypes: Optional[dict] = None, t
     if multi or remote:  # one shared folder: every process writes its shards; process 0 does the rest
         tmp = dst if remote else os.path.abspath(dst) + ".partial"
         if jax.process_index() == 0:
-            if paths.exists(dst) and paths.listdir(dst) and not overwrite:
-                raise FileExistsError(f"{dst} exists and is not empty (pass overwrite=True to replace it)")
+            target.clean_leftovers(dst)
+            target.check_overwrite(dst, overwrite)
             if remote:
                 paths.rmtree(paths.join(dst, ORBAX_META))  # unmarked first: never a mix of old and new
             paths.rmtree(tmp)
@@ -52,7 +56,7 @@ def save(dst: str, config, params: dict, source_dtypes: Optional[dict] = None, t
         if multi:
             multihost_utils.sync_global_devices("vita_jax.save_orbax:prepared")
     else:
-        tmp = release.prepare_target(dst, overwrite)
+        tmp = target.prepare_target(dst, overwrite)
     try:
         ckptr = ocp.StandardCheckpointer()
         ckptr.save(paths.for_orbax(paths.join(tmp, "params")), params)
@@ -75,7 +79,7 @@ def save(dst: str, config, params: dict, source_dtypes: Optional[dict] = None, t
         with paths.open(paths.join(tmp, ORBAX_META), "w") as f:  # last: the mark of a complete checkpoint
             json.dump(meta, f, indent=1)
         if not remote:
-            release.commit(tmp, dst)
+            target.commit(tmp, dst)
         if multi:
             multihost_utils.sync_global_devices("vita_jax.save_orbax:committed")
     except BaseException:
