@@ -22,7 +22,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from vita_jax import parallel, paths
-from vita_jax.convert import release, target
+from vita_jax.convert import loader, release, target
 from vita_jax.convert.safetensors_io import CheckpointError
 from vita_jax.convert.target import ORBAX_META
 from vita_jax.models import vita
@@ -104,10 +104,28 @@ def load(path: str, dtype=None, mesh=None):
             dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
             sh = jax.tree.map(lambda _: dev, nn.unbox(boxed))
         target[name] = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), sh)
+    ckptr = ocp.StandardCheckpointer()
+    where = paths.for_orbax(paths.join(path, "params"))
     try:
-        params = ocp.StandardCheckpointer().restore(paths.for_orbax(paths.join(path, "params")), target)
+        stored = ckptr.metadata(where).item_metadata
+    except Exception as e:
+        raise CheckpointError(f"{path}/params: cannot read the orbax checkpoint: {e}") from e
+    _check_dtypes(path, stored, target)
+    try:
+        params = ckptr.restore(where, target)
     except Exception as e:
         raise CheckpointError(f"{path}/params: cannot restore the orbax checkpoint: {e}") from e
     dtypes = {k: np.dtype(ml_dtypes.bfloat16) if v == "bfloat16" else np.dtype(v)
               for k, v in meta.get("source_dtypes", {}).items()}
     return config, params, dtypes
+
+
+def _check_dtypes(path: str, stored, target) -> None:
+    """Each stored array's dtype against the model's (cast within float, never from integer/boolean)."""
+    flat = {jax.tree_util.keystr(k, simple=True, separator="/"): v
+            for k, v in jax.tree_util.tree_flatten_with_path(stored)[0]}
+    for k, want in jax.tree_util.tree_flatten_with_path(target)[0]:
+        name = jax.tree_util.keystr(k, simple=True, separator="/")
+        got = getattr(flat.get(name), "dtype", None)
+        if got is not None:
+            loader.check_kind(got, want.dtype, f"{path}/params: array {name}")
