@@ -140,7 +140,7 @@ def cmd_train(a, rest) -> int:
     config = _stage_config("train", config_lib.parse_args(rest))
     parallel.maybe_initialize_distributed()
     mesh = parallel.make_mesh(dict(config.mesh_shape)) if jax.device_count() > 1 else None
-    out = trainer.train(config, a.workdir, mesh=mesh, progress=not a.no_progress)
+    out = trainer.train(config, a.workdir, mesh=mesh, progress=not a.no_progress, return_state=False)
     print(f"stage {config.stage}: {out['steps']} steps, last loss {out['last'].get('loss', float('nan')):.4f}")
     return 0
 
