@@ -14,6 +14,7 @@ import time
 from typing import Callable
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
@@ -21,16 +22,19 @@ from vita_jax import paths
 
 
 class Checkpointer:
-    def __init__(self, directory: str, keep: int = 3, every: int = 1000, async_save: bool = True):
+    def __init__(self, directory: str, keep: int = 3, every: int = 1000, async_save: bool = True,
+                 clean: bool = False):
+        """``clean``: remove orbax's unfinished saves (``.leftovers`` names them) -- only for the run that
+        owns the folder (another reader could catch a live run's save in the middle)."""
         self.path = str(directory)
         self.directory = paths.for_orbax(directory)
         self.every = int(every)
         # what orbax's cleanup_tmp_directories (below) removes, listed first to say so
         self.leftovers = sorted(t.get().name for t in ocp.path.step.all_temporary_paths(self.directory)) \
-            if jax.process_index() == 0 else []
+            if clean and jax.process_index() == 0 else []
         opts = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every,
                                             enable_async_checkpointing=async_save, create=True,
-                                            cleanup_tmp_directories=True)
+                                            cleanup_tmp_directories=clean)
         self.mgr = ocp.CheckpointManager(self.directory, options=opts)
 
     def latest_step(self):
@@ -58,10 +62,16 @@ class Checkpointer:
         step N again; when none restores, a ``ValueError`` naming the folder (nothing moved)."""
         failed = []
         for step in sorted(self.mgr.all_steps(), reverse=True):
+            why = None
             try:
                 state, data = self.restore(step, target_state)
             except Exception as e:  # tensorstore, orbax and JSON errors come in many types
-                failed.append((step, _reason(e)))
+                why = _reason(e)
+            if jax.process_count() > 1:  # every process falls back together (each reads its own shards)
+                bad = multihost_utils.process_allgather(np.int32(why is not None))
+                why = why or ("unreadable on another process" if int(np.max(bad)) else None)
+            if why is not None:
+                failed.append((step, why))
                 continue
             for bad, why in failed:
                 moved = self.set_aside(bad)

@@ -174,7 +174,7 @@ def _open_checkpoints(config, workdir: str, log: Optional[Callable]) -> ckpt_lib
     """``WORKDIR/ckpt``'s checkpointer, after saying which leftovers of a killed run are removed (orbax's
     unfinished saves, the model export's temporary folder); refuses a newest step past ``total_steps``."""
     ck = ckpt_lib.Checkpointer(paths.join(workdir, "ckpt"), keep=int(config.keep_checkpoints),
-                               every=int(config.checkpoint_every))
+                               every=int(config.checkpoint_every), clean=True)
     if log is not None:
         if ck.leftovers:
             log(f"{ck.path}: removing {', '.join(ck.leftovers)}, left by an interrupted checkpoint save")
