@@ -24,6 +24,10 @@ def _run(*args):
     (("train", "--config=configs/stage1_1.py:tiny", "--config.llm.hidden_sise=3", "--workdir", "wd"),
      "llm.hidden_sise"),
     (("train", "--config=configs/tiny.py", "--workdir", "wd"), "stage config"),
+    (("train", "--config=configs/stage1_1.py:tiny", "--config.checkpoint_every=0", "--workdir", "wd"),
+     "config.checkpoint_every = 0: must be at least 1"),
+    (("train", "--config=configs/stage1_1.py:tiny", "--config.optim.schedule=cosin", "--workdir", "wd"),
+     "config.optim.schedule = 'cosin'"),
 ])
 def test_user_mistake_is_one_line(tmp_path, args, named):
     r = _run(*[a.replace("wd", str(tmp_path / "wd")) if a == "wd" else a for a in args])

@@ -156,3 +156,55 @@ def test_pt_files_only_weights_only(tiny_dir, tmp_path, monkeypatch):
     torch.save({"w": torch.zeros(2), "x": Evil()}, bad)
     with pytest.raises(CheckpointError, match="evil.pt"):
         TorchReader(str(bad))
+
+
+def test_relative_paths(tiny_dir, tmp_path, monkeypatch):
+    """The README's own example: ``vita-jax convert --to orbax RELEASE ckpt/vita15`` and back, relative paths."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["convert", "--to", "orbax", tiny_dir, "ckpt/vita15"]) == 0
+    assert cli.main(["convert", "--to", "pytorch", "ckpt/vita15", "out"]) == 0
+    _same_tensors(tiny_dir, str(tmp_path / "out"))
+    assert vita_jax.from_pretrained("ckpt/vita15").config.llm.hidden_size == 64
+
+
+def _cli_error(capsys, *args):
+    rc = cli.main(list(args))
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err, err
+    return err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("to", ["orbax", "pytorch"])
+def test_overwrite_replaces_only_what_vita_jax_wrote(tiny_dir, tmp_path, capsys, to):
+    dst = tmp_path / "dst"
+    assert cli.main(["convert", "--to", to, tiny_dir, str(dst)]) == 0
+    assert cli.main(["convert", "--to", to, "--overwrite", tiny_dir, str(dst)]) == 0  # its own output: replaced
+    (dst / "notes.txt").write_text("mine")
+    (dst / "runs").mkdir()
+    before = sorted(os.listdir(dst))
+    line = _cli_error(capsys, "convert", "--to", to, "--overwrite", tiny_dir, str(dst))
+    assert line.startswith("vita-jax: error: ") and str(dst) in line and "notes.txt, runs" in line
+    assert sorted(os.listdir(dst)) == before and (dst / "notes.txt").read_text() == "mine"
+    assert sorted(os.listdir(tmp_path)) == ["dst"]  # no temporary folder left either
+
+
+def test_leftovers_of_a_killed_convert_are_cleaned(tiny_dir, tmp_path, capsys):
+    dst = tmp_path / "out"
+    killed = tmp_path / "out.partial-k1ll3d_x"  # what a kill during the write leaves
+    (killed / "params").mkdir(parents=True)
+    for name in ("out.partial-notes", "out-old", "other.partial-abcdefgh"):  # not this target's temporary names
+        (tmp_path / name).mkdir()
+    assert cli.main(["convert", "--to", "orbax", tiny_dir, str(dst)]) == 0
+    assert f"{dst}: removed out.partial-k1ll3d_x, left by an interrupted write" in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path)) == ["other.partial-abcdefgh", "out", "out-old", "out.partial-notes"]
+
+
+def test_overwrite_killed_between_its_renames_puts_the_old_target_back(tmp_path):
+    from vita_jax.convert import target
+    said = []
+    (tmp_path / "out.partial-abcd1234.old").mkdir()  # the previous target, moved aside by the commit
+    (tmp_path / "out.partial-abcd1234.old" / "vita_jax.json").write_text("{}")
+    (tmp_path / "out.partial-abcd1234").mkdir()      # the new one, not yet moved in
+    target.clean_leftovers(str(tmp_path / "out"), said.append)
+    assert sorted(os.listdir(tmp_path)) == ["out"] and (tmp_path / "out" / "vita_jax.json").exists()
+    assert len(said) == 2 and "put back from out.partial-abcd1234.old" in said[0]

@@ -144,3 +144,75 @@ def test_audio_from_folder_when_shards_lack_it(tiny_dir, tmp_path):
     got = np.asarray(m.params["audio_encoder"]["adpter"]["project"]["kernel"])
     np.testing.assert_array_equal(got, sd["adpter.project.weight"].numpy().T)
     assert "adpter.project.weight" in m.keys_read
+
+
+# ------------------------------------------------------------------ weight dtypes against the model's
+@pytest.mark.parametrize("dtype", [np.int32, np.bool_, np.uint8])
+def test_integer_or_boolean_weight_refused_naming_file_and_key(tiny_dir, tmp_path, dtype):
+    """Today's silent cast (int -> float) is a one-line error naming the shard and the key, before any data is read."""
+    d = _copy(tiny_dir, tmp_path)
+    key = "model.layers.0.mlp.up_proj.weight"
+    with open(os.path.join(d, "model.safetensors.index.json")) as f:
+        shard = json.load(f)["weight_map"][key]
+    _rewrite_shard(d, key, np.ones(SafetensorsReader(d).shape(key), dtype))
+    with pytest.raises(CheckpointError) as e:
+        vita_jax.from_pretrained(d)
+    msg = str(e.value)
+    assert key in msg and os.path.join(d, shard) in msg
+    assert f"stored as {np.dtype(dtype).name} (" in msg and "the model's weight is float32 (float)" in msg
+    assert "\n" not in msg
+
+
+def test_float_precision_change_stays_allowed(tiny_dir, tmp_path):
+    import ml_dtypes
+    d = _copy(tiny_dir, tmp_path)
+    key = "model.layers.0.mlp.up_proj.weight"
+    value = np.array(SafetensorsReader(d).get(key)).astype(ml_dtypes.bfloat16)
+    _rewrite_shard(d, key, value)
+    m = vita_jax.from_pretrained(d)  # bf16 stored, float32 model
+    got = np.asarray(m.params["llm"]["model"]["layers"]["mlp"]["up_proj"]["kernel"][0])
+    np.testing.assert_array_equal(got.T, value.astype(np.float32))
+
+
+def test_integer_weight_in_pt_file_refused(tts_dir, tmp_path):
+    import torch
+    from vita_jax.convert import tts
+    dec = tmp_path / "decoder"
+    shutil.copytree(os.path.join(tts_dir, "decoder"), dec)
+    sd = torch.load(dec / "final.pt", weights_only=True)
+    inner = sd["model"] if "model" in sd else sd
+    key = next(k for k, v in inner.items() if v.is_floating_point() and v.ndim == 2)
+    inner[key] = inner[key].to(torch.int64)
+    torch.save(sd, dec / "final.pt")
+    with pytest.raises(CheckpointError, match=f"{key}.*{dec / 'final.pt'}: stored as int64 \\(integer\\)"):
+        tts.load_decoder(str(dec))
+
+
+def test_integer_weight_in_codec_refused(tts_dir, tmp_path):
+    import torch
+    from vita_jax.convert import tts
+    codec = tmp_path / "codec"
+    shutil.copytree(os.path.join(tts_dir, "codec"), codec)
+    sd = torch.load(codec / "final.pt", weights_only=True)
+    key = next(iter(sd["generator"]))
+    sd["generator"][key] = sd["generator"][key].to(torch.int32)
+    torch.save(sd, codec / "final.pt")
+    with pytest.raises(CheckpointError, match=f"generator.*{key}.*final.pt.*int32"):
+        tts.load_codec(str(codec))
+
+
+def test_integer_array_in_orbax_checkpoint_refused(tiny_model, tmp_path):
+    import jax
+    from vita_jax.convert import orbax_io
+    params = jax.tree.map(lambda x: x, tiny_model.params)
+    params["mm_projector"]["0"]["kernel"] = np.asarray(params["mm_projector"]["0"]["kernel"]).astype(np.int32)
+    orbax_io.save(str(tmp_path / "ck"), tiny_model.config, params)
+    with pytest.raises(CheckpointError, match=r"ck/params: array mm_projector/0/kernel: stored as int32"):
+        vita_jax.from_pretrained(str(tmp_path / "ck"))
+
+
+def test_kind_check_both_ways():
+    from vita_jax.convert import loader
+    loader.check_kind(np.float16, np.float32, "x")  # precision changes are casts
+    with pytest.raises(CheckpointError, match=r"f.pt: k: stored as float32 \(float\), the model's weight is int32 \(integer\)"):
+        loader.check_kind(np.float32, np.int32, "f.pt: k")

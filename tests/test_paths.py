@@ -167,9 +167,9 @@ def test_model_with_tokenizer_and_speech_saves_to_and_loads_from_a_url(gs_memory
 
 
 def test_release_format_refuses_a_url(tmp_path):
-    from vita_jax.convert import release
+    from vita_jax.convert import target
     with pytest.raises(ValueError, match="local disk"):
-        release.prepare_target("gs://bucket/release", overwrite=True)
+        target.prepare_target("gs://bucket/release", overwrite=True)
     assert not os.path.exists("gs:")
 
 

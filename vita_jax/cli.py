@@ -115,8 +115,10 @@ def _speak(m, reply: str, out: str, seed: int, max_tokens: int) -> None:
 def cmd_convert(a) -> int:
     import jax.numpy as jnp  # subcommands import late: --help stays fast
     from vita_jax import api  # (late, as above)
-    from vita_jax.convert import release  # (late, as above)
-    release.check_target(a.dst, a.src)  # before loading: the target must not be (in) the source
+    from vita_jax.convert import target  # (late, as above)
+    target.check_target(a.dst, a.src)  # before loading: the target must not be (in) the source,
+    target.clean_leftovers(a.dst, print)  # and --overwrite must find only what vita_jax wrote there
+    target.check_overwrite(a.dst, a.overwrite)
     t0 = time.perf_counter()
     m = api.from_pretrained(a.src, dtype=jnp.dtype(a.dtype) if a.dtype else jnp.float32)
     fmt = {"pytorch": "pytorch", "orbax": "orbax"}[a.to]
@@ -145,7 +147,7 @@ def cmd_train(a, rest) -> int:
     config = _stage_config("train", config_lib.parse_args(rest))
     parallel.maybe_initialize_distributed()
     mesh = parallel.make_mesh(dict(config.mesh_shape)) if jax.device_count() > 1 else None
-    out = trainer.train(config, a.workdir, mesh=mesh, progress=not a.no_progress)
+    out = trainer.train(config, a.workdir, mesh=mesh, progress=not a.no_progress, return_state=False)
     print(f"stage {config.stage}: {out['steps']} steps, last loss {out['last'].get('loss', float('nan')):.4f}")
     return 0
 

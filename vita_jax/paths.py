@@ -73,6 +73,26 @@ def rmtree(path) -> None:
         _p(path).rmtree()
 
 
+def rename(src, dst) -> None:
+    """Moves a folder (on an object store, which cannot rename one: copied, then the source removed)."""
+    if is_local(src) and is_local(dst):
+        os.replace(src, dst)
+        return
+    copy_tree(src, dst)
+    rmtree(src)
+
+
+def copy_tree(src, dst) -> None:
+    """Copies the files under the folder ``src`` to ``dst`` (same relative names); either side may be a URL."""
+    makedirs(dst)
+    for name in listdir(src):
+        s, d = join(src, name), join(dst, name)
+        if isdir(s):
+            copy_tree(s, d)
+        else:
+            copy_file(s, d)
+
+
 def open(path, mode: str = "r"):  # noqa: A001 - the layer's open
     """``open`` for local paths; the URL's object for others (modes r, w, a, with or without b)."""
     if is_local(path):
@@ -100,13 +120,8 @@ def download_tree(src, local_dir: str, skip: Sequence[str] = ()) -> None:
     """Copies the files under ``src`` into a local folder, leaving out the top-level names in ``skip``."""
     os.makedirs(local_dir, exist_ok=True)
     for name in listdir(src):
-        if name in skip:
-            continue
-        s, d = join(src, name), os.path.join(local_dir, name)
-        if isdir(s):
-            download_tree(s, d)
-        else:
-            copy_file(s, d)
+        if name not in skip:
+            (copy_tree if isdir(join(src, name)) else copy_file)(join(src, name), os.path.join(local_dir, name))
 
 
 @contextlib.contextmanager

@@ -21,9 +21,28 @@ def _flat(tree) -> dict[tuple, object]:
     return traverse_util.flatten_dict(tree)
 
 
+def kind(dtype) -> str:
+    """``"float"`` (bf16 and float8 included), ``"integer"``, ``"boolean"`` or ``"complex"``: a weight may be
+    cast within its kind (bf16 -> f32), never across (an integer tensor is no float weight)."""
+    d = np.dtype(dtype)
+    if d == np.bool_:
+        return "boolean"
+    if np.issubdtype(d, np.integer):
+        return "integer"
+    return "complex" if np.issubdtype(d, np.complexfloating) else "float"
+
+
+def check_kind(got, want, where: str) -> None:
+    """``CheckpointError`` naming ``where`` (file and key) when a stored dtype is of another kind than the model's."""
+    if kind(got) != kind(want):
+        raise CheckpointError(f"{where}: stored as {np.dtype(got).name} ({kind(got)}), the model's weight is "
+                              f"{np.dtype(want).name} ({kind(want)}): not this model's checkpoint, or a corrupted one")
+
+
 def check(rules: Iterable[KeyRule], reader, abstract) -> tuple[dict[tuple, KeyRule], list[str]]:
     """Verifies that every Flax leaf has a rule and every rule's tensors exist with the right
-    shapes. ``abstract`` is a tree of ``jax.ShapeDtypeStruct`` (or arrays). Returns
+    shapes and dtypes of the same kind (float, integer, boolean: :func:`kind`). ``abstract`` is a tree
+    of ``jax.ShapeDtypeStruct`` (or arrays). Returns
     ``(path -> rule, every official key the rules name)``."""
     flat = _flat(abstract)
     by_path: dict[tuple, KeyRule] = {}
@@ -41,6 +60,7 @@ def check(rules: Iterable[KeyRule], reader, abstract) -> tuple[dict[tuple, KeyRu
             if tuple(got) != tuple(want):
                 raise CheckpointError(f"tensor {key!r} in {reader.source}: shape {tuple(got)}, the model "
                                       f"needs {tuple(want)} (Flax {'/'.join(rule.flax_path)})")
+            check_kind(reader.dtype(key), leaf.dtype, f"tensor {key!r} in {reader.file(key)}")
         by_path[rule.flax_path] = rule
     missing = [p for p in flat if p not in by_path]
     if missing:

@@ -22,15 +22,19 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from vita_jax import parallel, paths
-from vita_jax.convert import release
+from vita_jax.convert import loader, release, target
 from vita_jax.convert.safetensors_io import CheckpointError
+from vita_jax.convert.target import ORBAX_META
 from vita_jax.models import vita
-
-ORBAX_META = "vita_jax.json"
 
 
 def is_orbax_checkpoint(path: str) -> bool:
     return paths.exists(paths.join(path, ORBAX_META))
+
+
+def is_complete(path: str) -> bool:
+    """A finished export: the mark (written last) and the parameters."""
+    return is_orbax_checkpoint(path) and paths.isdir(paths.join(path, "params"))
 
 
 def save(dst: str, config, params: dict, source_dtypes: Optional[dict] = None, tokenizer_dirs: Sequence = (),
@@ -43,8 +47,8 @@ def save(dst: str, config, params: dict, source_dtypes: Optional[dict] = None, t
     if multi or remote:  # one shared folder: every process writes its shards; process 0 does the rest
         tmp = dst if remote else os.path.abspath(dst) + ".partial"
         if jax.process_index() == 0:
-            if paths.exists(dst) and paths.listdir(dst) and not overwrite:
-                raise FileExistsError(f"{dst} exists and is not empty (pass overwrite=True to replace it)")
+            target.clean_leftovers(dst)
+            target.check_overwrite(dst, overwrite)
             if remote:
                 paths.rmtree(paths.join(dst, ORBAX_META))  # unmarked first: never a mix of old and new
             paths.rmtree(tmp)
@@ -52,7 +56,7 @@ def save(dst: str, config, params: dict, source_dtypes: Optional[dict] = None, t
         if multi:
             multihost_utils.sync_global_devices("vita_jax.save_orbax:prepared")
     else:
-        tmp = release.prepare_target(dst, overwrite)
+        tmp = target.prepare_target(dst, overwrite)
     try:
         ckptr = ocp.StandardCheckpointer()
         ckptr.save(paths.for_orbax(paths.join(tmp, "params")), params)
@@ -75,7 +79,7 @@ def save(dst: str, config, params: dict, source_dtypes: Optional[dict] = None, t
         with paths.open(paths.join(tmp, ORBAX_META), "w") as f:  # last: the mark of a complete checkpoint
             json.dump(meta, f, indent=1)
         if not remote:
-            release.commit(tmp, dst)
+            target.commit(tmp, dst)
         if multi:
             multihost_utils.sync_global_devices("vita_jax.save_orbax:committed")
     except BaseException:
@@ -100,10 +104,28 @@ def load(path: str, dtype=None, mesh=None):
             dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
             sh = jax.tree.map(lambda _: dev, nn.unbox(boxed))
         target[name] = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), sh)
+    ckptr = ocp.StandardCheckpointer()
+    where = paths.for_orbax(paths.join(path, "params"))
     try:
-        params = ocp.StandardCheckpointer().restore(paths.for_orbax(paths.join(path, "params")), target)
+        stored = ckptr.metadata(where).item_metadata
+    except Exception as e:
+        raise CheckpointError(f"{path}/params: cannot read the orbax checkpoint: {e}") from e
+    _check_dtypes(path, stored, target)
+    try:
+        params = ckptr.restore(where, target)
     except Exception as e:
         raise CheckpointError(f"{path}/params: cannot restore the orbax checkpoint: {e}") from e
     dtypes = {k: np.dtype(ml_dtypes.bfloat16) if v == "bfloat16" else np.dtype(v)
               for k, v in meta.get("source_dtypes", {}).items()}
     return config, params, dtypes
+
+
+def _check_dtypes(path: str, stored, target) -> None:
+    """Each stored array's dtype against the model's (cast within float, never from integer/boolean)."""
+    flat = {jax.tree_util.keystr(k, simple=True, separator="/"): v
+            for k, v in jax.tree_util.tree_flatten_with_path(stored)[0]}
+    for k, want in jax.tree_util.tree_flatten_with_path(target)[0]:
+        name = jax.tree_util.keystr(k, simple=True, separator="/")
+        got = getattr(flat.get(name), "dtype", None)
+        if got is not None:
+            loader.check_kind(got, want.dtype, f"{path}/params: array {name}")

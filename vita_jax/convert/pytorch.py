@@ -22,7 +22,7 @@ import numpy as np
 
 from vita_jax import config as config_lib
 from vita_jax import parallel
-from vita_jax.convert import loader, release
+from vita_jax.convert import loader, release, target
 from vita_jax.convert.safetensors_io import CheckpointError, SafetensorsReader, save_file
 from vita_jax.convert.torch_io import TorchReader
 from vita_jax.models import internvit, vita, whale
@@ -113,7 +113,7 @@ def save(dst: str, config, params: dict, source_dtypes: Optional[dict] = None, s
     from, whose config fields, tokenizer and tower folders are kept); ``write_extra(tmp)`` adds
     files (``vita_tts_ckpt``) before the folder is committed. Returns the index."""
     source_dtypes = source_dtypes or {}
-    tmp = release.prepare_target(dst, overwrite)
+    tmp = target.prepare_target(dst, overwrite)
     try:
         shards, cur, cur_bytes, weight_map, total = [], {}, 0, {}, 0
 
@@ -145,7 +145,7 @@ def save(dst: str, config, params: dict, source_dtypes: Optional[dict] = None, s
         if write_extra is not None:
             write_extra(tmp)
         release.write_side_folders(config, params, src, tmp)
-        release.commit(tmp, dst)
+        target.commit(tmp, dst)
         return index
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,6 +1,7 @@
 """The official release directory's metadata, read and written in one place: ``config.json``, the
 InternViT folder (``config.json``, ``preprocessor_config.json``, weights), the whale folder
-(``train.yaml``, ``global_cmvn``, ``final.pt``), tokenizer files, and atomic folder writes.
+(``train.yaml``, ``global_cmvn``, ``final.pt``), and tokenizer files (where the folders are
+written: :mod:`vita_jax.convert.target`).
 
 Layout (``VITA-MLLM/VITA-1.5``): ``config.json``, ``model.safetensors.index.json`` + shards (read
 and written by :mod:`vita_jax.convert.pytorch`), tokenizer files, the folder ``mm_vision_tower``
@@ -14,7 +15,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from typing import Optional
 
 import numpy as np
@@ -24,16 +24,17 @@ from vita_jax import config as config_lib
 from vita_jax import paths
 from vita_jax.convert import loader
 from vita_jax.convert.safetensors_io import save_file
+from vita_jax.convert import target
+from vita_jax.convert.target import TOKENIZER_FILES
 from vita_jax.data.image import IMAGENET_MEAN, IMAGENET_STD, ImageProcessorConfig
 from vita_jax.models import internvit, vita, whale
 
 log = logging.getLogger(__name__)
+check_target = target.check_target  # the name the API calls it by
 
 # Qwen2 fields read from an official config.json (same names in config.llm).
 LLM_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
               "intermediate_size", "rope_theta", "rms_norm_eps", "tie_word_embeddings")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "added_tokens.json",
-                   "special_tokens_map.json", "generation_config.json")
 
 
 
@@ -328,47 +329,3 @@ def copy_tokenizer(dst: str, *sources: Optional[str]) -> None:
                 elif os.path.exists(os.path.join(src, f)):
                     shutil.copy2(os.path.join(src, f), dst)
             return
-
-
-def check_target(dst: str, *sources: Optional[str]) -> None:
-    """Refuses (``ValueError`` naming both) a target that is one of ``sources``, contains one or lies
-    inside one (real paths, symlinks resolved), before anything is written or deleted: an
-    overwrite would delete the weights being converted."""
-    def real(p):
-        p = str(p)
-        return os.path.realpath(p) if paths.is_local(p) else p.rstrip("/")
-    d = real(dst)
-    for src in sources:
-        if not src:
-            continue
-        s = real(src)
-        if d == s:
-            raise ValueError(f"target {dst} is the source {src}: write to another folder")
-        if d.startswith(s.rstrip("/") + "/"):
-            raise ValueError(f"target {dst} lies inside the source {src}: write to a folder outside it")
-        if s.startswith(d.rstrip("/") + "/"):
-            raise ValueError(f"target {dst} contains the source {src}: write to a folder outside it")
-
-
-def prepare_target(dst: str, overwrite: bool) -> str:
-    """A fresh temporary sibling folder of ``dst`` to write into (``dst`` must be empty unless
-    ``overwrite``); :func:`commit` moves it into place."""
-    if not paths.is_local(dst):  # os.path would turn gs://b/x into a local folder named gs:
-        raise ValueError(f"{dst}: this format is written to a local disk (a vita_jax/orbax checkpoint can go to a URL)")
-    dst = os.path.abspath(dst)
-    if os.path.exists(dst) and os.listdir(dst) and not overwrite:
-        raise FileExistsError(f"{dst} exists and is not empty (pass overwrite=True to replace it)")
-    parent = os.path.dirname(dst)
-    os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(prefix=os.path.basename(dst) + ".partial-", dir=parent)
-
-
-def commit(tmp: str, dst: str) -> None:
-    dst = os.path.abspath(dst)
-    if os.path.exists(dst):
-        old = dst + ".old"
-        os.replace(dst, old)
-        os.replace(tmp, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, dst)

@@ -90,13 +90,18 @@ class SafetensorsReader:
         return tuple(self._entry(key)[1]["shape"])
 
     def dtype(self, key: str) -> np.dtype:
-        return np.dtype(DTYPES[self._entry(key)[1]["dtype"]])
+        path, info, _ = self._entry(key)
+        if info.get("dtype") not in DTYPES:
+            raise CheckpointError(f"tensor {key!r} in {path}: unsupported dtype {info.get('dtype')}")
+        return np.dtype(DTYPES[info["dtype"]])
+
+    def file(self, key: str) -> str:
+        """The shard that holds ``key``."""
+        return self._entry(key)[0]
 
     def get(self, key: str) -> np.ndarray:
         path, info, offset = self._entry(key)
-        if info["dtype"] not in DTYPES:
-            raise CheckpointError(f"tensor {key!r} in {path}: unsupported dtype {info['dtype']}")
-        dtype = np.dtype(DTYPES[info["dtype"]])
+        dtype = self.dtype(key)
         start, end = info["data_offsets"]
         count = int(np.prod(info["shape"], dtype=np.int64))
         if end - start != count * dtype.itemsize:

@@ -56,6 +56,14 @@ class TorchReader:
             raise CheckpointError(f"tensor {key!r} is missing from {self.source}")
         return tuple(self._sd[key].shape)
 
+    def dtype(self, key) -> np.dtype:
+        self.shape(key)
+        t = self._sd[key]
+        return np.dtype(ml_dtypes.bfloat16) if str(t.dtype) == "torch.bfloat16" else t.detach().cpu().numpy().dtype
+
+    def file(self, key) -> str:
+        return self.source
+
     def get(self, key) -> np.ndarray:
         self.shape(key)
         return _to_numpy(self._sd[key].detach().cpu().contiguous())

@@ -52,6 +52,10 @@ def load_codec(folder: str):
     missing = [p for p in ("generator", "quantizer") if p not in raw]
     if missing:
         raise CheckpointError(f"{path}: missing part(s) {missing} (expected generator, quantizer, encoder)")
+    for part, sd in raw.items():  # every weight is a float (BatchNorm's step counter excepted)
+        for k, v in sd.items():
+            if not k.endswith("num_batches_tracked"):
+                loader.check_kind(v.dtype, np.float32, f"tensor {part}.{k!r} in {path}")
     ups = [f"ups.{i}" for i in range(len(cfg.upsample_rates))]
     q = raw["quantizer"]
     params = {"generator": ticodec.fold_state_dict(raw["generator"], transposed=ups),

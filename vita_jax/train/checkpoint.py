@@ -1,24 +1,40 @@
 """Orbax checkpoints of a training run: the train state, the data-iterator state and the config,
 saved asynchronously every N steps, K kept. Orbax writes into a temporary folder and commits it
-atomically, so a half-written checkpoint is never picked up. Restoring takes the *current* run's
-shardings as the target, so a checkpoint saved on one mesh restores onto another. The directory may
-be a URL (``gs://bucket/run/ckpt``): orbax gets it as an ``epath.Path`` (:func:`vita_jax.paths.for_orbax`)."""
+atomically, so a half-written checkpoint is never picked up; the temporary folders a killed run left
+(``N.orbax-checkpoint-tmp-*``, orbax's own test of the name) are removed when the run restarts.
+Restoring takes the *current* run's shardings as the target, so a checkpoint saved on one mesh
+restores onto another; a checkpoint that cannot be restored (truncated, files missing) is moved
+aside to ``N.unusable-<time>`` (outside orbax's step names, never deleted) once an older one
+restores. The directory may be a URL (``gs://bucket/run/ckpt``): orbax gets it as an
+``epath.Path`` (:func:`vita_jax.paths.for_orbax`)."""
 from __future__ import annotations
 
 import json
+import time
+from typing import Callable
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from vita_jax import paths
 
 
 class Checkpointer:
-    def __init__(self, directory: str, keep: int = 3, every: int = 1000, async_save: bool = True):
+    def __init__(self, directory: str, keep: int = 3, every: int = 1000, async_save: bool = True,
+                 clean: bool = False):
+        """``clean``: remove orbax's unfinished saves (``.leftovers`` names them) -- only for the run that
+        owns the folder (another reader could catch a live run's save in the middle)."""
+        self.path = str(directory)
         self.directory = paths.for_orbax(directory)
         self.every = int(every)
+        # what orbax's cleanup_tmp_directories (below) removes, listed first to say so
+        self.leftovers = sorted(t.get().name for t in ocp.path.step.all_temporary_paths(self.directory)) \
+            if clean and jax.process_index() == 0 else []
         opts = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every,
-                                            enable_async_checkpointing=async_save, create=True)
+                                            enable_async_checkpointing=async_save, create=True,
+                                            cleanup_tmp_directories=clean)
         self.mgr = ocp.CheckpointManager(self.directory, options=opts)
 
     def latest_step(self):
@@ -40,12 +56,56 @@ class Checkpointer:
                                                              data=ocp.args.JsonRestore()))
         return out["state"], out["data"]
 
+    def restore_latest(self, target_state, log: Callable = print):
+        """``(step, state, data_state)`` of the newest checkpoint that restores. Each newer one that
+        cannot is reported in one line and moved aside (``N.unusable-<time>``) so that the run can save
+        step N again; when none restores, a ``ValueError`` naming the folder (nothing moved)."""
+        failed = []
+        for step in sorted(self.mgr.all_steps(), reverse=True):
+            why = None
+            try:
+                state, data = self.restore(step, target_state)
+            except Exception as e:  # tensorstore, orbax and JSON errors come in many types
+                why = _reason(e)
+            if jax.process_count() > 1:  # every process falls back together (each reads its own shards)
+                bad = multihost_utils.process_allgather(np.int32(why is not None))
+                why = why or ("unreadable on another process" if int(np.max(bad)) else None)
+            if why is not None:
+                failed.append((step, why))
+                continue
+            for bad, why in failed:
+                moved = self.set_aside(bad)
+                log(f"checkpoint {bad} in {self.path} cannot be restored ({why}); resuming from {step} "
+                    f"(the unusable one is kept as {moved})")
+            return step, state, data
+        why = "; ".join(f"checkpoint {s}: {w}" for s, w in failed)
+        raise ValueError(f"no checkpoint in {self.path} can be restored ({why}); nothing was changed: a run of "
+                         "another config (then use another --workdir), or move the damaged checkpoints away")
+
+    def set_aside(self, step: int) -> str:
+        """Renames checkpoint ``step`` to ``<step>.unusable-<time>`` (not a step name orbax reads); returns the name."""
+        name = ocp.path.step.standard_name_format().build_name(step)
+        moved = f"{name}.unusable-{time.strftime('%Y%m%d-%H%M%S')}"
+        if jax.process_index() == 0:
+            paths.rename(paths.join(self.path, name), paths.join(self.path, moved))
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("vita_jax.checkpoint:set_aside")
+        self.mgr.reload()
+        return moved
+
     def wait(self):
         self.mgr.wait_until_finished()
 
     def close(self):
         self.mgr.wait_until_finished()
         self.mgr.close()
+
+
+def _reason(e: Exception, limit: int = 160) -> str:
+    """The first line of an exception, short enough for a one-line message."""
+    line = (str(e).strip().splitlines() or [""])[0]
+    line = f"{type(e).__name__}: {line}" if line else type(e).__name__
+    return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
 def _jsonable(x):

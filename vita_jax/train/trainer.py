@@ -21,7 +21,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from vita_jax import paths
-from vita_jax.convert import checkpoint, orbax_io
+from vita_jax.convert import checkpoint, orbax_io, target
 from vita_jax.convert import tts as tts_io
 from vita_jax.data import pipeline, synthetic
 from vita_jax.data.text import load_tokenizer
@@ -136,24 +136,69 @@ def _trim_metrics(path: str, last_step: int) -> None:
         f.writelines(keep)
 
 
+# (field, test, what it must be): the run settings checked before anything is built
+RUN_SETTINGS = [(f, lambda v: v >= 1, "at least 1") for f in ("total_steps", "checkpoint_every", "keep_checkpoints",
+                                                              "batch_size", "grad_accum", "max_nonfinite_steps",
+                                                              "max_empty_steps", "data.seq_len")] + [
+    ("data.prefetch", lambda v: v >= 0, "at least 0"), ("data.workers", lambda v: v >= 0, "at least 0"),
+    ("optim.lr", lambda v: 0 <= v < float("inf"), "a finite number >= 0"),
+    ("optim.grad_clip", lambda v: 0 < v < float("inf"), "a finite number > 0"),
+    ("optim.warmup_ratio", lambda v: 0 <= v <= 1, "between 0 and 1"),
+    ("optim.weight_decay", lambda v: 0 <= v < float("inf"), "a finite number >= 0"),
+    ("optim.b1", lambda v: 0 <= v < 1, "in [0, 1)"), ("optim.b2", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optim.eps", lambda v: 0 < v < float("inf"), "a finite number > 0"),
+    ("optim.schedule", lambda v: v in ("cosine", "constant"), "'cosine' or 'constant'")]
+
+
 def check_config(config) -> None:
     """Cheap checks of the run's settings, before any model is built (one line naming the field)."""
-    for field in ("total_steps", "checkpoint_every", "keep_checkpoints", "batch_size", "grad_accum"):
-        if int(config[field]) < 1:
-            raise ValueError(f"config.{field} = {config[field]}: must be at least 1")
+    for field, ok, what in RUN_SETTINGS:
+        node, *rest = field.split(".")
+        value = config.get(node)
+        for k in rest:
+            value = value.get(k) if value is not None else None
+        if value is None:
+            continue  # a config without the field (an older stage config) keeps the default behaviour
+        try:
+            good = bool(ok(value))
+        except TypeError:
+            good = False
+        if not good:
+            raise ValueError(f"config.{field} = {value!r}: must be {what}")
+    for pattern, lr in (config.get("optim") or {}).get("group_lrs", None) or ():
+        if not 0 <= float(lr) < float("inf"):
+            raise ValueError(f"config.optim.group_lrs: learning rate {lr!r} of {pattern!r} must be a finite number >= 0")
 
 
-def train(config, workdir: str, mesh=None, data=None, log: Callable = print, progress: bool = True,
-          stop_after: Optional[int] = None, wrap_step: Optional[Callable] = None) -> dict:
-    """Runs (or resumes) ``config``'s stage in ``workdir``. ``data``: an iterator of host batches
-    with ``get_state``/``set_state`` (default: the synthetic set of the tiny configs). ``wrap_step``:
-    ``step -> step`` around the jitted step (profiling, ``bench pipeline``'s deliberately slow step)."""
-    check_config(config)
-    paths.makedirs(workdir)
-    config = config.copy_and_resolve_references()  # the caller's config is never changed
-    main = jax.process_index() == 0  # one process writes the metrics and logs, draws the bar
-    if not main:
-        log, progress = (lambda *a, **k: None), False
+def _open_checkpoints(config, workdir: str, log: Optional[Callable]) -> ckpt_lib.Checkpointer:
+    """``WORKDIR/ckpt``'s checkpointer, after saying which leftovers of a killed run are removed (orbax's
+    unfinished saves, the model export's temporary folder); refuses a newest step past ``total_steps``."""
+    ck = ckpt_lib.Checkpointer(paths.join(workdir, "ckpt"), keep=int(config.keep_checkpoints),
+                               every=int(config.checkpoint_every), clean=True)
+    if log is not None:
+        if ck.leftovers:
+            log(f"{ck.path}: removing {', '.join(ck.leftovers)}, left by an interrupted checkpoint save")
+        target.clean_leftovers(paths.join(workdir, "model"), log)
+    latest = ck.latest_step() or 0
+    if latest > int(config.total_steps):
+        ck.close()
+        raise ValueError(f"config.total_steps = {config.total_steps}, but {ck.path} already holds step {latest}: "
+                         "raise total_steps to continue that run, or use another --workdir")
+    return ck
+
+
+def _last_metrics(path: str) -> dict:
+    """The last complete line of ``metrics.jsonl`` (``{}`` when there is none)."""
+    if not paths.exists(path):
+        return {}
+    with paths.open(path) as f:
+        rows = [line for line in f if _step_of(line) is not None]
+    return json.loads(rows[-1]) if rows else {}
+
+
+def _build(config, data, mesh, wrap_step, log):
+    """``(state, step_fn, info, data)``: the initial state and the jitted step of the stage, and its data
+    (the tiny configs' synthetic set unless files or ``data`` are given)."""
     has_files = bool(len(config.data.mixture) or len(config.data.tfds))
     if data is None and not has_files:
         data, units = synthetic.synthetic_data(config)
@@ -174,19 +219,48 @@ def train(config, workdir: str, mesh=None, data=None, log: Callable = print, pro
         if tok is None:
             raise ValueError("config.data.mixture / config.data.tfds need a tokenizer: set config.data.tokenizer (or init_from)")
         data = pipeline.official_data(config, tok)
-    ck = ckpt_lib.Checkpointer(paths.join(workdir, "ckpt"), keep=int(config.keep_checkpoints),
-                               every=int(config.checkpoint_every))
-    metrics_path = paths.join(workdir, "metrics.jsonl")
-    start = ck.latest_step() or 0
-    if start:
-        state, data_state = ck.restore(start, state)
-        data.set_state(data_state)
-        log(f"resumed from step {start}")
+    return state, step_fn, info, data
+
+
+def train(config, workdir: str, mesh=None, data=None, log: Callable = print, progress: bool = True,
+          stop_after: Optional[int] = None, wrap_step: Optional[Callable] = None, return_state: bool = True) -> dict:
+    """Runs (or resumes) ``config``'s stage in ``workdir``. ``data``: an iterator of host batches
+    with ``get_state``/``set_state`` (default: the synthetic set of the tiny configs). ``wrap_step``:
+    ``step -> step`` around the jitted step (profiling, ``bench pipeline``'s deliberately slow step).
+
+    A finished run (newest checkpoint at ``total_steps``) trains nothing: it writes ``WORKDIR/model``
+    from that checkpoint when the model is missing or incomplete, and otherwise (with
+    ``return_state=False``, as the CLI calls it) returns before building anything, with ``state`` None."""
+    check_config(config)
+    paths.makedirs(workdir)
+    config = config.copy_and_resolve_references()  # the caller's config is never changed
+    main = jax.process_index() == 0  # one process writes the metrics and logs, draws the bar
+    if not main:
+        log, progress = (lambda *a, **k: None), False
+    total = int(config.total_steps)
+    model_dir, metrics_path = paths.join(workdir, "model"), paths.join(workdir, "metrics.jsonl")
+    ck = _open_checkpoints(config, workdir, log if main else None)
+    done = ck.latest_step() or 0
+    if done == total and orbax_io.is_complete(model_dir) and not return_state:
+        ck.close()
+        log(f"stage {config.stage} already finished: checkpoint {total} in {ck.path} and its model in {model_dir}; "
+            "nothing to do")
+        return dict(last=_last_metrics(metrics_path), state=None, steps=total, skipped={})
+    try:
+        state, step_fn, info, data = _build(config, data, mesh, wrap_step, log)
+        start = 0
+        if done:
+            start, state, data_state = ck.restore_latest(state, log)
+            data.set_state(data_state)
+            log(f"resumed from step {start}")
+    except BaseException:
+        ck.close()
+        raise
+    done = start
     if main:
         _trim_metrics(metrics_path, start)
     else:
         metrics_path = os.devnull
-    total = int(config.total_steps)
     accum = int(config.grad_accum)
     bar = None
     if progress:
@@ -203,7 +277,7 @@ def train(config, workdir: str, mesh=None, data=None, log: Callable = print, pro
     # the next batches are made and placed while the device runs; a step's metrics are read once the next
     # step is dispatched, so neither the host pipeline nor the metrics read stalls the device
     feed = pipeline.Prefetch(produce, depth=int(config.data.get("prefetch", 2)))
-    last, pending, t0 = {}, None, time.perf_counter()
+    last, pending, t0 = (_last_metrics(metrics_path) if start == total else {}), None, time.perf_counter()
     t_done, empty = t0, 0
 
     def record(p) -> None:
@@ -252,6 +326,7 @@ def train(config, workdir: str, mesh=None, data=None, log: Callable = print, pro
                     record(pending)
                     pending = None
                 ck.save(i + 1, state, data_state, config, force=(i + 1 == total))
+                done = i + 1
                 if stop_after is not None and i + 1 >= stop_after:
                     break
             if pending is not None:
@@ -266,9 +341,12 @@ def train(config, workdir: str, mesh=None, data=None, log: Callable = print, pro
     if tb is not None:
         tb.close()
     ck.close()
-    if last.get("step") == total:
-        export_model(config, state, paths.join(workdir, "model"))
-        log(f"final parameters written to {paths.join(workdir, 'model')} (use it as the next stage's init_from)")
+    if start == total and not orbax_io.is_complete(model_dir):
+        log(f"stage {config.stage} had finished (checkpoint {total} in {ck.path}) but {model_dir} is missing or "
+            "incomplete (an interrupted export): writing it from that checkpoint")
+    if done == total and (start < total or not orbax_io.is_complete(model_dir)):
+        export_model(config, state, model_dir)
+        log(f"final parameters written to {model_dir} (use it as the next stage's init_from)")
     skipped = dict(getattr(data, "skipped", None) or getattr(getattr(data, "collator", None), "skipped", {}) or {})
     if skipped:
         log(f"skipped {len(skipped)} bad sample(s): " + "; ".join(f"{k}: {v}" for k, v in sorted(skipped.items())))
