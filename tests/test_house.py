@@ -164,7 +164,7 @@ def test_files_are_small():
     assert not big, f"files over {MAX_LINES} lines: {big}"
 
 
-@pytest.mark.parametrize("sub", ["", "demo", "train", "generate", "convert", "bench", "compile"])
+@pytest.mark.parametrize("sub", ["", "demo", "train", "generate", "eval", "convert", "bench", "compile"])
 def test_every_subcommand_has_help(sub):
     r = subprocess.run([sys.executable, "-m", "vita_jax.cli"] + ([sub] if sub else []) + ["--help"],
                        capture_output=True, text=True, timeout=120)
