@@ -289,13 +289,15 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("dst")
     c.add_argument("--dtype", default=None, help="dtype to hold the weights in while converting (default float32)")
     c.add_argument("--overwrite", action="store_true")
-    b = sub.add_parser("bench", help="benchmarks: vita-jax bench llm|convert|data|pipeline --config=configs/FILE.py",
+    b = sub.add_parser("bench", help="benchmarks: vita-jax bench llm|convert|data|pipeline|eval --config=configs/FILE.py",
                        description="Train-step and decode speed (llm), conversion memory (convert), what the input "
                                    "pipeline fills with real data (data) for a config, or whether the trainer overlaps "
                                    "its input pipeline with the step (pipeline: tiny stage 2.2, slowed source and step); mixture "
-                                   "--out=DIR [--n=400] writes a VITA-like official-format mixture (real photos, speech).",
+                                   "--out=DIR [--n=400] writes a VITA-like official-format mixture (real photos, speech); eval "
+                                   "--checkpoint=DIR [--n=24] [--batch=8] [--tokens=16]: batched evaluation generation "
+                                   "against one chat call per example.",
                        epilog=CONFIG_HELP)
-    b.add_argument("what", choices=["llm", "convert", "data", "pipeline", "mixture"])
+    b.add_argument("what", choices=["llm", "convert", "data", "pipeline", "mixture", "eval"])
     co = sub.add_parser("compile", help="compile a stage's train step for a TPU topology from a CPU host (AOT)",
                         description="Builds the stage's state and batch abstractly (no weights, no TPU), compiles the "
                                     "sharded train step for --topology with libtpu (pip install -e \".[tpu]\") and "
