@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 
-import ml_collections
 import numpy as np
 import soundfile as sf
 
@@ -35,16 +34,15 @@ def _bench(root):
 
 
 def test_evals_run_during_training(tmp_path):
-    from vita_jax.train import stages, trainer
+    """`vita-jax train` on tiny stage 2.2 with two evaluators given on the command line."""
+    from vita_jax import cli
     b = _bench(tmp_path)
-    c = stages.stage_config("2.2", "tiny")
-    c.total_steps, c.checkpoint_every = 2, 100
-    c.data.tokenizer = str(b / "tok")
-    c.evals = ml_collections.ConfigDict(dict(
-        asr=dict(type="asr", data=str(b / "asr.jsonl"), every=1, batch_size=2, max_new_tokens=2),
-        held=dict(type="loss", data=str(b / "held.json"), batch_size=4)))
+    evals = dict(asr=dict(type="asr", data=str(b / "asr.jsonl"), every=1, batch_size=2, max_new_tokens=2),
+                 held=dict(type="loss", data=str(b / "held.json"), batch_size=4))
     wd = tmp_path / "wd"
-    trainer.train(c, str(wd), log=lambda *_: None, progress=False)
+    assert cli.run(["train", f"--config={REPO}/configs/stage2_2.py:tiny", "--config.total_steps=2",
+                    "--config.checkpoint_every=100", f"--config.data.tokenizer={b / 'tok'}",
+                    f"--config.evals={json.dumps(evals)}", "--workdir", str(wd), "--no-progress"]) == 0
     rows = [json.loads(line) for line in open(wd / "metrics.jsonl")]
     asr = [r for r in rows if "eval/asr/wer" in r]
     held = [r for r in rows if "eval/held/loss" in r]

@@ -11,6 +11,7 @@ caller's process 0 does). Rows past the last example are one-token dummies, disc
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 from typing import Iterator, Optional, Sequence
 
@@ -44,6 +45,18 @@ def row_loss_terms(logits, labels):
     return jnp.sum(jnp.where(valid, nll, 0.0), 1), jnp.sum(valid, 1), jnp.sum(hits, 1)
 
 
+# module-level jits keyed by the (hashable) module: a new Engine on the same model (each in-training
+# evaluation builds one) reuses the compiled functions
+@functools.partial(jax.jit, static_argnums=0)
+def _embed(module, params, *args):
+    return module.apply({"params": params}, *args, method=VITA.embed)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _row_loss(module, params, labels, *args):
+    return row_loss_terms(module.apply({"params": params}, *args), labels)
+
+
 class Engine:
     """What the evaluators run on: ``module`` (:class:`~vita_jax.models.vita.VITA`), its ``params``
     (``{llm, vision_tower, mm_projector, audio_encoder}``; other heads ignored), ``config``,
@@ -57,8 +70,8 @@ class Engine:
         self.params = {k: params[k] for k in MODEL_PARTS if k in params}
         self.llm = qwen2.Qwen2ForCausalLM(module.llm_cfg)
         self.prep = batch_lib.preprocess_settings(config)
-        self._embed = jax.jit(lambda p, *a: module.apply({"params": p}, *a, method=VITA.embed))
-        self._loss = jax.jit(lambda p, labels, *a: row_loss_terms(module.apply({"params": p}, *a), labels))
+        self._embed = functools.partial(_embed, module)
+        self._loss = functools.partial(_row_loss, module)
         self.n_proc, self.proc = jax.process_count(), jax.process_index()
         dp = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
         self.dp_local = max(dp // self.n_proc, 1)  # slots of each process: a multiple of its data-parallel share
