@@ -181,6 +181,8 @@ class VitaModel:
         """The prompt of :meth:`chat` as an example: ``input_ids`` (the official template, system
         prompt and placeholders), ``pixels`` (``[tiles, 3, S, S]`` or None) and ``audio`` (fbank
         clips), preprocessed exactly as training preprocesses a sample (``self.prep``)."""
+        if video is not None and image is not None:
+            raise ValueError("image and video: give one of them, not both (the prompt holds one visual input)")
         if self.tokenizer is None:
             raise ValueError(f"{self.path}: no tokenizer.json, chat() needs one")
         return chat_lib.chat_example(self.prep, self.tokenizer, messages, image=image, audio=audio, video=video)
