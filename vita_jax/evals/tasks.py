@@ -136,7 +136,7 @@ class MCQ(Task):
 
     def aggregate(self, records, settings):
         out = dict(accuracy=_mean(records, "hit"), extracted=_mean(records, "extracted"))
-        if settings.get("circular", False) or len({r["group"] for r in records}) < len(records):
+        if settings.get("circular", False) or len({r.get("group", r["id"]) for r in records}) < len(records):
             out["circular_accuracy"], out["questions"] = choices.circular_groups(records)
             groups = collections.defaultdict(list)
             for r in records:
@@ -248,11 +248,7 @@ class VideoMCQ(Task):
         return out
 
     score = MCQ.score
-
-    def aggregate(self, records, settings):
-        out = dict(accuracy=_mean(records, "hit"), extracted=_mean(records, "extracted"))
-        out.update(_per_category(records))
-        return out
+    aggregate = MCQ.aggregate
 
 
 class SpokenQA(Task):
