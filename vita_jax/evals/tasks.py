@@ -40,6 +40,17 @@ def _per_category(records, key="hit") -> dict:
     return {f"category/{c}": float(np.mean(v)) for c, v in sorted(cats.items())}
 
 
+def _manifest(settings, fields):
+    """``(index, row, where, folder)`` of each entry of the JSON / JSONL ``settings["data"]``, each
+    checked to have ``fields``."""
+    path = settings["data"]
+    rows, root = readers.read_manifest(path), os.path.dirname(path)
+    for i, r in enumerate(rows):
+        where = f"{path} entry {i}"
+        readers.require(r, fields, where)
+        yield i, r, where, root
+
+
 class Task:
     name = ""
     generative = True
@@ -63,10 +74,8 @@ class ASR(Task):
         if os.path.isdir(path):
             rows = readers.librispeech(path)
         else:
-            rows, root = readers.read_manifest(path), os.path.dirname(path)
-            for i, r in enumerate(rows):
-                readers.require(r, ("audio", "text"), f"{path} entry {i}")
-                r.update(id=str(r.get("id", i)), audio=readers.media_path(root, r["audio"]))
+            rows = [dict(r, id=str(r.get("id", i)), audio=readers.media_path(root, r["audio"]))
+                    for i, r, _, root in _manifest(settings, ("audio", "text"))]
         prompt = settings.get("prompt") or ASR_PROMPT
         return [dict(id=r["id"], question=prompt, audio=r["audio"], reference=r["text"],
                      language=r.get("language", settings.get("language", "en"))) for r in rows]
@@ -189,13 +198,9 @@ class VQA(Task):
     name = "vqa"
 
     def read(self, settings):
-        path = settings["data"]
-        rows, root = readers.read_manifest(path), os.path.dirname(path)
         suffix = settings.get("prompt_suffix", VQA_SUFFIX)
         out = []
-        for i, r in enumerate(rows):
-            where = f"{path} entry {i}"
-            readers.require(r, ("question",), where)
+        for i, r, where, root in _manifest(settings, ("question",)):
             out.append(dict(id=str(r.get("id", r.get("question_id", i))), question=r["question"] + suffix,
                             image=readers.media_path(root, r.get("image")), reference=_answers(r, where)))
         return out
@@ -231,12 +236,8 @@ class VideoMCQ(Task):
     name = "video_mcq"
 
     def read(self, settings):
-        path = settings["data"]
-        rows, root = readers.read_manifest(path), os.path.dirname(path)
         out = []
-        for i, r in enumerate(rows):
-            where = f"{path} entry {i}"
-            readers.require(r, ("video", "question", "options", "answer"), where)
+        for i, r, where, root in _manifest(settings, ("video", "question", "options", "answer")):
             opts = _video_options(r["options"], where)
             ans = str(r["answer"]).strip()
             if ans not in opts:
@@ -256,12 +257,8 @@ class SpokenQA(Task):
     name = "spoken_qa"
 
     def read(self, settings):
-        path = settings["data"]
-        rows, root = readers.read_manifest(path), os.path.dirname(path)
         out = []
-        for i, r in enumerate(rows):
-            where = f"{path} entry {i}"
-            readers.require(r, ("audio",), where)
+        for i, r, where, root in _manifest(settings, ("audio",)):
             out.append(dict(id=str(r.get("id", i)), question=r.get("question") or settings.get("prompt") or "",
                             audio=readers.media_path(root, r["audio"]), image=readers.media_path(root, r.get("image")),
                             reference=_answers(r, where)))
