@@ -34,6 +34,8 @@ setup(
         "soundfile>=0.12",
         "pyyaml>=6",
         "scikit-image>=0.22",  # the demo's real photos ship inside its wheel
+        "jiwer>=3.0",  # evals: word / character edit counts
+        "whisper-normalizer>=0.1.12",  # evals: Whisper's English text normaliser for WER
     ],
     extras_require={
         # conversion from/to the official PyTorch files and parity tests against transformers

@@ -19,6 +19,7 @@ import numpy as np
 from vita_jax import parallel
 from vita_jax.convert import checkpoint, orbax_io, pytorch, release
 from vita_jax.data import batch as batch_lib
+from vita_jax.data import chat as chat_lib
 from vita_jax.data import text as text_lib
 from vita_jax.infer import generate as gen
 from vita_jax.infer.speech import SpeechModel, split_reply, trim_leading
@@ -112,15 +113,9 @@ class VitaModel:
         one of ``config.seq_bucket``, rows cut at ``config.tokenizer_model_max_length``."""
         px = self._check_pixels(pixel_values)
         feats, lengths = self._check_audio(audio_features, audio_lengths)
-        n_tiles, n_clips = (0 if px is None else len(px)), (0 if feats is None else len(feats))
-        fb = self.config.get("frame_bucket", 64)
-        frames = min(-(-feats.shape[1] // fb) * fb, self.whale_cfg.max_frames) if n_clips else 0
-        arrays, plan = batch_lib.build(
-            input_ids, attention_mask, labels, px, [] if feats is None else list(feats), clip_lengths=lengths,
-            tokens_per_tile=self.tokens_per_tile, max_length=max_length or self.config.tokenizer_model_max_length,
-            pad_to=self.config.get("seq_bucket", 64), tile_slots=batch_lib.bucket(n_tiles, self.dp) if n_tiles else 0,
-            clip_slots=batch_lib.bucket(n_clips, self.dp) if n_clips else 0, frame_slots=frames,
-            mel_bins=self.whale_cfg.input_dim if self.whale_cfg is not None else 80)
+        arrays, plan = chat_lib.inference_batch(self.module, self.config, input_ids, attention_mask, labels, px,
+                                                [] if feats is None else list(feats), lengths, dp=self.dp,
+                                                max_length=max_length)
         if (plan.text_ids >= self.llm_cfg.vocab_size).any():
             raise ValueError(f"input_ids hold ids >= the vocabulary size {self.llm_cfg.vocab_size}")
         return arrays, plan
@@ -190,28 +185,7 @@ class VitaModel:
             raise ValueError("image and video: give one of them, not both (the prompt holds one visual input)")
         if self.tokenizer is None:
             raise ValueError(f"{self.path}: no tokenizer.json, chat() needs one")
-        pixels, tiles, frames = None, (), 0
-        if video is not None:
-            pixels = self.preprocess_video(video)
-            frames, modality = len(pixels), "video"
-        elif image is not None:
-            pixels = self.preprocess_image(image)
-            tiles, modality = (len(pixels),), "image"
-        else:
-            modality = "lang"
-        clips = []
-        if audio is not None:
-            clips = [self.audio_features(*audio) if isinstance(audio, tuple) else self.audio_features(audio)]
-        # typed control strings and placeholders are text, never turn boundaries or media slots
-        if isinstance(messages, str):
-            msgs = text_lib.generation_messages(text_lib.as_text(messages, self.tokenizer), modality, tiles, frames,
-                                                audio is not None)
-        else:
-            history = [(role, text_lib.as_text(content, self.tokenizer)) for role, content in messages]
-            last = text_lib.generation_messages(history[-1][1], modality, tiles, frames, audio is not None)
-            msgs = history[:-1] + last
-        ids = text_lib.tokenize_with_placeholders(text_lib.build_prompt(msgs, modality), self.tokenizer)
-        return dict(input_ids=np.asarray(ids, np.int64), pixels=pixels, audio=clips)
+        return chat_lib.chat_example(self.prep, self.tokenizer, messages, image=image, audio=audio, video=video)
 
     def chat(self, messages: Union[str, Sequence], image=None, audio=None, video=None, max_new_tokens: int = 256,
              **sampling) -> str:

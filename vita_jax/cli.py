@@ -1,4 +1,4 @@
-"""``vita-jax`` command line: ``demo``, ``train``, ``generate``, ``convert``, ``bench`` and ``compile``; every
+"""``vita-jax`` command line: ``demo``, ``train``, ``generate``, ``eval``, ``convert``, ``bench`` and ``compile``; every
 subcommand answers ``--help``. Subcommands import the package when they run, so ``--help`` does
 not pay for loading JAX.
 
@@ -167,6 +167,63 @@ def cmd_compile(a, rest) -> int:
     return 0
 
 
+def _eval_suite(a, rest, config_lib, evals) -> dict:
+    """``{name: settings}`` of ``vita-jax eval``: ``--task`` + ``--data`` (``--config.FIELD=V`` set
+    that evaluator's settings), or ``--config=FILE`` with ``config.evals``; checked before loading."""
+    import ml_collections  # (late: --help stays fast)
+    if a.config_file is None and not (a.task and a.data):
+        raise UsageError("give --task and --data, or --config=configs/eval_*.py for a suite")
+    if a.config_file is not None:
+        if a.task or a.data:
+            raise UsageError("--config=FILE names its tasks and data: drop --task / --data")
+        config = config_lib.load_config(a.config_file)
+        if not config.get("evals"):
+            raise UsageError(f"--config={a.config_file}: no config.evals (a suite: {{name: dict(type=..., data=...)}})")
+        for name in list(config.evals):  # every setting present, so --config.evals.NAME.FIELD can set it
+            config.evals[name] = ml_collections.ConfigDict({**evals.runner.DEFAULTS, **dict(config.evals[name])})
+    else:
+        config = ml_collections.ConfigDict({**evals.runner.DEFAULTS, "type": a.task, "data": a.data})
+    for arg in rest:
+        if not arg.startswith("--config."):
+            raise UsageError(f"vita-jax eval: unrecognized argument: {arg}")
+        key, sep, val = arg[len("--config."):].partition("=")
+        if not sep:
+            raise UsageError(f"{arg}: give a value, --config.{key}=VALUE")
+        config_lib.apply_override(config, key, val)
+    suite = evals.suite(config) if a.config_file is not None else {a.task: evals.settings_of(config, f"--task {a.task}")}
+    for name, s in suite.items():
+        if a.max_examples is not None:
+            s["max_examples"] = a.max_examples
+        for opt in ("batch_size", "max_new_tokens"):
+            if getattr(a, opt) is not None:
+                s[opt] = getattr(a, opt)
+        suite[name] = evals.settings_of(s, name)
+    return suite
+
+
+def cmd_eval(a, rest) -> int:
+    """``vita-jax eval --checkpoint DIR --task TASK --data PATH --out OUT`` (or ``--config=FILE``)."""
+    import os  # subcommands import late: --help stays fast
+    import jax  # (late, as above)
+    import jax.numpy as jnp  # (late, as above)
+    from vita_jax import api, parallel  # (late, as above)
+    from vita_jax import config as config_lib  # (late, as above)
+    from vita_jax import evals  # (late, as above)
+    suite = _eval_suite(a, rest, config_lib, evals)
+    parallel.maybe_initialize_distributed()
+    mesh = parallel.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}) if jax.device_count() > 1 else None
+    m = api.from_pretrained(a.checkpoint, dtype=jnp.dtype(a.dtype), mesh=mesh)
+    engine = evals.Engine.from_model(m)
+    main = jax.process_index() == 0
+    for name, s in suite.items():
+        metrics, records = evals.evaluate(engine, s, name, progress=main and not a.no_progress)
+        if main:
+            evals.write_outputs(a.out if a.config_file is None else os.path.join(a.out, name), s["type"], metrics,
+                                records)
+            print(evals.log_line(s["type"], metrics), flush=True)
+    return 0
+
+
 def cmd_demo(a) -> int:
     from vita_jax.demo import run_demo  # subcommands import late: --help stays fast
     run_demo(a.workdir, a.budget_minutes, speech=a.speech, seed=a.seed, codec=a.codec, progress=not a.no_progress)
@@ -217,19 +274,39 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     g.add_argument("--speak", metavar="OUT.wav", help="also speak the reply (needs vita_tts_ckpt/) into a wav file")
     g.add_argument("--speech-max-tokens", type=int, default=1000, help="codec ids at most (40 per second)")
+    ev = sub.add_parser("eval", help="score a checkpoint on a benchmark: asr, mcq, yesno, vqa, video_mcq, spoken_qa, loss",
+                        description="Runs one task (--task, --data) or a suite (--config=configs/eval_*.py) on a release "
+                                    "folder or vita_jax checkpoint, in batches with greedy decoding; writes "
+                                    "OUT/predictions.jsonl and OUT/metrics.json (a suite: OUT/NAME/...) and ends with one "
+                                    "JSON line {task, n, metrics} per task.",
+                        epilog="settings: --config.FIELD=VALUE sets one of the task's settings (prompt, language, "
+                               "circular, frames, prompt_suffix, do_sample, temperature, top_k, top_p, seed); with "
+                               "--config=FILE use --config.evals.NAME.FIELD=VALUE")
+    ev.add_argument("--checkpoint", required=True, help="release directory or vita_jax orbax checkpoint")
+    ev.add_argument("--task", help="asr | mcq | yesno | vqa | video_mcq | spoken_qa | loss")
+    ev.add_argument("--data", help="the benchmark's file or folder (see README: Evaluation)")
+    ev.add_argument("--out", required=True, help="folder for predictions.jsonl and metrics.json")
+    ev.add_argument("--config", dest="config_file", default=None, help="a suite: configs/eval_*.py with config.evals")
+    ev.add_argument("--max-examples", type=int, default=None, help="only the first N examples (MCQ: questions)")
+    ev.add_argument("--batch-size", type=int, default=None, help="rows per batch (default 8)")
+    ev.add_argument("--max-new-tokens", type=int, default=None, help="reply length limit (default 64)")
+    ev.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    ev.add_argument("--no-progress", action="store_true")
     c = sub.add_parser("convert", help="official release <-> vita_jax checkpoint")
     c.add_argument("--to", required=True, choices=["orbax", "pytorch"])
     c.add_argument("src")
     c.add_argument("dst")
     c.add_argument("--dtype", default=None, help="dtype to hold the weights in while converting (default float32)")
     c.add_argument("--overwrite", action="store_true")
-    b = sub.add_parser("bench", help="benchmarks: vita-jax bench llm|convert|data|pipeline --config=configs/FILE.py",
+    b = sub.add_parser("bench", help="benchmarks: vita-jax bench llm|convert|data|pipeline|eval --config=configs/FILE.py",
                        description="Train-step and decode speed (llm), conversion memory (convert), what the input "
                                    "pipeline fills with real data (data) for a config, or whether the trainer overlaps "
                                    "its input pipeline with the step (pipeline: tiny stage 2.2, slowed source and step); mixture "
-                                   "--out=DIR [--n=400] writes a VITA-like official-format mixture (real photos, speech).",
+                                   "--out=DIR [--n=400] writes a VITA-like official-format mixture (real photos, speech); eval "
+                                   "--checkpoint=DIR [--n=24] [--batch=8] [--tokens=16]: batched evaluation generation "
+                                   "against one chat call per example.",
                        epilog=CONFIG_HELP)
-    b.add_argument("what", choices=["llm", "convert", "data", "pipeline", "mixture"])
+    b.add_argument("what", choices=["llm", "convert", "data", "pipeline", "mixture", "eval"])
     co = sub.add_parser("compile", help="compile a stage's train step for a TPU topology from a CPU host (AOT)",
                         description="Builds the stage's state and batch abstractly (no weights, no TPU), compiles the "
                                     "sharded train step for --topology with libtpu (pip install -e \".[tpu]\") and "
@@ -272,6 +349,8 @@ def run(argv) -> int:
         return cmd_bench(a, rest)
     if a.cmd == "compile":
         return cmd_compile(a, rest)
+    if a.cmd == "eval":
+        return cmd_eval(a, rest)
     if rest:
         p.error(f"unrecognized arguments: {' '.join(rest)}")
     if a.cmd == "demo":

@@ -31,7 +31,7 @@ from vita_jax.data.text import load_tokenizer
 from vita_jax.infer import generate as gen
 from vita_jax.models import qwen2, vita
 from vita_jax.models.vita import AUDIO, IMAGE, PAD
-from vita_jax.bench import mixture
+from vita_jax.bench import evalgen, mixture
 from vita_jax.data import synthetic
 from vita_jax.train import stages, trainer
 from vita_jax.train.flops import device_peaks, training_flops
@@ -297,7 +297,7 @@ def format_table(res: dict) -> str:
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
 
 
-WHAT = ("llm", "convert", "data", "pipeline", "mixture")
+WHAT = ("llm", "convert", "data", "pipeline", "mixture", "eval")
 
 
 def main(argv=None):
@@ -314,6 +314,8 @@ def main(argv=None):
             out = a.split("=", 1)[1]
         elif what == "mixture" and a.split("=", 1)[0] in ("--out", "--n", "--seed") and "=" in a:
             opts[a[2:].split("=", 1)[0]] = a.split("=", 1)[1]
+        elif what == "eval" and a.split("=", 1)[0] in ("--checkpoint", "--n", "--batch", "--tokens") and "=" in a:
+            opts[a[2:].split("=", 1)[0]] = a.split("=", 1)[1]
         else:
             print(f"unknown argument {a}", file=sys.stderr)
             return 2
@@ -324,7 +326,14 @@ def main(argv=None):
         path = mixture.write_mixture(opts["out"], int(opts.get("n", 400)), int(opts.get("seed", 0)))
         print(json.dumps(dict(mixture=path, media_root=opts["out"])))
         return 0
-    if what in ("data", "pipeline"):
+    if what == "eval":
+        if "checkpoint" not in opts:
+            print("bench eval needs --checkpoint=DIR (a release folder with tokenizer.json)", file=sys.stderr)
+            return 2
+        res = evalgen.bench_eval(opts["checkpoint"], int(opts.get("n", 24)), int(opts.get("batch", 8)),
+                                 int(opts.get("tokens", 16)))
+        print(json.dumps(res))
+    elif what in ("data", "pipeline"):
         res = bench_data(config) if what == "data" else bench_pipeline(config)
         print(json.dumps(res))
     elif what == "convert":

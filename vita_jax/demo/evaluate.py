@@ -3,7 +3,7 @@
 * LM stages: the fraction of held-out samples whose whole reply (every target token and the final
   ``<|im_end|>``) is the argmax under teacher forcing, which is exactly "greedy decoding
   reproduces the reply" (greedy decoding feeds back the same tokens), computed in one batched
-  forward instead of a decode loop.
+  forward instead of a decode loop and scored by the library's held-out evaluator (``loss``).
 * CTC (2.1a): character error rate of greedy CTC decoding.
 * Speech decoder (3.2): teacher-forced speech-token (codec id) accuracy.
 """
@@ -18,9 +18,11 @@ import ml_collections
 import numpy as np
 
 from vita_jax.data.units import cer
+from vita_jax.evals import tasks
+from vita_jax.evals.engine import row_loss_terms
 from vita_jax.models import ctc as ctc_lib
 from vita_jax.models import vita
-from vita_jax.models.vita import IGNORE_INDEX, VITA
+from vita_jax.models.vita import VITA
 from vita_jax.train.step import make_loss
 
 
@@ -41,23 +43,18 @@ def _model_key(config) -> str:
 
 def reply_accuracy(config, params, batches) -> tuple[float, float]:
     """``(exact-match rate of the replies, token accuracy)`` over ``batches`` (collated LM
-    batches; all-padding rows of skipped samples are not counted). Token accuracy: the fraction of
-    reply tokens that are the argmax given the true prefix."""
+    batches; all-padding rows of skipped samples are not counted), scored by the library's
+    held-out evaluator (:mod:`vita_jax.evals`: per-row loss terms, the ``loss`` task's metrics).
+    Token accuracy: the fraction of reply tokens that are the argmax given the true prefix."""
     fwd = _lm_forward(_model_key(config))
     p = {k: params[k] for k in ("llm", "vision_tower", "mm_projector", "audio_encoder") if k in params}
-    hits = total = tok_hits = tok_total = 0
+    records = []
     for b in batches:
-        logits = fwd(p, jax.tree.map(jnp.asarray, b))
-        pred = np.asarray(jnp.argmax(logits[:, :-1], -1))
-        tgt = np.asarray(b["labels"])[:, 1:]
-        valid = tgt != IGNORE_INDEX
-        rows = valid.any(1)
-        ok = ((pred == tgt) | ~valid).all(1)
-        hits += int((ok & rows).sum())
-        total += int(rows.sum())
-        tok_hits += int(((pred == tgt) & valid).sum())
-        tok_total += int(valid.sum())
-    return hits / max(total, 1), tok_hits / max(tok_total, 1)
+        nll, count, hits = (np.asarray(x) for x in row_loss_terms(fwd(p, jax.tree.map(jnp.asarray, b)),
+                                                                   jnp.asarray(b["labels"])))
+        records += [dict(nll=float(n), tokens=int(c), correct=int(h)) for n, c, h in zip(nll, count, hits)]
+    m = tasks.get("loss").aggregate(records, {})
+    return m["reply_exact"], m["token_accuracy"]
 
 
 def ctc_cer(config, params, batch, vocab) -> float:

@@ -115,3 +115,55 @@ def generate(module, params, cfg: Qwen2Config, input_ids, attention_mask=None, *
         tok, cache, logits = decode_step(module, params, tok, cache, sub, **static, **dyn)
     ids_out = np.stack(out, axis=1).astype(np.int32)
     return (ids_out, np.stack(scores)) if return_scores else ids_out
+
+
+@functools.partial(jax.jit, static_argnames=("module", "max_new_tokens", "do_sample", "top_k", "vocab_limit"))
+def decode_loop(module, params, first, cache, key, stop_ids, *, max_new_tokens, do_sample, temperature, top_k,
+                top_p, vocab_limit, pad_id=-1):
+    """Decodes on the device until every row has stopped or ``max_new_tokens`` ids are out (one
+    ``lax.while_loop``, no host round trip per token). ``first [batch]``: the prefill's ids ->
+    ``(ids [batch, max_new_tokens] with pad_id after a row's stop id, number of steps run)``."""
+    b = first.shape[0]
+    out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
+    ones = jnp.ones((b, 1), jnp.int32)
+    zeros = jnp.zeros(b, jnp.int32)
+
+    def cond(s):
+        return (s[0] < max_new_tokens) & ~s[4].all()
+
+    def body(s):
+        step, tok, cache, out, done, key = s
+        key, sub = jax.random.split(key)
+        logits, cache = module.apply({"params": params}, input_ids=tok[:, None], attention_mask=ones, cache=cache,
+                                     logits_index=zeros)
+        logits = _mask_vocab(logits[:, 0].astype(jnp.float32), vocab_limit)
+        nxt = sample_logits(logits, sub, do_sample, temperature, top_k, top_p)
+        out = jax.lax.dynamic_update_slice(out, jnp.where(done, pad_id, nxt)[:, None], (0, step))
+        # a stopped row keeps decoding (static shapes) on a valid id; its output is padding
+        return step + 1, jnp.where(done, 0, nxt), cache, out, done | jnp.isin(nxt, stop_ids), key
+
+    init = (jnp.int32(1), first, cache, out, jnp.isin(first, stop_ids), key)
+    step, _, _, out, _, _ = jax.lax.while_loop(cond, body, init)
+    return out, step
+
+
+def generate_device(module, params, cfg: Qwen2Config, attention_mask, inputs_embeds=None, input_ids=None, *,
+                    max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
+                    top_p: float = 1.0, seed: int = 0, stop_ids: Sequence[int] = (), vocab_limit: Optional[int] = None,
+                    pad_id: int = -1):
+    """:func:`generate` with the decode loop on the device (:func:`decode_loop`): one jitted prefill,
+    one jitted loop. Returns the device array of new ids ``[batch, max_new_tokens]`` (``pad_id``
+    after each row's stop id, and in the columns past the last step)."""
+    check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p)
+    b, t = (inputs_embeds if inputs_embeds is not None else input_ids).shape[:2]
+    cache = KVCache.init(cfg, b, t + max_new_tokens)
+    key, sub = jax.random.split(jax.random.PRNGKey(seed))
+    static = dict(do_sample=do_sample, top_k=int(top_k), vocab_limit=vocab_limit)
+    dyn = dict(temperature=jnp.float32(temperature), top_p=jnp.float32(top_p))
+    ids = None if input_ids is None else jnp.asarray(input_ids, jnp.int32)
+    tok, cache, _ = prefill(module, params, ids, jnp.asarray(attention_mask, jnp.int32), cache, sub,
+                            inputs_embeds=inputs_embeds, **static, **dyn)
+    stops = jnp.asarray(list(stop_ids) or [-2], jnp.int32)
+    out, _ = decode_loop(module, params, tok, cache, key, stops, max_new_tokens=int(max_new_tokens), pad_id=pad_id,
+                         **static, **dyn)
+    return out

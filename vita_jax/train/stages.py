@@ -58,6 +58,9 @@ def stage_config(stage: str, arg: str | None = None) -> ml_collections.ConfigDic
     c.max_empty_steps = 20  # steps in a row with no target tokens (every sample bad) stop the run
     c.ctc_units = 0  # 0: from the unit vocabulary trained on the transcripts
     c.init_from = ""  # previous stage's checkpoint (parameters only, fresh optimizer)
+    # evaluators during training, {name: dict(type=..., data=..., every=N, ...)} (vita_jax/evals); on the command
+    # line as JSON: --config.evals='{"dev": {"type": "asr", "data": "dev.jsonl", "every": 500}}'
+    c.evals = ml_collections.ConfigDict()
     c.data = ml_collections.ConfigDict(dict(mixture=[], tfds=[], shuffle_seed=0, seq_len=128 if arg == "tiny" else 6200,
                                             max_tiles_per_sample=1 if arg == "tiny" else tiles_per_image(c),
                                             max_clips_per_sample=1,

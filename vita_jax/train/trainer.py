@@ -25,6 +25,7 @@ from vita_jax.convert import checkpoint, orbax_io, target
 from vita_jax.convert import tts as tts_io
 from vita_jax.data import pipeline, synthetic
 from vita_jax.data.text import load_tokenizer
+from vita_jax.evals.training import TrainingEvals
 from vita_jax.models import vita
 from vita_jax.train import checkpoint as ckpt_lib
 from vita_jax.train import flops, setup, stages
@@ -237,6 +238,7 @@ def train(config, workdir: str, mesh=None, data=None, log: Callable = print, pro
     main = jax.process_index() == 0  # one process writes the metrics and logs, draws the bar
     if not main:
         log, progress = (lambda *a, **k: None), False
+    evals = TrainingEvals(config, workdir, mesh, log)  # config.evals, checked before any model is built
     total = int(config.total_steps)
     model_dir, metrics_path = paths.join(workdir, "model"), paths.join(workdir, "metrics.jsonl")
     ck = _open_checkpoints(config, workdir, log if main else None)
@@ -327,6 +329,9 @@ def train(config, workdir: str, mesh=None, data=None, log: Callable = print, pro
                     pending = None
                 ck.save(i + 1, state, data_state, config, force=(i + 1 == total))
                 done = i + 1
+                if evals and evals.due(i + 1, total):  # after the step's own metrics line
+                    pending = record(pending) if pending is not None else None
+                    evals.run(i + 1, total, lambda: stages.merge(state.train, state.frozen), mf, tb)
                 if stop_after is not None and i + 1 >= stop_after:
                     break
             if pending is not None:

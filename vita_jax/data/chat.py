@@ -1,0 +1,77 @@
+"""The inference side of the batch builder, shared by ``chat`` / ``generate`` and the evaluators:
+
+* :func:`chat_example`: a question (or a history) with optional image / audio / video -> the
+  example ``{input_ids, pixels, audio}`` of the official generation prompt (template, system
+  prompt, placeholders), media preprocessed exactly as training preprocesses a sample.
+* :func:`inference_batch`: ids and media -> :func:`vita_jax.data.batch.build` with bucketed slots
+  (tiles and clips to a power of two times the data-parallel size, frames to a multiple of
+  ``config.frame_bucket``, the spliced length to a multiple of ``config.seq_bucket``), or with the
+  slot counts given (several processes feeding one batch must agree on them).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import numpy as np
+
+from vita_jax.data import batch as batch_lib
+from vita_jax.data import text as text_lib
+
+
+def chat_example(prep: batch_lib.Preprocess, tokenizer, messages: Union[str, Sequence], image=None, audio=None,
+                 video=None) -> dict:
+    """``input_ids`` (int64, ``-200`` / ``-500`` placeholders), ``pixels`` (``[tiles, 3, S, S]`` or
+    None) and ``audio`` (a list of fbank clips ``[frames, mel]``) of a generation prompt. ``audio``:
+    a path or ``(waveform, rate)``; typed control strings and placeholders are text."""
+    if video is not None and image is not None:
+        raise ValueError("image and video: give one of them, not both (the prompt holds one visual input)")
+    pixels, tiles, frames = None, (), 0
+    if video is not None:
+        pixels = prep.frames(video)
+        frames, modality = len(pixels), "video"
+    elif image is not None:
+        pixels = prep.tiles(image)
+        tiles, modality = (len(pixels),), "image"
+    else:
+        modality = "lang"
+    clips = []
+    if audio is not None:
+        clips = [prep.fbank(*audio) if isinstance(audio, tuple) else prep.fbank(audio)]
+    # typed control strings and placeholders are text, never turn boundaries or media slots
+    if isinstance(messages, str):
+        msgs = text_lib.generation_messages(text_lib.as_text(messages, tokenizer), modality, tiles, frames,
+                                            audio is not None)
+    else:
+        history = [(role, text_lib.as_text(content, tokenizer)) for role, content in messages]
+        last = text_lib.generation_messages(history[-1][1], modality, tiles, frames, audio is not None)
+        msgs = history[:-1] + last
+    ids = text_lib.tokenize_with_placeholders(text_lib.build_prompt(msgs, modality), tokenizer)
+    return dict(input_ids=np.asarray(ids, np.int64), pixels=pixels, audio=clips)
+
+
+def inference_batch(module, config, input_ids, attention_mask=None, labels=None, pixels=None,
+                    clips: Sequence[np.ndarray] = (), clip_lengths=None, *, dp: int = 1,
+                    max_length: Optional[int] = None, tile_slots: Optional[int] = None,
+                    clip_slots: Optional[int] = None, frame_slots: Optional[int] = None, length: Optional[int] = None,
+                    tile_offset: int = 0, clip_offset: int = 0):
+    """The host batch of an inference call -> ``(arrays, plan)`` for ``module`` (a
+    :class:`~vita_jax.models.vita.VITA`). ``pixels``: tiles in placeholder order; ``clips``: fbank
+    clips (``clip_lengths``: their real frames). Slot counts and the spliced ``length`` default to
+    buckets of what is given; ``tile_offset`` / ``clip_offset`` place ``src`` in global arrays."""
+    n_tiles, n_clips = (0 if pixels is None else len(pixels)), len(clips)
+    whale_cfg = module.whale_cfg
+    lens = [len(c) for c in clips] if clip_lengths is None else [int(n) for n in clip_lengths]
+    if frame_slots is None:
+        fb = int(config.get("frame_bucket", 64))
+        frame_slots = min(-(-max(len(c) for c in clips) // fb) * fb, whale_cfg.max_frames) if n_clips else 0
+    if tile_slots is None:
+        tile_slots = batch_lib.bucket(n_tiles, dp) if n_tiles else 0
+    if clip_slots is None:
+        clip_slots = batch_lib.bucket(n_clips, dp) if n_clips else 0
+    return batch_lib.build(
+        input_ids, attention_mask, labels, pixels, list(clips), clip_lengths=lens,
+        tokens_per_tile=module.tokens_per_tile, max_length=max_length or config.tokenizer_model_max_length,
+        pad_to=length or config.get("seq_bucket", 64), tile_slots=tile_slots, clip_slots=clip_slots,
+        frame_slots=frame_slots, mel_bins=whale_cfg.input_dim if whale_cfg is not None else 80,
+        tile_offset=tile_offset, clip_offset=clip_offset,
+        image_size=module.vit_cfg.image_size if module.vit_cfg is not None else 0)

@@ -1,0 +1,151 @@
+"""One evaluator run: settings -> examples -> batched replies -> per-example scores -> metrics, and
+the files it writes (``predictions.jsonl``, ``metrics.json``).
+
+Settings of an evaluator (``config.evals[NAME]`` in training, ``vita-jax eval`` on a checkpoint):
+``type`` (a task of :mod:`vita_jax.evals.tasks`), ``data`` (its file or folder), ``max_examples``
+(0 = all; MCQ counts questions, not rotations), ``batch_size`` (rows of a global batch),
+``max_new_tokens``, ``do_sample`` / ``temperature`` / ``top_k`` / ``top_p`` / ``seed`` (greedy by
+default), ``every`` (training only: steps between runs; 0 = only at the end) and the task's own
+(``prompt``, ``prompt_suffix``, ``language``, ``circular``, ``frames``).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Mapping, Optional
+
+from tqdm import tqdm
+
+from vita_jax.data import sources
+from vita_jax.evals import tasks
+from vita_jax.evals.engine import Engine
+
+DEFAULTS = dict(type="", data="", every=0, max_examples=0, batch_size=8, max_new_tokens=64, do_sample=False,
+                temperature=1.0, top_k=0, top_p=1.0, seed=0, prompt="", prompt_suffix=tasks.VQA_SUFFIX,
+                language="en", circular=False, frames=16)
+
+
+def settings_of(raw: Mapping, name: str = "eval") -> dict:
+    """An evaluator's settings with the defaults filled in; an unknown key, a missing ``type`` /
+    ``data`` or a bad number is a ``ValueError`` naming it."""
+    raw = dict(raw.to_dict() if hasattr(raw, "to_dict") else raw)
+    unknown = sorted(set(raw) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"{name}: unknown setting {unknown[0]!r} (settings: {', '.join(DEFAULTS)})")
+    s = {**DEFAULTS, **raw}
+    tasks.get(s["type"])
+    if not s["data"]:
+        raise ValueError(f"{name}: no data (the benchmark's file or folder)")
+    if not os.path.exists(s["data"]):
+        raise FileNotFoundError(f"{name}: data {s['data']} does not exist")
+    for k in ("batch_size", "max_new_tokens"):
+        if int(s[k]) < 1:
+            raise ValueError(f"{name}: {k} = {s[k]} must be at least 1")
+    for k in ("every", "max_examples"):
+        if int(s[k]) < 0:
+            raise ValueError(f"{name}: {k} = {s[k]} must be >= 0")
+    return s
+
+
+def _limit(examples: list, n: int) -> list:
+    """The first ``n`` examples, or all examples of the first ``n`` groups (circular copies)."""
+    if not n:
+        return examples
+    if not any("group" in e for e in examples):
+        return examples[:n]
+    keep = set()
+    for e in examples:
+        if len(keep) < n:
+            keep.add(e["group"])
+    return [e for e in examples if e["group"] in keep]
+
+
+def _record(ex: dict, prediction: str, scores: dict) -> dict:
+    rec = dict(id=ex["id"], prediction=prediction, reference=ex["reference"])
+    rec.update({k: ex[k] for k in ("category", "group", "image_key") if k in ex})
+    rec.update(scores)
+    return rec
+
+
+def evaluate(engine: Engine, settings: Mapping, name: str = "eval", progress: bool = False) -> tuple[dict, list]:
+    """Runs one evaluator -> ``(metrics, per-example records)``; every process returns the same.
+    ``metrics`` holds the task's numbers plus ``n`` (examples) and ``examples_per_s``."""
+    s = settings_of(settings, name)
+    task = tasks.get(s["type"])
+    t0 = time.perf_counter()
+    records = []
+    if task.generative:
+        examples = _limit(task.read(s), int(s["max_examples"]))
+        if not examples:
+            raise ValueError(f"{name}: {s['data']} holds no examples")
+        sampling = {k: s[k] for k in ("do_sample", "temperature", "top_k", "top_p", "seed")}
+        bar = tqdm(total=len(examples), unit="ex", desc=name, disable=not progress, leave=False)
+        for texts in engine.generate(examples, int(s["batch_size"]), int(s["max_new_tokens"]),
+                                     frames=int(s["frames"]) if s["type"] == "video_mcq" else None,
+                                     progress=bar, **sampling):
+            for text in texts:
+                ex = examples[len(records)]
+                records.append(_record(ex, text, task.score(ex, text, s)))
+        bar.close()
+    else:
+        src = sources.OfficialJSON(s["data"])
+        n = len(src) if not s["max_examples"] else min(len(src), int(s["max_examples"]))
+        ids = [str(src[i].get("id", i)) if isinstance(src[i], dict) else str(i) for i in range(n)]
+        convert = sources.OfficialExamples(engine.tokenizer, engine.prep)
+        bar = tqdm(total=n, unit="ex", desc=name, disable=not progress, leave=False)
+        for recs in engine.loss(ids, lambda i: convert(src[i]), int(s["batch_size"]), progress=bar):
+            records.extend(recs)
+        bar.close()
+    dt = time.perf_counter() - t0
+    metrics = task.aggregate(records, s)
+    metrics.update(n=len(records), examples_per_s=len(records) / dt if dt > 0 else float("nan"))
+    return metrics, records
+
+
+def _clean(v):
+    return None if isinstance(v, float) and math.isnan(v) else v
+
+
+def write_predictions(path: str, records: list, opener=open) -> None:
+    """One JSON line per example (``id``, ``prediction``, ``reference``, its scores)."""
+    with opener(path, "w") as f:
+        for r in records:
+            f.write(json.dumps({k: _clean(v) for k, v in r.items()}, ensure_ascii=False) + "\n")
+
+
+def write_outputs(out_dir: str, task: str, metrics: dict, records: list) -> dict:
+    """``OUT/predictions.jsonl`` and ``OUT/metrics.json``; returns the summary ``{task, n, metrics}``."""
+    os.makedirs(out_dir, exist_ok=True)
+    write_predictions(os.path.join(out_dir, "predictions.jsonl"), records)
+    summary = dict(task=task, n=metrics["n"], metrics={k: _clean(v) for k, v in metrics.items()})
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    return summary
+
+
+def suite(config) -> dict:
+    """``config.evals`` (``{name: settings}``) as checked settings, in name order."""
+    evals = config.get("evals") if hasattr(config, "get") else None
+    if not evals:
+        return {}
+    return {name: settings_of(evals[name], f"config.evals.{name}") for name in sorted(evals)}
+
+
+def log_line(task: str, metrics: dict) -> str:
+    """The closing JSON line ``{"task", "n", "metrics"}``."""
+    return json.dumps(dict(task=task, n=metrics["n"], metrics={k: _clean(v) for k, v in metrics.items()}))
+
+
+def step_due(settings: dict, step: int, total: int) -> bool:
+    """In training: every ``every`` steps and at the last step."""
+    every = int(settings.get("every", 0))
+    return step == total or (every > 0 and step % every == 0)
+
+
+def read_examples(settings: Mapping, name: str = "eval") -> Optional[list]:
+    """The examples an evaluator would run (after ``max_examples``), None for ``loss``."""
+    s = settings_of(settings, name)
+    task = tasks.get(s["type"])
+    return _limit(task.read(s), int(s["max_examples"])) if task.generative else None
