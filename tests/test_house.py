@@ -5,7 +5,7 @@ Layers, low to high (a module imports only its own package or lower layers; ``co
 ``data`` and may import it, never the other way round)::
 
     config, paths, assets <- parallel <- layers <- models <- data <- convert <- {train, infer, evals}
-                   <- api <- {bench, demo, serve} <- cli <- the package root (lazy re-exports)
+                   <- api <- serve <- {bench, demo} <- cli <- the package root (lazy re-exports)
 """
 import ast
 import os
@@ -16,7 +16,7 @@ import pytest
 
 PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "vita_jax")
 RANK = {"config": 0, "paths": 0, "assets": 0, "parallel": 1, "layers": 2, "models": 3, "data": 4, "convert": 5, "train": 6,
-        "infer": 6, "evals": 6, "api": 7, "bench": 8, "demo": 8, "serve": 8, "cli": 9, "": 10}
+        "infer": 6, "evals": 6, "api": 7, "serve": 8, "bench": 9, "demo": 9, "cli": 10, "": 11}
 MAX_LINES = 400
 
 
@@ -164,7 +164,7 @@ def test_files_are_small():
     assert not big, f"files over {MAX_LINES} lines: {big}"
 
 
-@pytest.mark.parametrize("sub", ["", "demo", "train", "generate", "convert", "bench", "compile"])
+@pytest.mark.parametrize("sub", ["", "demo", "train", "generate", "convert", "bench", "compile", "serve"])
 def test_every_subcommand_has_help(sub):
     r = subprocess.run([sys.executable, "-m", "vita_jax.cli"] + ([sub] if sub else []) + ["--help"],
                        capture_output=True, text=True, timeout=120)
