@@ -89,19 +89,5 @@ def write_video(path, n_frames, fps, size=(64, 48), step=9):
 def chat_release_dir(tmp_path_factory):
     """A random tiny VITA with the real Qwen2.5 tokenizer (full 152064-row vocabulary) and the
     fixture's speech decoder + codec, written in the official release layout."""
-    import shutil
-    import vita_jax
-    from vita_jax import config as config_lib
-    c = config_lib.load_config("tiny")
-    c.llm.vocab_size = 152064
-    c.bos_token_id, c.eos_token_id = 151643, 151645
-    m = vita_jax.init_model(c, seed=3)
-    d = str(tmp_path_factory.mktemp("rel") / "vita-tiny-random")
-    m.save_pretrained(d)
-    tok = os.path.join(FIXTURES, "qwen2.5-tokenizer")
-    for f in os.listdir(tok):
-        if f.endswith((".json", ".txt")) and "cases" not in f and "report" not in f:
-            shutil.copy2(os.path.join(tok, f), d)
-    for part in ("decoder", "codec"):  # the fixture's speech decoder fits a 64-wide LLM (16 x 4)
-        shutil.copytree(os.path.join(TINY, "vita_tts_ckpt", part), os.path.join(d, "vita_tts_ckpt", part))
-    return d
+    from vita_jax.bench.serve import tiny_release
+    return tiny_release(str(tmp_path_factory.mktemp("rel") / "vita-tiny-random"), FIXTURES)
