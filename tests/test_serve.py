@@ -1,7 +1,6 @@
 """``vita-jax serve`` over real sockets with a Python WebSocket client: the page, the protocol,
 origin and size checks, malformed input, floods, abrupt disconnects and connect/disconnect cycles,
 on a random tiny VITA with the real Qwen2.5 tokenizer and the fixture's speech decoder."""
-import asyncio
 import json
 import subprocess
 import sys
@@ -29,13 +28,8 @@ OPTS = TurnOptions(max_new_tokens=6, tts_max_tokens=24, first=(8, 1.01), later=(
 def server(chat_release_dir):
     model = vita_jax.from_pretrained(chat_release_dir)
     engine = engine_lib.Engine(model, slots=2, max_new_tokens=6, max_prompt=512)
-    loop = asyncio.new_event_loop()
-    srv = server_lib.Server(engine, max_sessions=2, opts=OPTS, max_message=200_000, rate_limit=100)
-    threading.Thread(target=loop.run_forever, daemon=True).start()
-    asyncio.run_coroutine_threadsafe(srv.start("127.0.0.1", 0), loop).result(30)
-    yield srv
-    asyncio.run_coroutine_threadsafe(srv.stop(), loop).result(30)
-    loop.call_soon_threadsafe(loop.stop)
+    with server_lib.in_thread(engine, max_sessions=2, opts=OPTS, max_message=200_000, rate_limit=100) as srv:
+        yield srv
     engine.close()
 
 
@@ -174,3 +168,11 @@ def test_serving_imports_no_torch():
             "v = vad.SileroVAD(); v(np.zeros(512, np.float32)); assert 'torch' not in sys.modules, 'torch'")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_cli_serve_user_errors(capsys):
+    from vita_jax import cli
+    assert cli.main(["serve", "--checkpoint", "/nonexistent/vita", "--no-warmup"]) == 2
+    assert "vita-jax: error:" in capsys.readouterr().err
+    assert cli.main(["serve", "--checkpoint", "/nonexistent/vita", "--max-sessions", "0"]) == 2
+    assert "--max-sessions" in capsys.readouterr().err

@@ -2,14 +2,12 @@
 microphone through its AudioWorklet, shows the answer text and plays the answer audio. The
 screenshot is kept (``$VITA_TEST_ARTIFACTS/serve_page.png``, else pytest's tmp dir). Chromium is
 driven over the DevTools protocol with the ``websockets`` client (no browser download, no driver)."""
-import asyncio
 import base64
 import json
 import os
 import shutil
 import subprocess
 import tempfile
-import threading
 import time
 import urllib.request
 
@@ -39,13 +37,8 @@ def server(chat_release_dir):
     model = vita_jax.from_pretrained(chat_release_dir)
     engine = engine_lib.Engine(model, slots=1, max_new_tokens=8, max_prompt=512)
     opts = TurnOptions(max_new_tokens=8, tts_max_tokens=40, first=(8, 1.01), later=(8, 1.01), padding_size=2)
-    loop = asyncio.new_event_loop()
-    srv = server_lib.Server(engine, max_sessions=1, opts=opts)
-    threading.Thread(target=loop.run_forever, daemon=True).start()
-    asyncio.run_coroutine_threadsafe(srv.start("127.0.0.1", 0), loop).result(30)
-    yield srv
-    asyncio.run_coroutine_threadsafe(srv.stop(), loop).result(30)
-    loop.call_soon_threadsafe(loop.stop)
+    with server_lib.in_thread(engine, max_sessions=1, opts=opts) as srv:
+        yield srv
     engine.close()
 
 

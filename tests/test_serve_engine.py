@@ -169,3 +169,13 @@ def test_concurrent_sessions_share_steps_and_bad_prompts_fail_alone(engine):
     assert recs[2].items[-1]["type"] == "error" and "max_prompt" in recs[2].items[-1]["message"]
     assert all(r.items[-1]["type"] == "turn_metrics" for r in recs[:2])
     assert engine.stats["row_steps"] - rows0 > engine.stats["steps"] - steps0
+
+
+def test_reply_splitter_streams_the_release_pieces():
+    from vita_jax.infer.speech import ReplySplitter, split_reply
+    text = "☞Hi, a. Hello there, my friend! 你好，世界。<unk>How are you?\nFine, thanks<|im_end|>"
+    for size in (1, 2, 3, 7, len(text)):
+        s = ReplySplitter()
+        pieces = [p for i in range(0, len(text), size) for p in s.push(text[i:i + size])] + s.finish()
+        assert pieces == split_reply(text)
+    assert split_reply(text)[:2] == ["hi. a.", "hello there,"]

@@ -2,8 +2,9 @@
 ``vita-jax serve`` in this process over real WebSockets, replaying real speech (the bundled CMU
 ARCTIC recordings) at real-time pace in 100 ms chunks.
 
-Per client and turn: the question, 1.2 s of silence (the VAD's 500 ms end rule closes it), then the
-answer is awaited; the last turn of each client is interrupted (barge-in) by the next question as
+After a warm-up (server.warm_up and one unmeasured client round), per client and turn: the question,
+1.2 s of silence (the VAD's 500 ms end rule closes it), the answer is awaited, then ``reset`` (no
+history, so every turn has warm shapes); the last turn of each client is interrupted (barge-in) by the next question as
 soon as the answer's first text arrives. Printed per N: p50 / p95 of speech end -> first text and
 -> first audio (the server's ``turn_metrics``, measured from its ``speech_end``), of barge-in ->
 ``stop_tts`` (client side: from sending the chunk where the barge-in speech begins to receiving
@@ -17,9 +18,10 @@ real Qwen2.5 tokenizer and the fixtures' speech decoder + codec (``--fixtures``,
 """
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import json
 import os
+import queue
 import shutil
 import tempfile
 import threading
@@ -66,43 +68,52 @@ def _client(url: str, wave: np.ndarray, turns: int, out: list, start: threading.
     pcm = (np.clip(wave, -1, 1) * 32767).astype("<i2")
     onset = int(np.argmax(np.abs(wave) > 0.02)) // CHUNK  # the chunk where the speech begins
     silence = np.zeros(int(1.2 * 16000), "<i2")
+    inbox: queue.Queue = queue.Queue()  # (receipt time, message): a reader thread stamps each one
     start.wait()
     with connect(url, max_size=None) as ws:
-        def stream(samples, t_start):
+        def reader():
+            with contextlib.suppress(Exception):
+                for m in ws:
+                    inbox.put((time.perf_counter(), m if isinstance(m, bytes) else json.loads(m)))
+
+        def stream(samples):
+            t_start = time.perf_counter()
             for k, i in enumerate(range(0, len(samples), CHUNK)):
                 time.sleep(max(0.0, t_start + k * CHUNK / 16000 - time.perf_counter()))
                 ws.send(samples[i:i + CHUNK].tobytes())
+            return t_start
+        threading.Thread(target=reader, daemon=True).start()
         for t in range(turns):
             barge = t == turns - 1
-            stream(np.concatenate([pcm, silence]), time.perf_counter())
-            rec = dict(audio=0.0, barge_in_ms=None)
-            t_end = t_last_audio = None
+            stream(np.concatenate([pcm, silence]))
+            rec, t_end, t_last_audio = dict(audio=0.0), None, None
             while True:
-                m = ws.recv(timeout=600)
+                at, m = inbox.get(timeout=600)
                 if isinstance(m, bytes):
                     rec["audio"] += len(m) / 2 / 24000
-                    t_last_audio = time.perf_counter()
-                    continue
-                m = json.loads(m)
-                if m["type"] == "vad" and m["state"] == "speech_end":
-                    t_end = time.perf_counter()
-                if m["type"] == "response_text" and barge:
-                    t0 = time.perf_counter() + onset * CHUNK / 16000
-                    stream(pcm, time.perf_counter())  # interrupt with the next question
-                    while True:
-                        m2 = ws.recv(timeout=600)
-                        if not isinstance(m2, bytes) and json.loads(m2)["type"] == "stop_tts":
-                            rec["barge_in_ms"] = 1000 * (time.perf_counter() - t0)
-                            break
-                    stream(silence, time.perf_counter())
+                    t_last_audio = at
+                elif m["type"] == "vad" and m["state"] == "speech_end":
+                    t_end = at
+                elif m["type"] == "response_text" and barge:  # interrupt with the next question
+                    t0 = stream(pcm) + onset * CHUNK / 16000
+                    stream(silence)
+                    while not (isinstance(m, dict) and m["type"] == "stop_tts"):
+                        at, m = inbox.get(timeout=600)
+                    rec["barge_in_ms"] = 1000 * (at - t0)
                     break
-                if m["type"] in ("turn_metrics", "error"):
+                elif m["type"] == "error":  # a refused turn (no text yet) has no metrics; a failed speech
+                    rec["type"] = "error"     # decoder is followed by them
+                    if not rec.get("text"):
+                        break
+                elif m["type"] == "response_text":
+                    rec["text"] = True
+                elif m["type"] == "turn_metrics":
                     rec.update(m)
                     if t_end is not None and t_last_audio is not None and rec["audio"] > 0:
                         rec["rtf"] = (t_last_audio - t_end) / rec["audio"]
                     break
             out.append(rec)
-        ws.send(json.dumps({"type": "reset"}))
+            ws.send(json.dumps({"type": "reset"}))  # no history: every turn has the shapes the warm round compiled
 
 
 def run(model, clients=(1, 2, 4, 8), turns: int = 3, max_new_tokens: int = 24, tts_max_tokens: int = 80) -> list:
@@ -112,26 +123,25 @@ def run(model, clients=(1, 2, 4, 8), turns: int = 3, max_new_tokens: int = 24, t
     for n in clients:
         engine = engine_lib.Engine(model, slots=n, max_new_tokens=max_new_tokens, max_prompt=512)
         opts = TurnOptions(max_new_tokens=max_new_tokens, tts_max_tokens=tts_max_tokens)
-        server_lib.warm_up(engine, opts)
-        loop = asyncio.new_event_loop()
-        threading.Thread(target=loop.run_forever, daemon=True).start()
-        srv = asyncio.run_coroutine_threadsafe(server_lib.Server(engine, n, opts).start("127.0.0.1", 0), loop).result()
+        server_lib.warm_up(engine, opts, clip_seconds=[len(wave) / 16000 - d for d in (1.0, 0.5, 0.0)])
         out, start = [], threading.Event()
-        threads = [threading.Thread(target=_client, args=(f"ws://127.0.0.1:{srv.port}/ws", wave, turns, out, start))
-                   for _ in range(n)]
-        for t in threads:
-            t.start()
-        s0 = dict(engine.stats)
-        start.set()
-        for t in threads:
-            t.join()
-        asyncio.run_coroutine_threadsafe(srv.stop(), loop).result()
-        loop.call_soon_threadsafe(loop.stop)
+        with server_lib.in_thread(engine, max_sessions=n, opts=opts) as srv:
+            warm = threading.Event()
+            warm.set()  # one unmeasured client round first: the speech decoder's and codec's shapes compile
+            _client(f"ws://127.0.0.1:{srv.port}/ws", wave, 2, [], warm)
+            threads = [threading.Thread(target=_client, args=(f"ws://127.0.0.1:{srv.port}/ws", wave, turns, out,
+                                                              start)) for _ in range(n)]
+            for t in threads:
+                t.start()
+            s0 = dict(engine.stats)
+            start.set()
+            for t in threads:
+                t.join()
         engine.close()
         done = [r for r in out if r.get("type") == "turn_metrics"]
 
         def pct(key, q):
-            v = [r[key] for r in done + out if r.get(key) is not None]
+            v = [r[key] for r in out if r.get(key) is not None]
             return None if not v else round(float(np.percentile(v, q)), 1)
         steps = engine.stats["steps"] - s0["steps"]
         rows.append(dict(clients=n, turns=len(done), failed=sum(r.get("type") == "error" for r in out),

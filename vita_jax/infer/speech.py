@@ -87,7 +87,7 @@ class SpeechModel:
             else:
                 key, sub = jax.random.split(key)
                 token = int(jax.random.choice(sub, probs.shape[0], p=jnp.asarray(probs)))
-            if token == c.eos:
+            if token >= c.odim:  # EOS; or another special id, on which the release's codec would index out of range
                 return
             history.append(token)
             index += 1

@@ -20,6 +20,7 @@ import threading
 import time
 from typing import Optional, Sequence
 
+import numpy as np
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
@@ -178,14 +179,39 @@ class Server:
         raise ValueError(f"unknown message type {kind!r} (expected video_frame, text or reset)")
 
 
-def warm_up(engine: Engine, opts: TurnOptions) -> float:
-    """Compiles the LLM prefill / slot step and the speech decoder + codec with one typed turn;
-    returns the seconds it took."""
-    t0, done = time.perf_counter(), threading.Event()
-    s = Session(engine, lambda item: done.set() if isinstance(item, dict) and item["type"] in (
-        "turn_metrics", "error") else None, opts)
-    s.text("Hello, who are you?")
-    done.wait(600)
+@contextlib.contextmanager
+def in_thread(engine: Engine, host: str = "127.0.0.1", port: int = 0, **kw):
+    """A :class:`Server` on an event loop of its own thread (tests, the bench): ``with in_thread(engine,
+    max_sessions=2) as srv: ... srv.port``; stopped (connections closed) on leaving."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="vita-serve-loop", daemon=True)
+    thread.start()
+    srv = asyncio.run_coroutine_threadsafe(Server(engine, **kw).start(host, port), loop).result(60)
+    try:
+        yield srv
+    finally:
+        asyncio.run_coroutine_threadsafe(srv.stop(), loop).result(60)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+
+def warm_up(engine: Engine, opts: TurnOptions, clip_seconds: Sequence[float] = (2, 4, 6, 8)) -> float:
+    """Compiles before serving: a typed turn, then one spoken turn (real speech, looped or cut) per
+    length in ``clip_seconds`` (each fbank frame / prompt bucket compiles the audio encoder and the
+    prefill once); returns the seconds it took. Later turns with new shapes (long history, other
+    lengths, an image) still compile on first use."""
+    from vita_jax import assets  # the bundled recordings: only the warm-up speaks
+    t0 = time.perf_counter()
+    wave = np.concatenate([c[1] for c in assets.speech_clips()[:2]])
+    for secs in [None, *clip_seconds]:
+        done = threading.Event()
+        s = Session(engine, lambda item: done.set() if isinstance(item, dict) and item["type"] in (
+            "turn_metrics", "error") else None, opts)
+        if secs is None:
+            s.text("Hello, who are you?")
+        else:
+            s._start(None, np.resize(wave, int(secs * vad_lib.RATE)), time.perf_counter())
+        done.wait(600)
     return time.perf_counter() - t0
 
 
