@@ -97,9 +97,13 @@ def _client(url: str, wave: np.ndarray, turns: int, out: list, start: threading.
                 elif m["type"] == "response_text" and barge:  # interrupt with the next question
                     t0 = stream(pcm) + onset * CHUNK / 16000
                     stream(silence)
-                    while not (isinstance(m, dict) and m["type"] == "stop_tts"):
+                    while True:  # stop_tts, unless the answer (and its playback) ended before the speech
                         at, m = inbox.get(timeout=600)
-                    rec["barge_in_ms"] = 1000 * (at - t0)
+                        if isinstance(m, dict) and m["type"] == "stop_tts":
+                            rec["barge_in_ms"] = 1000 * (at - t0)
+                            break
+                        if isinstance(m, dict) and m["type"] == "vad" and m["state"] == "speech_end":
+                            break
                     break
                 elif m["type"] == "error":  # a refused turn (no text yet) has no metrics; a failed speech
                     rec["type"] = "error"     # decoder is followed by them
