@@ -13,7 +13,7 @@ setup(
     description="VITA-1.5 (vision + speech in, text + speech out) in JAX/Flax: training on TPU/GPU, "
                 "parity with and conversion to/from the official PyTorch release",
     packages=find_packages(include=["vita_jax", "vita_jax.*"]),
-    package_data={"vita_jax": ["assets/speech/*"]},
+    package_data={"vita_jax": ["assets/speech/*", "serve/static/*"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.10.2",
