@@ -2,6 +2,10 @@ from setuptools import find_packages, setup
 
 # ahead-of-time compilation for TPU from any host (vita-jax compile): the libtpu that jax 0.10.2 pins
 TPU = ["libtpu==0.0.42.*"]
+# vita-jax serve: the WebSocket server (websockets: one small pure-Python package, no web framework) and
+# Silero VAD's weights as the silero-vad wheel ships them, read from its ONNX file with onnx (the wheel
+# depends on torch, which pip installs but the server never imports); the tests use them too
+SERVE = ["websockets>=13", "silero-vad>=5.1", "onnx>=1.16"]
 
 setup(
     name="vita_jax",
@@ -9,7 +13,7 @@ setup(
     description="VITA-1.5 (vision + speech in, text + speech out) in JAX/Flax: training on TPU/GPU, "
                 "parity with and conversion to/from the official PyTorch release",
     packages=find_packages(include=["vita_jax", "vita_jax.*"]),
-    package_data={"vita_jax": ["assets/speech/*"]},
+    package_data={"vita_jax": ["assets/speech/*", "serve/static/*"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.10.2",
@@ -41,11 +45,12 @@ setup(
         # conversion from/to the official PyTorch files and parity tests against transformers
         "torch": ["torch==2.13.0", "transformers==4.57.6"],
         "tpu": TPU,
-        # the tests run the notebooks (nbclient + a kernel), the demo (scikit-image photos) and compile
+        # the tests run the notebooks, the live server (nbclient + a kernel), the demo (scikit-image photos) and compile
         # for a TPU topology (libtpu)
-        "dev": ["pytest>=8", "pytest-xdist>=3", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6", "matplotlib>=3.7"]
+        "dev": SERVE + ["pytest>=8", "pytest-xdist>=3", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6", "matplotlib>=3.7"]
         + TPU,
         "notebooks": ["jupyter", "nbclient", "matplotlib"],
+        "serve": SERVE,
         # gs:// work dirs: etils.epath reaches Google Cloud Storage through fsspec's gcsfs
         "gcs": ["gcsfs"],
     },

@@ -83,3 +83,11 @@ def write_video(path, n_frames, fps, size=(64, 48), step=9):
                 out.mux(p)
         for p in s.encode():
             out.mux(p)
+
+
+@pytest.fixture(scope="session")
+def chat_release_dir(tmp_path_factory):
+    """A random tiny VITA with the real Qwen2.5 tokenizer (full 152064-row vocabulary) and the
+    fixture's speech decoder + codec, written in the official release layout."""
+    from vita_jax.bench.serve import tiny_release
+    return tiny_release(str(tmp_path_factory.mktemp("rel") / "vita-tiny-random"), FIXTURES)

@@ -1,35 +1,19 @@
 """chat() and the generate CLI end to end with the real Qwen2.5 tokenizer on a random tiny model
 (full 152064-row vocabulary), exported to and re-read from the official layout."""
 import os
-import shutil
 
 import numpy as np
 import pytest
 from PIL import Image
 
 import vita_jax
-from conftest import FIXTURES
 from vita_jax import assets, cli
-from vita_jax import config as config_lib
 from vita_jax.data import text as T
-
-TOK = os.path.join(FIXTURES, "qwen2.5-tokenizer")
 
 
 @pytest.fixture(scope="module")
-def release_dir(tmp_path_factory):
-    c = config_lib.load_config("tiny")
-    c.llm.vocab_size = 152064
-    c.bos_token_id, c.eos_token_id = 151643, 151645
-    m = vita_jax.init_model(c, seed=3)
-    d = str(tmp_path_factory.mktemp("rel") / "vita-tiny-random")
-    m.save_pretrained(d)
-    for f in os.listdir(TOK):
-        if f.endswith((".json", ".txt")) and "cases" not in f and "report" not in f:
-            shutil.copy2(os.path.join(TOK, f), d)
-    for part in ("decoder", "codec"):  # the fixture's speech decoder fits a 64-wide LLM (16 x 4)
-        shutil.copytree(os.path.join(FIXTURES, "vita15-tiny", "vita_tts_ckpt", part), os.path.join(d, "vita_tts_ckpt", part))
-    return d
+def release_dir(chat_release_dir):
+    return chat_release_dir
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ Layers, low to high (a module imports only its own package or lower layers; ``co
 ``data`` and may import it, never the other way round)::
 
     config, paths, assets <- parallel <- layers <- models <- data <- convert <- infer <- evals <- train
-                   <- api <- {bench, demo, serve} <- cli <- the package root (lazy re-exports)
+                   <- api <- serve <- {bench, demo} <- cli <- the package root (lazy re-exports)
 """
 import ast
 import os
@@ -16,7 +16,7 @@ import pytest
 
 PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "vita_jax")
 RANK = {"config": 0, "paths": 0, "assets": 0, "parallel": 1, "layers": 2, "models": 3, "data": 4, "convert": 5,
-        "infer": 6, "evals": 7, "train": 8, "api": 9, "bench": 10, "demo": 10, "serve": 10, "cli": 11, "": 12}
+        "infer": 6, "evals": 7, "train": 8, "api": 9, "serve": 10, "bench": 11, "demo": 11, "cli": 12, "": 13}
 MAX_LINES = 400
 
 
@@ -164,7 +164,7 @@ def test_files_are_small():
     assert not big, f"files over {MAX_LINES} lines: {big}"
 
 
-@pytest.mark.parametrize("sub", ["", "demo", "train", "generate", "eval", "convert", "bench", "compile"])
+@pytest.mark.parametrize("sub", ["", "demo", "train", "generate", "eval", "convert", "bench", "compile", "serve"])
 def test_every_subcommand_has_help(sub):
     r = subprocess.run([sys.executable, "-m", "vita_jax.cli"] + ([sub] if sub else []) + ["--help"],
                        capture_output=True, text=True, timeout=120)

@@ -156,14 +156,29 @@ class VitaModel:
         gen.check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p)
         ids = np.asarray(input_ids)
         ids = ids[None] if ids.ndim == 1 else ids
-        if stop_ids is None:
-            stop_ids = [i for i in (self.config.eos_token_id,
-                                    self.tokenizer.im_start_id if self.tokenizer is not None else -1) if i >= 0]
+        stop_ids = self.stop_ids if stop_ids is None else stop_ids
         if vocab_limit is None and self.tokenizer is not None:
             vocab_limit = len(self.tokenizer)
-        # a prompt is never cut (training's cut at the limit would drop the assistant header and the model
-        # would continue the user's text): measured uncut, refused when over the limit, before any compile
-        plan, args = self._prepare(ids, attention_mask, None, pixel_values, audio_features, audio_lengths,
+        embeds, mask = self.prompt_embeds(ids, attention_mask, pixel_values, audio_features, audio_lengths)
+        with parallel.use_mesh(self.mesh):
+            return gen.generate(self.llm, self.params["llm"], self.llm_cfg, None, mask, inputs_embeds=embeds,
+                                max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                                top_k=top_k, top_p=top_p, seed=seed, stop_ids=stop_ids, vocab_limit=vocab_limit)
+
+    @property
+    def stop_ids(self) -> list:
+        """What ends a reply: the config's eos (``<|im_end|>``) and the tokenizer's ``<|im_start|>``."""
+        return [i for i in (self.config.eos_token_id, self.tokenizer.im_start_id if self.tokenizer is not None else -1)
+                if i >= 0]
+
+    def prompt_embeds(self, input_ids, attention_mask=None, pixel_values=None, audio_features=None,
+                      audio_lengths=None):
+        """The spliced prompt on the device: ``(embeds [batch, L, width], attention_mask [batch, L])``
+        with ``L`` a ``seq_bucket`` length (right padding), ready for :func:`vita_jax.infer.generate.prefill`.
+        A prompt over ``config.tokenizer_model_max_length`` is refused (``ValueError``), never cut."""
+        # training's cut at the limit would drop the assistant header and the model would continue the
+        # user's text: measured uncut, refused when over the limit, before any compile
+        plan, args = self._prepare(input_ids, attention_mask, None, pixel_values, audio_features, audio_lengths,
                                    max_length=sys.maxsize)
         limit = int(self.config.tokenizer_model_max_length)
         if int(plan.lengths.max()) > limit:
@@ -171,21 +186,21 @@ class VitaModel:
                              f"config.tokenizer_model_max_length = {limit}: shorten the question or history, or "
                              f"send fewer image tiles / video frames (it is not cut, which would drop the template)")
         with parallel.use_mesh(self.mesh):
-            embeds = self._embed(self.params, *args)
-            return gen.generate(self.llm, self.params["llm"], self.llm_cfg, None, self._place(plan.attention_mask),
-                                inputs_embeds=embeds, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop_ids=stop_ids,
-                                vocab_limit=vocab_limit)
+            return self._embed(self.params, *args), self._place(plan.attention_mask)
 
-    def chat_inputs(self, messages: Union[str, Sequence], image=None, audio=None, video=None) -> dict:
+    def chat_inputs(self, messages: Union[str, Sequence], image=None, audio=None, video=None,
+                    max_tiles: Optional[int] = None) -> dict:
         """The prompt of :meth:`chat` as an example: ``input_ids`` (the official template, system
         prompt and placeholders), ``pixels`` (``[tiles, 3, S, S]`` or None) and ``audio`` (fbank
-        clips), preprocessed exactly as training preprocesses a sample (``self.prep``)."""
+        clips), preprocessed exactly as training preprocesses a sample (``self.prep``). A history
+        turn may be ``(role, text, audio)``: a spoken turn, its clip placed before the question's.
+        ``max_tiles`` overrides ``image.max_dynamic_patch`` for this image."""
         if video is not None and image is not None:
             raise ValueError("image and video: give one of them, not both (the prompt holds one visual input)")
         if self.tokenizer is None:
             raise ValueError(f"{self.path}: no tokenizer.json, chat() needs one")
-        return chat_lib.chat_example(self.prep, self.tokenizer, messages, image=image, audio=audio, video=video)
+        prep = self.prep if max_tiles is None else dataclasses.replace(self.prep, max_tiles=int(max_tiles))
+        return chat_lib.chat_example(prep, self.tokenizer, messages, image=image, audio=audio, video=video)
 
     def chat(self, messages: Union[str, Sequence], image=None, audio=None, video=None, max_new_tokens: int = 256,
              **sampling) -> str:
@@ -195,13 +210,22 @@ class VitaModel:
         gen.check_sampling(max_new_tokens, **{k: v for k, v in sampling.items() if k in (
             "do_sample", "temperature", "top_k", "top_p")})
         ex = self.chat_inputs(messages, image=image, audio=audio, video=video)
-        clips = ex["audio"]
-        out = self.generate(ex["input_ids"][None], pixel_values=ex["pixels"],
-                            audio_features=clips[0][None] if clips else None,
-                            audio_lengths=[len(clips[0])] if clips else None, max_new_tokens=max_new_tokens,
-                            **sampling)[0]
+        feats, lengths = self.pad_clips(ex["audio"])
+        out = self.generate(ex["input_ids"][None], pixel_values=ex["pixels"], audio_features=feats,
+                            audio_lengths=lengths, max_new_tokens=max_new_tokens, **sampling)[0]
         new = [int(t) for t in out if t >= 0 and t not in (self.tokenizer.im_end_id, self.tokenizer.im_start_id)]
         return self.tokenizer.decode(new)
+
+    @staticmethod
+    def pad_clips(clips):
+        """fbank clips ``[[T_i, mel], ...]`` -> ``(zero-padded [clips, max T, mel], lengths)``, or ``(None, None)``."""
+        if not clips:
+            return None, None
+        lengths = [len(c) for c in clips]
+        out = np.zeros((len(clips), max(lengths), clips[0].shape[1]), np.float32)
+        for i, c in enumerate(clips):
+            out[i, :len(c)] = c
+        return out, lengths
 
     # ----------------------------------------------------------------------------- speech output
     def speech_input(self, text: str) -> np.ndarray:
@@ -223,24 +247,30 @@ class VitaModel:
         return rows.reshape(-1, idim)
 
     def speak_stream(self, text: str, top_k: int = 2, seed: int = 0, max_tokens: int = 1000,
-                     first: tuple = (20, 0.1), later: tuple = (40, 0.015), padding_size: int = 10):
+                     first: tuple = (20, 0.1), later: tuple = (40, 0.015), padding_size: int = 10, stop=None):
         """Yields waveform segments (float32 at ``self.speech.sample_rate``) as they are produced,
-        as the release server does it: the reply is cut into pieces at punctuation, each piece is
-        a fresh decoder run; the first piece uses ``first = (chunk, threshold)`` = (20, 0.1) and has
-        its leading near-silence trimmed, later pieces ``later`` = (40, 0.015)."""
-        for k, piece in enumerate(split_reply(text)):
+        as the release server does it: the reply is cut into pieces at punctuation
+        (:func:`~vita_jax.infer.speech.split_reply`), each piece is a fresh decoder run; the first
+        piece uses ``first = (chunk, threshold)`` = (20, 0.1) and has its leading near-silence
+        trimmed, later pieces ``later`` = (40, 0.015). ``text`` may also be an iterable of pieces
+        already cut (the live server feeds them as the LLM writes them); ``stop()`` returning True
+        ends it between two decoder steps."""
+        pieces = split_reply(text) if isinstance(text, str) else text
+        for k, piece in enumerate(pieces):
             x = self.speech_input(piece)
             if x.shape[0] == 0:
                 continue
             chunk, thr = first if k == 0 else later
             trimming = k == 0
             for seg in self.speech.stream(x, chunk_size=chunk, padding_size=padding_size, seg_threshold=thr,
-                                          top_k=top_k, seed=seed + k, max_tokens=max_tokens):
+                                          top_k=top_k, seed=seed + k, max_tokens=max_tokens, stop=stop):
                 if trimming:
                     seg = trim_leading(seg)
                     trimming = len(seg) == 0
                 if len(seg):
                     yield seg
+            if stop is not None and stop():
+                return
 
     def speak(self, text: str, **kw) -> np.ndarray:
         """Reply text -> decoder -> codec -> float32 waveform (empty for empty text)."""

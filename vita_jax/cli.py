@@ -1,4 +1,5 @@
-"""``vita-jax`` command line: ``demo``, ``train``, ``generate``, ``eval``, ``convert``, ``bench`` and ``compile``; every
+"""``vita-jax`` command line: ``demo``, ``train``, ``generate``, ``eval``, ``convert``, ``bench``, ``compile``
+and ``serve``; every
 subcommand answers ``--help``. Subcommands import the package when they run, so ``--help`` does
 not pay for loading JAX.
 
@@ -235,6 +236,12 @@ def cmd_bench(a, rest) -> int:
     return bench.main([a.what] + ([f"--json={a.json}"] if a.json else []) + list(rest))
 
 
+def cmd_serve(a) -> int:
+    from vita_jax.serve import server  # subcommands import late: --help stays fast
+    return server.main(a.checkpoint, a.host, a.port, a.max_sessions, a.dtype, a.max_new_tokens, a.max_prompt,
+                       a.image_tiles, a.allow_origin, warmup=not a.no_warmup)
+
+
 CONFIG_HELP = ("config: --config=FILE.py[:ARG] (a bare name means configs/NAME.py) and any number of "
                "--config.FIELD=VALUE overrides, e.g. --config.batch_size=8")
 
@@ -306,7 +313,23 @@ def parser() -> argparse.ArgumentParser:
                                    "--checkpoint=DIR [--n=24] [--batch=8] [--tokens=16]: batched evaluation generation "
                                    "against one chat call per example.",
                        epilog=CONFIG_HELP)
-    b.add_argument("what", choices=["llm", "convert", "data", "pipeline", "mixture", "eval"])
+    b.add_argument("what", choices=["llm", "convert", "data", "pipeline", "mixture", "eval", "serve"])
+    sv = sub.add_parser("serve", help="live voice + vision: a page at / and the WebSocket protocol at /ws",
+                        description="Loads the model once and serves browser sessions (microphone, camera) and "
+                                    "WebSocket clients: VAD, streamed text and speech, barge-in (README: Live voice "
+                                    "and vision). Needs pip install -e \".[serve]\".")
+    sv.add_argument("--checkpoint", required=True, help="release directory or vita_jax checkpoint")
+    sv.add_argument("--host", default="127.0.0.1", help="interface to listen on (default loopback only)")
+    sv.add_argument("--port", type=int, default=8765)
+    sv.add_argument("--max-sessions", type=int, default=4, help="concurrent sessions = decode slots of the batch")
+    sv.add_argument("--max-new-tokens", type=int, default=128, help="LLM tokens per answer at most")
+    sv.add_argument("--max-prompt", type=int, default=None,
+                    help="spliced prompt positions at most (default min(tokenizer_model_max_length, 2048))")
+    sv.add_argument("--image-tiles", type=int, default=1, help="tiles of a camera frame (1 = one 448 px tile)")
+    sv.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    sv.add_argument("--allow-origin", action="append", default=[],
+                    help="another page origin allowed to connect, e.g. https://example.org (repeatable)")
+    sv.add_argument("--no-warmup", action="store_true", help="skip compiling before serving")
     co = sub.add_parser("compile", help="compile a stage's train step for a TPU topology from a CPU host (AOT)",
                         description="Builds the stage's state and batch abstractly (no weights, no TPU), compiles the "
                                     "sharded train step for --topology with libtpu (pip install -e \".[tpu]\") and "
@@ -355,6 +378,8 @@ def run(argv) -> int:
         p.error(f"unrecognized arguments: {' '.join(rest)}")
     if a.cmd == "demo":
         return cmd_demo(a)
+    if a.cmd == "serve":
+        return cmd_serve(a)
     return cmd_convert(a) if a.cmd == "convert" else cmd_generate(a)
 
 

@@ -297,7 +297,7 @@ def format_table(res: dict) -> str:
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
 
 
-WHAT = ("llm", "convert", "data", "pipeline", "mixture", "eval")
+WHAT = ("llm", "convert", "data", "pipeline", "mixture", "eval", "serve")
 
 
 def main(argv=None):
@@ -307,6 +307,9 @@ def main(argv=None):
               file=sys.stderr)
         return 2
     what, rest = argv[0], argv[1:]
+    if what == "serve":  # its own options: python -m vita_jax.bench serve --help
+        from vita_jax.bench import serve  # imports the server (websockets) only for this bench
+        return serve.main(rest)
     config, rest = config_lib.parse_args(rest, default="tiny")
     out, opts = None, {}
     for a in rest:

@@ -22,7 +22,8 @@ def chat_example(prep: batch_lib.Preprocess, tokenizer, messages: Union[str, Seq
                  video=None) -> dict:
     """``input_ids`` (int64, ``-200`` / ``-500`` placeholders), ``pixels`` (``[tiles, 3, S, S]`` or
     None) and ``audio`` (a list of fbank clips ``[frames, mel]``) of a generation prompt. ``audio``:
-    a path or ``(waveform, rate)``; typed control strings and placeholders are text."""
+    a path or ``(waveform, rate)``; typed control strings and placeholders are text. A history turn
+    may be ``(role, text, audio)``: a spoken turn, its clip placed before the question's."""
     if video is not None and image is not None:
         raise ValueError("image and video: give one of them, not both (the prompt holds one visual input)")
     pixels, tiles, frames = None, (), 0
@@ -34,17 +35,21 @@ def chat_example(prep: batch_lib.Preprocess, tokenizer, messages: Union[str, Seq
         tiles, modality = (len(pixels),), "image"
     else:
         modality = "lang"
+    fbank = lambda a: prep.fbank(*a) if isinstance(a, tuple) else prep.fbank(a)  # noqa: E731
     clips = []
-    if audio is not None:
-        clips = [prep.fbank(*audio) if isinstance(audio, tuple) else prep.fbank(audio)]
     # typed control strings and placeholders are text, never turn boundaries or media slots
     if isinstance(messages, str):
         msgs = text_lib.generation_messages(text_lib.as_text(messages, tokenizer), modality, tiles, frames,
                                             audio is not None)
     else:
-        history = [(role, text_lib.as_text(content, tokenizer)) for role, content in messages]
+        history = []
+        for role, content, *spoken in messages:  # a history turn (role, text, audio) was spoken: its clip
+            said = bool(spoken) and spoken[0] is not None
+            history.append((role, (text_lib.as_text(content, tokenizer) or "") + (text_lib.AUDIO_TOKEN if said else "")))
+            clips += [fbank(spoken[0])] if said else []
         last = text_lib.generation_messages(history[-1][1], modality, tiles, frames, audio is not None)
         msgs = history[:-1] + last
+    clips += [fbank(audio)] if audio is not None else []
     ids = text_lib.tokenize_with_placeholders(text_lib.build_prompt(msgs, modality), tokenizer)
     return dict(input_ids=np.asarray(ids, np.int64), pixels=pixels, audio=clips)
 

@@ -31,7 +31,12 @@ class SpeechModel:
             self._nearest = jax.jit(ticodec.nearest)
         m = self.decoder
         self._forward = jax.jit(lambda p, *a: m.apply({"params": p}, *a)[:2])
-        self._prefill = jax.jit(lambda p, x, k, v: m.apply({"params": p}, x, k, v, method=dec.TTSDecoder.prefill))
+        self._prefill = jax.jit(lambda p, x, k, v, n: m.apply({"params": p}, x, k, v, n, method=dec.TTSDecoder.prefill))
+        # shape buckets (1 = exact shapes, as the release): decoder inputs padded to a multiple of
+        # `x_bucket` rows, a stream's last codec chunk to a multiple of `codes_bucket` codes (its
+        # last code repeated, output cut: the last few ms differ slightly). The live server sets
+        # both so that replies of any length reuse a few compilations.
+        self.x_bucket, self.codes_bucket = 1, 1
         self._step = jax.jit(lambda p, t, i, k, v: m.apply({"params": p}, t, i, k, v, method=dec.TTSDecoder.step))
 
     # ------------------------------------------------------------------ decoder
@@ -60,9 +65,11 @@ class SpeechModel:
             raise ValueError(f"generation takes one sequence, got a batch of {x.shape[0]}")
         if x.shape[1] == 0:
             return
+        n = x.shape[1]
+        x = jnp.pad(x, ((0, 0), (0, -n % self.x_bucket), (0, 0)))
         k, v = self._cache(x.shape[1], max_tokens)
-        k, v = self._prefill(self.decoder_params, x, k, v)
-        index = x.shape[1] + 1
+        k, v = self._prefill(self.decoder_params, x, k, v, jnp.int32(n))
+        index = n + 1
         key = jax.random.PRNGKey(seed)
         token, history = c.sos, [c.sos]
         for step in range(max_tokens):
@@ -80,7 +87,7 @@ class SpeechModel:
             else:
                 key, sub = jax.random.split(key)
                 token = int(jax.random.choice(sub, probs.shape[0], p=jnp.asarray(probs)))
-            if token == c.eos:
+            if token >= c.odim:  # EOS; or another special id, on which the release's codec would index out of range
                 return
             history.append(token)
             index += 1
@@ -129,11 +136,13 @@ class SpeechModel:
         return np.asarray(codes, np.int64), np.asarray(gt, np.int64)
 
     def stream(self, codes_or_x, chunk_size: int = 40, padding_size: int = 10, seg_threshold: float = 0.015,
-               window: int = 2401, top_k: int = 2, seed: int = 0, max_tokens: int = 1000, global_tokens=None):
+               window: int = 2401, top_k: int = 2, seed: int = 0, max_tokens: int = 1000, global_tokens=None,
+               stop=None):
         """The official chunked decode (``llm2TTS.run``): ids come from ``codes_or_x`` (codec ids, or
         decoder input vectors that are decoded on the fly); every ``chunk_size`` new ids (+
         ``padding_size`` look-ahead, ``padding_size`` left context) a chunk is synthesised and cut at
-        a quiet point; yields float32 waveform segments as soon as they exist."""
+        a quiet point; yields float32 waveform segments as soon as they exist. ``stop()`` returning
+        True ends the stream between two decoder steps, with nothing more yielded."""
         self._need_codec()
         arr = np.asarray(codes_or_x)
         if np.issubdtype(arr.dtype, np.integer):
@@ -142,6 +151,8 @@ class SpeechModel:
             source = self.iter_codes(arr, top_k=top_k, max_tokens=max_tokens, seed=seed)
         hop, left, tokens, buffer = SAMPLES_PER_ID, 0, [], np.zeros(0, np.float32)
         for tok in source:
+            if stop is not None and stop():
+                return
             tokens.append(int(tok))
             if len(tokens) == left + chunk_size + padding_size:
                 syn = self.codes_to_wave(tokens, global_tokens)[left * hop:-padding_size * hop]
@@ -149,8 +160,9 @@ class SpeechModel:
                 buffer, out = find_min_sum_index(buffer, syn, window, seg_threshold)
                 if out is not None:
                     yield out
-        if tokens:
-            syn = self.codes_to_wave(tokens, global_tokens)[left * hop:]
+        if tokens and not (stop is not None and stop()):
+            padded = tokens + tokens[-1:] * (-len(tokens) % self.codes_bucket)
+            syn = self.codes_to_wave(padded, global_tokens)[left * hop:len(tokens) * hop]
             yield np.concatenate([buffer, syn])
 
     # ------------------------------------------------------------------ export
@@ -163,23 +175,50 @@ class SpeechModel:
 PUNCTUATION = set(",，.。?？!！、\n")
 
 
-def split_reply(text: str, min_chars: int = 5) -> list[str]:
-    """The release server's text pieces: a piece ends at punctuation once it holds >= ``min_chars``
-    characters; state symbols, ``<unk>`` and ``<|im_end|>`` are removed and text lower-cased (its
-    spelling-out of math symbols is not reproduced)."""
-    for sym in ("☞", "☟", "☜", "<unk>", "<|im_end|>"):
-        text = text.replace(sym, "")
-    pieces, cur = [], ""
-    for ch in text:
-        cur += ch
-        if ch in PUNCTUATION and len(cur.strip()) >= min_chars:
+class ReplySplitter:
+    """The release server's text pieces, cut as the text arrives: ``push(more_text)`` returns the
+    pieces it completes, ``finish()`` the rest. A piece ends at punctuation once it holds >=
+    ``min_chars`` characters; state symbols, ``<unk>`` and ``<|im_end|>`` are removed, text
+    lower-cased, and in the first piece commas become full stops (its spelling-out of math symbols
+    is not reproduced). Pieces are the same however the text is split into pushes."""
+
+    def __init__(self, min_chars: int = 5):
+        self.min_chars, self.text, self.done, self.count = min_chars, "", 0, 0
+
+    def push(self, text: str) -> list[str]:
+        self.text += text
+        return self._cut(final=False)
+
+    def finish(self) -> list[str]:
+        return self._cut(final=True)
+
+    def _cut(self, final: bool) -> list[str]:
+        clean = self.text
+        for sym in ("☞", "☟", "☜", "<unk>", "<|im_end|>"):
+            clean = clean.replace(sym, "")
+        pieces, cur = [], ""
+        for i in range(self.done, len(clean)):
+            cur += clean[i]
+            if clean[i] in PUNCTUATION and len(cur.strip()) >= self.min_chars:
+                pieces.append(cur.strip())
+                cur, self.done = "", i + 1
+        if final and cur.strip():
             pieces.append(cur.strip())
-            cur = ""
-    if cur.strip():
-        pieces.append(cur.strip())
-    if pieces:  # the first piece: commas become full stops
-        pieces[0] = pieces[0].replace(",", ".").replace("，", "。")
-    return [p.lower() for p in pieces]
+        if final:
+            self.done = len(clean)
+        out = []
+        for p in pieces:
+            if self.count == 0:
+                p = p.replace(",", ".").replace("，", "。")
+            self.count += 1
+            out.append(p.lower())
+        return out
+
+
+def split_reply(text: str, min_chars: int = 5) -> list[str]:
+    """All pieces of a whole reply (:class:`ReplySplitter`)."""
+    s = ReplySplitter(min_chars)
+    return s.push(text) + s.finish()
 
 
 def trim_leading(wav: np.ndarray, level: float = 0.03) -> np.ndarray:

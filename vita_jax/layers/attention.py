@@ -36,9 +36,11 @@ _init = nn.initializers.normal(0.02)
 def causal_padding_mask(key_valid, q_slots, k_slots):
     """Boolean mask ``[batch, 1, q, k]``: key ``j`` is visible to query ``i`` when it holds a real
     token (``key_valid [batch, k]``) and its slot is not after the query's slot.
-    ``q_slots [q]`` / ``k_slots [k]`` are the cache (or sequence) slot indices."""
-    causal = k_slots[None, :] <= q_slots[:, None]
-    return (causal[None] & key_valid[:, None, :])[:, None]
+    ``q_slots [q]`` (or ``[batch, q]``: rows writing at different slots) / ``k_slots [k]`` are the
+    cache (or sequence) slot indices."""
+    causal = k_slots <= q_slots[..., None]            # [q, k], or [batch, q, k] for per-row slots
+    causal = causal[None] if causal.ndim == 2 else causal
+    return (causal & key_valid[:, None, :])[:, None]
 
 
 def resolve_implementation(impl: Optional[str], dtype, head_dim: int, packed: bool, cached: bool) -> Optional[str]:
@@ -69,7 +71,8 @@ class Attention(nn.Module):
     splash kernel, ``segment_ids [batch, q]`` (kernel ids, :func:`vita_jax.layers.splash.kernel_segment_ids`;
     causal). ``interpret`` runs splash in the Pallas interpreter (tests on CPU).
     With ``cache=(k, v)`` of shape ``[batch, S, kv_heads, head_dim]`` the new keys/values are written
-    at slot ``cache_index`` and attention runs over all ``S`` slots; the updated cache is returned.
+    at slot ``cache_index`` (a scalar, or ``[batch]``: one slot per row) and attention runs over all
+    ``S`` slots; the updated cache is returned.
     Returns ``(out [batch, q, embed], new_cache or None)``.
     """
     hidden_size: int
@@ -102,10 +105,16 @@ class Attention(nn.Module):
         new_cache = None
         if cache is not None:
             ck, cv = cache
-            zero = jnp.zeros((), jnp.int32)
-            idx = (zero, jnp.asarray(cache_index, jnp.int32), zero, zero)
-            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), idx)
-            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), idx)
+            ci = jnp.asarray(cache_index, jnp.int32)
+            if ci.ndim == 0:
+                zero = jnp.zeros((), jnp.int32)
+                idx = (zero, ci, zero, zero)
+                ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), idx)
+                cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), idx)
+            else:  # one write slot per row (rows of a serving batch at different lengths)
+                rows, cols = jnp.arange(ck.shape[0])[:, None], ci[:, None] + jnp.arange(k.shape[1])
+                ck = ck.at[rows, cols].set(k.astype(ck.dtype))
+                cv = cv.at[rows, cols].set(v.astype(cv.dtype))
             new_cache = (ck, cv)
             k, v = ck.astype(self.dtype), cv.astype(self.dtype)
 

@@ -67,7 +67,8 @@ class Qwen2Config:
 @flax.struct.dataclass
 class KVCache:
     """Decoding state. ``k, v [layers, batch, slots, kv_heads, head_dim]``; ``valid [batch, slots]``
-    marks slots that hold real tokens; ``index`` is the next slot to write (same for every row);
+    marks slots that hold real tokens; ``index`` is the next slot to write (a scalar: the same for
+    every row, or ``[batch]``: one per row, as the live server's slot batch keeps it);
     ``next_pos [batch]`` the rotary position of each row's next token."""
     k: jax.Array
     v: jax.Array
@@ -146,11 +147,16 @@ class Qwen2Model(nn.Module):
                     mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
         else:
             index = cache.index
-            valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, index))
+            if index.ndim == 0:
+                q_slots = index + jnp.arange(t)
+                valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, index))
+            else:  # per-row write slots (a serving batch whose rows joined at different times)
+                q_slots = index[:, None] + jnp.arange(t)
+                valid = cache.valid.at[jnp.arange(b)[:, None], q_slots].set(valid)
             if positions is None:
                 steps = jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1
                 positions = cache.next_pos[:, None] + jnp.maximum(steps, 0)
-            mask = causal_padding_mask(valid, index + jnp.arange(t), jnp.arange(cache.valid.shape[1]))
+            mask = causal_padding_mask(valid, q_slots, jnp.arange(cache.valid.shape[1]))
             layer_cache = (cache.k, cache.v)
         cos, sin = rope_cos_sin(positions, c.dim_head, c.rope_theta)
         x, new_kv = self.layers(x, layer_cache, cos, sin, mask, kv_lengths, index, kernel_ids)

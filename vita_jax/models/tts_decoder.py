@@ -155,15 +155,18 @@ class TTSDecoder(nn.Module):
         loss = jnp.sum(jnp.where(targets != c.pad, nll, 0.0))
         return logits, loss, targets
 
-    def prefill(self, x, cache_k, cache_v):
-        """Inference prefix: NAR over ``x [1, L, idim]`` (all valid), then ``[emb(BOS); nar]`` through
-        the AR stack without any mask into the cache. Returns the updated ``(k, v)``."""
+    def prefill(self, x, cache_k, cache_v, length=None):
+        """Inference prefix: NAR over ``x [1, L, idim]`` (the first ``length`` rows valid, default
+        all), then ``[emb(BOS); nar]`` through the AR stack without any mask into the cache. Returns
+        the updated ``(k, v)``. Rows past ``length`` (padding to a bucket) leave cache slots past
+        ``length + 1`` that the steps overwrite before they can see them."""
         c = self.cfg
         b, lx = x.shape[:2]
-        h = self._nar(x, jnp.full((b,), lx))
+        n = lx if length is None else length
+        h = self._nar(x, jnp.full((b,), n))
         seq = jnp.concatenate([jnp.broadcast_to(self.embedding(jnp.asarray([c.bos]))[None], (b, 1, c.idim)), h], 1)
         s = cache_k.shape[2]
-        mask = jnp.broadcast_to(jnp.arange(s)[None, None, None, :] < lx + 1, (b, 1, lx + 1, s))
+        mask = jnp.broadcast_to(jnp.arange(s)[None, None, None, :] < n + 1, (b, 1, lx + 1, s))
         _, (k, v) = self.layers(seq, jnp.broadcast_to(jnp.arange(lx + 1), (b, lx + 1)), mask, (cache_k, cache_v), 0)
         return k, v
 

@@ -1,0 +1,181 @@
+"""The live server's turn engine without the network, on a random tiny VITA with the real Qwen2.5
+tokenizer and the fixture's speech decoder: slot-batched decoding equals one-by-one generation,
+joins and leaves do not recompile, text streams, speech starts at the first complete piece,
+barge-in leaves no stale output, and a typed turn / a spoken turn end with turn_metrics."""
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import vita_jax
+from vita_jax import assets
+from vita_jax.infer import generate as gen
+from vita_jax.serve import engine as engine_lib
+from vita_jax.serve import session as session_lib
+
+OPTS = session_lib.TurnOptions(max_new_tokens=6, tts_max_tokens=24, first=(8, 1.01), later=(8, 1.01), padding_size=2)
+
+
+@pytest.fixture(scope="module")
+def model(chat_release_dir):
+    return vita_jax.from_pretrained(chat_release_dir)
+
+
+@pytest.fixture(scope="module")
+def engine(model):
+    e = engine_lib.Engine(model, slots=3, max_new_tokens=12, max_prompt=512)
+    yield e
+    e.close()
+
+
+class Recorder:
+    """A sink that keeps every item with the id of the turn it belongs to (None: not a turn's)."""
+
+    def __init__(self):
+        self.items, self.done = [], threading.Event()
+
+    def __call__(self, item):
+        self.items.append(item)
+        if isinstance(item, dict) and item["type"] in ("turn_metrics", "error"):
+            self.done.set()
+
+    def kinds(self):
+        return ["audio" if isinstance(i, bytes) else i["type"] + (":" + i["state"] if i["type"] == "vad" else "")
+                for i in self.items]
+
+
+def _wait(cond, timeout=120):
+    t0 = time.time()
+    while not cond():
+        assert time.time() - t0 < timeout, "timed out"
+        time.sleep(0.01)
+
+
+def test_slot_batched_decoding_equals_generate(model, engine):
+    """Three turns, the second joining after the first's 3rd token and the third after the second's:
+    every row decodes exactly as generate() alone, and no join or leave compiles anything new."""
+    questions = ["Hello", "What is the weather like on Mars today?", "Hi"]
+    prompts = [model.chat_inputs(q) for q in questions]
+    want = []
+    for ex in prompts:
+        out = model.generate(ex["input_ids"][None], max_new_tokens=8)[0]
+        want.append([int(t) for t in out if t >= 0 and t not in model.stop_ids])
+    got, done = [[], [], []], [threading.Event() for _ in prompts]
+
+    def request(i):
+        def on_token(t):
+            got[i].append(t)
+            if len(got[i]) == 3 and i + 1 < len(prompts):
+                engine.submit(request(i + 1))
+        return engine_lib.Request(lambda: (prompts[i]["input_ids"], None, []), on_token,
+                                  lambda reason, info: done[i].set(), max_new_tokens=8)
+    engine.warmup(lambda: (prompts[0]["input_ids"], None, []))
+    before = gen.decode_step._cache_size()
+    steps0, rows0 = engine.stats["steps"], engine.stats["row_steps"]
+    engine.submit(request(0))
+    for d in done:
+        assert d.wait(120)
+    assert got == want
+    assert gen.decode_step._cache_size() == before  # joins and leaves reuse the one compiled step
+    assert engine.stats["row_steps"] - rows0 > engine.stats["steps"] - steps0  # rows shared steps
+    assert engine.active == 0
+
+
+def test_streaming_pieces_start_speech_before_the_reply_ends(engine):
+    """Tokens of a known reply fed one by one: response_text streams, the speech thread starts at
+    the first complete piece ('hello there.'), audio (even-length int16) follows, and the pieces
+    equal the whole reply's split."""
+    model = engine.model
+    rec = Recorder()
+    s = session_lib.Session(engine, rec, OPTS)
+    turn = session_lib.Turn(s, "q", None, None, [], time.perf_counter())
+    s.turn = turn
+    ids = model.tokenizer.encode("☞Hello there, my friend. How are you today? Fine")
+    started_at = None
+    for k, t in enumerate(ids):
+        s._on_token(turn, t)
+        if turn.tts is not None and started_at is None:
+            started_at = k
+    assert started_at is not None and started_at < len(ids) - 3  # speech began while text was still coming
+    s._on_llm_done(turn, "stop", dict(tokens=len(ids)))
+    assert rec.done.wait(120)
+    texts = [i for i in rec.items if isinstance(i, dict) and i["type"] == "response_text"]
+    assert "".join(t["text"] for t in texts) == "Hello there, my friend. How are you today? Fine"
+    assert texts[-1]["final"] and not any(t["final"] for t in texts[:-1])
+    audio = [i for i in rec.items if isinstance(i, bytes)]
+    assert audio and all(len(a) % 2 == 0 for a in audio)
+    m = rec.items[-1]
+    assert m["type"] == "turn_metrics" and m["audio_seconds"] == pytest.approx(sum(len(a) for a in audio) / 2 / 24000, abs=1e-3)
+
+
+def test_spoken_turn_end_to_end_then_history(engine):
+    """Real speech with silence after it: VAD events, streamed text, audio, metrics; the second
+    (typed) turn carries the first as history (two clips in its prompt)."""
+    rec = Recorder()
+    s = session_lib.Session(engine, rec, OPTS)
+    wave = assets.speech_clips()[0][1]
+    pcm = (np.concatenate([np.zeros(8000, np.float32), wave, np.zeros(16000, np.float32)]) * 32767).astype("<i2")
+    for i in range(0, len(pcm), 3200):  # 200 ms chunks
+        s.audio(pcm[i:i + 3200].tobytes())
+    assert rec.done.wait(120)
+    k = rec.kinds()
+    assert k[:2] == ["vad:speech_start", "vad:speech_end"] and k[-1] == "turn_metrics"
+    assert "response_text" in k
+    m = rec.items[-1]
+    for key in ("speech_end_to_first_text_ms", "speech_end_to_first_audio_ms", "audio_seconds"):
+        assert key in m
+    assert m["question_seconds"] > 1.0 and m["llm_tokens"] >= 1
+    _wait(lambda: not s.busy)
+    if s.history:  # a non-empty reply: the next prompt holds the previous clip too
+        ids, _, clips = session_lib.Turn(s, "and then?", None, None, s.history, 0).prompt()
+        assert len(clips) == 1 and (ids == -500).sum() == 1
+
+
+def test_barge_in_cancels_without_stale_output(engine):
+    """Speech during an answer: stop_tts at once, the engine frees the row between two steps, and
+    nothing of the old answer (text or audio) is sent after stop_tts."""
+    class Tagged(session_lib.Session):
+        def _send(self, item, turn=None):
+            ok = super()._send(item, turn)
+            if ok:
+                log.append((item, None if turn is None else turn.id))
+            return ok
+    log = []
+    s = Tagged(engine, lambda item: None, session_lib.TurnOptions(max_new_tokens=12, tts_max_tokens=400,
+                                                                   first=(8, 1.01), later=(8, 1.01), padding_size=2))
+    s.text("Tell me a long story.")
+    old = s.turn
+    _wait(lambda: any(t == old.id for _, t in log))  # the answer is under way
+    pcm = (assets.speech_clips()[0][1][:16000] * 32767).astype("<i2")
+    s.audio(pcm.tobytes())
+    assert old.cancelled.is_set()
+    at = next(i for i, (item, _) in enumerate(log) if isinstance(item, dict) and item["type"] == "stop_tts")
+    _wait(lambda: old.finished.is_set() and engine.active == 0)
+    time.sleep(0.2)
+    assert all(t != old.id for _, t in log[at:])
+    assert log[at + 1][0] == {"type": "vad", "state": "speech_start"}
+    assert old.llm_info.get("reason") in ("cancelled", "stop", "length")
+
+
+def test_concurrent_sessions_share_steps_and_bad_prompts_fail_alone(engine):
+    recs = [Recorder() for _ in range(3)]
+    sessions = [session_lib.Session(engine, r, OPTS) for r in recs]
+    steps0, rows0 = engine.stats["steps"], engine.stats["row_steps"]
+    for s, q in zip(sessions, ["One?", "Two?", "x " * 600]):  # the third prompt is over max_prompt
+        s.text(q)
+    for r in recs:
+        assert r.done.wait(120)
+    assert recs[2].items[-1]["type"] == "error" and "max_prompt" in recs[2].items[-1]["message"]
+    assert all(r.items[-1]["type"] == "turn_metrics" for r in recs[:2])
+    assert engine.stats["row_steps"] - rows0 > engine.stats["steps"] - steps0
+
+
+def test_reply_splitter_streams_the_release_pieces():
+    from vita_jax.infer.speech import ReplySplitter, split_reply
+    text = "☞Hi, a. Hello there, my friend! 你好，世界。<unk>How are you?\nFine, thanks<|im_end|>"
+    for size in (1, 2, 3, 7, len(text)):
+        s = ReplySplitter()
+        pieces = [p for i in range(0, len(text), size) for p in s.push(text[i:i + size])] + s.finish()
+        assert pieces == split_reply(text)
+    assert split_reply(text)[:2] == ["hi. a.", "hello there,"]

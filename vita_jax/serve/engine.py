@@ -1,0 +1,212 @@
+"""The LLM side of the live server: one model copy, a fixed batch of decode slots, one thread.
+
+Every concurrent turn holds one row ("slot") of a KV cache ``[layers, slots, S, kv_heads, head_dim]``
+whose write index is per row (:class:`vita_jax.models.qwen2.KVCache` with ``index [slots]``). A turn
+joins by a batch-1 prefill into a cache of the same ``S`` that is copied into a free row; one
+jitted :func:`vita_jax.infer.generate.decode_step` then advances every row at once, so a turn joins
+and leaves without a recompilation (shapes never change; a free row decodes garbage that nobody
+reads). Cancellation (barge-in) is seen between two decode steps: the row is freed before the next.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vita_jax import parallel
+from vita_jax.infer import generate as gen
+from vita_jax.models.qwen2 import KVCache
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """One turn for the LLM. ``build()`` -> ``(input_ids [L], pixels or None, fbank clips list)``
+    runs on the engine thread; ``on_token(id)`` gets each new id (stop ids excluded), ``on_done(reason,
+    info)`` once at the end: reason ``"stop"``, ``"length"``, ``"cancelled"`` or ``"error"`` (``info``
+    then holds ``message``), ``info`` also ``tokens``, ``prefill_ms``, ``queue_ms``, ``decode_s``."""
+    build: Callable[[], tuple]
+    on_token: Callable[[int], None]
+    on_done: Callable[[str, dict], None]
+    max_new_tokens: int = 128
+    cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+    submitted: float = dataclasses.field(default_factory=time.perf_counter)
+    tokens: int = 0
+    info: dict = dataclasses.field(default_factory=dict)
+
+
+def _insert(slots: KVCache, row: KVCache, r):
+    """Copies the batch-1 cache ``row`` (scalar index) into row ``r`` of ``slots`` (per-row index)."""
+    return KVCache(slots.k.at[:, r].set(row.k[:, 0]), slots.v.at[:, r].set(row.v[:, 0]),
+                   slots.valid.at[r].set(row.valid[0]), slots.index.at[r].set(row.index),
+                   slots.next_pos.at[r].set(row.next_pos[0]))
+
+
+class Engine:
+    """Runs the LLM of ``model`` (a :class:`vita_jax.api.VitaModel`) for up to ``slots`` concurrent
+    turns. ``max_prompt`` (spliced positions, default ``min(tokenizer_model_max_length, 2048)``) and
+    ``max_new_tokens`` fix the cache length ``S``; sampling is greedy unless ``do_sample``."""
+
+    def __init__(self, model, slots: int = 4, max_new_tokens: int = 128, max_prompt: Optional[int] = None,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 seed: int = 0):
+        gen.check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p)
+        if slots < 1:
+            raise ValueError(f"slots (--max-sessions) must be >= 1, got {slots}")
+        self.model, self.n = model, int(slots)
+        if model.speech is not None:  # replies of any length reuse a few speech compilations (infer/speech.py)
+            model.speech.x_bucket, model.speech.codes_bucket = 32, 10
+        self.max_new_tokens = int(max_new_tokens)
+        self.max_prompt = int(max_prompt or min(int(model.config.tokenizer_model_max_length), 2048))
+        self.cache_len = -(-(self.max_prompt + self.max_new_tokens) // 64) * 64
+        self.static = dict(do_sample=do_sample, top_k=int(top_k),
+                           vocab_limit=len(model.tokenizer) if model.tokenizer is not None else None)
+        self.dyn = dict(temperature=jnp.float32(temperature), top_p=jnp.float32(top_p))
+        self.stops = set(model.stop_ids)
+        self.key = jax.random.PRNGKey(seed)
+        cache = KVCache.init(model.llm_cfg, self.n, self.cache_len)
+        self.cache = dataclasses.replace(cache, index=jnp.zeros((self.n,), jnp.int32))
+        self.rows: list[Optional[Request]] = [None] * self.n
+        self.tokens = np.zeros(self.n, np.int32)
+        self.pending: list[Request] = []
+        self.cv = threading.Condition()
+        self.closed = False
+        self.stats = dict(steps=0, row_steps=0, prefills=0, step_s=0.0, prefill_s=0.0)
+        self._insert = jax.jit(_insert, donate_argnums=0)
+        self.thread = threading.Thread(target=self._run, name="vita-serve-engine", daemon=True)
+        self.thread.start()
+
+    # ------------------------------------------------------------------ public
+    def submit(self, req: Request) -> None:
+        with self.cv:
+            if self.closed:
+                raise RuntimeError("the engine is closed")
+            req.submitted = time.perf_counter()
+            self.pending.append(req)
+            self.cv.notify()
+
+    def close(self) -> None:
+        with self.cv:
+            self.closed = True
+            self.cv.notify()
+        self.thread.join(timeout=30)
+
+    @property
+    def active(self) -> int:
+        return sum(r is not None for r in self.rows)
+
+    def warmup(self, build) -> None:
+        """Compiles prefill (for the prompt ``build()`` gives) and the slot step before serving."""
+        done = threading.Event()
+        self.submit(Request(build, lambda t: None, lambda reason, info: done.set(), max_new_tokens=2))
+        done.wait()
+
+    # ------------------------------------------------------------------ the thread
+    def _run(self) -> None:
+        while True:
+            with self.cv:
+                while not self.closed and not self.pending and self.active == 0:
+                    self.cv.wait()
+                if self.closed:
+                    break
+                free = self.n - self.active
+                admit, self.pending = self.pending[:free], self.pending[free:]
+            for r, req in enumerate(self.rows):
+                if req is not None and req.cancelled.is_set():
+                    self._finish(r, "cancelled")
+            for req in admit:
+                self._admit(req)
+            if self.active:
+                self._step()
+        for r, req in enumerate(self.rows):
+            if req is not None:
+                self._finish(r, "cancelled")
+        for req in self.pending:
+            self._done(req, "cancelled")
+
+    def _done(self, req: Request, reason: str, **info) -> None:
+        req.info.update(info, tokens=req.tokens)
+        try:
+            req.on_done(reason, req.info)
+        except Exception:  # a session's callback must not stop the engine
+            log.exception("on_done callback failed")
+
+    def _finish(self, r: int, reason: str, **info) -> None:
+        req, self.rows[r] = self.rows[r], None
+        req.info["decode_s"] = time.perf_counter() - req.info.get("t_first", time.perf_counter())
+        self._done(req, reason, **info)
+
+    def _admit(self, req: Request) -> None:
+        if req.cancelled.is_set():
+            return self._done(req, "cancelled")
+        r = self.rows.index(None)
+        t0 = time.perf_counter()
+        req.info["queue_ms"] = 1000 * (t0 - req.submitted)
+        m = self.model
+        try:
+            ids, pixels, clips = req.build()
+            feats, lengths = m.pad_clips(clips)
+            embeds, mask = m.prompt_embeds(np.asarray(ids)[None], None, pixels, feats, lengths)
+            if embeds.shape[1] > self.max_prompt:
+                raise ValueError(f"the prompt needs {embeds.shape[1]} positions, over this server's max_prompt "
+                                 f"{self.max_prompt}: a shorter question, or restart with a larger --max-prompt")
+            self.key, sub = jax.random.split(self.key)
+            with parallel.use_mesh(m.mesh):
+                cache = KVCache.init(m.llm_cfg, 1, self.cache_len)
+                tok, cache, _ = gen.prefill(m.llm, m.params["llm"], None, mask, cache, sub, inputs_embeds=embeds,
+                                            **self.static, **self.dyn)
+                self.cache = self._insert(self.cache, cache, r)
+            tok = int(np.asarray(tok)[0])
+        except Exception as e:  # a bad prompt ends this turn only
+            log.warning("turn refused: %s", e)
+            return self._done(req, "error", message=str(e) if isinstance(e, ValueError) else f"internal error: {e!r}")
+        self.stats["prefills"] += 1
+        self.stats["prefill_s"] += time.perf_counter() - t0
+        req.info.update(prefill_ms=1000 * (time.perf_counter() - t0), t_first=time.perf_counter())
+        self.rows[r] = req
+        self._deliver(r, tok, int(embeds.shape[1]))
+
+    def _deliver(self, r: int, tok: int, used: int) -> None:
+        req = self.rows[r]
+        if tok in self.stops:
+            return self._finish(r, "stop")
+        req.tokens += 1
+        try:
+            req.on_token(tok)
+        except Exception:
+            log.exception("on_token callback failed")
+        if req.tokens >= min(req.max_new_tokens, self.max_new_tokens) or used + 1 >= self.cache_len:
+            return self._finish(r, "length")
+        self.tokens[r] = tok
+
+    def _step(self) -> None:
+        m = self.model
+        t0 = time.perf_counter()
+        self.key, sub = jax.random.split(self.key)
+        try:
+            with parallel.use_mesh(m.mesh):
+                tok, self.cache, _ = gen.decode_step(m.llm, m.params["llm"], jnp.asarray(self.tokens), self.cache, sub,
+                                                     **self.static, **self.dyn)
+            tok = np.asarray(tok)
+            used = np.asarray(self.cache.index)
+        except Exception as e:  # the device step failed: every turn in it ends, the engine goes on
+            log.exception("decode step failed")
+            for r, req in enumerate(self.rows):
+                if req is not None:
+                    self._finish(r, "error", message=f"internal error: {e!r}")
+            cache = KVCache.init(m.llm_cfg, self.n, self.cache_len)
+            self.cache = dataclasses.replace(cache, index=jnp.zeros((self.n,), jnp.int32))
+            return
+        self.stats["steps"] += 1
+        self.stats["row_steps"] += self.active
+        self.stats["step_s"] += time.perf_counter() - t0
+        for r, req in enumerate(self.rows):
+            if req is not None:
+                self._deliver(r, int(tok[r]), int(used[r]))
