@@ -130,8 +130,10 @@ class MultiScaleDiscriminator(nn.Module):
 
 
 def hann_window(n: int) -> np.ndarray:
-    """``torch.hann_window(n)`` (periodic), float32."""
-    return (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n) / n)).astype(np.float32)
+    """``torch.hann_window(n)`` (periodic), computed in float32 as torch does (equal to 1 ulp: its
+    vectorised cos rounds differently)."""
+    w = np.arange(n + 1, dtype=np.float32) * np.float32(2 * np.pi / n)
+    return (np.cos(w) * np.float32(-0.5) + np.float32(0.5))[:n]
 
 
 def stft_frames(x, n_fft: int, hop: int, window):

@@ -235,6 +235,7 @@ class Generator(nn.Module):
         self.sow("intermediates", "conv_pre_out", x)
         for i, (u, k) in enumerate(zip(c.upsample_rates, c.upsample_kernel_sizes)):
             x = WNConvTranspose1d(ch // 2, ch, k, u, (k - u) // 2, name=f"ups.{i}")(jax.nn.leaky_relu(x, LRELU))
+            self.sow("intermediates", f"ups{i}_out", x)
             ch //= 2
             xs = None
             for j, (kk, dd) in enumerate(zip(c.resblock_kernel_sizes, c.resblock_dilation_sizes)):
@@ -243,7 +244,6 @@ class Generator(nn.Module):
             x = xs / nk
             if ch == g.shape[-1]:
                 x = x + g[:, :, None]
-            self.sow("intermediates", f"ups{i}_out", x)
         x = jax.nn.leaky_relu(x, LRELU)
         self.sow("intermediates", "conv_post_in", x)
         return jnp.tanh(WNConv(1, ch, (7,), padding=3, name="conv_post")(x))
