@@ -271,3 +271,51 @@ def _buffer_checks(errs, u, state, bound, sn=False):
             assert int(got) == int(u[name]), name
         else:
             close(errs, name, got, u[name], bound)
+
+
+def test_official_files_roundtrip(tmp_path):
+    """g_ / do_ -> vita_jax -> g_ / do_ is bitwise for every tensor (and order, _metadata, param
+    groups); Adam moments written after steps come back bitwise and load into torch's Adam."""
+    import torch
+    from vita_jax.convert import ticodec_ckpt as io
+    from vita_jax.train import codec_loop
+    M, state, info = codec_loop.load_official(FIX, FIX + "/g_00000000", FIX + "/do_00000000")
+    assert (info["steps"], info["epoch"], int(state["step"])) == (-1, -1, 0)
+    # moments from the parameters themselves (distinct values per element, no extra memory for random draws)
+    state["gopt"] = state["gopt"]._replace(count=np.int32(3), mu=state["gp"], nu=jax_abs(state["gp"]))
+    state["dopt"] = state["dopt"]._replace(count=np.int32(3), mu=state["dp"], nu=jax_abs(state["dp"]))
+    state["step"] = np.int32(3)
+    gpath, dpath = codec_loop.save_official(str(tmp_path), M, state, epoch=0, info=info)
+    assert os.path.basename(gpath) == "g_00000002"
+    for orig, new in ((FIX + "/g_00000000", gpath), (FIX + "/do_00000000", dpath)):
+        a, b = torch.load(orig, weights_only=True), torch.load(new, weights_only=True)
+        assert list(a) == list(b)
+        for part in [p for p in a if isinstance(a[p], dict) and p not in ("optim_g", "optim_d")]:
+            assert list(a[part]) == list(b[part]), part
+            assert a[part]._metadata == b[part]._metadata, part
+            for key, t in a[part].items():
+                assert t.dtype == b[part][key].dtype and torch.equal(t, b[part][key]), f"{part}.{key}"
+    d = torch.load(dpath, weights_only=True)
+    a = torch.load(FIX + "/do_00000000", weights_only=True)
+    for opt in ("optim_g", "optim_d"):
+        ga, gb = dict(a[opt]["param_groups"][0]), dict(d[opt]["param_groups"][0])
+        assert ga == gb, opt
+        n = len(ga["params"])
+        expect = n - 2 if opt == "optim_g" else n  # encoder.linear.0.{weight,bias} never get a gradient
+        assert len(d[opt]["state"]) == expect and float(d[opt]["state"][0]["step"]) == 3.0
+        torch.optim.Adam([torch.zeros(0) for _ in range(n)], lr=1.0).load_state_dict(d[opt])
+    assert (d["steps"], d["epoch"]) == (2, 0)
+    _, back, _ = codec_loop.load_official(FIX, gpath, dpath)
+    assert int(back["step"]) == 3 and int(back["gopt"].count) == 3
+    for side in ("g", "d"):
+        for t in ("mu", "nu"):
+            got = io.flat(getattr(back[side + "opt"], t))
+            for key, want in io.flat(getattr(state[side + "opt"], t)).items():
+                if side == "g" and key.startswith("encoder.linear.0."):
+                    continue  # no Adam state upstream: zeros on reading
+                assert np.array_equal(np.asarray(got[key]), np.asarray(want)), (side, t, key)
+
+
+def jax_abs(tree):
+    import jax
+    return jax.tree.map(lambda x: np.abs(np.asarray(x)), tree)
