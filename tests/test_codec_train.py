@@ -319,3 +319,20 @@ def test_official_files_roundtrip(tmp_path):
 def jax_abs(tree):
     import jax
     return jax.tree.map(lambda x: np.abs(np.asarray(x)), tree)
+
+
+def test_data_crops_as_official():
+    """File order, random draws and crops of both batches, as MelDataset with random.seed(1234)."""
+    from vita_jax.data.codec_data import CodecData, read_file_list
+    from vita_jax.models.ticodec_train import CodecTrainConfig
+    cfg = CodecTrainConfig.from_model_json(os.path.join(FIX, "model.json"))
+    data = CodecData(read_file_list(os.path.join(FIX, "train.lst")), cfg.segment_size, cfg.batch_size,
+                     cfg.sampling_rate)
+    inp = _npz("inputs")
+    for k in range(data.steps_per_epoch):
+        data.draws = []
+        b = next(data)
+        names = [os.path.relpath(f, FIX) for f in data.files[k * cfg.batch_size:(k + 1) * cfg.batch_size]]
+        assert names == [str(x) for x in inp[f"s{k}.batch.files"]]
+        assert np.array_equal(np.array(data.draws), inp[f"s{k}.rand_draws"])
+        assert np.array_equal(b["y"], inp[f"s{k}.batch.y"]) and np.array_equal(b["y_global"], inp[f"s{k}.batch.y_global"])

@@ -110,13 +110,14 @@ def _adam(grads, opt, params, lr, b1, b2):
 
 def make_step(M: CodecModels, debug: bool = False):
     """``step(state, batch, lr) -> (state, metrics[, aux])``; ``batch``: ``y``, ``y_global`` ``[B, L]``,
-    ``y_mel`` ``[B, num_mels, frames]``. ``debug`` also returns every intermediate, both gradients
+    ``y_mel`` ``[B, num_mels, frames]`` (optional: computed from ``y``). ``debug`` also returns every intermediate, both gradients
     and the feature maps (parity tests)."""
     cfg = M.cfg
     b1, b2 = cfg.adam_b1, cfg.adam_b2
 
     def step(state, batch, lr):
-        y, yg, y_mel = batch["y"][:, None], batch["y_global"][:, None], batch["y_mel"]
+        y, yg = batch["y"][:, None], batch["y_global"][:, None]
+        y_mel = batch["y_mel"] if "y_mel" in batch else mels(cfg, batch["y"])  # the dataset's target, same function
         fwd = lambda gp: generator_side(M, gp, state["gb"], y, yg)  # noqa: E731
         (y_hat, loss_q, compare), vjp, (enc_buf, gaux) = jax.vjp(fwd, state["gp"], has_aux=True)
         y_hat_d = jax.lax.stop_gradient(y_hat)
