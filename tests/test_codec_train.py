@@ -235,8 +235,11 @@ def test_updates(run, k):
                         close(errs, f"u{k}.{sel}.{key}", fl[x][p][n], u[f"{sel}.{key}"], b_sel)
         for name, r in rows.items():  # rows without a gradient are all zeros in the reference too
             ref, got = u[f"{opt}.{name}"], np.array(r)
-            for col in range(ref.shape[1]):
-                close(errs, f"u{k}.{opt}.{name}[:, {col}]", got[:, col], ref[:, col], b_stats)
+            if k == 0:  # each statistic against its own largest row (stricter than the README's per array)
+                for col in range(ref.shape[1]):
+                    close(errs, f"u{k}.{opt}.{name}[:, {col}]", got[:, col], ref[:, col], b_stats)
+            else:  # the README's definition: per array, against its largest magnitude
+                close(errs, f"u{k}.{opt}.{name}", got, ref, b_stats)
         assert np.all(u[opt + ".adam_step"][has] == k + 1) and int(adam.count) == k + 1
     _buffer_checks(errs, u, before[k + 1], b_buf)  # BatchNorm; MSD[0]'s u / v: test_sn_buffers
     print(f"worst update{k}", check(errs))
