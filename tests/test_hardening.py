@@ -3,9 +3,11 @@ key (exit code 2 through the CLI, no traceback), and nothing is lost."""
 import numpy as np
 import pytest
 
-from conftest import TINY
+from conftest import FIXTURES, TINY
 from vita_jax import cli
 from vita_jax.infer import generate as gen
+
+QWEN = FIXTURES + "/qwen2.5-tokenizer"
 
 
 def _cli_error(capsys, *args):
@@ -191,3 +193,71 @@ def test_steps_without_targets_stop_the_run(tmp_path):
     with pytest.raises(ValueError, match="2 steps in a row had no target tokens") as e:
         trainer.train(c, str(tmp_path / "wd"), log=lambda *_: None, progress=False)
     assert path in str(e.value)
+
+
+# ------------------------------------------------------------------ a fresh probe's cases (CLI and prompts)
+def _write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("case", ["syntax", "no_get_config", "variant", "no_value", "dtype", "stage", "mixture_key",
+                                  "bad_json"])
+def test_train_config_mistakes_are_one_line(tmp_path, capsys, case):
+    wd = str(tmp_path / "wd")
+    base = ["train", "--config=configs/stage1_1.py:tiny", "--workdir", wd]
+    args, named = {
+        "syntax": (["train", "--config=" + _write(tmp_path / "bad.py", "def get_config(:\n"), "--workdir", wd],
+                   "bad.py, line 1"),
+        "no_get_config": (["train", "--config=" + _write(tmp_path / "empty.py", "x = 1\n"), "--workdir", wd],
+                          "no get_config()"),
+        "variant": (["train", "--config=configs/stage1_1.py:tinyy", "--workdir", wd], "'tinyy'"),
+        "no_value": (base + ["--config.total_steps"], "--config.total_steps"),
+        "dtype": (base + ["--config.dtype=float12"], "config.dtype"),
+        "stage": (base + ["--config.stage=9.9"], "config.stage"),
+        "mixture_key": (base + ['--config.data.mixture=[{"weight": 1}]', "--config.data.tokenizer=" + QWEN],
+                        "config.data.mixture[0]"),
+        "bad_json": (base + ['--config.data.mixture=[{"json": "%s"}]' % _write(tmp_path / "d.json", "[{"),
+                            "--config.data.tokenizer=" + QWEN], "d.json"),
+    }[case]
+    line = _cli_error(capsys, *args)
+    assert named in line
+    assert "processes:" not in capsys.readouterr().out  # refused before any model was built
+
+
+@pytest.mark.parametrize("opts, named", [
+    (("--ids", "1,abc"), "--ids"),
+    (("--ids", "1,2", "--image", "a.png"), "--ids"),
+    (("--prompt", "  "), "--prompt is empty"),
+    (("--prompt", "hi", "--speak", "/no/such/dir/out.wav"), "/no/such/dir"),
+])
+def test_generate_mistakes_before_loading(capsys, opts, named):
+    line = _cli_error(capsys, "generate", "/no/such/model", *opts)
+    assert named in line and "/no/such/model" not in line
+
+
+def test_bad_dtype_and_budget_are_refused(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["generate", "/no/such/model", "--prompt", "hi", "--dtype", "float12"])
+    assert e.value.code == 2 and "--dtype" in capsys.readouterr().err
+    assert "--budget-minutes" in _cli_error(capsys, "demo", "--budget-minutes", "-1")
+
+
+@pytest.mark.parametrize("messages, named", [
+    ([("robot", "hi")], "role 'robot'"), ([("user", "hi"), ("assistant", "yo")], "last turn"),
+    (7, "got int"), ([], "non-empty"), ("a \ud800 b", "not valid Unicode"), ([("user", 5)], "messages[0]"),
+    ("", "nothing to answer"),
+])
+def test_chat_messages_are_checked(messages, named):
+    from vita_jax.data import chat
+    with pytest.raises(ValueError, match=named.replace("[", r"\[").replace("]", r"\]")):
+        chat.check_messages(messages)
+    chat.check_messages("", media=True)  # an empty question about an image or a clip is fine
+
+
+def test_top_k_over_the_vocabulary_is_no_filter():
+    import jax
+    logits = np.asarray([[0.0, 1.0, 5.0, 2.0]], np.float32)
+    key = jax.random.PRNGKey(0)
+    assert np.array_equal(gen.sample_logits(logits, key, True, 1.0, 10 ** 8, 1.0),
+                          gen.sample_logits(logits, key, True, 1.0, 0, 1.0))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -26,6 +27,16 @@ class UsageError(ValueError):
 # are ValueErrors; file problems are OSErrors; config overrides naming no field are KeyErrors)
 USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
                PermissionError)
+
+
+def _dtype(text: str) -> str:
+    """``--dtype``: one of the floating dtypes the model runs in."""
+    if text not in DTYPES:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(DTYPES)}")
+    return text
+
+
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _ids(text: str) -> list[int]:
@@ -89,6 +100,21 @@ def _check_generate_options(a, gen) -> None:
         raise UsageError("--video and --image: give one of them (the prompt holds one visual input)")
     if len(a.image) > 1:
         raise UsageError("one --image per prompt (the official demo takes one image)")
+    if a.ids is not None:
+        if a.image or a.video or a.audio:
+            raise UsageError("--ids is a raw prompt: combine media with --prompt (the chat template is applied)")
+        _ids(a.ids)
+    elif not (a.prompt or "").strip() and not (a.image or a.video or a.audio):
+        raise UsageError("--prompt is empty and no --image, --video or --audio is given: nothing to answer")
+    if a.speak:
+        out_dir = os.path.dirname(os.path.abspath(a.speak))
+        if not os.path.isdir(out_dir):
+            raise UsageError(f"--speak {a.speak}: folder {out_dir} does not exist")
+        if os.path.isdir(a.speak):
+            raise UsageError(f"--speak {a.speak}: is a folder (give the .wav file to write)")
+        if not os.path.isdir(os.path.join(a.checkpoint or a.path, "vita_tts_ckpt")) and \
+                os.path.isdir(a.checkpoint or a.path):
+            raise UsageError(f"--speak: {a.checkpoint or a.path} has no vita_tts_ckpt/ speech decoder")
     from vita_jax.data import batch as batch_lib  # late, as the subcommand's other imports
     for kind, path in (("image", a.image[0] if a.image else None), ("video", a.video), ("audio", a.audio)):
         if path:  # a cheap look at each file (the audio's length limit needs the model's config: after loading)
@@ -226,6 +252,8 @@ def cmd_eval(a, rest) -> int:
 
 
 def cmd_demo(a) -> int:
+    if not a.budget_minutes > 0:
+        raise UsageError(f"--budget-minutes {a.budget_minutes}: must be more than 0")
     from vita_jax.demo import run_demo  # subcommands import late: --help stays fast
     run_demo(a.workdir, a.budget_minutes, speech=a.speech, seed=a.seed, codec=a.codec, progress=not a.no_progress)
     return 0
@@ -278,7 +306,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    g.add_argument("--dtype", default="float32", type=_dtype, help="float32 | bfloat16 | float16")
     g.add_argument("--speak", metavar="OUT.wav", help="also speak the reply (needs vita_tts_ckpt/) into a wav file")
     g.add_argument("--speech-max-tokens", type=int, default=1000, help="codec ids at most (40 per second)")
     ev = sub.add_parser("eval", help="score a checkpoint on a benchmark: asr, mcq, yesno, vqa, video_mcq, spoken_qa, loss",
@@ -297,13 +325,13 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-examples", type=int, default=None, help="only the first N examples (MCQ: questions)")
     ev.add_argument("--batch-size", type=int, default=None, help="rows per batch (default 8)")
     ev.add_argument("--max-new-tokens", type=int, default=None, help="reply length limit (default 64)")
-    ev.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    ev.add_argument("--dtype", default="float32", type=_dtype, help="float32 | bfloat16 | float16")
     ev.add_argument("--no-progress", action="store_true")
     c = sub.add_parser("convert", help="official release <-> vita_jax checkpoint")
     c.add_argument("--to", required=True, choices=["orbax", "pytorch"])
     c.add_argument("src")
     c.add_argument("dst")
-    c.add_argument("--dtype", default=None, help="dtype to hold the weights in while converting (default float32)")
+    c.add_argument("--dtype", default=None, type=_dtype, help="dtype to hold the weights in while converting (default float32)")
     c.add_argument("--overwrite", action="store_true")
     b = sub.add_parser("bench", help="benchmarks: vita-jax bench llm|convert|data|pipeline|eval --config=configs/FILE.py",
                        description="Train-step and decode speed (llm), conversion memory (convert), what the input "
@@ -326,7 +354,7 @@ def parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-prompt", type=int, default=None,
                     help="spliced prompt positions at most (default min(tokenizer_model_max_length, 2048))")
     sv.add_argument("--image-tiles", type=int, default=1, help="tiles of a camera frame (1 = one 448 px tile)")
-    sv.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    sv.add_argument("--dtype", default="float32", type=_dtype, help="float32 | bfloat16 | float16")
     sv.add_argument("--allow-origin", action="append", default=[],
                     help="another page origin allowed to connect, e.g. https://example.org (repeatable)")
     sv.add_argument("--no-warmup", action="store_true", help="skip compiling before serving")

@@ -66,9 +66,12 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
         raise FileNotFoundError(f"config file {path} does not exist")
     mod_spec = importlib.util.spec_from_file_location(f"_vita_config_{abs(hash(path))}", path)
     module = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(module)
+    try:
+        mod_spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise ValueError(f"config file {path}, line {e.lineno}: {e.msg}") from e
     if not hasattr(module, "get_config"):
-        raise AttributeError(f"config file {path} has no get_config()")
+        raise ValueError(f"config file {path} has no get_config()")
     return module.get_config(arg) if arg else module.get_config()
 
 
@@ -116,11 +119,15 @@ def parse_args(argv: Sequence[str], default: str | None = None):
     it = iter(argv)
     for a in it:
         if a.startswith("--config=") or a == "--config":
-            spec = a.split("=", 1)[1] if "=" in a else next(it)
+            spec = a.split("=", 1)[1] if "=" in a else next(it, None)
+            if spec is None:
+                raise ValueError("--config: needs a config file (--config=configs/FILE.py[:tiny])")
         elif a.startswith("--config."):
             key, sep, val = a[len("--config."):].partition("=")
             if not sep:
-                val = next(it)
+                val = next(it, None)
+                if val is None:
+                    raise ValueError(f"{a}: needs a value (--config.{key}=VALUE)")
             overrides.append((key, val))
         else:
             rest.append(a)

@@ -18,6 +18,40 @@ from vita_jax.data import batch as batch_lib
 from vita_jax.data import text as text_lib
 
 
+def _check_text(text, where: str) -> None:
+    if text is None:
+        return
+    if not isinstance(text, str):
+        raise ValueError(f"{where}: expected text, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{where}: not valid Unicode text ({e.reason} at character {e.start})") from e
+
+
+def check_messages(messages, media: bool = False) -> None:
+    """A question (str) or a history ``[(role, text[, audio]), ...]``: roles ``user`` / ``assistant``
+    alternating from ``user`` and ending with ``user``, texts valid Unicode; an empty question needs media."""
+    if isinstance(messages, str):
+        _check_text(messages, "the question")
+        if not messages.strip() and not media:
+            raise ValueError("the question is empty and no image, video or audio is given: nothing to answer")
+        return
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError(f"messages: expected a question (str) or a non-empty list of (role, text) turns, "
+                         f"got {type(messages).__name__}")
+    for k, turn in enumerate(messages):
+        if not isinstance(turn, (list, tuple)) or len(turn) not in (2, 3):
+            raise ValueError(f"messages[{k}]: expected (role, text) or (role, text, audio), got {turn!r:.80}")
+        want = ("user", "assistant")[k % 2]
+        if turn[0] != want:
+            raise ValueError(f"messages[{k}]: role {turn[0]!r}, expected {want!r} (turns alternate user / assistant "
+                             "from a user turn)")
+        _check_text(turn[1], f"messages[{k}]")
+    if messages[-1][0] != "user":
+        raise ValueError("messages: the last turn is the assistant's; a reply needs a user turn last")
+
+
 def chat_example(prep: batch_lib.Preprocess, tokenizer, messages: Union[str, Sequence], image=None, audio=None,
                  video=None) -> dict:
     """``input_ids`` (int64, ``-200`` / ``-500`` placeholders), ``pixels`` (``[tiles, 3, S, S]`` or
@@ -26,6 +60,7 @@ def chat_example(prep: batch_lib.Preprocess, tokenizer, messages: Union[str, Seq
     may be ``(role, text, audio)``: a spoken turn, its clip placed before the question's."""
     if video is not None and image is not None:
         raise ValueError("image and video: give one of them, not both (the prompt holds one visual input)")
+    check_messages(messages, media=image is not None or video is not None or audio is not None)
     pixels, tiles, frames = None, (), 0
     if video is not None:
         pixels = prep.frames(video)

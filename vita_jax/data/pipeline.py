@@ -179,6 +179,12 @@ def mixture(files: Sequence[dict] = (), seed: int = 0, tfds: Sequence[dict] = ()
     ``MapDataset`` mixing all sources by weight (deterministic: source ``i`` is shuffled with
     ``seed + i``, JSON files first, then the TFDS datasets). A file's media paths must stay inside
     its media root unless its entry (or, for entries that do not say, ``allow_outside_root``) allows it."""
+    for k, f in enumerate(files):
+        if not hasattr(f, "get") or not f.get("json"):
+            raise ValueError(f"config.data.mixture[{k}] = {f!r}: each entry needs a 'json' key (the data file)")
+    for k, t in enumerate(tfds):
+        if not hasattr(t, "get") or not t.get("name"):
+            raise ValueError(f"config.data.tfds[{k}] = {t!r}: each entry needs a 'name' key (dataset name or folder)")
     srcs = [(sources.OfficialJSON(f["json"], f.get("media_root"), f.get("sets"),
                                   bool(f.get("allow_outside_root", allow_outside_root))), f) for f in files]
     if tfds:

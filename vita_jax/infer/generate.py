@@ -35,7 +35,7 @@ def sample_logits(logits, key, do_sample: bool, temperature, top_k: int, top_p):
     if not do_sample:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / jnp.maximum(temperature, 1e-6)
-    if top_k and top_k > 0:
+    if top_k and 0 < top_k < logits.shape[-1]:  # k >= the vocabulary keeps every token: no filter
         kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     order = jnp.argsort(-logits, axis=-1)

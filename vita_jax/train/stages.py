@@ -39,6 +39,8 @@ def stage_config(stage: str, arg: str | None = None) -> ml_collections.ConfigDic
     """The config of one stage; ``arg == "tiny"`` selects the tiny model (tests, the demo)."""
     if stage not in STAGES:
         raise KeyError(f"unknown stage {stage!r}; stages: {sorted(STAGES)}")
+    if arg not in (None, "", "tiny"):
+        raise ValueError(f"stage {stage}: unknown config variant {arg!r} (none for the full size, or ':tiny')")
     desc, trainable, loss, lr, group_lrs = STAGES[stage]
     c = config_lib.load_config("tiny" if arg == "tiny" else "vita15")
     c.stage = stage

@@ -166,6 +166,11 @@ def check_config(config) -> None:
             good = False
         if not good:
             raise ValueError(f"config.{field} = {value!r}: must be {what}")
+    for field in ("dtype", "param_dtype", "frozen_dtype"):
+        if config.get(field) is not None and str(config[field]) not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"config.{field} = {config[field]!r}: must be float32, bfloat16 or float16")
+    if config.get("stage") is not None and str(config.stage) not in stages.STAGES:
+        raise ValueError(f"config.stage = {config.stage!r}: not a stage ({', '.join(sorted(stages.STAGES))})")
     for pattern, lr in (config.get("optim") or {}).get("group_lrs", None) or ():
         if not 0 <= float(lr) < float("inf"):
             raise ValueError(f"config.optim.group_lrs: learning rate {lr!r} of {pattern!r} must be a finite number >= 0")
@@ -205,8 +210,13 @@ def _build(config, data, mesh, wrap_step, log):
         data, units = synthetic.synthetic_data(config)
         if units is not None:  # the CTC head is sized by the unit vocabulary of the synthetic clips
             config.ctc_units = units
-    ck_in = checkpoint.load(config.init_from) if config.init_from else None
     tok_dir = config.data.tokenizer or config.init_from or None
+    if data is None:  # the data files are opened and checked (shape, samples) before any model is built
+        tok = load_tokenizer(tok_dir) if tok_dir else None
+        if tok is None:
+            raise ValueError("config.data.mixture / config.data.tfds need a tokenizer: set config.data.tokenizer (or init_from)")
+        data = pipeline.official_data(config, tok)
+    ck_in = checkpoint.load(config.init_from) if config.init_from else None
     params = initial_params(config, ck_in)
     state, step_fn, info = setup.build(config, params, mesh=mesh)
     if wrap_step is not None:
@@ -215,11 +225,6 @@ def _build(config, data, mesh, wrap_step, log):
     log(f"stage {config.stage}: {config.description}\n{info['table']}")
     log(f"processes: {jax.process_count()}, devices: {jax.device_count()} ({jax.local_device_count()} local), "
         f"mesh: {dict(mesh.shape) if mesh is not None else 'none'}")
-    if data is None:
-        tok = load_tokenizer(tok_dir) if tok_dir else None
-        if tok is None:
-            raise ValueError("config.data.mixture / config.data.tfds need a tokenizer: set config.data.tokenizer (or init_from)")
-        data = pipeline.official_data(config, tok)
     return state, step_fn, info, data
 
 
