@@ -193,6 +193,10 @@ def test_steps_without_targets_stop_the_run(tmp_path):
     with pytest.raises(ValueError, match="2 steps in a row had no target tokens") as e:
         trainer.train(c, str(tmp_path / "wd"), log=lambda *_: None, progress=False)
     assert path in str(e.value)
+    c.max_empty_steps, c.total_steps = 20, 2  # a run shorter than max_empty_steps: stopped at its end, no model
+    with pytest.raises(ValueError, match="the whole run had no target tokens"):
+        trainer.train(c, str(tmp_path / "wd2"), log=lambda *_: None, progress=False)
+    assert not (tmp_path / "wd2" / "model").exists()
 
 
 # ------------------------------------------------------------------ a fresh probe's cases (CLI and prompts)
@@ -261,3 +265,38 @@ def test_top_k_over_the_vocabulary_is_no_filter():
     key = jax.random.PRNGKey(0)
     assert np.array_equal(gen.sample_logits(logits, key, True, 1.0, 10 ** 8, 1.0),
                           gen.sample_logits(logits, key, True, 1.0, 0, 1.0))
+
+
+def test_release_config_json_is_checked(tmp_path):
+    import json
+    import shutil
+    from vita_jax.convert import release
+    d = tmp_path / "rel"
+    shutil.copytree(TINY, d)
+    (d / "config.json").write_text("64")
+    with pytest.raises(ValueError, match="expected a JSON object"):
+        release.read_config(str(d))
+    hf = json.load(open(f"{TINY}/config.json"))
+    (d / "config.json").write_text(json.dumps(dict(hf, hidden_size="sixty-four")))
+    with pytest.raises(ValueError, match="'hidden_size' = 'sixty-four'"):
+        release.read_config(str(d))
+
+
+def test_multi_line_messages_become_one_line(capsys, monkeypatch):
+    def boom(argv):
+        raise ValueError("train.yaml: bad YAML\n  in line 3\n  column 7")
+    monkeypatch.setattr(cli, "run", boom)
+    line = _cli_error(capsys, "generate")
+    assert line == "vita-jax: error: train.yaml: bad YAML (more with --debug)"
+
+
+def test_init_from_of_another_size_is_named(tmp_path, capsys):
+    line = _cli_error(capsys, "train", "--config=configs/stage1_2.py:tiny", f"--config.init_from={TINY}",
+                      "--config.llm.hidden_size=32", "--workdir", str(tmp_path / "wd"))
+    assert "config.init_from" in line and "shape" in line
+
+
+def test_weights_and_ids_of_any_kind(tmp_path):
+    from vita_jax.data import pipeline
+    with pytest.raises(ValueError, match=r"config.data.mixture\[0\]: weight -1"):
+        pipeline.mixture([{"json": "x.json", "weight": -1}])

@@ -26,7 +26,7 @@ class UsageError(ValueError):
 # what a user mistake raises (vita_jax's own CheckpointError / ImageError / AudioError / VideoError
 # are ValueErrors; file problems are OSErrors; config overrides naming no field are KeyErrors)
 USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
-               PermissionError)
+               PermissionError, ImportError)  # ImportError: an optional extra not installed (gcsfs for gs://, ...)
 
 
 def _dtype(text: str) -> str:
@@ -382,7 +382,9 @@ def main(argv=None) -> int:
     except USER_ERRORS as e:
         if debug:
             raise
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        msg = str(e.args[0] if isinstance(e, KeyError) and e.args else e).strip()
+        if "\n" in msg:  # a library's multi-line message (YAML or pickle context): its first line, the rest with --debug
+            msg = msg.splitlines()[0] + " (more with --debug)"
         print(f"vita-jax: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -49,13 +49,16 @@ def read_config(directory: str):
         raise FileNotFoundError(f"{path} not found: not an official-layout release directory") from e
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: invalid JSON: {e}") from e
+    if not isinstance(hf, dict):
+        raise ValueError(f"{path}: expected a JSON object (the model config), got {type(hf).__name__}")
     c = config_lib.base_config()
-    for k in LLM_FIELDS:
+    for k in LLM_FIELDS + (("head_dim",) if hf.get("head_dim") else ()):
         if k not in hf:
             raise KeyError(f"{path}: field {k!r} is missing")
-        c.llm[k] = type(c.llm[k])(hf[k])
-    if hf.get("head_dim"):
-        c.llm.head_dim = int(hf["head_dim"])
+        try:
+            c.llm[k] = type(c.llm[k])(hf[k]) if k != "head_dim" else int(hf[k])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: field {k!r} = {hf[k]!r} is not a {type(c.llm[k]).__name__}") from e
     for k in ("bos_token_id", "eos_token_id", "tokenizer_model_max_length"):
         if isinstance(hf.get(k), int):
             c[k] = hf[k]

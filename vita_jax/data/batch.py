@@ -322,7 +322,7 @@ class LMCollator:
         kept, pixels, clips = [], [], []
         for ex in examples:
             if "bad" in ex:
-                self.skipped[ex.get("id", "?")] = ex["bad"]
+                self.skipped[str(ex.get("id", "?"))] = ex["bad"]  # ids of any JSON type are report keys
                 continue
             n_tiles, ex_clips = example_tiles(ex), example_clips(ex)
             problem = example_problem(ex, self.tpt, self.seq_len, self.max_frames)

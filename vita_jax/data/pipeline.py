@@ -182,6 +182,11 @@ def mixture(files: Sequence[dict] = (), seed: int = 0, tfds: Sequence[dict] = ()
     for k, f in enumerate(files):
         if not hasattr(f, "get") or not f.get("json"):
             raise ValueError(f"config.data.mixture[{k}] = {f!r}: each entry needs a 'json' key (the data file)")
+    for name, entries in (("mixture", files), ("tfds", tfds)):
+        for k, f in enumerate(entries):
+            w = f.get("weight", 1.0) if hasattr(f, "get") else 1.0
+            if not isinstance(w, (int, float)) or not 0 < float(w) < float("inf"):
+                raise ValueError(f"config.data.{name}[{k}]: weight {w!r} must be a number > 0")
     for k, t in enumerate(tfds):
         if not hasattr(t, "get") or not t.get("name"):
             raise ValueError(f"config.data.tfds[{k}] = {t!r}: each entry needs a 'name' key (dataset name or folder)")

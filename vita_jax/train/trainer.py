@@ -37,6 +37,14 @@ def initial_params(config, ck: Optional[checkpoint.Checkpoint] = None) -> dict:
     if config.init_from:
         ck = ck or checkpoint.load(config.init_from)
         params = dict(ck.params)
+        want = jax.eval_shape(lambda: vita.init_params(config, seed=0))
+        for path, leaf in jax.tree_util.tree_leaves_with_path(want):
+            node = params
+            for k in path:
+                node = node.get(k.key) if hasattr(node, "get") else None
+            if node is not None and tuple(node.shape) != tuple(leaf.shape):
+                raise ValueError(f"config.init_from = {config.init_from}: {jax.tree_util.keystr(path)} has shape "
+                                 f"{tuple(node.shape)}, the config's model wants {tuple(leaf.shape)} (another model size?)")
         if config.loss == "tts" and ck.tts is not None:
             params["tts_decoder"] = ck.tts[1]
     else:
@@ -285,11 +293,12 @@ def train(config, workdir: str, mesh=None, data=None, log: Callable = print, pro
     # step is dispatched, so neither the host pipeline nor the metrics read stalls the device
     feed = pipeline.Prefetch(produce, depth=int(config.data.get("prefetch", 2)))
     last, pending, t0 = (_last_metrics(metrics_path) if start == total else {}), None, time.perf_counter()
+    seen = 0  # target tokens trained on in this call (a run shorter than max_empty_steps can still train on nothing)
     t_done, empty = t0, 0
 
     def record(p) -> None:
         """Reads the metrics of a dispatched step (blocks until it is done), logs them, stops on non-finite runs."""
-        nonlocal last, t_done, empty
+        nonlocal last, t_done, empty, seen
         i, met, size, wait = p
         met = {k: float(v) for k, v in jax.device_get(met).items()}
         now = time.perf_counter()
@@ -312,7 +321,7 @@ def train(config, workdir: str, mesh=None, data=None, log: Callable = print, pro
             bar.set_postfix(loss=f"{met['loss']:.4f}")
         if met["finite"] and not met["tokens"]:
             log(f"step {i + 1}: no target tokens in the batch (every sample skipped), update skipped")
-        empty = 0 if met["tokens"] else empty + 1
+        empty, seen = (0 if met["tokens"] else empty + 1), seen + met["tokens"]
         if empty >= int(config.get("max_empty_steps", 20)):
             raise ValueError(f"{empty} steps in a row had no target tokens (every sample bad or unlabelled); "
                              f"stopping: check the data ({_data_names(config)}; config.max_empty_steps)")
@@ -354,6 +363,9 @@ def train(config, workdir: str, mesh=None, data=None, log: Callable = print, pro
     if start == total and not orbax_io.is_complete(model_dir):
         log(f"stage {config.stage} had finished (checkpoint {total} in {ck.path}) but {model_dir} is missing or "
             "incomplete (an interrupted export): writing it from that checkpoint")
+    if start == 0 and done == total and not seen:
+        raise ValueError(f"the whole run had no target tokens (every sample bad, too long or unlabelled): no model "
+                         f"written; check the data ({_data_names(config)})")
     if done == total and (start < total or not orbax_io.is_complete(model_dir)):
         export_model(config, state, model_dir)
         log(f"final parameters written to {model_dir} (use it as the next stage's init_from)")
