@@ -90,7 +90,9 @@ def evaluate(engine: Engine, settings: Mapping, name: str = "eval", progress: bo
                 records.append(_record(ex, text, task.score(ex, text, s)))
         bar.close()
     else:
-        src = sources.OfficialJSON(s["data"])
+        # an evaluation file is the user's own, named on the command line: its media may lie anywhere
+        # (containment guards training data and what write_tfds copies)
+        src = sources.OfficialJSON(s["data"], allow_outside_root=True)
         n = len(src) if not s["max_examples"] else min(len(src), int(s["max_examples"]))
         ids = [str(src[i].get("id", i)) if isinstance(src[i], dict) else str(i) for i in range(n)]
         convert = sources.OfficialExamples(engine.tokenizer, engine.prep)
