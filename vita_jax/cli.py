@@ -194,49 +194,14 @@ def cmd_compile(a, rest) -> int:
     return 0
 
 
-def _eval_suite(a, rest, config_lib, evals) -> dict:
-    """``{name: settings}`` of ``vita-jax eval``: ``--task`` + ``--data`` (``--config.FIELD=V`` set
-    that evaluator's settings), or ``--config=FILE`` with ``config.evals``; checked before loading."""
-    import ml_collections  # (late: --help stays fast)
-    if a.config_file is None and not (a.task and a.data):
-        raise UsageError("give --task and --data, or --config=configs/eval_*.py for a suite")
-    if a.config_file is not None:
-        if a.task or a.data:
-            raise UsageError("--config=FILE names its tasks and data: drop --task / --data")
-        config = config_lib.load_config(a.config_file)
-        if not config.get("evals"):
-            raise UsageError(f"--config={a.config_file}: no config.evals (a suite: {{name: dict(type=..., data=...)}})")
-        for name in list(config.evals):  # every setting present, so --config.evals.NAME.FIELD can set it
-            config.evals[name] = ml_collections.ConfigDict({**evals.runner.DEFAULTS, **dict(config.evals[name])})
-    else:
-        config = ml_collections.ConfigDict({**evals.runner.DEFAULTS, "type": a.task, "data": a.data})
-    for arg in rest:
-        if not arg.startswith("--config."):
-            raise UsageError(f"vita-jax eval: unrecognized argument: {arg}")
-        key, sep, val = arg[len("--config."):].partition("=")
-        if not sep:
-            raise UsageError(f"{arg}: give a value, --config.{key}=VALUE")
-        config_lib.apply_override(config, key, val)
-    suite = evals.suite(config) if a.config_file is not None else {a.task: evals.settings_of(config, f"--task {a.task}")}
-    for name, s in suite.items():
-        if a.max_examples is not None:
-            s["max_examples"] = a.max_examples
-        for opt in ("batch_size", "max_new_tokens"):
-            if getattr(a, opt) is not None:
-                s[opt] = getattr(a, opt)
-        suite[name] = evals.settings_of(s, name)
-    return suite
-
-
 def cmd_eval(a, rest) -> int:
     """``vita-jax eval --checkpoint DIR --task TASK --data PATH --out OUT`` (or ``--config=FILE``)."""
-    import os  # subcommands import late: --help stays fast
-    import jax  # (late, as above)
+    import jax  # subcommands import late: --help stays fast
     import jax.numpy as jnp  # (late, as above)
     from vita_jax import api, parallel  # (late, as above)
-    from vita_jax import config as config_lib  # (late, as above)
     from vita_jax import evals  # (late, as above)
-    suite = _eval_suite(a, rest, config_lib, evals)
+    suite = evals.runner.suite_from_args(a.config_file, a.task, a.data, rest, max_examples=a.max_examples,
+                                         batch_size=a.batch_size, max_new_tokens=a.max_new_tokens)
     parallel.maybe_initialize_distributed()
     mesh = parallel.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}) if jax.device_count() > 1 else None
     m = api.from_pretrained(a.checkpoint, dtype=jnp.dtype(a.dtype), mesh=mesh)

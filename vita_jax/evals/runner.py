@@ -16,7 +16,10 @@ import os
 import time
 from typing import Mapping, Optional
 
+import ml_collections
 from tqdm import tqdm
+
+from vita_jax import config as config_lib
 
 from vita_jax.data import sources
 from vita_jax.evals import tasks
@@ -151,3 +154,35 @@ def read_examples(settings: Mapping, name: str = "eval") -> Optional[list]:
     s = settings_of(settings, name)
     task = tasks.get(s["type"])
     return _limit(task.read(s), int(s["max_examples"])) if task.generative else None
+
+
+def suite_from_args(config_file, task, data, rest, **options) -> dict:
+    """``{name: settings}`` of ``vita-jax eval``: ``--task`` + ``--data`` (``rest``: ``--config.FIELD=V``
+    set that evaluator's settings), or ``--config=FILE`` with ``config.evals``; checked before loading.
+    ``options``: command-line settings for every task (``max_examples``, ``batch_size``, ...)."""
+    if config_file is None and not (task and data):
+        raise ValueError("give --task and --data, or --config=configs/eval_*.py for a suite")
+    if config_file is not None:
+        if task or data:
+            raise ValueError("--config=FILE names its tasks and data: drop --task / --data")
+        config = config_lib.load_config(config_file)
+        if not config.get("evals"):
+            raise ValueError(f"--config={config_file}: no config.evals (a suite: {{name: dict(type=..., data=...)}})")
+        for name in list(config.evals):  # every setting present, so --config.evals.NAME.FIELD can set it
+            config.evals[name] = ml_collections.ConfigDict({**DEFAULTS, **dict(config.evals[name])})
+    else:
+        config = ml_collections.ConfigDict({**DEFAULTS, "type": task, "data": data})
+    for arg in rest:
+        if not arg.startswith("--config."):
+            raise ValueError(f"vita-jax eval: unrecognized argument: {arg}")
+        key, sep, val = arg[len("--config."):].partition("=")
+        if not sep:
+            raise ValueError(f"{arg}: give a value, --config.{key}=VALUE")
+        config_lib.apply_override(config, key, val)
+    out = suite(config) if config_file is not None else {task: settings_of(config, f"--task {task}")}
+    for name, s in out.items():
+        for opt, value in options.items():  # --max-examples, --batch-size, --max-new-tokens
+            if value is not None:
+                s[opt] = value
+        out[name] = settings_of(s, name)
+    return out
