@@ -205,7 +205,7 @@ def _write(path, text):
     return str(path)
 
 
-@pytest.mark.parametrize("case", ["syntax", "no_get_config", "variant", "no_value", "dtype", "stage", "mixture_key",
+@pytest.mark.parametrize("case", ["syntax", "no_get_config", "variant", "no_value", "dtype", "mixture_key",
                                   "bad_json"])
 def test_train_config_mistakes_are_one_line(tmp_path, capsys, case):
     wd = str(tmp_path / "wd")
@@ -218,7 +218,6 @@ def test_train_config_mistakes_are_one_line(tmp_path, capsys, case):
         "variant": (["train", "--config=configs/stage1_1.py:tinyy", "--workdir", wd], "'tinyy'"),
         "no_value": (base + ["--config.total_steps"], "--config.total_steps"),
         "dtype": (base + ["--config.dtype=float12"], "config.dtype"),
-        "stage": (base + ["--config.stage=9.9"], "config.stage"),
         "mixture_key": (base + ['--config.data.mixture=[{"weight": 1}]', "--config.data.tokenizer=" + QWEN],
                         "config.data.mixture[0]"),
         "bad_json": (base + ['--config.data.mixture=[{"json": "%s"}]' % _write(tmp_path / "d.json", "[{"),

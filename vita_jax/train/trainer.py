@@ -177,8 +177,6 @@ def check_config(config) -> None:
     for field in ("dtype", "param_dtype", "frozen_dtype"):
         if config.get(field) is not None and str(config[field]) not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"config.{field} = {config[field]!r}: must be float32, bfloat16 or float16")
-    if config.get("stage") is not None and str(config.stage) not in stages.STAGES:
-        raise ValueError(f"config.stage = {config.stage!r}: not a stage ({', '.join(sorted(stages.STAGES))})")
     for pattern, lr in (config.get("optim") or {}).get("group_lrs", None) or ():
         if not 0 <= float(lr) < float("inf"):
             raise ValueError(f"config.optim.group_lrs: learning rate {lr!r} of {pattern!r} must be a finite number >= 0")
