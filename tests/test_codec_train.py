@@ -13,7 +13,7 @@ from conftest import FIXTURES, rel_err
 
 FIX = os.environ.get("VITA_JAX_TICODEC_TRAIN_FIXTURE", os.path.join(FIXTURES, "ticodec-train"))
 REF = os.path.join(FIX, "reference")
-pytestmark = pytest.mark.skipif(not os.path.isdir(REF), reason=f"no ticodec-train fixture at {FIX}")
+assert os.path.isdir(REF), f"no ticodec-train fixture at {FIX} (set VITA_JAX_TICODEC_TRAIN_FIXTURE)"
 
 
 def _npz(name):
