@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Logical axis -> mesh axes (a tuple means "shard over the product of these axes").
-# Parameter axes: vocab, embed, heads, kv_heads, head_dim, mlp, layers, norm.
+# Parameter axes: vocab, embed, heads, kv_heads, head_dim, mlp, layers, norm, codec_rows.
 # Activation axes: batch, length, act_embed, act_heads, act_kv_heads, act_mlp, act_vocab.
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     # parameters
@@ -38,6 +38,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("mm_in", "tensor"),
     ("layers", None),
     ("norm", None),
+    ("codec_rows", "fsdp"),  # stage 3.1: the first dimension of every codec / discriminator leaf
     # activations
     ("batch", ("data", "fsdp")),
     ("length", None),

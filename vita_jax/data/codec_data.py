@@ -41,10 +41,13 @@ def load_wav(path: str, sampling_rate: int) -> np.ndarray:
 
 
 class CodecData:
-    """Iterator of host batches ``{"y", "y_global": [B, segment]}`` with ``get_state`` / ``set_state``
+    """Iterator of host batches ``{"y", "y_global": [B, segment], "samples": [B]}`` (real samples of a row) with ``get_state`` / ``set_state``
     (epoch, batch index and the crop RNG) for exact resume."""
 
-    def __init__(self, files: list, segment_size: int, batch_size: int, sampling_rate: int, seed: int = 1234):
+    def __init__(self, files: list, segment_size: int, batch_size: int, sampling_rate: int, seed: int = 1234,
+                 lengths: Optional[dict] = None):
+        """``lengths``: ``{path: samples}`` from the headers; with it only the crops are read (no cache), as
+        a real-size corpus needs; without it every file is read whole once and kept."""
         if len(files) < batch_size:
             raise ValueError(f"{len(files)} training file(s) for batch_size {batch_size}: not one full batch")
         rng = random.Random(seed)
@@ -55,6 +58,7 @@ class CodecData:
         self.epoch, self.index = 0, 0
         self.draws: list = []
         self._cache: dict = {}
+        self.lengths = lengths
 
     @property
     def steps_per_epoch(self) -> int:
@@ -65,15 +69,22 @@ class CodecData:
             self._cache[path] = load_wav(path, self.sr)
         return self._cache[path]
 
+    def _read(self, path, start, n):
+        if self.lengths is None:
+            return self._wav(path)[start:start + n]
+        x, _ = sf.read(path, start=start, frames=n, dtype="float32", always_2d=True)
+        return x.mean(axis=1).astype(np.float32) if x.shape[1] > 1 else x[:, 0]
+
     def crops(self, path):
-        x = self._wav(path)
-        if len(x) >= self.segment:
-            a = self.rng.randint(0, len(x) - self.segment)
-            b = self.rng.randint(0, len(x) - self.segment)
-            self.draws += [(0, len(x) - self.segment, a), (0, len(x) - self.segment, b)]
-            return x[a:a + self.segment], x[b:b + self.segment]
-        pad = np.pad(x, (0, self.segment - len(x)))
-        return pad, pad
+        """``(crop 1, crop 2, real samples)`` of one file."""
+        n = self.lengths[path] if self.lengths is not None else len(self._wav(path))
+        if n >= self.segment:
+            a = self.rng.randint(0, n - self.segment)
+            b = self.rng.randint(0, n - self.segment)
+            self.draws += [(0, n - self.segment, a), (0, n - self.segment, b)]
+            return self._read(path, a, self.segment), self._read(path, b, self.segment), self.segment
+        pad = np.pad(self._read(path, 0, n), (0, self.segment - n))
+        return pad, pad, n
 
     def __iter__(self):
         return self
@@ -82,13 +93,14 @@ class CodecData:
         if self.index >= self.steps_per_epoch:
             self.epoch, self.index = self.epoch + 1, 0
         names = self.files[self.index * self.batch:(self.index + 1) * self.batch]
-        y, yg = zip(*[self.crops(p) for p in names])
+        y, yg, real = zip(*[self.crops(p) for p in names])
         self.index += 1
-        return {"y": np.stack(y), "y_global": np.stack(yg)}
+        return {"y": np.stack(y), "y_global": np.stack(yg), "samples": np.asarray(real, np.int32)}
 
     def get_state(self) -> dict:
         return {"epoch": self.epoch, "index": self.index, "rng": self.rng.getstate()}
 
     def set_state(self, state: dict) -> None:
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
-        self.rng.setstate(state["rng"])
+        rng = state["rng"]  # a JSON round trip makes lists of random's tuples
+        self.rng.setstate((rng[0], tuple(rng[1]), rng[2]) if isinstance(rng, list) else rng)

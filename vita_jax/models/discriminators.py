@@ -59,6 +59,7 @@ class SNConv1d(nn.Module):
 
 class DiscriminatorP(nn.Module):
     period: int
+    div: int = 1  # channel divisor (1: the official widths; tiny test / demo configs use more)
 
     @nn.compact
     def __call__(self, x):
@@ -67,21 +68,23 @@ class DiscriminatorP(nn.Module):
             x = jnp.pad(x, ((0, 0), (0, 0), (0, self.period - t % self.period)), mode="reflect")
         x = x.reshape(b, c, -1, self.period)
         fmap = []
-        chans = (1, 32, 128, 512, 1024, 1024)
+        chans = (1,) + tuple(c // self.div for c in (32, 128, 512, 1024, 1024))
         for j in range(5):
             x = WNConv(chans[j + 1], chans[j], (5, 1), stride=(3 if j < 4 else 1, 1), padding=(2, 0),
                        name=f"convs.{j}")(x)
             x = jax.nn.leaky_relu(x, LRELU)
             fmap.append(x)
-        x = WNConv(1, 1024, (3, 1), padding=(1, 0), name="conv_post")(x)
+        x = WNConv(1, chans[-1], (3, 1), padding=(1, 0), name="conv_post")(x)
         fmap.append(x)
         return x.reshape(b, -1), fmap
 
 
 class MultiPeriodDiscriminator(nn.Module):
+    div: int = 1
+
     @nn.compact
     def __call__(self, y):
-        outs = [DiscriminatorP(p, name=f"discriminators.{i}")(y) for i, p in enumerate(PERIODS)]
+        outs = [DiscriminatorP(p, self.div, name=f"discriminators.{i}")(y) for i, p in enumerate(PERIODS)]
         return [o[0] for o in outs], [o[1] for o in outs]
 
 
@@ -92,11 +95,15 @@ _S_CONVS = ((128, 1, 15, 1, 1, 7), (128, 128, 41, 2, 4, 20), (256, 128, 41, 2, 1
 
 class DiscriminatorS(nn.Module):
     spectral: bool = False
+    div: int = 1
 
     @nn.compact
     def __call__(self, x):
         fmap = []
-        for j, (o, i, k, s, g, p) in enumerate(_S_CONVS + ((1, 1024, 3, 1, 1, 1),)):
+        d = self.div  # the group counts stay: every width divides by them for div <= 8
+        convs = [(o // d, max(1, i // d), k, s, g, p) for o, i, k, s, g, p in _S_CONVS + ((1, 1024, 3, 1, 1, 1),)]
+        convs[-1] = (1,) + convs[-1][1:]
+        for j, (o, i, k, s, g, p) in enumerate(convs):
             name = f"convs.{j}" if j < len(_S_CONVS) else "conv_post"
             layer = SNConv1d(o, i, k, s, p, g, name=name) if self.spectral else \
                 WNConv(o, i, (k,), stride=s, padding=p, groups=g, name=name)
@@ -116,6 +123,7 @@ def avg_pool(x):
 class MultiScaleDiscriminator(nn.Module):
     """Called once per input (upstream calls real and fake alternately per scale; only MSD[0]'s
     power iterations depend on the order: call it on the real batch first, then the fake one)."""
+    div: int = 1
 
     @nn.compact
     def __call__(self, y):
@@ -123,7 +131,7 @@ class MultiScaleDiscriminator(nn.Module):
         for i in range(3):
             if i:
                 y = avg_pool(y)
-            o, f = DiscriminatorS(spectral=(i == 0), name=f"discriminators.{i}")(y)
+            o, f = DiscriminatorS(spectral=(i == 0), div=self.div, name=f"discriminators.{i}")(y)
             logits.append(o)
             fmaps.append(f)
         return logits, fmaps
@@ -186,9 +194,11 @@ class NormConv2d(nn.Module):
 
 
 class MultiScaleSTFTDiscriminator(nn.Module):
+    div: int = 1
+
     @nn.compact
     def __call__(self, y):
-        outs = [DiscriminatorSTFT(n, name=f"discriminators.{i}")(y) for i, n in enumerate(STFT_NFFTS)]
+        outs = [DiscriminatorSTFT(n, 32 // self.div, name=f"discriminators.{i}")(y) for i, n in enumerate(STFT_NFFTS)]
         return [o[0] for o in outs], [o[1] for o in outs]
 
 

@@ -58,19 +58,23 @@ class TiCodecConfig:
     def from_model_json(cls, path: str) -> "TiCodecConfig":
         try:
             with open(path) as f:
-                h = json.load(f)
-            if str(h.get("resblock", "1")) != "1" or int(h.get("n_code_groups", 1)) != 1 or \
-                    int(h.get("residul_layer", 1)) != 1:
-                raise ValueError("only resblock '1', n_code_groups 1 and residul_layer 1 are supported")
-            return cls(upsample_rates=tuple(h["upsample_rates"]), upsample_kernel_sizes=tuple(h["upsample_kernel_sizes"]),
-                       upsample_initial_channel=int(h["upsample_initial_channel"]),
-                       resblock_kernel_sizes=tuple(h["resblock_kernel_sizes"]),
-                       resblock_dilation_sizes=tuple(tuple(d) for d in h["resblock_dilation_sizes"]),
-                       n_codes=int(h["n_codes"]), global_code_num=int(h["global_code_num"]),
-                       global_feature_conv=tuple(h["global_feature_conv"]),
-                       global_tokens=tuple(h.get("global_tokens", ())), sampling_rate=int(h.get("sampling_rate", 24000)))
+                return cls.from_dict(json.load(f))
         except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{path}: not a TiCodec model.json: {e}") from e
+
+    @classmethod
+    def from_dict(cls, h: dict) -> "TiCodecConfig":
+        """From ``model.json``'s fields (KeyError / TypeError / ValueError on a missing or bad one)."""
+        if str(h.get("resblock", "1")) != "1" or int(h.get("n_code_groups", 1)) != 1 or \
+                int(h.get("residul_layer", 1)) != 1:
+            raise ValueError("only resblock '1', n_code_groups 1 and residul_layer 1 are supported")
+        return cls(upsample_rates=tuple(h["upsample_rates"]), upsample_kernel_sizes=tuple(h["upsample_kernel_sizes"]),
+                   upsample_initial_channel=int(h["upsample_initial_channel"]),
+                   resblock_kernel_sizes=tuple(h["resblock_kernel_sizes"]),
+                   resblock_dilation_sizes=tuple(tuple(d) for d in h["resblock_dilation_sizes"]),
+                   n_codes=int(h["n_codes"]), global_code_num=int(h["global_code_num"]),
+                   global_feature_conv=tuple(h["global_feature_conv"]),
+                   global_tokens=tuple(h.get("global_tokens", ())), sampling_rate=int(h.get("sampling_rate", 24000)))
 
 
 def _pad(k: int, d: int = 1) -> int:

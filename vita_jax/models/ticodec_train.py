@@ -49,6 +49,7 @@ class CodecTrainConfig:
     seed: int = 1234
     codebook_loss_lambda: float = 1.0
     commitment_loss_lambda: float = 0.25
+    disc_div: int = 1  # discriminator channel divisor (1, 2, 4 or 8): not upstream's; only tiny configs change it
 
     @property
     def sampling_rate(self) -> int:
@@ -56,18 +57,28 @@ class CodecTrainConfig:
 
     @classmethod
     def from_model_json(cls, path: str) -> "CodecTrainConfig":
-        codec = TiCodecConfig.from_model_json(path)
-        with open(path) as f:
-            h = json.load(f)
+        try:
+            with open(path) as f:
+                h = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: not a TiCodec model.json: {e}") from e
+        return cls.from_dict(h, path)
+
+    @classmethod
+    def from_dict(cls, h: dict, where: str = "config.codec") -> "CodecTrainConfig":
+        """From ``model.json``'s fields; ``where`` names the source in the one-line error."""
         names = {f.name for f in dataclasses.fields(cls)} - {"codec"}
         try:
-            return cls(codec=codec, **{k: h[k] for k in names if k in h})
-        except TypeError as e:
-            raise ValueError(f"{path}: bad TiCodec training field: {e}") from e
+            return cls(codec=TiCodecConfig.from_dict(h), **{k: h[k] for k in names if k in h})
+        except KeyError as e:
+            raise ValueError(f"{where}: missing TiCodec field {e}") from e
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: bad TiCodec training field: {e}") from e
 
     def to_model_json(self) -> dict:
         out = self.codec.to_model_json()
-        out.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "codec"})
+        out.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                    if f.name != "codec" and not (f.name == "disc_div" and self.disc_div == 1)})
         out.update(num_gpus=1, num_freq=self.n_fft // 2 + 1, num_workers=0)
         return out
 

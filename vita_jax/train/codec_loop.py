@@ -5,6 +5,7 @@
 * :func:`save_official`: the state -> ``g_`` / ``do_`` files the official ``train.py`` resumes from.
 * :func:`export_codec`: ``vita_tts_ckpt/codec/{final.pt, model.json}`` (the inference layout that
   ``load_speech`` and stage 3.2 read; ``final.pt`` is a ``g_`` file).
+* :func:`export_run`: a finished stage 3.1 run's ``WORKDIR/model``: both of the above, committed atomically.
 """
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ import jax
 import numpy as np
 import optax
 
+from jax.experimental import multihost_utils
+
+from vita_jax.convert import target
 from vita_jax.convert import ticodec_ckpt as io
 from vita_jax.models import ticodec_train as tt
 from vita_jax.train import codec_step as cs
@@ -94,4 +98,31 @@ def export_codec(folder: str, M: cs.CodecModels, state, global_tokens=None) -> s
         mj["global_tokens"] = [int(t) for t in global_tokens]
     with open(os.path.join(folder, "model.json"), "w") as f:
         json.dump(mj, f, indent=4)
+    return folder
+
+
+CODEC_DIR = os.path.join("vita_tts_ckpt", "codec")  # inside a stage 3.1 run's model folder
+OFFICIAL_DIR = "ticodec"  # upstream train.py's checkpoint folder (model.json, g_ / do_), to go on training there
+
+
+def export_complete(folder: str) -> bool:
+    return all(os.path.isfile(os.path.join(folder, d, f)) for d in (CODEC_DIR, OFFICIAL_DIR) for f in ("model.json",)) \
+        and os.path.isfile(os.path.join(folder, CODEC_DIR, "final.pt"))
+
+
+def export_run(folder: str, M: cs.CodecModels, state, epoch: int, heldout=None) -> str:
+    """``folder/vita_tts_ckpt/codec/{final.pt, model.json}`` (global tokens: the first held-out clip's, else
+    the config's) and ``folder/ticodec/{model.json, g_XXXXXXXX, do_XXXXXXXX}``, written into a temporary
+    sibling and committed at once (a kill leaves the previous folder or none, never half of one)."""
+    if jax.process_count() > 1:  # sharded leaves -> whole host copies on every process; process 0 writes
+        state = multihost_utils.process_allgather(state, tiled=True)
+    tokens = heldout.global_tokens(state) if heldout else None
+    if jax.process_index() != 0:
+        return folder
+    tmp = target.prepare_target(folder, overwrite=True)
+    export_codec(os.path.join(tmp, CODEC_DIR), M, state, tokens)
+    save_official(os.path.join(tmp, OFFICIAL_DIR), M, state, epoch)
+    with open(os.path.join(tmp, OFFICIAL_DIR, "model.json"), "w") as f:
+        json.dump(M.cfg.to_model_json(), f, indent=4)
+    target.commit(tmp, folder)
     return folder

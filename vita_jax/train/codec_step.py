@@ -38,8 +38,11 @@ class CodecModels:
 
     @classmethod
     def build(cls, cfg: tt.CodecTrainConfig) -> "CodecModels":
-        return cls(cfg, tt.Generator(cfg.codec), tt.Encoder(cfg.codec), dm.MultiPeriodDiscriminator(),
-                   dm.MultiScaleDiscriminator(), dm.MultiScaleSTFTDiscriminator())
+        if cfg.disc_div not in (1, 2, 4, 8):
+            raise ValueError(f"disc_div = {cfg.disc_div}: must be 1, 2, 4 or 8 (MSD's grouped convolutions)")
+        d = int(cfg.disc_div)
+        return cls(cfg, tt.Generator(cfg.codec), tt.Encoder(cfg.codec), dm.MultiPeriodDiscriminator(d),
+                   dm.MultiScaleDiscriminator(d), dm.MultiScaleSTFTDiscriminator(d))
 
 
 def init_variables(M: CodecModels, seed: int) -> tuple:

@@ -19,6 +19,7 @@ import optax
 from flax import traverse_util
 
 from vita_jax import config as config_lib
+from vita_jax.train import codec_setup
 
 # stage -> (description, trainable patterns, loss, lr, {pattern: lr}, frozen pattern overrides)
 STAGES = {
@@ -36,9 +37,12 @@ STAGES = {
 
 
 def stage_config(stage: str, arg: str | None = None) -> ml_collections.ConfigDict:
-    """The config of one stage; ``arg == "tiny"`` selects the tiny model (tests, the demo)."""
+    """The config of one stage; ``arg == "tiny"`` selects the tiny model (tests, the demo). Stage 3.1
+    (the speech codec) has its own: :func:`vita_jax.train.codec_setup.stage_config`."""
+    if stage == "3.1":
+        return codec_setup.stage_config(arg)
     if stage not in STAGES:
-        raise KeyError(f"unknown stage {stage!r}; stages: {sorted(STAGES)}")
+        raise KeyError(f"unknown stage {stage!r}; stages: {sorted(STAGES) + ['3.1']}")
     if arg not in (None, "", "tiny"):
         raise ValueError(f"stage {stage}: unknown config variant {arg!r} (none for the full size, or ':tiny')")
     desc, trainable, loss, lr, group_lrs = STAGES[stage]

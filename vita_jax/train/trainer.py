@@ -28,7 +28,7 @@ from vita_jax.data.text import load_tokenizer
 from vita_jax.evals.training import TrainingEvals
 from vita_jax.models import vita
 from vita_jax.train import checkpoint as ckpt_lib
-from vita_jax.train import flops, setup, stages
+from vita_jax.train import codec_loop, codec_setup, flops, setup, stages
 
 
 def initial_params(config, ck: Optional[checkpoint.Checkpoint] = None) -> dict:
@@ -208,9 +208,20 @@ def _last_metrics(path: str) -> dict:
     return json.loads(rows[-1]) if rows else {}
 
 
+def _complete(config, model_dir: str) -> bool:
+    """Whether the stage's ``WORKDIR/model`` export is finished."""
+    if config.get("loss") == "codec":
+        return paths.is_local(model_dir) and codec_loop.export_complete(model_dir)
+    return orbax_io.is_complete(model_dir)
+
+
 def _build(config, data, mesh, wrap_step, log):
     """``(state, step_fn, info, data)``: the initial state and the jitted step of the stage, and its data
-    (the tiny configs' synthetic set unless files or ``data`` are given)."""
+    (the tiny configs' synthetic set unless files or ``data`` are given; stage 3.1: its wav lists)."""
+    if config.get("loss") == "codec":
+        state, step_fn, info, codec_batches = codec_setup.build(config, mesh, log)
+        log(f"stage {config.stage}: {config.description}\n{info['table']}")
+        return state, (wrap_step(step_fn) if wrap_step else step_fn), info, data or codec_batches
     has_files = bool(len(config.data.mixture) or len(config.data.tfds))
     if data is None and not has_files:
         data, units = synthetic.synthetic_data(config)
@@ -254,7 +265,7 @@ def train(config, workdir: str, mesh=None, data=None, log: Callable = print, pro
     model_dir, metrics_path = paths.join(workdir, "model"), paths.join(workdir, "metrics.jsonl")
     ck = _open_checkpoints(config, workdir, log if main else None)
     done = ck.latest_step() or 0
-    if done == total and orbax_io.is_complete(model_dir) and not return_state:
+    if done == total and _complete(config, model_dir) and not return_state:
         ck.close()
         log(f"stage {config.stage} already finished: checkpoint {total} in {ck.path} and its model in {model_dir}; "
             "nothing to do")
@@ -281,6 +292,8 @@ def train(config, workdir: str, mesh=None, data=None, log: Callable = print, pro
     tb = _tensorboard(workdir)
     peak = flops.device_peaks(jax.devices()[0].device_kind)[0]
     place = info["place"]
+    evals = info.get("evals") or evals  # stage 3.1: its held-out mel measure
+    params_of = info.get("params_of") or (lambda s: stages.merge(s.train, s.frozen))
 
     def produce():
         """One step's input, made ahead in the pipeline's thread: placed batch, data state after it, its size."""
@@ -343,7 +356,7 @@ def train(config, workdir: str, mesh=None, data=None, log: Callable = print, pro
                 done = i + 1
                 if evals and evals.due(i + 1, total):  # after the step's own metrics line
                     pending = record(pending) if pending is not None else None
-                    evals.run(i + 1, total, lambda: stages.merge(state.train, state.frozen), mf, tb)
+                    evals.run(i + 1, total, lambda: params_of(state), mf, tb)
                 if stop_after is not None and i + 1 >= stop_after:
                     break
             if pending is not None:
@@ -358,14 +371,17 @@ def train(config, workdir: str, mesh=None, data=None, log: Callable = print, pro
     if tb is not None:
         tb.close()
     ck.close()
-    if start == total and not orbax_io.is_complete(model_dir):
+    if start == total and not _complete(config, model_dir):
         log(f"stage {config.stage} had finished (checkpoint {total} in {ck.path}) but {model_dir} is missing or "
             "incomplete (an interrupted export): writing it from that checkpoint")
     if start == 0 and done == total and not seen:
         raise ValueError(f"the whole run had no target tokens (every sample bad, too long or unlabelled): no model "
                          f"written; check the data ({_data_names(config)})")
-    if done == total and (start < total or not orbax_io.is_complete(model_dir)):
-        export_model(config, state, model_dir)
+    if done == total and (start < total or not _complete(config, model_dir)):
+        if "export" in info:
+            info["export"](state, model_dir)
+        else:
+            export_model(config, state, model_dir)
         log(f"final parameters written to {model_dir} (use it as the next stage's init_from)")
     skipped = dict(getattr(data, "skipped", None) or getattr(getattr(data, "collator", None), "skipped", {}) or {})
     if skipped:

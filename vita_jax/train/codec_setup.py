@@ -1,0 +1,262 @@
+"""Stage 3.1 in the trainer: the TiCodec codec's config, initial state, sharded step, data and export.
+
+:func:`build` gives the trainer what :func:`vita_jax.train.setup.build` gives it for the LM stages:
+the state (a dict: generator side ``gp`` / ``gb``, discriminators ``dp`` / ``db``, both Adam states,
+the step count and a non-finite counter), the jitted step ``(state, batch) -> (state, metrics)``
+with explicit in / out shardings, ``place`` for the host batches, and the stage's data; plus
+``params_of`` and ``export`` (:mod:`vita_jax.train.codec_loop`'s official formats) and the held-out
+mel evaluator (:mod:`vita_jax.train.codec_eval`).
+
+Sharding: every state leaf's first dimension (conv output channels; ConvTranspose input channels)
+is the logical axis ``codec_rows`` and the rows of a batch are ``batch`` (the rules table of
+:mod:`vita_jax.parallel`); the data are split over the mesh's data axes, so a mesh of N devices is
+N-way data parallel with the codec's parameters and optimiser moments sharded FSDP-style.
+"""
+from __future__ import annotations
+
+import glob
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import soundfile as sf
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from vita_jax import parallel
+from vita_jax.data import codec_data
+from vita_jax.models import ticodec_train as tt
+from vita_jax.train import codec_eval, codec_loop
+from vita_jax.train import codec_step as cs
+
+# VITA-1.5's codec (vita_tts_ckpt/codec/model.json, = Freeze-Omni's) with the upstream TiCodec recipe
+RELEASE = dict(resblock="1", num_gpus=8, batch_size=160, learning_rate=2e-4, adam_b1=0.5, adam_b2=0.9, lr_decay=0.98,
+               seed=1234, upsample_rates=[8, 5, 5, 3], upsample_kernel_sizes=[16, 11, 11, 5],
+               upsample_initial_channel=512, resblock_kernel_sizes=[3, 7, 11],
+               resblock_dilation_sizes=[[1, 3, 5], [1, 3, 5], [1, 3, 5]], segment_size=24000, num_mels=80,
+               num_freq=1025, n_fft=1024, hop_size=240, win_size=1024, sampling_rate=24000, n_code_groups=1,
+               residul_layer=1, n_codes=1024, codebook_loss_lambda=1.0, commitment_loss_lambda=0.25,
+               global_code_num=8, global_feature_conv=[128, 64, 128, 3, 1],
+               global_tokens=[473, 975, 419, 219, 565, 121, 550, 616], fmin=0, fmax=8000, fmax_for_loss=None)
+# tests and the CPU demo: one resblock kernel, a 64-entry codebook, discriminators at 1/8 width, 0.1 s crops
+TINY = dict(RELEASE, batch_size=4, upsample_initial_channel=256, resblock_kernel_sizes=[3],
+            resblock_dilation_sizes=[[1, 3, 5]], n_codes=64, global_feature_conv=[128, 16, 128, 3, 1],
+            global_tokens=[0] * 8, segment_size=2400, learning_rate=1e-3, disc_div=8)
+
+
+def stage_config(arg=None) -> ml_collections.ConfigDict:
+    """Stage 3.1's config; ``arg == "tiny"``: the tiny codec (tests, the demo)."""
+    if arg not in (None, "", "tiny"):
+        raise ValueError(f"stage 3.1: unknown config variant {arg!r} (none for the full size, or ':tiny')")
+    tiny = arg == "tiny"
+    c = ml_collections.ConfigDict()
+    c.stage, c.loss = "3.1", "codec"
+    c.description = "TiCodec speech codec: generator + encoder + quantizer against MPD / MSD / MS-STFT (GAN)"
+    # model.json's fields (architecture and the upstream recipe: learning_rate, adam_b1/b2, lr_decay per epoch)
+    c.codec = ml_collections.ConfigDict(TINY if tiny else RELEASE)
+    c.batch_size = c.codec.batch_size  # global batch (all processes)
+    c.total_steps = 20 if tiny else 400000
+    c.checkpoint_every = 10 if tiny else 5000
+    c.keep_checkpoints = 3
+    c.grad_accum = 1  # (the LM stages' micro-batches; one batch a step here, as upstream)
+    c.max_nonfinite_steps = 5
+    c.max_empty_steps = 20
+    c.seed = 0  # initial weights (the crops follow upstream's seed 1234)
+    # "": fresh weights; an official training folder (model.json + g_XXXXXXXX [+ do_XXXXXXXX], the newest pair)
+    # resumes upstream's run with both optimisers; a codec folder (model.json + final.pt) starts the generator side
+    c.init_from = ""
+    c.mesh_shape = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    c.evals = ml_collections.ConfigDict()
+    # train / heldout: wav folders, .lst file lists (one wav path a line, relative to the list) or .wav files
+    c.data = ml_collections.ConfigDict(dict(train=[], heldout=[], heldout_every=10 if tiny else 5000,
+                                            heldout_seconds=0.5 if tiny else 4.0, prefetch=2))
+    return c
+
+
+def train_config(config) -> tt.CodecTrainConfig:
+    h = dict(config.codec.to_dict())
+    h["batch_size"] = int(config.batch_size)
+    return tt.CodecTrainConfig.from_dict(h, "config.codec")
+
+
+def list_wavs(entries, field: str) -> list:
+    """Wav paths of ``config.data.<field>`` (folders, ``.lst`` lists, ``.wav`` files), each checked."""
+    out = []
+    for e in entries:
+        e = str(e)
+        if os.path.isdir(e):
+            out += codec_data.wav_folder(e)
+        elif e.lower().endswith(".wav"):
+            out.append(e)
+        elif os.path.isfile(e):
+            out += codec_data.read_file_list(e)
+        else:
+            raise ValueError(f"config.data.{field}: {e} does not exist")
+    return out
+
+
+def check_wavs(files: list, sr: int, field: str) -> dict:
+    """``{path: samples}`` from the headers (one line naming a file that is missing, unreadable or not at ``sr``)."""
+    lens = {}
+    for f in files:
+        try:
+            info = sf.info(f)
+        except (OSError, RuntimeError) as e:
+            raise ValueError(f"config.data.{field}: {f}: not a readable audio file ({str(e).splitlines()[0]})") from None
+        if info.samplerate != sr:
+            raise ValueError(f"config.data.{field}: {f}: sample rate {info.samplerate}, the codec wants {sr}")
+        if info.frames == 0:
+            raise ValueError(f"config.data.{field}: {f}: no samples")
+        lens[f] = int(info.frames)
+    return lens
+
+
+def _row_spec(shape, mesh, first):
+    names = (first,) + (None,) * (len(shape) - 1) if len(shape) else ()
+    return NamedSharding(mesh, parallel.logical_to_spec(names, shape, mesh))
+
+
+def state_shardings(state, mesh):
+    return jax.tree.map(lambda x: _row_spec(np.shape(x), mesh, "codec_rows"), state)
+
+
+def batch_shardings(batch, mesh):
+    return {k: _row_spec(np.shape(v), mesh, "batch") for k, v in batch.items()}
+
+
+def train_step(M: cs.CodecModels):
+    """The trainer's step: upstream's step (:func:`codec_step.make_step`) with the batch's learning rate,
+    the update skipped on a non-finite loss (the trainer stops after ``max_nonfinite_steps`` in a row), and
+    the metrics the trainer logs (``loss`` = the generator's total, ``tokens`` = real audio samples)."""
+    inner = cs.make_step(M)
+
+    def step(state, batch):
+        core = {k: v for k, v in state.items() if k != "nonfinite"}
+        new, met = inner(core, {"y": batch["y"], "y_global": batch["y_global"]}, batch["lr"])
+        finite = jnp.isfinite(met["gen_loss_total"]) & jnp.isfinite(met["disc_loss_total"])
+        new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, core)
+        nf = jnp.where(finite, 0, state["nonfinite"] + 1)
+        met = dict(met, loss=met["gen_loss_total"], finite=finite, nonfinite=nf, lr=batch["lr"],
+                   tokens=jnp.sum(batch["samples"]).astype(jnp.float32))
+        return dict(new, nonfinite=nf), met
+    return step
+
+
+class Batches:
+    """Host batches of the trainer: :class:`codec_data.CodecData`'s crops plus the epoch's learning rate
+    (``lr0 · lr_decay ** epoch``, epochs counted from ``epoch0``: an official run's) and the real sample
+    count of every row; ``get_state`` / ``set_state`` for exact resume."""
+
+    def __init__(self, data: codec_data.CodecData, cfg: tt.CodecTrainConfig, epoch0: int = 0):
+        self.data, self.cfg, self.epoch0 = data, cfg, int(epoch0)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        b = next(self.data)
+        b["lr"] = np.float32(codec_loop.lr_at(self.cfg, self.epoch0 + self.data.epoch))
+        return b
+
+    @property
+    def epoch(self) -> int:
+        return self.epoch0 + self.data.epoch
+
+    def get_state(self) -> dict:
+        return self.data.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self.data.set_state(state)
+
+
+def _official_pair(folder: str):
+    """The newest ``g_XXXXXXXX`` of ``folder`` and its ``do_`` (None when missing)."""
+    gs = sorted(glob.glob(os.path.join(folder, "g_[0-9]*")))
+    if not gs:
+        final = os.path.join(folder, "final.pt")
+        if os.path.isfile(final):
+            return final, None
+        raise ValueError(f"config.init_from = {folder}: no g_XXXXXXXX or final.pt (a TiCodec training or codec folder)")
+    do = os.path.join(folder, "do_" + os.path.basename(gs[-1])[2:])
+    return gs[-1], (do if os.path.isfile(do) else None)
+
+
+def initial_state(config, M: cs.CodecModels, log):
+    """``(state, epoch0)``: fresh weights, or ``config.init_from``'s (its model.json must describe the same codec)."""
+    def fresh():  # jitted: eager init dispatches (and compiles) op by op, several times slower
+        return jax.jit(lambda: cs.init_variables(M, int(config.seed)))()
+    if not config.init_from:
+        return cs.new_state(*fresh()), 0
+    folder = str(config.init_from)
+    mj = os.path.join(folder, "model.json")
+    if not os.path.isfile(mj):
+        raise ValueError(f"config.init_from = {folder}: no model.json")
+    theirs = tt.CodecTrainConfig.from_model_json(mj)
+    if theirs.codec != M.cfg.codec:
+        diff = [k for k, v in M.cfg.codec.to_model_json().items() if theirs.codec.to_model_json().get(k) != v
+                and k != "global_tokens"]
+        if diff:
+            raise ValueError(f"config.init_from = {folder}: model.json's {', '.join(diff)} differ from config.codec's")
+    g_path, do_path = _official_pair(folder)
+    _, state, info = codec_loop.load_official(mj, g_path, do_path)
+    if do_path is None:  # a codec folder or a lone g_ file: fresh discriminators and optimisers
+        _, _, dp, db = fresh()
+        state = cs.new_state(state["gp"], state["gb"], dp, db)
+        log(f"generator side from {g_path}; fresh discriminators")
+        return state, 0
+    log(f"resuming upstream's run from {g_path} / {do_path} (update {info['steps']}, epoch {info['epoch']})")
+    return state, max(0, info["epoch"])
+
+
+def build(config, mesh, log):
+    """``(state, step_fn, info, data)`` of stage 3.1 (the trainer's ``_build`` for ``loss == "codec"``)."""
+    cfg = train_config(config)
+    M = cs.CodecModels.build(cfg)
+    train_files = list_wavs(config.data.train, "train")
+    if not train_files:
+        raise ValueError("config.data.train: no wav files (give wav folders, .lst file lists or .wav files)")
+    lens = check_wavs(train_files, cfg.sampling_rate, "train")
+    held = list_wavs(config.data.heldout, "heldout")
+    held_lens = check_wavs(held, cfg.sampling_rate, "heldout")
+    data = codec_data.CodecData(train_files, cfg.segment_size, cfg.batch_size, cfg.sampling_rate, lengths=lens)
+    heldout = codec_eval.Heldout(M, held, held_lens, config, log)  # checked before the model is built
+    state, epoch0 = initial_state(config, M, log)
+    state = dict(state, nonfinite=jnp.zeros((), jnp.int32))
+    step = train_step(M)
+    n_proc, pid = jax.process_count(), jax.process_index()
+    if cfg.batch_size % n_proc:
+        raise ValueError(f"config.batch_size = {cfg.batch_size}: not divisible by the {n_proc} processes")
+    rows = cfg.batch_size // n_proc
+    count = lambda t: sum(int(np.size(x)) for x in jax.tree.leaves(t))  # noqa: E731
+    info = dict(table=f"generator side {count(state['gp']):,} parameters (generator, encoder, quantizer); "
+                      f"discriminators {count(state['dp']):,} (MPD, MSD, MS-STFT)", models=M,
+                params_of=lambda s: s, export=lambda s, d: codec_loop.export_run(d, M, s, data_epoch(), heldout))
+
+    def data_epoch():
+        return batches.epoch
+
+    if mesh is None:
+        info["place"] = lambda b: jax.tree.map(jnp.asarray, b)
+        step_fn = jax.jit(step, donate_argnums=0)
+    else:
+        shard = state_shardings(state, mesh)
+        state = jax.device_put(state, shard)
+
+        def place(b):  # every process draws the whole batch (upstream's order); each places its rows
+            sh = batch_shardings(b, mesh)
+            return {k: jax.make_array_from_process_local_data(sh[k], np.asarray(v)[pid * rows:(pid + 1) * rows]
+                                                              if np.ndim(v) else np.asarray(v), np.shape(v))
+                    for k, v in b.items()}
+        info["place"], info["shardings"] = place, shard
+        jitted = {}
+
+        def step_fn(s, b):
+            if "f" not in jitted:
+                jitted["f"] = jax.jit(step, in_shardings=(shard, {k: v.sharding for k, v in b.items()}),
+                                      out_shardings=(shard, None), donate_argnums=0)
+            with parallel.use_mesh(mesh):
+                return jitted["f"](s, b)
+    batches = Batches(data, cfg, epoch0)
+    info["evals"] = heldout
+    return state, step_fn, info, batches
