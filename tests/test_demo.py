@@ -11,7 +11,7 @@ import numpy as np
 import vita_jax
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGES = ["1.1", "1.2", "1.3", "2.1a", "2.1b", "2.2", "3.2"]
+STAGES = ["1.1", "1.2", "1.3", "2.1a", "2.1b", "2.2", "3.1", "3.2"]
 
 
 def test_demo_small_budget(tmp_path):
@@ -43,3 +43,9 @@ def test_demo_small_budget(tmp_path):
     for a, b in zip(jax.tree.leaves(ref.params), jax.tree.leaves(m.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert os.path.getsize(s["answer"]["wav"]) > 1000 and s["answer"]["text"]
+    # stage 3.1's codec (held-out mel L1 fell above) is what `--codec trained` speaks with
+    from vita_jax.demo.run import Demo
+    demo = Demo(str(wd), codec="trained", log=lambda *a: None)
+    cfg, raw, _ = demo.codec()
+    assert "stage 3.1" in demo.codec_source and set(raw) == {"generator", "quantizer", "encoder"}
+    assert rows["3.1"]["multires"][1] < rows["3.1"]["multires"][0]

@@ -248,8 +248,9 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--budget-minutes", type=float, default=15.0, help="scales every stage's steps (15: the full demo)")
     d.add_argument("--speech", default="auto", choices=["auto", "espeak", "recordings"],
                    help="espeak-ng synthesis (auto: when installed) or the bundled CMU ARCTIC recordings")
-    d.add_argument("--codec", default=None, help="a vita_tts_ckpt/codec folder (default: the fixtures' tiny codec "
-                                                 "when ../shared is beside the checkout, else random weights)")
+    d.add_argument("--codec", default=None, help="'trained': the codec of the demo's stage 3.1 speaks (stage 3.2 "
+                   "and the answer); or a vita_tts_ckpt/codec folder (default: the fixtures' tiny codec when "
+                   "../shared is beside the checkout, else random weights)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--no-progress", action="store_true")
     t = sub.add_parser("train", help="run (or resume) one curriculum stage",

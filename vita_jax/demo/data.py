@@ -326,3 +326,26 @@ def build_tokenizer(texts, path: str):
     os.makedirs(path, exist_ok=True)
     tok.save(os.path.join(path, "tokenizer.json"))
     return tok
+
+
+def codec_wavs(folder: str, seed: int = 0, piece_s: float = 0.5) -> tuple[str, str]:
+    """Stage 3.1's speech: the two bundled ARCTIC recordings at 24 kHz (``scipy``'s polyphase 3/2
+    resampling) cut into ``piece_s`` pieces with a −80 dBFS dither (16 kHz recordings have nothing
+    above 8 kHz; the fixture README explains why training wants the dither); the last two pieces of
+    a0009 are held out. Returns ``(train folder, held-out folder)`` of 32-bit float wavs."""
+    from scipy.signal import resample_poly  # scipy comes with librosa; only this stage resamples by 3/2
+    rng = np.random.RandomState(seed)
+    n = int(piece_s * 24000)
+    pieces = []
+    for name, wav, _ in assets.speech_clips()[:2]:  # the two full recordings
+        x = resample_poly(np.asarray(wav, np.float64), 3, 2)
+        pieces += [(name, i, x[i * n:(i + 1) * n]) for i in range(len(x) // n)]
+    out = {}
+    for split, items in (("train", pieces[:-2]), ("heldout", pieces[-2:])):
+        d = os.path.join(folder, split)
+        os.makedirs(d, exist_ok=True)
+        for name, i, x in items:
+            x = x + 1e-4 * rng.standard_normal(len(x))
+            sf.write(os.path.join(d, f"{name}_{i:02d}.wav"), x.astype(np.float32), 24000, subtype="FLOAT")
+        out[split] = d
+    return out["train"], out["heldout"]

@@ -72,3 +72,16 @@ def speech_token_accuracy(config, params, batch) -> float:
     """Teacher-forced codec-id accuracy of the speech decoder on one batch."""
     _, (count, correct) = make_loss(config)(params, jax.tree.map(jnp.asarray, batch))
     return float(correct) / max(float(count), 1.0)
+
+
+def format_summary(s: dict) -> str:
+    lines = ["", "VITA-1.5 demo summary (tiny model, CPU)", f"{'stage':6} {'metric':26} {'before':>8} {'after':>8}  better",
+             "-" * 60]
+    for r in s["stages"]:
+        better = (r["after"] > r["before"]) if r["higher_is_better"] else (r["after"] < r["before"])
+        lines.append(f"{r['stage']:6} {r['metric']:26} {r['before']:8.3f} {r['after']:8.3f}  {'yes' if better else 'NO'}")
+    lines += ["-" * 60, f"speech: {s['speech']}", f"codec: {s['codec']}",
+              f"export: {s['export']} (round trip {'identical' if s['export_round_trip_identical'] else 'DIFFERENT'})",
+              f"spoken answer: {s['answer']['text']!r} -> {s['answer']['wav']}",
+              f"total: {s['total_seconds'] / 60:.1f} min (budget {s['budget_minutes']} min)"]
+    return "\n".join(lines)

@@ -3,7 +3,8 @@
 A word-level tokenizer and a tiny model (the shape of the tiny config) are trained stage by stage
 with the real trainer (sharded step, optax masks, orbax checkpoints, official JSON data through the
 grain pipeline): a text warm-up that stands in for the pretrained Qwen2.5, then 1.1 -> 1.2 -> 1.3
--> 2.1a -> 2.1b -> 2.2 -> 3.2. Each stage is measured on held-out examples before and after. The
+-> 2.1a -> 2.1b -> 2.2 -> 3.1 (the speech codec, on the bundled recordings) -> 3.2. Each stage is
+measured on held-out examples before and after (3.1: the mel L1 of held-out speech). The
 final model is exported to the official PyTorch layout, read back, and answers a spoken question
 about an image in text and in a wav file. ``WORKDIR/summary.json`` holds the table.
 """
@@ -30,6 +31,7 @@ from vita_jax.data.text import TextTokenizer
 from vita_jax.data.units import UnitVocab
 from vita_jax.demo import data as demo_data
 from vita_jax.demo import evaluate
+from vita_jax.demo.evaluate import format_summary
 from vita_jax.infer import speech as speech_lib
 from vita_jax.infer.speech import SpeechModel
 from vita_jax.models import ticodec
@@ -50,6 +52,7 @@ PLAN = {
     "2.1a": ("speech encoder + CTC head", "CER", False, 200, 5e-3, (0, 1)),
     "2.1b": ("speech adapter: the LLM writes the transcript", "transcript token accuracy", True, 250, 1e-2, (0, 1)),
     "2.2": ("audio SFT: spoken questions about images", "spoken-question accuracy", True, 400, 5e-3, (1, 1)),
+    "3.1": ("speech codec (TiCodec GAN) on the bundled recordings", "held-out mel L1", False, 60, 1e-3, (0, 0)),
     "3.2": ("speech decoder (LLM frozen): text -> codec ids", "speech-token accuracy", True, 250, 5e-3, (0, 0)),
 }
 BATCH = 8
@@ -57,7 +60,7 @@ MAX_FRAMES = 192  # 1.9 s of speech: every demo phrase fits
 
 
 # below these a stage barely moves (measured): a small adapter steering a frozen LLM, new answers
-MIN_STEPS = {"1.1": 120, "1.2": 200, "2.1a": 120, "2.1b": 150, "2.2": 150}
+MIN_STEPS = {"1.1": 120, "1.2": 200, "2.1a": 120, "2.1b": 150, "2.2": 150, "3.1": 20}
 SETUP_MINUTES = 3.0  # data, compilation of eight steps and evaluations, export: paid at any budget
 
 
@@ -154,9 +157,15 @@ class Demo:
         return pipeline.held_out_batches(config, self.tok, path, BATCH)
 
     def codec(self):
-        """``(config, raw, params)``: the tiny official-layout codec of ../shared/fixtures when given
-        (``--codec``) or found, else a randomly initialised one of the same shape."""
+        """``(config, raw, params)``: the codec trained in stage 3.1 (``--codec trained``), a folder given
+        (``--codec DIR``), the tiny official-layout codec of ../shared/fixtures when found, else a
+        randomly initialised one of the same shape."""
         if getattr(self, "_codec", None) is None:
+            if self.codec_dir == "trained":
+                path = os.path.join(self.wd, "3.1", "model", "vita_tts_ckpt", "codec")
+                self._codec = speech_lib.load_codec(path)
+                self.codec_source = f"TiCodec trained in stage 3.1 ({path})"
+                return self._codec
             path = self.codec_dir or _default_codec()
             if path:
                 self._codec = speech_lib.load_codec(path)
@@ -231,6 +240,22 @@ class Demo:
         self.held_replies = [r for r, *_ in held]
         return self._record("3.2", before, after, out)
 
+    def run_codec(self):
+        """Stage 3.1: the tiny codec trained by the trainer on 24 kHz pieces of the bundled ARCTIC
+        recordings (two held out); before / after = the held-out mel L1 the run logs at steps 0 and last."""
+        c = stages.stage_config("3.1", "tiny")
+        train, held = demo_data.codec_wavs(os.path.join(self.wd, "data", "codec"), self.seed)
+        c.data.update(train=[train], heldout=[held])
+        c.total_steps = _steps("3.1", self.budget)
+        c.checkpoint_every = c.data.heldout_every = c.total_steps
+        c.codec.learning_rate = PLAN["3.1"][4]
+        c.seed = self.seed
+        wd = os.path.join(self.wd, "3.1")
+        out = trainer.train(c, wd, log=self._stage_log, progress=self.progress, return_state=False)
+        held_rows = [r for r in map(json.loads, open(os.path.join(wd, "metrics.jsonl"))) if "heldout/mel_l1" in r]
+        return self._record("3.1", held_rows[0]["heldout/mel_l1"], held_rows[-1]["heldout/mel_l1"], out,
+                            multires=(held_rows[0]["heldout/mel_l1_multires"], held_rows[-1]["heldout/mel_l1_multires"]))
+
     def reply_codes(self, text: str) -> np.ndarray:
         """Codec ids of a reply: each word's recording through the codec encoder, concatenated."""
         if getattr(self, "_codec_model", None) is None:
@@ -258,7 +283,8 @@ class Demo:
                    after=round(float(after), 4), higher_is_better=higher, steps=int(out["steps"]),
                    final_loss=round(float(out["last"].get("loss", float("nan"))), 4),
                    seconds=round(time.perf_counter() - self._t_stage, 1), checkpoint=os.path.join(self.wd, stage, "ckpt"))
-        row.update({f"{k}_accuracy": [round(float(v), 4) for v in pair] for k, pair in extra.items()})
+        row.update({(k if k == "multires" else f"{k}_accuracy"): [round(float(v), 4) for v in pair]
+                    for k, pair in extra.items()})
         self.results.append(row)
         self.log(f"stage {stage}: {metric} {row['before']:.3f} -> {row['after']:.3f} ({row['seconds']:.0f} s)")
         return os.path.join(self.wd, stage, "model")
@@ -285,6 +311,8 @@ class Demo:
         self._begin("2.2")
         prev = self.run_stage("2.2", prev, [(f["svqa"][0], 2.0), (f["vqa"][0], 0.5), (f["asr"][0], 0.5)],
                               f["svqa"][1])
+        self._begin("3.1")
+        self.run_codec()
         self._begin("3.2")
         prev = self.run_tts(prev)
         final = self.finish(prev)
@@ -337,19 +365,6 @@ class Demo:
                  f"  answer (speech): {wav_path} ({len(wav) / back.speech.sample_rate:.2f} s)")
         return dict(export=export, export_round_trip_identical=bool(same),
                     answer=dict(image=image, question_audio=audio, text=reply, reference=expected, wav=wav_path))
-
-
-def format_summary(s: dict) -> str:
-    lines = ["", "VITA-1.5 demo summary (tiny model, CPU)", f"{'stage':6} {'metric':26} {'before':>8} {'after':>8}  better",
-             "-" * 60]
-    for r in s["stages"]:
-        better = (r["after"] > r["before"]) if r["higher_is_better"] else (r["after"] < r["before"])
-        lines.append(f"{r['stage']:6} {r['metric']:26} {r['before']:8.3f} {r['after']:8.3f}  {'yes' if better else 'NO'}")
-    lines += ["-" * 60, f"speech: {s['speech']}", f"codec: {s['codec']}",
-              f"export: {s['export']} (round trip {'identical' if s['export_round_trip_identical'] else 'DIFFERENT'})",
-              f"spoken answer: {s['answer']['text']!r} -> {s['answer']['wav']}",
-              f"total: {s['total_seconds'] / 60:.1f} min (budget {s['budget_minutes']} min)"]
-    return "\n".join(lines)
 
 
 def _default_codec() -> str | None:

@@ -25,7 +25,9 @@ RESOLUTIONS = (512, 256, 128)
 
 
 class Heldout:
-    """The trainer's evaluation hook for stage 3.1 (``due`` / ``run`` as :class:`TrainingEvals`)."""
+    """The trainer's evaluation hook for stage 3.1 (``due`` / ``run`` as :class:`TrainingEvals`), also run
+    before the first step (``at_start``: the untrained codec's value is step 0's line)."""
+    at_start = True
 
     def __init__(self, M: cs.CodecModels, files: list, lengths: dict, config, log: Callable = print):
         self.M, self.files, self.log = M, list(files), log
@@ -46,7 +48,7 @@ class Heldout:
     def due(self, step: int, total: int) -> list:
         if self.y is None or not self.every:
             return []
-        return ["heldout"] if step % self.every == 0 or step == total else []
+        return ["heldout"] if step % self.every == 0 or step == total else []  # step 0 included
 
     def _measure(self, gp, gb, y):
         M, cfg = self.M, self.M.cfg

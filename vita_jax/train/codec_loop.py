@@ -48,6 +48,7 @@ def _adam_state(t, params):
 def load_official(folder_or_json: str, g_path: str, do_path: Optional[str] = None):
     """``(models, state, info)``; ``info``: ``steps`` / ``epoch`` stored in the do_ file (-1 / -1 when
     none), the ``_metadata`` and Adam param groups (kept when written back)."""
+    folder_or_json = os.fspath(folder_or_json)
     mj = folder_or_json if folder_or_json.endswith(".json") else os.path.join(folder_or_json, "model.json")
     cfg = tt.CodecTrainConfig.from_model_json(mj)
     M = cs.CodecModels.build(cfg)

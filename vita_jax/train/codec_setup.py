@@ -132,14 +132,15 @@ def train_step(M: cs.CodecModels):
     inner = cs.make_step(M)
 
     def step(state, batch):
-        core = {k: v for k, v in state.items() if k != "nonfinite"}
+        core = {k: v for k, v in state.items() if k not in ("nonfinite", "epoch")}
         new, met = inner(core, {"y": batch["y"], "y_global": batch["y_global"]}, batch["lr"])
         finite = jnp.isfinite(met["gen_loss_total"]) & jnp.isfinite(met["disc_loss_total"])
         new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, core)
         nf = jnp.where(finite, 0, state["nonfinite"] + 1)
         met = dict(met, loss=met["gen_loss_total"], finite=finite, nonfinite=nf, lr=batch["lr"],
                    tokens=jnp.sum(batch["samples"]).astype(jnp.float32))
-        return dict(new, nonfinite=nf), met
+        # the epoch of the batch trained on (the input pipeline runs ahead): what g_ / do_ files record
+        return dict(new, nonfinite=nf, epoch=batch["epoch"]), met
     return step
 
 
@@ -156,11 +157,13 @@ class Batches:
 
     def __next__(self) -> dict:
         b = next(self.data)
-        b["lr"] = np.float32(codec_loop.lr_at(self.cfg, self.epoch0 + self.data.epoch))
+        b["lr"] = np.float32(codec_loop.lr_at(self.cfg, self.epoch))
+        b["epoch"] = np.int32(self.epoch)
         return b
 
     @property
     def epoch(self) -> int:
+        """The epoch of the batch drawn last (the trainer's input pipeline draws ahead of the step)."""
         return self.epoch0 + self.data.epoch
 
     def get_state(self) -> dict:
@@ -222,7 +225,7 @@ def build(config, mesh, log):
     data = codec_data.CodecData(train_files, cfg.segment_size, cfg.batch_size, cfg.sampling_rate, lengths=lens)
     heldout = codec_eval.Heldout(M, held, held_lens, config, log)  # checked before the model is built
     state, epoch0 = initial_state(config, M, log)
-    state = dict(state, nonfinite=jnp.zeros((), jnp.int32))
+    state = dict(state, nonfinite=jnp.zeros((), jnp.int32), epoch=jnp.asarray(epoch0, jnp.int32))
     step = train_step(M)
     n_proc, pid = jax.process_count(), jax.process_index()
     if cfg.batch_size % n_proc:
@@ -231,10 +234,7 @@ def build(config, mesh, log):
     count = lambda t: sum(int(np.size(x)) for x in jax.tree.leaves(t))  # noqa: E731
     info = dict(table=f"generator side {count(state['gp']):,} parameters (generator, encoder, quantizer); "
                       f"discriminators {count(state['dp']):,} (MPD, MSD, MS-STFT)", models=M,
-                params_of=lambda s: s, export=lambda s, d: codec_loop.export_run(d, M, s, data_epoch(), heldout))
-
-    def data_epoch():
-        return batches.epoch
+                params_of=lambda s: s, export=lambda s, d: codec_loop.export_run(d, M, s, int(s["epoch"]), heldout))
 
     if mesh is None:
         info["place"] = lambda b: jax.tree.map(jnp.asarray, b)

@@ -343,6 +343,8 @@ def train(config, workdir: str, mesh=None, data=None, log: Callable = print, pro
 
     try:
         with paths.appender(metrics_path) as mf:
+            if start == 0 and getattr(evals, "at_start", False):  # stage 3.1's held-out mel of the untrained codec
+                evals.run(0, total, lambda: params_of(state), mf, tb)
             for i in range(start, total):
                 (batch, data_state, size), wait = feed.next()
                 state, met = step_fn(state, batch)  # dispatched: runs while the previous step's metrics are read

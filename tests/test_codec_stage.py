@@ -1,0 +1,136 @@
+"""Stage 3.1 run by the trainer (``vita-jax train --config configs/stage3_1.py:tiny``) on real 24 kHz
+speech: exact resume after SIGKILL, the held-out mel L1, the export (loads in vita_jax's speech model,
+official layouts), and going on from the exported upstream ``g_`` / ``do_`` files.
+
+The three CLI runs share one persistent compilation cache in the test's temporary folder, so only the
+first compiles the step (minutes on CPU); nothing outlives the test session.
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import FIXTURES, REPO
+
+WAVS = os.path.join(FIXTURES, "ticodec-train", "wavs")
+STEPS = 6
+TIMING = ("seconds", "step_s", "data_wait_s", "tokens_per_s")
+
+
+def _cmd(workdir, *extra):
+    train = [os.path.join(WAVS, f"utt{i}.wav") for i in range(4)]
+    held = [os.path.join(WAVS, f"utt{i}.wav") for i in (4, 5)]
+    return [sys.executable, "-m", "vita_jax.cli", "train", "--config=configs/stage3_1.py:tiny", "--no-progress",
+            f"--config.total_steps={STEPS}", "--config.checkpoint_every=2", "--config.data.heldout_every=3",
+            "--config.data.train=" + json.dumps(train), "--config.data.heldout=" + json.dumps(held),
+            "--workdir", str(workdir), *extra]
+
+
+def _run(cmd, cache, kill_at=None):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+    p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if kill_at is None:
+        out, _ = p.communicate(timeout=1200)
+        assert p.returncode == 0, out[-3000:]
+        return out
+    wd = cmd[cmd.index("--workdir") + 1]
+    metrics = os.path.join(wd, "metrics.jsonl")
+    deadline = time.time() + 1200
+    while time.time() < deadline and p.poll() is None:
+        # killed once the run is past step `kill_at` and its step-2 checkpoint is committed (saved asynchronously)
+        if os.path.isdir(os.path.join(wd, "ckpt", "2")) and sum(1 for _ in open(metrics)) >= kill_at:
+            break
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    return None
+
+
+def _rows(workdir):
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def _official(folder):
+    from vita_jax.train import codec_loop
+    import glob
+    g = sorted(glob.glob(os.path.join(folder, "g_*")))[-1]
+    _, state, info = codec_loop.load_official(folder, g, os.path.join(folder, "do_" + os.path.basename(g)[2:]))
+    return state, info
+
+
+def _leaves(tree):
+    import jax
+    return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stage31")
+    cache = root / "xla-cache"
+    ref, killed = root / "ref", root / "killed"
+    _run(_cmd(ref), cache)
+    _run(_cmd(killed), cache, kill_at=4)  # past step 3 (4 lines with step 0's held-out one), before step 4's save
+    assert not os.path.exists(killed / "model")
+    resumed_log = _run(_cmd(killed), cache)
+    return root, cache, ref, killed, resumed_log
+
+
+def test_sigkill_resume_exact(runs):
+    _, _, ref, killed, log = runs
+    assert "resumed from step " in log  # 2 (or 4 on a slow kill)
+    a, b = _rows(ref), _rows(killed)
+    assert [r["step"] for r in a if "loss" in r] == list(range(1, STEPS + 1))
+    assert a == b  # every loss term and held-out value, bitwise
+    sa, ia = _official(ref / "model" / "ticodec")
+    sb, ib = _official(killed / "model" / "ticodec")
+    assert (ia["steps"], ia["epoch"]) == (ib["steps"], ib["epoch"]) == (STEPS - 1, STEPS - 1)
+    la, lb = _leaves(sa), _leaves(sb)
+    assert la.keys() == lb.keys() and all(np.array_equal(la[k], lb[k]) for k in la)
+
+
+def test_heldout_mel_falls(runs):
+    _, _, ref, _, _ = runs
+    held = [r for r in _rows(ref) if "heldout/mel_l1" in r]
+    assert [r["step"] for r in held] == [0, 3, 6]  # 0: the untrained codec
+    for k in ("heldout/mel_l1", "heldout/mel_l1_multires"):
+        assert np.isfinite(held[0][k]) and held[2][k] < held[0][k], (k, held)
+    assert os.listdir(ref / "tb"), "no TensorBoard events"
+
+
+def test_export_loads(runs, tmp_path):
+    """final.pt: a torch dict {generator, quantizer, encoder} (the official layout) that vita_jax's speech
+    model loads with the fixture's decoder and turns codes into 24 kHz audio; its global tokens are the
+    first held-out clip's."""
+    import torch
+    from vita_jax.infer import speech
+    _, _, ref, _, _ = runs
+    codec = ref / "model" / "vita_tts_ckpt" / "codec"
+    sd = torch.load(codec / "final.pt", map_location="cpu", weights_only=True)
+    assert set(sd) == {"generator", "quantizer", "encoder"}
+    mj = json.load(open(codec / "model.json"))
+    assert len(mj["global_tokens"]) == mj["global_code_num"] and all(0 <= t < mj["n_codes"] for t in mj["global_tokens"])
+    tts = tmp_path / "vita_tts_ckpt"
+    shutil.copytree(os.path.join(FIXTURES, "vita15-tiny", "vita_tts_ckpt", "decoder"), tts / "decoder")
+    shutil.copytree(codec, tts / "codec")
+    m = speech.load_speech(str(tts))
+    wave = m.codes_to_wave(np.arange(12) % mj["n_codes"])
+    assert wave.shape[-1] == 12 * 600 and np.all(np.isfinite(wave)) and np.abs(wave).max() > 0
+
+
+def test_init_from_official_files(runs):
+    """A new run started from the exported upstream g_ / do_ pair goes on with both optimisers' state."""
+    root, cache, ref, _, _ = runs
+    wd = root / "continued"
+    log = _run(_cmd(wd, f"--config.init_from={ref / 'model' / 'ticodec'}", "--config.total_steps=1"), cache)
+    assert f"update {STEPS - 1}, epoch {STEPS - 1}" in log
+    s0, _ = _official(ref / "model" / "ticodec")
+    s1, i1 = _official(wd / "model" / "ticodec")
+    assert i1["steps"] == STEPS and int(s1["gopt"].count) == int(s0["gopt"].count) + 1
