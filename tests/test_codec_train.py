@@ -216,7 +216,10 @@ def test_updates(run, k):
             ref, got = u[f"{opt}.{name}"], np.array(r)
             if k == 0:  # each statistic against its own largest row (stricter than the README's per array)
                 for col in range(ref.shape[1]):
-                    close(errs, f"u{k}.{opt}.{name}[:, {col}]", got[:, col], ref[:, col], b_stats)
+                    if name == "update_stats" and col == 0:
+                        errs.append(_net_flips(f"u{k}.{opt}.{name}[:, 0]", got[:, 0], ref[:, 0], lr, side))
+                    else:
+                        close(errs, f"u{k}.{opt}.{name}[:, {col}]", got[:, col], ref[:, col], b_stats)
             else:  # the README's definition: per array, against its largest magnitude
                 close(errs, f"u{k}.{opt}.{name}", got, ref, b_stats)
         assert np.all(u[opt + ".adam_step"][has] == k + 1) and int(adam.count) == k + 1
@@ -321,6 +324,21 @@ def test_msd0_first_layer_gradient(run):
     print(f"{key} grad: max {err:.2e} (bound {bound:.0e}), L2 {l2:.2e}, sign flips {flips}, "
           f"smallest |g| {np.abs(ref).min():.2e}")
     assert err <= bound, f"{key} grad: {err:.2e} > {bound:.0e} (L2 {l2:.2e}, {flips} sign flips)"
+
+
+def _net_flips(name, got, ref, lr, side):
+    """Σ Δ per parameter after Adam's first, sign-like step (±lr per element) counts the elements moved the other
+    way than upstream: Σ_rows |ΣΔ − ΣΔ_ref| / (2·lr) is at least that count minus cancellations. The README's
+    rule (§8: all but a few times the official count of elements off by more than lr/2, float64 and 1-thread
+    reruns, ``tolerance.json``) bounds it by 3x that count. (Against its largest row, as the other columns, this
+    column fails the official code itself: its float64 and 1-thread reruns both differ from the reference by
+    1.15e-3 > 8e-4, 88 net elements of ``mpd.discriminators.0.convs.3.weight_v`` — and we by 1.15e-3 there.)"""
+    with open(os.path.join(REF, "tolerance.json")) as fh:
+        up = json.load(fh)["updated_parameters"]
+    allowed = 3 * max(up[f"step0.{side}.{t}"]["n_over_half_lr"] for t in ("fp64_vs_fp32", "fp32_1thread_vs_fp32"))
+    n = float(np.abs(np.asarray(got, np.float64) - ref).sum() / (2 * lr))
+    print(f"{name}: {n:.1f} net elements moved the other way (allowed {allowed})")
+    return (n / allowed, n, allowed, name + " (net sign flips)")
 
 
 def _after_rule(name, got, ref, lr, kink_bias):
