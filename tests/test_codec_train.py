@@ -12,6 +12,9 @@ import pytest
 from conftest import FIXTURES, rel_err
 
 FIX = os.environ.get("VITA_JAX_TICODEC_TRAIN_FIXTURE", os.path.join(FIXTURES, "ticodec-train"))
+# the tests that share the module fixture ``run`` (one jit of the debug step, ~4 min on 2 cores) run on one
+# xdist worker (``--dist loadgroup`` in pytest.ini); without it each worker that gets one of them compiles again
+RUN_GROUP = pytest.mark.xdist_group("codec_train")
 REF = os.path.join(FIX, "reference")
 assert os.path.isdir(REF), f"no ticodec-train fixture at {FIX} (set VITA_JAX_TICODEC_TRAIN_FIXTURE)"
 
@@ -159,6 +162,7 @@ def test_mel_front_end_and_batches():
     print("worst mel", check(errs))
 
 
+@RUN_GROUP
 def test_step0_forward(run):
     _, _, out = run
     errs = []
@@ -167,6 +171,7 @@ def test_step0_forward(run):
     print("worst step0", check(errs))
 
 
+@RUN_GROUP
 def test_step1_forward(run):
     _, _, out = run
     errs = []
@@ -175,6 +180,7 @@ def test_step1_forward(run):
     print("worst step1", check(errs))
 
 
+@RUN_GROUP
 @pytest.mark.parametrize("k", [0, 1])
 def test_updates(run, k):
     """Gradients, Adam moments and parameters after both updates of step k; buffers after the step."""
@@ -243,6 +249,7 @@ def _sn_replay(u, weights):
     return np.array(sig), np.asarray(u), np.asarray(v)
 
 
+@RUN_GROUP
 def test_spectral_norm(run):
     """MSD[0]'s spectral norm within the README's bounds: σ of every conv at the 4 calls of each step (D real,
     D fake, G real, G fake: 4e-7 at step 0, 7e-7 at step 1, against the step's largest σ; the README's
@@ -302,6 +309,7 @@ def _rel(name, got, ref, scale, bound):
     return (e / bound, e, bound, name)
 
 
+@RUN_GROUP
 def test_msd0_first_layer_gradient(run):
     """The D-update gradient of MSD[0].convs.0 (spectral-normed, on the raw waveform) against the fixture's
     full tensor, within 3x the official code's own spread on this very array (float64 and 1-thread reruns in
