@@ -12,9 +12,6 @@ import pytest
 from conftest import FIXTURES, rel_err
 
 FIX = os.environ.get("VITA_JAX_TICODEC_TRAIN_FIXTURE", os.path.join(FIXTURES, "ticodec-train"))
-# the tests that share the module fixture ``run`` (one jit of the debug step, ~4 min on 2 cores) run on one
-# xdist worker (``--dist loadgroup`` in pytest.ini); without it each worker that gets one of them compiles again
-RUN_GROUP = pytest.mark.xdist_group("codec_train")
 REF = os.path.join(FIX, "reference")
 assert os.path.isdir(REF), f"no ticodec-train fixture at {FIX} (set VITA_JAX_TICODEC_TRAIN_FIXTURE)"
 
@@ -57,6 +54,25 @@ def run():
         out.append(jax.device_get((met, aux)))
         before.append(jax.device_get(state))
     return M, before, out
+
+
+def test_official_steps(run):
+    """Everything that needs the two official steps, as one test item: under ``pytest -n`` every xdist worker
+    that runs a test of a module builds its module fixtures, and ``run`` (one compile of the debug step and
+    both steps, ~4-5 min on 2 cores) then cost two setups when its tests were spread over two workers.
+    (``--dist loadgroup`` with ``xdist_group`` would group them, but with pytest 9.2 and pytest-xdist 3.8 it
+    groups nothing: xdist tags ``item._nodeid``, which pytest 9 no longer reads.) Every part runs and all
+    failures are reported together."""
+    parts = [("step 0 forward", _step0_forward), ("step 1 forward", _step1_forward),
+             ("update 0", lambda r: _updates(r, 0)), ("update 1", lambda r: _updates(r, 1)),
+             ("spectral norm", _spectral_norm), ("MSD[0].convs.0 gradient", _msd0_first_layer_gradient)]
+    failed = []
+    for name, part in parts:
+        try:
+            part(run)
+        except AssertionError as e:
+            failed.append(f"{name}: {e}")
+    assert not failed, "\n".join(failed)
 
 
 def _first(t):
@@ -106,7 +122,7 @@ def forward_checks(errs, aux, met, s, f, k, pre, post):
         post_vals[f"gstep.{fam}.loss_fm"], post_vals[f"gstep.{fam}.fm_layer_mean_abs_f64"] = gx["fm"][fam][0], gx["fm"][fam][1]
     for name, v in post_vals.items():
         close(errs, f"s{k}.{name}", v, s[name], post)
-    fmap_checks(errs, aux, f, k)  # MSD[0]'s σ: test_spectral_norm
+    fmap_checks(errs, aux, f, k)  # MSD[0]'s σ: _spectral_norm
 
 
 FMAP_BOUNDS = {0: {"dstep": 6e-6, "gstep": 5e-4}, 1: {"dstep": 3e-4, "gstep": 3e-4}}
@@ -162,8 +178,7 @@ def test_mel_front_end_and_batches():
     print("worst mel", check(errs))
 
 
-@RUN_GROUP
-def test_step0_forward(run):
+def _step0_forward(run):
     _, _, out = run
     errs = []
     met, aux = out[0]
@@ -171,8 +186,7 @@ def test_step0_forward(run):
     print("worst step0", check(errs))
 
 
-@RUN_GROUP
-def test_step1_forward(run):
+def _step1_forward(run):
     _, _, out = run
     errs = []
     met, aux = out[1]
@@ -180,9 +194,7 @@ def test_step1_forward(run):
     print("worst step1", check(errs))
 
 
-@RUN_GROUP
-@pytest.mark.parametrize("k", [0, 1])
-def test_updates(run, k):
+def _updates(run, k):
     """Gradients, Adam moments and parameters after both updates of step k; buffers after the step."""
     from vita_jax.convert import ticodec_ckpt as io
     M, before, out = run
@@ -229,7 +241,7 @@ def test_updates(run, k):
             else:  # the README's definition: per array, against its largest magnitude
                 close(errs, f"u{k}.{opt}.{name}", got, ref, b_stats)
         assert np.all(u[opt + ".adam_step"][has] == k + 1) and int(adam.count) == k + 1
-    _buffer_checks(errs, u, before[k + 1], b_buf)  # BatchNorm; MSD[0]'s u / v: test_spectral_norm
+    _buffer_checks(errs, u, before[k + 1], b_buf)  # BatchNorm; MSD[0]'s u / v: _spectral_norm
     print(f"worst update{k}", check(errs))
 
 
@@ -249,8 +261,7 @@ def _sn_replay(u, weights):
     return np.array(sig), np.asarray(u), np.asarray(v)
 
 
-@RUN_GROUP
-def test_spectral_norm(run):
+def _spectral_norm(run):
     """MSD[0]'s spectral norm within the README's bounds: σ of every conv at the 4 calls of each step (D real,
     D fake, G real, G fake: 4e-7 at step 0, 7e-7 at step 1, against the step's largest σ; the README's
     "spectral-norm sigma per call" rows are measured over all 4 calls, G-update calls included) and the
@@ -258,7 +269,7 @@ def test_spectral_norm(run):
 
     The G calls and step 1 use weights that Adam's first, sign-like step has moved by ±lr per element. An
     element whose gradient is within float32 noise of 0 may get the other sign than upstream and move 2·lr
-    the other way (README §8; allowed by the update rule of test_updates); σ of its layer then moves by about
+    the other way (README §8; allowed by the update rule of _updates); σ of its layer then moves by about
     |u_i v_j|·2·lr, a case the σ rows do not cover (the official reruns had no such element in MSD[0]). So
     for each layer whose updated weights the fixture stores whole (``sel.msd.discriminators.0.<layer>
     .weight_orig.after``: convs.0 and conv_post) our power iteration is also replayed on the official weights
@@ -309,8 +320,7 @@ def _rel(name, got, ref, scale, bound):
     return (e / bound, e, bound, name)
 
 
-@RUN_GROUP
-def test_msd0_first_layer_gradient(run):
+def _msd0_first_layer_gradient(run):
     """The D-update gradient of MSD[0].convs.0 (spectral-normed, on the raw waveform) against the fixture's
     full tensor, within 3x the official code's own spread on this very array (float64 and 1-thread reruns in
     ``tolerance.json``: the README's rule for a bound): its smallest element (|g| = 1.0e-7, 1.3e-4 of the
@@ -360,7 +370,7 @@ def _after_rule(name, got, ref, lr, kink_bias):
 
 
 def _buffer_checks(errs, u, state, bound):
-    """Buffers after the step but MSD[0]'s spectral-norm vectors (test_spectral_norm)."""
+    """Buffers after the step but MSD[0]'s spectral-norm vectors (_spectral_norm)."""
     from vita_jax.convert import ticodec_ckpt as io
     bufs = {"encoder": io.flat(state["gb"]["encoder"])}
     for name in [n for n in u if n.startswith("buf.") and not n.startswith("buf.msd")]:
