@@ -56,11 +56,30 @@ def run():
     return M, before, out
 
 
+def test_official_steps(run):
+    """Everything that needs the two official steps, as one test item: under ``pytest -n`` every xdist worker
+    that runs a test of a module builds its module fixtures, and ``run`` (one compile of the debug step and
+    both steps, ~4-5 min on 2 cores) then cost two setups when its tests were spread over two workers.
+    (``--dist loadgroup`` with ``xdist_group`` would group them, but with pytest 9.2 and pytest-xdist 3.8 it
+    groups nothing: xdist tags ``item._nodeid``, which pytest 9 no longer reads.) Every part runs and all
+    failures are reported together."""
+    parts = [("step 0 forward", _step0_forward), ("step 1 forward", _step1_forward),
+             ("update 0", lambda r: _updates(r, 0)), ("update 1", lambda r: _updates(r, 1)),
+             ("spectral norm", _spectral_norm), ("MSD[0].convs.0 gradient", _msd0_first_layer_gradient)]
+    failed = []
+    for name, part in parts:
+        try:
+            part(run)
+        except AssertionError as e:
+            failed.append(f"{name}: {e}")
+    assert not failed, "\n".join(failed)
+
+
 def _first(t):
     return np.asarray(t[0])
 
 
-def forward_checks(errs, aux, met, s, f, k, pre, post, sig_bound):
+def forward_checks(errs, aux, met, s, f, k, pre, post):
     """Forward tensors / losses of step k vs ``s`` (step npz) and ``f`` (fmaps npz)."""
     g, gx = aux["g"], aux["gx"]
     enc = g["enc"]
@@ -103,15 +122,7 @@ def forward_checks(errs, aux, met, s, f, k, pre, post, sig_bound):
         post_vals[f"gstep.{fam}.loss_fm"], post_vals[f"gstep.{fam}.fm_layer_mean_abs_f64"] = gx["fm"][fam][0], gx["fm"][fam][1]
     for name, v in post_vals.items():
         close(errs, f"s{k}.{name}", v, s[name], post)
-    sig, ref_sig = np.asarray(aux["sigma"]), s["sn.sigma"]
-    scale = np.abs(ref_sig).max()
-    if k == 0:  # D-update calls: before any parameter change
-        close(errs, "s0.sn.sigma[D calls]", sig[:2] / scale, ref_sig[:2] / scale, sig_bound)
-        # G-update calls of MSD[0]'s layers 2.. (convs.0 / convs.1: see test_sigma_after_first_update)
-        close(errs, "s0.sn.sigma[G calls, layers 2..]", sig[2:, 2:] / scale, ref_sig[2:, 2:] / scale, sig_bound)
-    else:  # layers 0-1 carry step 0's flipped element (test_sigma_after_first_update)
-        close(errs, "s1.sn.sigma[layers 2..]", sig[:, 2:] / scale, ref_sig[:, 2:] / scale, sig_bound)
-    fmap_checks(errs, aux, f, k)
+    fmap_checks(errs, aux, f, k)  # MSD[0]'s σ: _spectral_norm
 
 
 FMAP_BOUNDS = {0: {"dstep": 6e-6, "gstep": 5e-4}, 1: {"dstep": 3e-4, "gstep": 3e-4}}
@@ -167,37 +178,23 @@ def test_mel_front_end_and_batches():
     print("worst mel", check(errs))
 
 
-def test_step0_forward(run):
+def _step0_forward(run):
     _, _, out = run
     errs = []
     met, aux = out[0]
-    forward_checks(errs, aux, met, _npz("step0"), _npz("fmaps0"), 0, (5e-5, 5e-5), 5e-4, 4e-7)
+    forward_checks(errs, aux, met, _npz("step0"), _npz("fmaps0"), 0, (5e-5, 5e-5), 5e-4)
     print("worst step0", check(errs))
 
 
-@pytest.mark.xfail(reason="one sign-like first Adam step differs: MSD[0].convs.0 has a gradient element of "
-                   "|g| = 1e-7 (1.3e-4 of the tensor's max) whose sign float32 noise flips (that gradient differs "
-                   "by 1.5e-3 L2 from the official fp32, the README's class of ill-conditioned first-layer "
-                   "gradients); the weight then differs by 2·lr and the G-update σ of layers 0-1 by ~2e-6", strict=False)
-@pytest.mark.parametrize("k, rows, bound", [(0, slice(2, 4), 4e-7), (1, slice(0, 4), 7e-7)])
-def test_sigma_after_first_update(run, k, rows, bound):
-    _, _, out = run
-    sig, ref = np.asarray(out[k][1]["sigma"]), _npz(f"step{k}")["sn.sigma"]
-    err = np.abs(sig[rows, :2] - ref[rows, :2]).max() / np.abs(ref).max()
-    print(f"sigma step {k} layers 0-1 after the first update: {err:.2e} (bound {bound:.0e})")
-    assert err <= bound
-
-
-def test_step1_forward(run):
+def _step1_forward(run):
     _, _, out = run
     errs = []
     met, aux = out[1]
-    forward_checks(errs, aux, met, _npz("step1"), _npz("fmaps1"), 1, (8e-2, 6e-3), 6e-3, 7e-7)
+    forward_checks(errs, aux, met, _npz("step1"), _npz("fmaps1"), 1, (8e-2, 6e-3), 6e-3)
     print("worst step1", check(errs))
 
 
-@pytest.mark.parametrize("k", [0, 1])
-def test_updates(run, k):
+def _updates(run, k):
     """Gradients, Adam moments and parameters after both updates of step k; buffers after the step."""
     from vita_jax.convert import ticodec_ckpt as io
     M, before, out = run
@@ -237,21 +234,129 @@ def test_updates(run, k):
             ref, got = u[f"{opt}.{name}"], np.array(r)
             if k == 0:  # each statistic against its own largest row (stricter than the README's per array)
                 for col in range(ref.shape[1]):
-                    close(errs, f"u{k}.{opt}.{name}[:, {col}]", got[:, col], ref[:, col], b_stats)
+                    if name == "update_stats" and col == 0:
+                        errs.append(_net_flips(f"u{k}.{opt}.{name}[:, 0]", got[:, 0], ref[:, 0], lr, side))
+                    else:
+                        close(errs, f"u{k}.{opt}.{name}[:, {col}]", got[:, col], ref[:, col], b_stats)
             else:  # the README's definition: per array, against its largest magnitude
                 close(errs, f"u{k}.{opt}.{name}", got, ref, b_stats)
         assert np.all(u[opt + ".adam_step"][has] == k + 1) and int(adam.count) == k + 1
-    _buffer_checks(errs, u, before[k + 1], b_buf)  # BatchNorm; MSD[0]'s u / v: test_sn_buffers
+    _buffer_checks(errs, u, before[k + 1], b_buf)  # BatchNorm; MSD[0]'s u / v: _spectral_norm
     print(f"worst update{k}", check(errs))
 
 
-@pytest.mark.xfail(reason="MSD[0]'s power-iteration vectors after the G-update calls follow its updated weights, "
-                   "which carry the flipped sign-like Adam element of test_sigma_after_first_update", strict=False)
-@pytest.mark.parametrize("k", [0, 1])
-def test_sn_buffers(run, k):
-    errs = []
-    _buffer_checks(errs, _npz(f"update{k}"), run[1][k + 1], (5e-5, 7e-4)[k], sn=True)
-    print(f"worst SN buffers {k}", check(errs))
+SIGMA_BOUNDS, SN_BUFFER_BOUNDS = (4e-7, 7e-7), (5e-5, 7e-4)  # README §8: "stepK: spectral-norm sigma per call", "updateK: buffers"
+
+
+def _sn_replay(u, weights):
+    """Our spectral norm (:func:`discriminators.power_iteration`, σ = u · (W v)) over a sequence of calls, one
+    weight per call -> (σ per call, u, v after the last call)."""
+    import jax.numpy as jnp
+    from vita_jax.models.discriminators import power_iteration
+    u, sig = jnp.asarray(u), []
+    for w in weights:
+        wm = jnp.asarray(w).reshape(w.shape[0], -1)
+        u, v = power_iteration(wm, u)
+        sig.append(jnp.dot(u, wm @ v))
+    return np.array(sig), np.asarray(u), np.asarray(v)
+
+
+def _spectral_norm(run):
+    """MSD[0]'s spectral norm within the README's bounds: σ of every conv at the 4 calls of each step (D real,
+    D fake, G real, G fake: 4e-7 at step 0, 7e-7 at step 1, against the step's largest σ; the README's
+    "spectral-norm sigma per call" rows are measured over all 4 calls, G-update calls included) and the
+    power-iteration vectors u, v after each step (5e-5 / 7e-4).
+
+    The G calls and step 1 use weights that Adam's first, sign-like step has moved by ±lr per element. An
+    element whose gradient is within float32 noise of 0 may get the other sign than upstream and move 2·lr
+    the other way (README §8; allowed by the update rule of _updates); σ of its layer then moves by about
+    |u_i v_j|·2·lr, a case the σ rows do not cover (the official reruns had no such element in MSD[0]). So
+    for each layer whose updated weights the fixture stores whole (``sel.msd.discriminators.0.<layer>
+    .weight_orig.after``: convs.0 and conv_post) our power iteration is also replayed on the official weights
+    (checkpoint, after update 0, after update 1) from the checkpoint's u and checked against the official σ
+    and u, v: always. Only if our updated layer carries such an element (|Δ| > 1e-6 from the official tensor
+    after update 0) does that replay stand in for our own σ after the update and for our u, v. Every other
+    layer is compared directly, whatever happens."""
+    from vita_jax.convert import ticodec_ckpt as io
+    _, before, out = run
+    s, u = [_npz("step0"), _npz("step1")], [_npz("update0"), _npz("update1")]
+    sig = [np.array(out[k][1]["sigma"]) for k in (0, 1)]            # [calls, layers]
+    assert sig[0].shape == s[0]["sn.sigma"].shape
+    layers = [f"convs.{j}" for j in range(sig[0].shape[1] - 1)] + ["conv_post"]
+    w_ck, b_ck = io.flat(before[0]["dp"]["msd"]), io.flat(before[0]["db"]["msd"])
+    ours_after0 = io.flat(before[1]["dp"]["msd"])
+    bufs = [dict(io.flat(before[k + 1]["db"]["msd"])) for k in (0, 1)]
+    errs, replaced = [], []
+    for j, layer in enumerate(layers):
+        p = f"discriminators.0.{layer}"
+        after = [u[k].get(f"sel.msd.{p}.weight_orig.after") for k in (0, 1)]
+        if after[0] is None or after[1] is None:
+            continue
+        w0 = np.asarray(w_ck[p + ".weight_orig"])
+        r0 = _sn_replay(b_ck[p + ".weight_u"], [w0, w0, after[0], after[0]])
+        r1 = _sn_replay(r0[1], [after[0], after[0], after[1], after[1]])
+        for k, (rs, ru, rv) in enumerate((r0, r1)):
+            ref = s[k]["sn.sigma"]
+            errs.append(_rel(f"replay s{k}.sn.sigma[:, {j}]", rs, ref[:, j], np.abs(ref).max(), SIGMA_BOUNDS[k]))
+            for x, val in (("u", ru), ("v", rv)):
+                close(errs, f"replay u{k}.buf.msd.{p}.weight_{x}", val, u[k][f"buf.msd.{p}.weight_{x}"],
+                      SN_BUFFER_BOUNDS[k])
+        if np.abs(np.asarray(ours_after0[p + ".weight_orig"], np.float64) - after[0]).max() > 1e-6:
+            replaced.append(layer)
+            sig[0][2:, j], sig[1][:, j] = r0[0][2:], r1[0]
+            for k, (_, ru, rv) in enumerate((r0, r1)):
+                bufs[k][p + ".weight_u"], bufs[k][p + ".weight_v"] = ru, rv
+    for k in (0, 1):
+        ref = s[k]["sn.sigma"]
+        errs.append(_rel(f"s{k}.sn.sigma", sig[k], ref, np.abs(ref).max(), SIGMA_BOUNDS[k]))
+        for name in [n for n in u[k] if n.startswith("buf.msd.")]:
+            close(errs, f"u{k}.{name}", bufs[k][name[len("buf.msd."):]], u[k][name], SN_BUFFER_BOUNDS[k])
+    print("layers replayed on the official weights (a flipped first step):", replaced or "none")
+    print("worst spectral norm", check(errs))
+
+
+def _rel(name, got, ref, scale, bound):
+    e = float(np.abs(np.asarray(got, np.float64) - ref).max() / scale)
+    return (e / bound, e, bound, name)
+
+
+def _msd0_first_layer_gradient(run):
+    """The D-update gradient of MSD[0].convs.0 (spectral-normed, on the raw waveform) against the fixture's
+    full tensor, within 3x the official code's own spread on this very array (float64 and 1-thread reruns in
+    ``tolerance.json``: the README's rule for a bound): its smallest element (|g| = 1.0e-7, 1.3e-4 of the
+    largest, here) then has the official sign, so Adam's sign-like first step moves every element the
+    official way. Measured: max 1.6e-5, L2 4.0e-6 (fed the official ŷ instead of ours: 5.3e-7 / 4.9e-7),
+    official spread 7.1e-6 (float64) / 2.4e-5 (1 thread)."""
+    from vita_jax.convert import ticodec_ckpt as io
+    _, _, out = run
+    key = "msd.discriminators.0.convs.0.weight_orig"
+    ref = _npz("update0")[f"sel.{key}.grad"]
+    got = np.asarray(io.flat(out[0][1]["dgrad"]["msd"])[key[4:]], np.float64)
+    with open(os.path.join(REF, "tolerance.json")) as fh:
+        tol = json.load(fh)
+    spread = max(tol[t][f"update0.sel.{key}.grad"]["rel_to_absmax"]
+                 for t in ("float64_vs_fp32_reference", "fp32_1_thread_vs_reference"))
+    bound = float(f"{3 * spread:.0e}")
+    err, l2 = rel_err(got, ref), float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+    flips = int(np.sum(np.sign(got) != np.sign(ref)))
+    print(f"{key} grad: max {err:.2e} (bound {bound:.0e}), L2 {l2:.2e}, sign flips {flips}, "
+          f"smallest |g| {np.abs(ref).min():.2e}")
+    assert err <= bound, f"{key} grad: {err:.2e} > {bound:.0e} (L2 {l2:.2e}, {flips} sign flips)"
+
+
+def _net_flips(name, got, ref, lr, side):
+    """Σ Δ per parameter after Adam's first, sign-like step (±lr per element) counts the elements moved the other
+    way than upstream: Σ_rows |ΣΔ − ΣΔ_ref| / (2·lr) is at least that count minus cancellations. The README's
+    rule (§8: all but a few times the official count of elements off by more than lr/2, float64 and 1-thread
+    reruns, ``tolerance.json``) bounds it by 3x that count. (Against its largest row, as the other columns, this
+    column fails the official code itself: its float64 and 1-thread reruns both differ from the reference by
+    1.15e-3 > 8e-4, 88 net elements of ``mpd.discriminators.0.convs.3.weight_v`` — and we by 1.15e-3 there.)"""
+    with open(os.path.join(REF, "tolerance.json")) as fh:
+        up = json.load(fh)["updated_parameters"]
+    allowed = 3 * max(up[f"step0.{side}.{t}"]["n_over_half_lr"] for t in ("fp64_vs_fp32", "fp32_1thread_vs_fp32"))
+    n = float(np.abs(np.asarray(got, np.float64) - ref).sum() / (2 * lr))
+    print(f"{name}: {n:.1f} net elements moved the other way (allowed {allowed})")
+    return (n / allowed, n, allowed, name + " (net sign flips)")
 
 
 def _after_rule(name, got, ref, lr, kink_bias):
@@ -264,10 +369,11 @@ def _after_rule(name, got, ref, lr, kink_bias):
         assert frac <= 0.02, f"{name}: {frac:.3%} elements off by more than 1e-6"
 
 
-def _buffer_checks(errs, u, state, bound, sn=False):
+def _buffer_checks(errs, u, state, bound):
+    """Buffers after the step but MSD[0]'s spectral-norm vectors (_spectral_norm)."""
     from vita_jax.convert import ticodec_ckpt as io
-    bufs = {"encoder": io.flat(state["gb"]["encoder"]), "msd": io.flat(state["db"]["msd"])}
-    for name in [n for n in u if n.startswith("buf.") and (sn or not n.startswith("buf.msd"))]:
+    bufs = {"encoder": io.flat(state["gb"]["encoder"])}
+    for name in [n for n in u if n.startswith("buf.") and not n.startswith("buf.msd")]:
         part, key = name[4:].split(".", 1)
         got = np.asarray(bufs[part][key])
         if key.endswith("num_batches_tracked"):

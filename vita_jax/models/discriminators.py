@@ -25,6 +25,15 @@ def _normalize(x, eps=1e-12):
     return x / jnp.maximum(jnp.linalg.norm(x), eps)
 
 
+def power_iteration(wm, u):
+    """One power iteration of ``torch.nn.utils.spectral_norm`` in training mode on ``wm [out, in/g·k]``
+    (no gradient: torch runs it under ``no_grad`` and clones u, v): ``v = normalize(Wᵀu)``,
+    ``u = normalize(W v)`` -> ``(u, v)``; σ = ``u · (W v)`` then keeps its gradient through W."""
+    ws = jax.lax.stop_gradient(wm)
+    v = _normalize(ws.T @ u)
+    return _normalize(ws @ v), v
+
+
 class SNConv1d(nn.Module):
     """Spectral-normed Conv1d (``weight_orig``, ``bias``; buffers ``weight_u [out]``, ``weight_v [in/g·k]``)."""
     out: int
@@ -48,9 +57,7 @@ class SNConv1d(nn.Module):
         wm = w.reshape(self.out, -1)
         uu, vv = u.value, v.value
         if self.is_mutable_collection("buffers") and not self.is_initializing():
-            ws = jax.lax.stop_gradient(wm)
-            vv = _normalize(ws.T @ uu)
-            uu = _normalize(ws @ vv)
+            uu, vv = power_iteration(wm, uu)
             u.value, v.value = uu, vv
         sigma = jnp.dot(uu, wm @ vv)
         self.sow("intermediates", "sigma", sigma)
