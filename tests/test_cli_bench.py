@@ -29,3 +29,39 @@ def test_bench_runs(tmp_path, capsys):
     res = json.loads(out.read_text())
     assert res["tokens_per_s"] > 0 and 0 < res["mfu"] < 1 and res["decode_roofline_fraction"] > 0
     assert "MFU" in capsys.readouterr().out
+
+
+def test_codec_bench_counts(tmp_path, capsys):
+    """``bench codec``: parameters per part from the abstract state (real size: spec §2.4's count of the
+    released codec), and the analytic forward FLOPs of every part against XLA's count (tiny fixture
+    codec): the convolutions and matmuls, which XLA counts with the elementwise work, so a little below."""
+    import jax
+    import pytest
+    from conftest import FIXTURES
+    from vita_jax.bench import codec
+    from vita_jax.models import ticodec_train as tt
+    from vita_jax.train import codec_step as cs
+
+    out = tmp_path / "c.json"
+    assert bench.main(["codec", "--xla=none", "--batch=160", f"--json={out}"]) == 0
+    res = json.loads(out.read_text())
+    assert res["params"] == dict(generator=15_379_970, encoder=47_350_304, quantizer=655_360, mpd=41_105_770,
+                                 msd=29_618_821, mstftd=472_330)
+    # 1 s x 160 at 24 kHz: XLA's count of the compiled step (CPU) is 115.98 TFLOP; the analytic one 115.62
+    assert 114.8 < res["analytic_tflops_per_step"] < 116.0 and res["h100_tf32_s_per_step"] > 0
+    assert "analytic TFLOP / step" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # 0.3 s = 7200 samples: not a multiple of the hop 600
+        bench.main(["codec", "--xla=none", "--seconds=0.31"])
+    assert "hop 600" in capsys.readouterr().err
+
+    cfg = tt.CodecTrainConfig.from_model_json(FIXTURES + "/ticodec-train/model.json")
+    M = cs.CodecModels.build(cfg)
+    state = codec.abstract_state(M)
+    p = codec.param_counts(state)
+    leaves = jax.tree.leaves({k: state[k] for k in ("gp", "dp")})
+    assert sum(p.values()) == sum(x.size for x in leaves)
+    assert (p["generator"], p["encoder"], p["quantizer"]) == (2_869_698, 24_309_920, 40_960)
+    x2, x4 = codec.xla_forward(M, state, 2), codec.xla_forward(M, state, 4)
+    a = codec.analytic(cfg, 2)["parts"]
+    for k, f in x2.items():  # the cost of 2 more samples (XLA's count includes weight-norm work on the parameters)
+        assert 0.975 < a[k][0] / (x4[k] - f) < 1.0, (k, a[k][0], x4[k] - f)

@@ -31,7 +31,7 @@ from vita_jax.data.text import load_tokenizer
 from vita_jax.infer import generate as gen
 from vita_jax.models import qwen2, vita
 from vita_jax.models.vita import AUDIO, IMAGE, PAD
-from vita_jax.bench import evalgen, mixture
+from vita_jax.bench import codec, evalgen, mixture
 from vita_jax.data import synthetic
 from vita_jax.train import stages, trainer
 from vita_jax.train.flops import device_peaks, training_flops
@@ -297,7 +297,7 @@ def format_table(res: dict) -> str:
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
 
 
-WHAT = ("llm", "convert", "data", "pipeline", "mixture", "eval", "serve")
+WHAT = ("llm", "convert", "data", "pipeline", "mixture", "eval", "serve", "codec")
 
 
 def main(argv=None):
@@ -310,6 +310,8 @@ def main(argv=None):
     if what == "serve":  # its own options: python -m vita_jax.bench serve --help
         from vita_jax.bench import serve  # imports the server (websockets) only for this bench
         return serve.main(rest)
+    if what == "codec":  # its own options: python -m vita_jax.bench codec --help
+        return codec.main(rest)
     config, rest = config_lib.parse_args(rest, default="tiny")
     out, opts = None, {}
     for a in rest:

@@ -83,6 +83,20 @@ class CodecTrainConfig:
         return out
 
 
+def real_size_config() -> CodecTrainConfig:
+    """VITA-1.5's released codec (``vita_tts_ckpt/codec/model.json``, = Freeze-Omni's; spec
+    VITA15_SPEECH_OUTPUT §2.1) with its training fields (upstream TiCodec's recipe: batch 160 of 1 s
+    at 24 kHz over 8 GPUs, Adam 2e-4 (0.5, 0.9), decay 0.98 per epoch): stage 3.1 at full size."""
+    codec = TiCodecConfig(upsample_rates=(8, 5, 5, 3), upsample_kernel_sizes=(16, 11, 11, 5),
+                          upsample_initial_channel=512, resblock_kernel_sizes=(3, 7, 11),
+                          resblock_dilation_sizes=((1, 3, 5), (1, 3, 5), (1, 3, 5)), n_codes=1024, global_code_num=8,
+                          global_feature_conv=(128, 64, 128, 3, 1),
+                          global_tokens=(473, 975, 419, 219, 565, 121, 550, 616), sampling_rate=24000)
+    return CodecTrainConfig(codec=codec, segment_size=24000, num_mels=80, n_fft=1024, hop_size=240, win_size=1024,
+                            fmin=0, fmax=8000, fmax_for_loss=None, learning_rate=2e-4, adam_b1=0.5, adam_b2=0.9,
+                            lr_decay=0.98, batch_size=160, seed=1234, codebook_loss_lambda=1.0,
+                            commitment_loss_lambda=0.25)
+
 # ------------------------------------------------------------------------------ layers (torch layout)
 def conv(x, w, b=None, stride=1, padding=0, dilation=1, groups=1, lhs_dilation=None):
     """PyTorch ``Conv1d`` / ``Conv2d`` (``x [B, C, *spatial]``, ``w [out, in/groups, *k]``)."""
