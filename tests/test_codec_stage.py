@@ -134,3 +134,23 @@ def test_init_from_official_files(runs):
     s0, _ = _official(ref / "model" / "ticodec")
     s1, i1 = _official(wd / "model" / "ticodec")
     assert i1["steps"] == STEPS and int(s1["gopt"].count) == int(s0["gopt"].count) + 1
+
+
+def test_sharded_steps_equal_one_device(runs):
+    """The first two steps on a (data 2, fsdp 2, tensor 2) mesh of 8 CPU devices = the one-device run's (its
+    metrics and step-2 checkpoint): rows over the data axes, codec rows over fsdp."""
+    _, _, ref, _, _ = runs
+    train = [os.path.join(WAVS, f"utt{i}.wav") for i in range(4)]
+    held = [os.path.join(WAVS, f"utt{i}.wav") for i in (4, 5)]
+    p = subprocess.run([sys.executable, os.path.join(REPO, "tests", "codec_sharding_check.py"), json.dumps(train),
+                        json.dumps(held), str(ref)], cwd=REPO, capture_output=True, text=True, timeout=1800)
+    line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert p.returncode == 0 and line, p.stdout[-2000:] + p.stderr[-3000:]
+    r = json.loads(line[0][7:])
+    assert "('data', 'fsdp')" in r["batch_spec"], r
+    assert r["sharded_leaves"] > r["leaves"] // 2, r  # conv rows over fsdp (where 2 divides them)
+    assert r["same_keys"] and r["metric_err"] < 1e-4, r
+    # Adam's first steps are sign-like (fixture README §8): an element of near-zero gradient may move 2·lr the
+    # other way under another reduction order; all but a few stay within 1e-6
+    assert r["param_abs"] <= 2 * 2e-3 + 1e-6 and r["param_frac"] < 0.01, r
+    assert r["other_rel"] < 1e-2, r  # Adam moments, BatchNorm statistics, power-iteration vectors

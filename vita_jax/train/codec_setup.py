@@ -8,9 +8,10 @@ with explicit in / out shardings, ``place`` for the host batches, and the stage'
 mel evaluator (:mod:`vita_jax.train.codec_eval`).
 
 Sharding: every state leaf's first dimension (conv output channels; ConvTranspose input channels)
-is the logical axis ``codec_rows`` and the rows of a batch are ``batch`` (the rules table of
-:mod:`vita_jax.parallel`); the data are split over the mesh's data axes, so a mesh of N devices is
-N-way data parallel with the codec's parameters and optimiser moments sharded FSDP-style.
+is the logical axis ``codec_rows`` (-> ``fsdp``) and the rows of a batch are ``batch`` (-> ``data`` x
+``fsdp``), the rules table of :mod:`vita_jax.parallel`: the default mesh (all devices on ``data``) is
+upstream's data parallelism with replicated weights; an ``fsdp`` axis also shards the parameters and
+optimiser moments by rows.
 """
 from __future__ import annotations
 
@@ -30,15 +31,9 @@ from vita_jax.models import ticodec_train as tt
 from vita_jax.train import codec_eval, codec_loop
 from vita_jax.train import codec_step as cs
 
-# VITA-1.5's codec (vita_tts_ckpt/codec/model.json, = Freeze-Omni's) with the upstream TiCodec recipe
-RELEASE = dict(resblock="1", num_gpus=8, batch_size=160, learning_rate=2e-4, adam_b1=0.5, adam_b2=0.9, lr_decay=0.98,
-               seed=1234, upsample_rates=[8, 5, 5, 3], upsample_kernel_sizes=[16, 11, 11, 5],
-               upsample_initial_channel=512, resblock_kernel_sizes=[3, 7, 11],
-               resblock_dilation_sizes=[[1, 3, 5], [1, 3, 5], [1, 3, 5]], segment_size=24000, num_mels=80,
-               num_freq=1025, n_fft=1024, hop_size=240, win_size=1024, sampling_rate=24000, n_code_groups=1,
-               residul_layer=1, n_codes=1024, codebook_loss_lambda=1.0, commitment_loss_lambda=0.25,
-               global_code_num=8, global_feature_conv=[128, 64, 128, 3, 1],
-               global_tokens=[473, 975, 419, 219, 565, 121, 550, 616], fmin=0, fmax=8000, fmax_for_loss=None)
+# VITA-1.5's codec (vita_tts_ckpt/codec/model.json, = Freeze-Omni's) with the upstream TiCodec recipe, as
+# model.json's fields (one source: ticodec_train.real_size_config)
+RELEASE = dict(tt.real_size_config().to_model_json(), num_gpus=8)
 # tests and the CPU demo: one resblock kernel, a 64-entry codebook, discriminators at 1/8 width, 0.1 s crops
 TINY = dict(RELEASE, batch_size=4, upsample_initial_channel=256, resblock_kernel_sizes=[3],
             resblock_dilation_sizes=[[1, 3, 5]], n_codes=64, global_feature_conv=[128, 16, 128, 3, 1],
@@ -66,7 +61,9 @@ def stage_config(arg=None) -> ml_collections.ConfigDict:
     # "": fresh weights; an official training folder (model.json + g_XXXXXXXX [+ do_XXXXXXXX], the newest pair)
     # resumes upstream's run with both optimisers; a codec folder (model.json + final.pt) starts the generator side
     c.init_from = ""
-    c.mesh_shape = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    # data parallel as upstream's DDP (the codec is 134 M parameters with its discriminators); fsdp > 1 also
+    # shards every leaf's rows (the codec_rows rule), at the price of gathers XLA inserts around the convolutions
+    c.mesh_shape = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.evals = ml_collections.ConfigDict()
     # train / heldout: wav folders, .lst file lists (one wav path a line, relative to the list) or .wav files
     c.data = ml_collections.ConfigDict(dict(train=[], heldout=[], heldout_every=10 if tiny else 5000,

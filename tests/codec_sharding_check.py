@@ -1,0 +1,55 @@
+"""Run as a script (by test_codec_stage.py) so that 8 fake CPU devices exist before jax starts: the first two
+steps of the tiny stage 3.1 run on a (data 2, fsdp 2, tensor 2) mesh against the one-device run of the same
+config (its metrics.jsonl and step-2 checkpoint), so only the sharded program is compiled here."""
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from vita_jax import parallel  # noqa: E402
+from vita_jax.train import checkpoint, codec_setup, stages  # noqa: E402
+
+
+def main(train, held, ref_dir):
+    c = stages.stage_config("3.1", "tiny")
+    c.data.train, c.data.heldout = train, held
+    mesh = parallel.make_mesh(dict(data=2, fsdp=2, tensor=2))
+    state, step, info, data = codec_setup.build(c, mesh, lambda *a: None)
+    mets = []
+    for _ in range(2):
+        batch = info["place"](next(data))
+        state, met = step(state, batch)
+        mets.append({k: float(v) for k, v in jax.device_get(met).items()})
+    specs = [str(x.sharding.spec) for x in jax.tree.leaves(state)]
+    out = dict(sharded_leaves=sum("fsdp" in s for s in specs), leaves=len(specs),
+               batch_spec=str(batch["y"].sharding.spec))
+    rows = [json.loads(line) for line in open(os.path.join(ref_dir, "metrics.jsonl"))]
+    ref_mets = [r for r in rows if "loss" in r][:2]
+    # each loss term against max(|value|, 1): the tiny consistency term (1 − cos ≈ 2e-3) has no relative meaning
+    out["metric_err"] = max(abs(m[k] - r[k]) / max(abs(r[k]), 1.0) for m, r in zip(mets, ref_mets)
+                            for k in r if k.startswith(("loss", "gen_", "disc_", "mel_", "compare")))
+    ck = checkpoint.Checkpointer(os.path.join(ref_dir, "ckpt"))
+    ref_state, _ = ck.restore(2, jax.device_get(state))
+    ck.close()
+    got = {jax.tree_util.keystr(p): np.asarray(x, np.float64) for p, x in
+           jax.tree_util.tree_flatten_with_path(jax.device_get(state))[0]}
+    ref = {jax.tree_util.keystr(p): np.asarray(x, np.float64) for p, x in
+           jax.tree_util.tree_flatten_with_path(jax.device_get(ref_state))[0]}
+    out["same_keys"] = got.keys() == ref.keys()
+    params = [k for k in got if k.startswith(("['gp']", "['dp']")) and got[k].size]
+    n = sum(got[k].size for k in params)
+    out["param_abs"] = max(float(np.abs(got[k] - ref[k]).max()) for k in params)
+    out["param_frac"] = sum(int(np.sum(np.abs(got[k] - ref[k]) > 1e-6)) for k in params) / n
+    others = [k for k in got if k not in params and got[k].size and np.abs(ref[k]).max() > 0]
+    out["other_rel"] = max(float(np.abs(got[k] - ref[k]).max() / np.abs(ref[k]).max()) for k in others)
+    out["worst_other"] = max(others, key=lambda k: float(np.abs(got[k] - ref[k]).max() / np.abs(ref[k]).max()))
+    print("RESULT " + json.dumps(out))
+
+
+if __name__ == "__main__":
+    main(json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3])
