@@ -149,8 +149,12 @@ def test_sharded_steps_equal_one_device(runs):
     r = json.loads(line[0][7:])
     assert "('data', 'fsdp')" in r["batch_spec"], r
     assert r["sharded_leaves"] > r["leaves"] // 2, r  # conv rows over fsdp (where 2 divides them)
-    assert r["same_keys"] and r["metric_err"] < 1e-4, r
-    # Adam's first steps are sign-like (fixture README §8): an element of near-zero gradient may move 2·lr the
-    # other way under another reduction order; all but a few stay within 1e-6
-    assert r["param_abs"] <= 2 * 2e-3 + 1e-6 and r["param_frac"] < 0.01, r
-    assert r["other_rel"] < 1e-2, r  # Adam moments, BatchNorm statistics, power-iteration vectors
+    # loss terms: step 1's G update already sees the updated discriminators, step 2 every parameter update;
+    # the bounds are the fixture README's for those classes (official float32 vs float64 x 3: 5e-4, 6e-3)
+    assert r["same_keys"] and r["metric_err1"] < 5e-4 and r["metric_err2"] < 6e-3, r
+    # parameters: Adam's first step is sign-like (fixture README §8), so an element of near-zero gradient may move
+    # lr the other way under another reduction order, and the second step at most 1.04·lr (betas 0.5, 0.9: the
+    # Cauchy-Schwarz bound of m̂ / √v̂); the README counts elements moved by more than lr / 2 (official float32
+    # vs float64: 0.06 % after two steps): here under 1 %. The moments after two such steps differ by as much
+    # as the README's own 0.3 of a tensor's largest value, so they are not compared.
+    assert r["param_abs"] <= 2 * (1 + 1.04) * r["lr"] + 1e-6 and r["param_frac"] < 0.01, r
