@@ -199,29 +199,52 @@ def _open_checkpoints(config, workdir: str, log: Optional[Callable]) -> ckpt_lib
     return ck
 
 
-def _last_metrics(path: str) -> dict:
-    """The last complete line of ``metrics.jsonl`` (``{}`` when there is none)."""
+def _rows(path: str) -> list:
+    """The complete lines of ``metrics.jsonl`` (none when it is missing)."""
     if not paths.exists(path):
-        return {}
+        return []
     with paths.open(path) as f:
-        rows = [line for line in f if _step_of(line) is not None]
-    return json.loads(rows[-1]) if rows else {}
+        return [json.loads(line) for line in f if _step_of(line) is not None]
 
 
-def _build(config, data, mesh, wrap_step, log):
-    """``(state, step_fn, info, data)``: the initial state and the jitted step of the stage, and its data
-    (the tiny configs' synthetic set unless files or ``data`` are given)."""
-    has_files = bool(len(config.data.mixture) or len(config.data.tfds))
+def _no_tokens_before(path: Optional[str], start: int) -> bool:
+    """Whether steps 1..``start`` (all in ``metrics.jsonl``) trained on no target token (process 0 reads
+    the file; a history with lines missing counts as trained)."""
+    rows = _rows(path) if start and path is not None else []
+    empty = not start or (len({r["step"] for r in rows}) == start and not sum(r.get("tokens", 1) for r in rows))
+    if jax.process_count() > 1:
+        empty = bool(multihost_utils.broadcast_one_to_all(np.int32(empty)))
+    return empty
+
+
+def _check_vocab(config, tok) -> None:  # ids past the model's vocabulary train to NaN
+    if tok is not None and len(tok) > int(config.llm.vocab_size):
+        name = f"config.data.tokenizer = {config.data.tokenizer}" if config.data.tokenizer else \
+            f"the tokenizer of config.init_from = {config.init_from}"
+        raise ValueError(f"{name} has {len(tok)} tokens, more than config.llm.vocab_size = {config.llm.vocab_size} "
+                         "(ids past the model's vocabulary train to NaN): use the model's tokenizer or a larger vocab_size")
+
+
+def _build(config, data, mesh, wrap_step, log, evals=None, ck=None, done: int = 0):
+    """``(state, step_fn, info, data)``: the stage's initial state, jitted step and data (the synthetic set
+    unless files or ``data`` are given). Checked first: data files, tokenizer size, the checkpoint's run."""
+    has_files, given = bool(len(config.data.mixture) or len(config.data.tfds)), data is not None
     if data is None and not has_files:
         data, units = synthetic.synthetic_data(config)
         if units is not None:  # the CTC head is sized by the unit vocabulary of the synthetic clips
             config.ctc_units = units
     tok_dir = config.data.tokenizer or config.init_from or None
+    _check_vocab(config, evals.tokenizer if evals else None)
     if data is None:  # the data files are opened and checked (shape, samples) before any model is built
         tok = load_tokenizer(tok_dir) if tok_dir else None
         if tok is None:
             raise ValueError("config.data.mixture / config.data.tfds need a tokenizer: set config.data.tokenizer (or init_from)")
         data = pipeline.official_data(config, tok)
+        _check_vocab(config, tok)
+    if given and not evals and config.data.tokenizer:  # the caller's batches were made with it
+        _check_vocab(config, load_tokenizer(config.data.tokenizer))
+    if done:  # a checkpoint of another model or stage is refused before the model is built
+        ck.check_same_run(done, config)
     ck_in = checkpoint.load(config.init_from) if config.init_from else None
     params = initial_params(config, ck_in)
     state, step_fn, info = setup.build(config, params, mesh=mesh)
@@ -258,22 +281,21 @@ def train(config, workdir: str, mesh=None, data=None, log: Callable = print, pro
         ck.close()
         log(f"stage {config.stage} already finished: checkpoint {total} in {ck.path} and its model in {model_dir}; "
             "nothing to do")
-        return dict(last=_last_metrics(metrics_path), state=None, steps=total, skipped={})
+        return dict(last=(_rows(metrics_path) or [{}])[-1], state=None, steps=total, skipped={})
     try:
-        state, step_fn, info, data = _build(config, data, mesh, wrap_step, log)
+        state, step_fn, info, data = _build(config, data, mesh, wrap_step, log, evals, ck, done)
         start = 0
         if done:
             start, state, data_state = ck.restore_latest(state, log)
             data.set_state(data_state)
             log(f"resumed from step {start}")
+        if main:
+            _trim_metrics(metrics_path, start)
     except BaseException:
         ck.close()
         raise
     done = start
-    if main:
-        _trim_metrics(metrics_path, start)
-    else:
-        metrics_path = os.devnull
+    metrics_path = metrics_path if main else os.devnull
     accum = int(config.grad_accum)
     bar = None
     if progress:
@@ -290,7 +312,7 @@ def train(config, workdir: str, mesh=None, data=None, log: Callable = print, pro
     # the next batches are made and placed while the device runs; a step's metrics are read once the next
     # step is dispatched, so neither the host pipeline nor the metrics read stalls the device
     feed = pipeline.Prefetch(produce, depth=int(config.data.get("prefetch", 2)))
-    last, pending, t0 = (_last_metrics(metrics_path) if start == total else {}), None, time.perf_counter()
+    last, pending, t0 = ((_rows(metrics_path) or [{}])[-1] if start == total else {}), None, time.perf_counter()
     seen = 0  # target tokens trained on in this call (a run shorter than max_empty_steps can still train on nothing)
     t_done, empty = t0, 0
 
@@ -348,7 +370,7 @@ def train(config, workdir: str, mesh=None, data=None, log: Callable = print, pro
                     break
             if pending is not None:
                 record(pending)
-    except (FloatingPointError, ValueError):
+    except BaseException:  # the checkpoint manager's threads end before the error is reported
         ck.close()
         raise
     finally:
@@ -358,12 +380,12 @@ def train(config, workdir: str, mesh=None, data=None, log: Callable = print, pro
     if tb is not None:
         tb.close()
     ck.close()
+    if done == total and not seen and _no_tokens_before(metrics_path if main else None, start):
+        raise ValueError(f"the whole run had no target tokens (every sample bad, too long or unlabelled): no model "
+                         f"written; check the data ({_data_names(config)})")
     if start == total and not orbax_io.is_complete(model_dir):
         log(f"stage {config.stage} had finished (checkpoint {total} in {ck.path}) but {model_dir} is missing or "
             "incomplete (an interrupted export): writing it from that checkpoint")
-    if start == 0 and done == total and not seen:
-        raise ValueError(f"the whole run had no target tokens (every sample bad, too long or unlabelled): no model "
-                         f"written; check the data ({_data_names(config)})")
     if done == total and (start < total or not orbax_io.is_complete(model_dir)):
         export_model(config, state, model_dir)
         log(f"final parameters written to {model_dir} (use it as the next stage's init_from)")
