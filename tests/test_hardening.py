@@ -197,6 +197,9 @@ def test_steps_without_targets_stop_the_run(tmp_path):
     with pytest.raises(ValueError, match="the whole run had no target tokens"):
         trainer.train(c, str(tmp_path / "wd2"), log=lambda *_: None, progress=False)
     assert not (tmp_path / "wd2" / "model").exists()
+    with pytest.raises(ValueError, match="the whole run had no target tokens"):  # a rerun (nothing left to train)
+        trainer.train(c, str(tmp_path / "wd2"), log=lambda *_: None, progress=False, return_state=False)
+    assert not (tmp_path / "wd2" / "model").exists()  # still no untrained model that looks finished
 
 
 # ------------------------------------------------------------------ a fresh probe's cases (CLI and prompts)
@@ -205,8 +208,11 @@ def _write(path, text):
     return str(path)
 
 
+OK_SAMPLE = '[{"id": "a", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}]'
+
+
 @pytest.mark.parametrize("case", ["syntax", "no_get_config", "variant", "no_value", "dtype", "mixture_key",
-                                  "bad_json"])
+                                  "bad_json", "big_tokenizer"])
 def test_train_config_mistakes_are_one_line(tmp_path, capsys, case):
     wd = str(tmp_path / "wd")
     base = ["train", "--config=configs/stage1_1.py:tiny", "--workdir", wd]
@@ -222,6 +228,10 @@ def test_train_config_mistakes_are_one_line(tmp_path, capsys, case):
                         "config.data.mixture[0]"),
         "bad_json": (base + ['--config.data.mixture=[{"json": "%s"}]' % _write(tmp_path / "d.json", "[{"),
                             "--config.data.tokenizer=" + QWEN], "d.json"),
+        # the tiny model's 512 ids cannot hold Qwen2.5's 151,665 (out-of-range ids trained to NaN, exit 0)
+        "big_tokenizer": (base + ['--config.data.mixture=[{"json": "%s"}]' % _write(tmp_path / "ok.json", OK_SAMPLE),
+                                 "--config.data.tokenizer=" + QWEN],
+                          f"config.data.tokenizer = {QWEN} has 151665 tokens, more than config.llm.vocab_size = 512"),
     }[case]
     line = _cli_error(capsys, *args)
     assert named in line
@@ -299,3 +309,48 @@ def test_weights_and_ids_of_any_kind(tmp_path):
     from vita_jax.data import pipeline
     with pytest.raises(ValueError, match=r"config.data.mixture\[0\]: weight -1"):
         pipeline.mixture([{"json": "x.json", "weight": -1}])
+
+
+# ------------------------------------------------------------------ checkpoint files that are not what they say
+@pytest.mark.parametrize("index", ['"a string"', "[1, 2]", '{"weight_map": "model.safetensors"}',
+                                   '{"weight_map": {"lm_head.weight": 3}}', '{"weight_map": {"a": "b"'])
+def test_bad_safetensors_index_is_one_line(tmp_path, capsys, index):
+    import os
+    d = tmp_path / "release"
+    d.mkdir()
+    for name in os.listdir(TINY):  # the fixture's files (linked), with a damaged index
+        if name != "model.safetensors.index.json":
+            os.symlink(os.path.join(TINY, name), d / name)
+    (d / "model.safetensors.index.json").write_text(index)
+    line = _cli_error(capsys, "generate", str(d), "--ids", "1,2")
+    assert str(d / "model.safetensors.index.json") in line and "weight_map" in line
+
+
+@pytest.mark.parametrize("meta", ["{", '"a string"', "{}", '{"config": 5}', "\xff\xfe"])
+def test_damaged_vita_jax_json_names_the_file(tmp_path, capsys, meta):
+    d = tmp_path / "ck"
+    (d / "params").mkdir(parents=True)
+    (d / "vita_jax.json").write_bytes(meta.encode("latin1"))
+    line = _cli_error(capsys, "generate", str(d), "--ids", "1,2")
+    assert str(d / "vita_jax.json") in line and "damaged" in line
+
+
+@pytest.mark.parametrize("kw, named", [
+    (dict(image=7), "image: expected a path, file object or PIL image, got int"),
+    (dict(video=["a.mp4"]), "video: expected a path or file object, got list"),
+    (dict(audio=7.5), "audio: expected a path, file object or (waveform, sample_rate), got float"),
+    (dict(audio=(np.zeros(16000), "16k")), "audio: expected"),
+    (dict(image=""), "image: an empty path"),
+    (dict(messages=[("user", "hi", 7)]), "messages[0] audio: expected"),
+])
+def test_media_arguments_of_the_wrong_type_are_named(kw, named):
+    from vita_jax.data import chat as chat_lib
+    kw = dict(dict(messages="hi"), **kw)
+    with pytest.raises(ValueError) as e:  # checked before any preprocessing or tokenizer is used
+        chat_lib.chat_example(None, None, kw.pop("messages"), **kw)
+    assert named in str(e.value) and "\n" not in str(e.value)
+
+
+def test_empty_media_option_is_refused_before_loading(capsys):
+    line = _cli_error(capsys, "generate", "/no/such/model", "--prompt", "hi", "--image", "")
+    assert line == "vita-jax: error: --image: an empty path"

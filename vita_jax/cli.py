@@ -117,6 +117,8 @@ def _check_generate_options(a, gen) -> None:
             raise UsageError(f"--speak: {a.checkpoint or a.path} has no vita_tts_ckpt/ speech decoder")
     from vita_jax.data import batch as batch_lib  # late, as the subcommand's other imports
     for kind, path in (("image", a.image[0] if a.image else None), ("video", a.video), ("audio", a.audio)):
+        if path is not None and not path.strip():
+            raise UsageError(f"--{kind}: an empty path")
         if path:  # a cheap look at each file (the audio's length limit needs the model's config: after loading)
             try:
                 batch_lib.check_media(kind, path, decode=False)

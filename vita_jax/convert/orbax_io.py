@@ -90,9 +90,14 @@ def save(dst: str, config, params: dict, source_dtypes: Optional[dict] = None, t
 def load(path: str, dtype=None, mesh=None):
     """Returns ``(config, params, source_dtypes)`` of a checkpoint written by :func:`save`,
     restored straight into the shardings of ``mesh`` (or the default device)."""
-    with paths.open(paths.join(path, ORBAX_META)) as f:
-        meta = json.load(f)
-    config = ml_collections.ConfigDict(meta["config"])
+    meta_path = paths.join(path, ORBAX_META)
+    try:
+        with paths.open(meta_path) as f:
+            meta = json.load(f)
+        config = ml_collections.ConfigDict(meta["config"])
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # not JSON, or not {"config": {...}, ...}
+        raise CheckpointError(f"{meta_path}: not a vita_jax checkpoint description ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}); the file is damaged") from e
     if dtype is not None:
         config.dtype = config.param_dtype = np.dtype(dtype).name
     target = {}
