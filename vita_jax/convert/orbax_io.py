@@ -100,8 +100,13 @@ def load(path: str, dtype=None, mesh=None):
                               f"{str(e).splitlines()[0] if str(e) else ''}); the file is damaged") from e
     if dtype is not None:
         config.dtype = config.param_dtype = np.dtype(dtype).name
+    try:
+        parts = vita.parts(config)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:  # a config without the model's fields
+        raise CheckpointError(f"{meta_path}: its config does not describe a model ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}); the file is damaged") from e
     target = {}
-    for name, (module, example, _) in vita.parts(config).items():
+    for name, (module, example, _) in parts.items():
         boxed = vita.abstract_part(module, example)
         if mesh is not None:
             sh = nn.unbox(parallel.param_shardings(boxed, mesh))

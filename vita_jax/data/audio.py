@@ -174,7 +174,8 @@ def probe_audio(path: Union[str, os.PathLike, IO[bytes]], max_frames: Optional[i
     name, is_file = _name(path), hasattr(path, "read")
     if not is_file:
         if not os.path.exists(name):
-            raise AudioError(f"{name}: no such audio file")
+            raise AudioError(f"{name}: no such audio file" + (" (a broken symlink or a symlink loop)"
+                                                               if os.path.islink(name) else ""))
         if os.path.isdir(name):
             raise AudioError(f"{name}: is a folder, not an audio file")
         if os.path.getsize(name) == 0:
@@ -219,6 +220,9 @@ def audio_features(waveform_or_path, sample_rate: Optional[int] = None, dither: 
         waveform_or_path, sample_rate = load_audio(waveform_or_path, max_frames, min_frames)
     elif sample_rate is None:
         raise AudioError("sample_rate is required with a waveform")
+    elif isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float, np.integer, np.floating)) or \
+            not 0 < sample_rate < float("inf"):
+        raise AudioError(f"{name}: sample_rate {sample_rate!r}: must be a positive number of samples per second")
     elif (max_frames or min_frames) and np.size(waveform_or_path) and np.ndim(waveform_or_path) in (1, 2):
         check_length(max(np.shape(waveform_or_path)), sample_rate, max_frames, name, min_frames)  # samples: the longer axis
     x = prepare_waveform(waveform_or_path, sample_rate, name)

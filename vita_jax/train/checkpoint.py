@@ -36,6 +36,9 @@ class Checkpointer:
                                             enable_async_checkpointing=async_save, create=True,
                                             cleanup_tmp_directories=clean)
         self.mgr = ocp.CheckpointManager(self.directory, options=opts)
+        wait = getattr(self.mgr, "_maybe_await_cleanup_tmp_directory", None)
+        if clean and wait is not None:  # orbax removes them in a thread that close() does not join: an error
+            wait()                      # right after opening would end the process under it (asyncio noise)
 
     def latest_step(self):
         return self.mgr.latest_step()

@@ -20,6 +20,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
+from vita_jax import config as config_lib
 from vita_jax import paths
 from vita_jax.convert import checkpoint, orbax_io, target
 from vita_jax.convert import tts as tts_io
@@ -174,6 +175,7 @@ def check_config(config) -> None:
             good = False
         if not good:
             raise ValueError(f"config.{field} = {value!r}: must be {what}")
+    config_lib.check_model(config)
     for field in ("dtype", "param_dtype", "frozen_dtype"):
         if config.get(field) is not None and str(config[field]) not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"config.{field} = {config[field]!r}: must be float32, bfloat16 or float16")
@@ -238,7 +240,8 @@ def _build(config, data, mesh, wrap_step, log, evals=None, ck=None, done: int = 
     if data is None:  # the data files are opened and checked (shape, samples) before any model is built
         tok = load_tokenizer(tok_dir) if tok_dir else None
         if tok is None:
-            raise ValueError("config.data.mixture / config.data.tfds need a tokenizer: set config.data.tokenizer (or init_from)")
+            raise ValueError("config.data.mixture / config.data.tfds need a tokenizer: set config.data.tokenizer (or "
+                             f"init_from){f'; {tok_dir} has no tokenizer.json' if tok_dir else ''}")
         data = pipeline.official_data(config, tok)
         _check_vocab(config, tok)
     if given and not evals and config.data.tokenizer:  # the caller's batches were made with it
