@@ -13,6 +13,19 @@ FIXTURES = os.path.join(SHARED, "fixtures")
 TINY = os.path.join(FIXTURES, "vita15-tiny")
 
 
+def cli_error(capsys, *args):
+    """``vita-jax ARGS`` in this process must fail as a user mistake: exit code 2, no traceback, exactly one
+    stderr line ``vita-jax: error: ...`` (returned)."""
+    from vita_jax import cli
+    rc = cli.main(list(args))
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vita-jax: error: "), err
+    return lines[0]
+
+
 def rel_err(a, ref):
     a, ref = np.asarray(a, np.float64), np.asarray(ref, np.float64)
     return float(np.abs(a - ref).max() / np.abs(ref).max())

@@ -40,3 +40,15 @@ def test_user_mistake_is_one_line(tmp_path, args, named):
 def test_debug_shows_the_traceback():
     r = _run("convert", "--to", "orbax", "/no/such/release", "out", "--debug")
     assert r.returncode == 1 and "Traceback" in r.stderr and "FileNotFoundError" in r.stderr
+
+
+def test_error_right_after_opening_the_checkpoints_is_one_line(tmp_path):
+    """A tokenizer that cannot load stops the run just after WORKDIR/ckpt is opened: one stderr line, no
+    asyncio / orbax noise from the checkpoint manager's cleanup thread at interpreter shutdown."""
+    data = tmp_path / "d.json"
+    data.write_text('[{"id": "a", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "x"}]}]')
+    r = _run("train", "--config=configs/stage1_1.py:tiny", '--config.data.mixture=[{"json": "%s"}]' % data,
+             "--config.data.tokenizer=/no/such/tok", "--workdir", str(tmp_path / "wd"))
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines() == ["vita-jax: error: /no/such/tok: cannot load tokenizer: No such file or "
+                                             "directory (os error 2)"], r.stderr[-3000:]

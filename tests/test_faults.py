@@ -155,3 +155,39 @@ def test_total_steps_below_the_newest_checkpoint_is_refused(failed_export, tmp_p
     line = r.stderr.strip().splitlines()[-1]
     assert line.startswith("vita-jax: error: config.total_steps = 3") and os.path.join(wd, "ckpt") in line
     assert _tree(wd) == before
+
+
+def test_another_model_or_stage_in_the_same_workdir_is_refused(failed_export, tmp_path):
+    """Checkpoints of stage 1.1 and a stage 1.2 (or another model size) rerun on them: one line naming the
+    work dir and the differing fields, before any model is built; no orbax or asyncio noise; nothing changed."""
+    from vita_jax.train import trainer
+    wd = _copy(failed_export, tmp_path)
+    before = _tree(wd)
+    r = subprocess.run([sys.executable, "-m", "vita_jax.cli", "train", "--config=configs/stage1_2.py:tiny",
+                        f"--config.total_steps={STEPS + 2}", "--no-progress", "--workdir", wd], cwd=REPO,
+                       capture_output=True, text=True, timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert r.returncode == 2, r.stderr[-3000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"vita-jax: error: {os.path.join(wd, 'ckpt')} holds checkpoint "
+                                                   f"{STEPS} of another run ("), r.stderr
+    assert "config.stage: '1.1' -> '1.2'" in lines[0] and "config.trainable: " in lines[0]
+    assert "processes:" not in r.stdout  # refused before the model was built
+    assert _tree(wd) == before
+    c = _config()
+    c.llm.intermediate_size = 256
+    with pytest.raises(ValueError, match=r"config.llm.intermediate_size: 128 -> 256\)"):
+        trainer.train(c, wd, log=lambda *_: None, progress=False)
+    assert _tree(wd) == before
+
+
+def test_run_settings_may_change_between_runs():
+    """Only what shapes the train state is compared: steps, checkpoints, data, evals, mesh and dither may change."""
+    from vita_jax.train.checkpoint import config_changes
+    c = _config()
+    saved = json.loads(c.to_json())
+    c.total_steps, c.checkpoint_every, c.data.seq_len, c.audio.dither, c.optim.lr = 9, 3, 64, 0.1, 1e-3
+    c.mesh_shape.fsdp, c.evals = 2, {"asr": {"every": 5}}
+    assert config_changes(saved, json.loads(c.to_json())) == []
+    c.trainable, c.optim.group_lrs = ["llm/.*"], [["llm/.*", 1e-4]]
+    assert config_changes(saved, json.loads(c.to_json())) == [
+        "config.trainable: ['mm_projector/.*'] -> ['llm/.*']", "config.optim.group_lrs: [] -> [['llm/.*', 0.0001]]"]

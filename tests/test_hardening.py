@@ -3,21 +3,13 @@ key (exit code 2 through the CLI, no traceback), and nothing is lost."""
 import numpy as np
 import pytest
 
-from conftest import FIXTURES, TINY
+from conftest import FIXTURES, TINY, cli_error as _cli_error
 from vita_jax import cli
 from vita_jax.infer import generate as gen
 
 QWEN = FIXTURES + "/qwen2.5-tokenizer"
 
 
-def _cli_error(capsys, *args):
-    rc = cli.main(list(args))
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("vita-jax: error: "), err
-    return lines[0]
 
 
 # the checkpoint does not exist: a message naming the option proves nothing was loaded first
@@ -197,6 +189,9 @@ def test_steps_without_targets_stop_the_run(tmp_path):
     with pytest.raises(ValueError, match="the whole run had no target tokens"):
         trainer.train(c, str(tmp_path / "wd2"), log=lambda *_: None, progress=False)
     assert not (tmp_path / "wd2" / "model").exists()
+    with pytest.raises(ValueError, match="the whole run had no target tokens"):  # a rerun (nothing left to train)
+        trainer.train(c, str(tmp_path / "wd2"), log=lambda *_: None, progress=False, return_state=False)
+    assert not (tmp_path / "wd2" / "model").exists()  # still no untrained model that looks finished
 
 
 # ------------------------------------------------------------------ a fresh probe's cases (CLI and prompts)
@@ -205,8 +200,11 @@ def _write(path, text):
     return str(path)
 
 
+OK_SAMPLE = '[{"id": "a", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}]'
+
+
 @pytest.mark.parametrize("case", ["syntax", "no_get_config", "variant", "no_value", "dtype", "mixture_key",
-                                  "bad_json"])
+                                  "bad_json", "big_tokenizer"])
 def test_train_config_mistakes_are_one_line(tmp_path, capsys, case):
     wd = str(tmp_path / "wd")
     base = ["train", "--config=configs/stage1_1.py:tiny", "--workdir", wd]
@@ -222,6 +220,10 @@ def test_train_config_mistakes_are_one_line(tmp_path, capsys, case):
                         "config.data.mixture[0]"),
         "bad_json": (base + ['--config.data.mixture=[{"json": "%s"}]' % _write(tmp_path / "d.json", "[{"),
                             "--config.data.tokenizer=" + QWEN], "d.json"),
+        # the tiny model's 512 ids cannot hold Qwen2.5's 151,665 (out-of-range ids trained to NaN, exit 0)
+        "big_tokenizer": (base + ['--config.data.mixture=[{"json": "%s"}]' % _write(tmp_path / "ok.json", OK_SAMPLE),
+                                 "--config.data.tokenizer=" + QWEN],
+                          f"config.data.tokenizer = {QWEN} has 151665 tokens, more than config.llm.vocab_size = 512"),
     }[case]
     line = _cli_error(capsys, *args)
     assert named in line
@@ -299,3 +301,4 @@ def test_weights_and_ids_of_any_kind(tmp_path):
     from vita_jax.data import pipeline
     with pytest.raises(ValueError, match=r"config.data.mixture\[0\]: weight -1"):
         pipeline.mixture([{"json": "x.json", "weight": -1}])
+

@@ -333,3 +333,27 @@ def test_chat_refuses_a_long_clip_before_decoding(tmp_path, monkeypatch):
     with pytest.raises(A.AudioError) as e:
         m.chat_inputs("hi", audio=str(tmp_path / "q.wav"))
     _one_line(e, "q.wav", "98 fbank frames", "83 frames")
+
+
+def test_too_short_audio_is_refused_on_the_header(tmp_path, capsys, monkeypatch):
+    """Under 7 fbank frames (85 ms) the speech encoder gives no token: refused from the header, naming the
+    file, before the model is loaded (the CLI) and before decoding (the library); 7 frames are fine."""
+    sf.write(tmp_path / "blip.wav", np.zeros(1300, np.float32) + 0.01, 16000)  # 6 frames
+    sf.write(tmp_path / "ok.wav", np.zeros(1360, np.float32) + 0.01, 16000)  # 7 frames
+    assert A.fbank_frames_for(1300, 16000) == 6 and A.fbank_frames_for(1360, 16000) == 7
+    rc = cli.main(["generate", "/no/such/model", "--prompt", "hi", "--audio", str(tmp_path / "blip.wav")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and "/no/such/model" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"vita-jax: error: --audio: {tmp_path / 'blip.wav'}: "), err
+    assert "6 fbank frames" in lines[0] and "7 frames" in lines[0]
+    monkeypatch.setattr(A.sf, "read", lambda *a, **k: pytest.fail("decoded"))
+    with pytest.raises(A.AudioError) as e:
+        preprocess_settings(config_lib.load_config("tiny")).fbank(str(tmp_path / "blip.wav"))
+    _one_line(e, "blip.wav", "6 fbank frames")
+    monkeypatch.undo()
+    with pytest.raises(A.AudioError) as e:  # a waveform too
+        Preprocess().fbank(np.zeros(1300, np.float32), 16000)
+    _one_line(e, "<waveform>", "6 fbank frames")
+    assert Preprocess().fbank(str(tmp_path / "ok.wav")).shape == (7, 80)
+    assert A.load_audio(str(tmp_path / "blip.wav"))[0].shape == (1300,)  # a plain reader keeps no minimum

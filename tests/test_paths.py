@@ -174,8 +174,8 @@ def test_release_format_refuses_a_url(tmp_path):
 
 
 def test_staged_tensorboard_uploads_periodically(gs_memory):
-    from vita_jax.train import trainer
-    tb = trainer._tensorboard("gs://bucket/tbrun")
+    from vita_jax.train import tensorboard
+    tb = tensorboard.writer("gs://bucket/tbrun")
     tb.staged.every_s = 0.0  # every write is due
     tb.add_scalar("train/loss", 1.0, 1)
     assert any(k.startswith("/bucket/tbrun/tb/events.out.tfevents") for k in gs_memory)  # before close

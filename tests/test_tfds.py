@@ -169,3 +169,21 @@ def test_mixture_with_tfds(data):
     assert _ids(pipeline.mixture(tfds=tf, seed=1), 12) != _ids(only, 12)
     with pytest.raises(ValueError, match="no JSON file"):
         pipeline.mixture([])
+
+
+def test_a_killed_writes_folder_is_removed_by_the_next(tmp_path, caplog):
+    """A write killed half-way leaves ``.NAME-VERSION.writing-XXXXXXXX``: the next write of that dataset removes
+    it (one warning each); other folders, even similar names, are kept."""
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    out = tmp_path / "out"
+    killed = out / ".mini-1.0.0.writing-k1ll3d_x"
+    (killed / "mini").mkdir(parents=True)
+    for keep in (".mini-1.0.0.writing-notes", ".other-1.0.0.writing-abcdefgh", "mine"):
+        (out / keep).mkdir()
+    samples = [{"id": "good", "image": "ok.png", "conversations": _conv("<image>\nWhat?", "Black.")}]
+    with caplog.at_level(logging.WARNING):
+        d = write_tfds(samples, str(out), name="mini", media_root=str(tmp_path))
+    said = [r.getMessage() for r in caplog.records if "interrupted write" in r.getMessage()]
+    assert said == [f"write_tfds: removing {killed}, left by an interrupted write"]
+    assert sorted(os.listdir(out)) == [".mini-1.0.0.writing-notes", ".other-1.0.0.writing-abcdefgh", "mine", "mini"]
+    assert len(TFDSSource(d)) == 1

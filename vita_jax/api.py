@@ -111,13 +111,17 @@ class VitaModel:
         (what training uses) with bucketed slots: tiles and clips to a power of two times the
         data-parallel size, frames to a multiple of ``config.frame_bucket``, the spliced length to
         one of ``config.seq_bucket``, rows cut at ``config.tokenizer_model_max_length``."""
+        ids = np.asarray(input_ids)
+        if ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"input_ids: expected a non-empty array of integer ids, got {ids.dtype} of shape {ids.shape}")
         px = self._check_pixels(pixel_values)
         feats, lengths = self._check_audio(audio_features, audio_lengths)
         arrays, plan = chat_lib.inference_batch(self.module, self.config, input_ids, attention_mask, labels, px,
                                                 [] if feats is None else list(feats), lengths, dp=self.dp,
                                                 max_length=max_length)
         if (plan.text_ids >= self.llm_cfg.vocab_size).any():
-            raise ValueError(f"input_ids hold ids >= the vocabulary size {self.llm_cfg.vocab_size}")
+            raise ValueError(f"input_ids hold ids >= the vocabulary size {self.llm_cfg.vocab_size} (the largest: "
+                             f"{int(plan.text_ids.max())})")
         return arrays, plan
 
     def _prepare(self, input_ids, attention_mask, labels, pixel_values, audio_features, audio_lengths,

@@ -26,7 +26,8 @@ class UsageError(ValueError):
 # what a user mistake raises (vita_jax's own CheckpointError / ImageError / AudioError / VideoError
 # are ValueErrors; file problems are OSErrors; config overrides naming no field are KeyErrors)
 USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
-               PermissionError, ImportError)  # ImportError: an optional extra not installed (gcsfs for gs://, ...)
+               PermissionError, ImportError,  # ImportError: an optional extra not installed (gcsfs for gs://, ...)
+               FloatingPointError)  # the trainer's stop after max_nonfinite_steps non-finite steps in a row
 
 
 def _dtype(text: str) -> str:
@@ -41,9 +42,12 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 def _ids(text: str) -> list[int]:
     try:
-        return [int(t) for t in text.replace(",", " ").split()]
+        ids = [int(t) for t in text.replace(",", " ").split()]
     except ValueError as e:
         raise UsageError(f"--ids: expected integers separated by commas or spaces, got {text!r}") from e
+    if not ids:
+        raise UsageError("--ids: no ids given (a raw prompt needs at least one)")
+    return ids
 
 
 def cmd_generate(a) -> int:
@@ -106,6 +110,11 @@ def _check_generate_options(a, gen) -> None:
         _ids(a.ids)
     elif not (a.prompt or "").strip() and not (a.image or a.video or a.audio):
         raise UsageError("--prompt is empty and no --image, --video or --audio is given: nothing to answer")
+    elif os.path.isdir(a.checkpoint or a.path) and not os.path.exists(os.path.join(a.checkpoint or a.path,
+                                                                                   "tokenizer.json")):
+        raise UsageError(f"{a.checkpoint or a.path} has no tokenizer.json: give the prompt as --ids")
+    if a.speech_max_tokens < 1:
+        raise UsageError(f"--speech-max-tokens {a.speech_max_tokens}: must be at least 1")
     if a.speak:
         out_dir = os.path.dirname(os.path.abspath(a.speak))
         if not os.path.isdir(out_dir):
@@ -117,6 +126,8 @@ def _check_generate_options(a, gen) -> None:
             raise UsageError(f"--speak: {a.checkpoint or a.path} has no vita_tts_ckpt/ speech decoder")
     from vita_jax.data import batch as batch_lib  # late, as the subcommand's other imports
     for kind, path in (("image", a.image[0] if a.image else None), ("video", a.video), ("audio", a.audio)):
+        if path is not None and not path.strip():
+            raise UsageError(f"--{kind}: an empty path")
         if path:  # a cheap look at each file (the audio's length limit needs the model's config: after loading)
             try:
                 batch_lib.check_media(kind, path, decode=False)
@@ -200,6 +211,12 @@ def cmd_eval(a, rest) -> int:
     import jax.numpy as jnp  # (late, as above)
     from vita_jax import api, parallel  # (late, as above)
     from vita_jax import evals  # (late, as above)
+    for opt, value, least in (("--max-examples", a.max_examples, 0), ("--batch-size", a.batch_size, 1),
+                              ("--max-new-tokens", a.max_new_tokens, 1)):
+        if value is not None and value < least:
+            raise UsageError(f"{opt} {value}: must be at least {least}")
+    if os.path.exists(a.out) and not os.path.isdir(a.out):
+        raise UsageError(f"--out {a.out}: is a file (give the folder for predictions.jsonl and metrics.json)")
     suite = evals.runner.suite_from_args(a.config_file, a.task, a.data, rest, max_examples=a.max_examples,
                                          batch_size=a.batch_size, max_new_tokens=a.max_new_tokens)
     parallel.maybe_initialize_distributed()

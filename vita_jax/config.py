@@ -137,3 +137,44 @@ def parse_args(argv: Sequence[str], default: str | None = None):
     for key, val in overrides:
         apply_override(config, key, val)
     return config, rest
+
+
+# (block, fields that must be integers >= 1, [(numerator, denominator)] that must divide)
+_MODEL_SIZES = (("llm", ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                         "intermediate_size"), (("num_attention_heads", "num_key_value_heads"),)),
+                ("vision", ("image_size", "patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                            "intermediate_size"), (("hidden_size", "num_attention_heads"), ("image_size", "patch_size"))),
+                ("audio", ("input_dim", "attention_dim", "attention_heads", "linear_units", "num_blocks", "max_positions",
+                           "llm_embed_dim"), (("attention_dim", "attention_heads"),)))
+
+
+def check_model(config) -> None:
+    """``ValueError`` naming the field when the model's sizes cannot build a model (a size < 1, heads that do
+    not divide the width, a patch grid pixel shuffle cannot halve), before anything is built."""
+    for block, sizes, divides in _MODEL_SIZES:
+        c = config.get(block)
+        if c is None or (block != "llm" and not config.get(f"has_{block}", True)):
+            continue
+        for f in sizes:
+            v = c.get(f)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"config.{block}.{f} = {v!r}: must be an integer >= 1")
+        for a, b in divides:
+            if c.get(a) is not None and c.get(b) is not None and c[a] % c[b]:
+                raise ValueError(f"config.{block}.{a} = {c[a]} is not a multiple of config.{block}.{b} = {c[b]}")
+    llm = config.get("llm")
+    if llm is not None:
+        head_dim = llm.get("head_dim") or llm.hidden_size // llm.num_attention_heads
+        if (llm.get("head_dim") or 0) < 0 or head_dim % 2 or (not llm.get("head_dim") and
+                                                               llm.hidden_size % llm.num_attention_heads):
+            raise ValueError(f"config.llm.hidden_size = {llm.hidden_size} / num_attention_heads = "
+                             f"{llm.num_attention_heads} (head_dim {llm.get('head_dim')}): each head needs an even "
+                             "width (rotary embedding) that divides the hidden size")
+    vis = config.get("vision")
+    if vis is not None and config.get("has_vision", True):
+        if (vis.image_size // vis.patch_size) % 2:
+            raise ValueError(f"config.vision.image_size / patch_size = {vis.image_size // vis.patch_size} patches a "
+                             "side: pixel shuffle needs an even number")
+        if config.get("mm_hidden_size") is not None and config.mm_hidden_size != 4 * vis.hidden_size:
+            raise ValueError(f"config.mm_hidden_size = {config.mm_hidden_size}: must be 4 x config.vision.hidden_size "
+                             f"= {4 * vis.hidden_size} (pixel shuffle)")

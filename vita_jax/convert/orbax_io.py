@@ -90,13 +90,23 @@ def save(dst: str, config, params: dict, source_dtypes: Optional[dict] = None, t
 def load(path: str, dtype=None, mesh=None):
     """Returns ``(config, params, source_dtypes)`` of a checkpoint written by :func:`save`,
     restored straight into the shardings of ``mesh`` (or the default device)."""
-    with paths.open(paths.join(path, ORBAX_META)) as f:
-        meta = json.load(f)
-    config = ml_collections.ConfigDict(meta["config"])
+    meta_path = paths.join(path, ORBAX_META)
+    try:
+        with paths.open(meta_path) as f:
+            meta = json.load(f)
+        config = ml_collections.ConfigDict(meta["config"])
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # not JSON, or not {"config": {...}, ...}
+        raise CheckpointError(f"{meta_path}: not a vita_jax checkpoint description ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}); the file is damaged") from e
     if dtype is not None:
         config.dtype = config.param_dtype = np.dtype(dtype).name
+    try:
+        parts = vita.parts(config)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:  # a config without the model's fields
+        raise CheckpointError(f"{meta_path}: its config does not describe a model ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}); the file is damaged") from e
     target = {}
-    for name, (module, example, _) in vita.parts(config).items():
+    for name, (module, example, _) in parts.items():
         boxed = vita.abstract_part(module, example)
         if mesh is not None:
             sh = nn.unbox(parallel.param_shardings(boxed, mesh))

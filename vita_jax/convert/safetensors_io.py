@@ -55,8 +55,11 @@ class SafetensorsReader:
             try:
                 with open(index) as f:
                     weight_map = json.load(f)["weight_map"]
-            except (OSError, json.JSONDecodeError, KeyError) as e:
-                raise CheckpointError(f"{index}: cannot read weight_map: {e}") from e
+            except (OSError, ValueError, KeyError, TypeError) as e:  # TypeError: the JSON is not an object
+                raise CheckpointError(f"{index}: cannot read weight_map: {type(e).__name__}: {e}") from e
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names, got "
+                                      f"{type(weight_map).__name__}")
         elif os.path.exists(single):
             self.source = single
             weight_map = {k: "model.safetensors" for k in read_header(single)[0]}

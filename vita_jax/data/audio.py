@@ -23,6 +23,7 @@ FRAME_LENGTH = 400   # 25 ms
 FRAME_SHIFT = 160    # 10 ms
 N_FFT = 512
 EPS = float(np.finfo(np.float32).eps)
+MIN_FRAMES = 7       # the shortest fbank input of the speech encoder (encoder_length(7) == 1: one LLM token)
 
 
 class AudioError(ValueError):
@@ -139,13 +140,16 @@ def fbank_frames_for(n_samples: int, sample_rate: int) -> int:
     return num_frames(-(-int(n_samples) * SAMPLE_RATE // int(sample_rate)))
 
 
-def check_length(n_samples: int, sample_rate: int, max_frames: Optional[int], name: str) -> None:
-    """:class:`AudioError` naming the file and both lengths when the clip has no samples or is over
-    ``max_frames`` fbank frames (None or 0: no limit; the speech encoder's limit is
-    ``WhaleConfig.max_frames``, from ``config.audio.max_positions``)."""
+def check_length(n_samples: int, sample_rate: int, max_frames: Optional[int], name: str, min_frames: int = 0) -> None:
+    """:class:`AudioError` naming the file and both lengths when the clip has no samples, is under
+    ``min_frames`` fbank frames (the speech encoder's :data:`MIN_FRAMES`) or over ``max_frames`` (None
+    or 0: no limit; the speech encoder's is ``WhaleConfig.max_frames``, from ``config.audio.max_positions``)."""
     if n_samples <= 0:
         raise AudioError(f"{name}: empty audio (0 samples)")
     frames = fbank_frames_for(n_samples, sample_rate)
+    if frames < min_frames:
+        raise AudioError(f"{name}: {n_samples / sample_rate * 1000:.0f} ms of audio ({frames} fbank frames) is shorter "
+                         f"than the speech encoder's shortest input of {min_frames} frames (85 ms)")
     if max_frames and frames > max_frames:
         raise AudioError(f"{name}: {n_samples / sample_rate:.1f} s of audio ({frames} fbank frames) is longer than the "
                          f"speech encoder's limit of {max_frames} frames ({max_frames / 100:.1f} s: 4 x "
@@ -162,14 +166,16 @@ def _open_error(name: str, e: Exception) -> AudioError:
     return AudioError(f"{name}: cannot read audio: {msg}")
 
 
-def probe_audio(path: Union[str, os.PathLike, IO[bytes]], max_frames: Optional[int] = None) -> tuple[int, int]:
+def probe_audio(path: Union[str, os.PathLike, IO[bytes]], max_frames: Optional[int] = None,
+                min_frames: int = 0) -> tuple[int, int]:
     """The file's header only (nothing decoded) -> ``(samples per channel, sample_rate)``;
     :class:`AudioError` (one line, naming the file) when it is missing, empty, not audio, has no
     samples or is longer than ``max_frames`` fbank frames."""
     name, is_file = _name(path), hasattr(path, "read")
     if not is_file:
         if not os.path.exists(name):
-            raise AudioError(f"{name}: no such audio file")
+            raise AudioError(f"{name}: no such audio file" + (" (a broken symlink or a symlink loop)"
+                                                               if os.path.islink(name) else ""))
         if os.path.isdir(name):
             raise AudioError(f"{name}: is a folder, not an audio file")
         if os.path.getsize(name) == 0:
@@ -182,17 +188,18 @@ def probe_audio(path: Union[str, os.PathLike, IO[bytes]], max_frames: Optional[i
     finally:
         if is_file:
             path.seek(start)
-    check_length(int(info.frames), int(info.samplerate), max_frames, name)
+    check_length(int(info.frames), int(info.samplerate), max_frames, name, min_frames)
     return int(info.frames), int(info.samplerate)
 
 
-def load_audio(path: Union[str, os.PathLike, IO[bytes]], max_frames: Optional[int] = None) -> tuple[np.ndarray, int]:
+def load_audio(path: Union[str, os.PathLike, IO[bytes]], max_frames: Optional[int] = None,
+               min_frames: int = 0) -> tuple[np.ndarray, int]:
     """Reads an audio file (a path, or a binary file object such as ``io.BytesIO`` of the file's
     bytes, named in errors by its ``name`` if set) -> ``(samples [n] or [n, ch] float32 in [-1, 1],
     sample_rate)``. The header is checked first (:func:`probe_audio`: a clip over ``max_frames``
     fbank frames is refused without being decoded)."""
     name = _name(path)
-    probe_audio(path, max_frames)
+    probe_audio(path, max_frames, min_frames)
     try:
         data, sr = sf.read(path if hasattr(path, "read") else name, dtype="float32", always_2d=False)
     except Exception as e:  # soundfile raises LibsndfileError / RuntimeError for unreadable files
@@ -203,18 +210,21 @@ def load_audio(path: Union[str, os.PathLike, IO[bytes]], max_frames: Optional[in
 
 
 def audio_features(waveform_or_path, sample_rate: Optional[int] = None, dither: float = 0.0,
-                   num_mel_bins: int = 80, max_frames: Optional[int] = None) -> np.ndarray:
+                   num_mel_bins: int = 80, max_frames: Optional[int] = None, min_frames: int = 0) -> np.ndarray:
     """A path, a binary file object (``io.BytesIO`` of an audio file), or a waveform (float in
     [-1, 1] or int16) with its rate -> float32 fbank ``[frames, 80]`` before CMVN. A clip over
     ``max_frames`` fbank frames (None: no limit) is refused before it is decoded or resampled."""
     name = "<waveform>"
     if isinstance(waveform_or_path, (str, os.PathLike)) or hasattr(waveform_or_path, "read"):
         name = _name(waveform_or_path)
-        waveform_or_path, sample_rate = load_audio(waveform_or_path, max_frames)
+        waveform_or_path, sample_rate = load_audio(waveform_or_path, max_frames, min_frames)
     elif sample_rate is None:
         raise AudioError("sample_rate is required with a waveform")
-    elif max_frames and np.size(waveform_or_path) and np.ndim(waveform_or_path) in (1, 2):
-        check_length(max(np.shape(waveform_or_path)), sample_rate, max_frames, name)  # samples: the longer axis
+    elif isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float, np.integer, np.floating)) or \
+            not 0 < sample_rate < float("inf"):
+        raise AudioError(f"{name}: sample_rate {sample_rate!r}: must be a positive number of samples per second")
+    elif (max_frames or min_frames) and np.size(waveform_or_path) and np.ndim(waveform_or_path) in (1, 2):
+        check_length(max(np.shape(waveform_or_path)), sample_rate, max_frames, name, min_frames)  # samples: the longer axis
     x = prepare_waveform(waveform_or_path, sample_rate, name)
     return fbank(x, num_mel_bins, dither=dither, name=name)
 

@@ -60,7 +60,7 @@ class Preprocess:
     def fbank(self, src, sample_rate: Optional[int] = None) -> np.ndarray:
         """Audio (path, file object, or waveform with its rate) -> float32 fbank ``[frames, mel]``."""
         return audio_lib.audio_features(src, sample_rate, dither=self.dither, num_mel_bins=self.num_mel_bins,
-                                        max_frames=self.max_audio_frames)
+                                        max_frames=self.max_audio_frames, min_frames=audio_lib.MIN_FRAMES)
 
 
 def check_media(kind: str, src, decode: bool = True) -> None:
@@ -71,7 +71,7 @@ def check_media(kind: str, src, decode: bool = True) -> None:
     if kind == "image":
         image_lib.load_image(src)
     elif kind == "audio":
-        (audio_lib.load_audio if decode else audio_lib.probe_audio)(src)
+        (audio_lib.load_audio if decode else audio_lib.probe_audio)(src, min_frames=audio_lib.MIN_FRAMES)
     elif kind == "video":
         video_lib.read_frames(src) if decode else video_lib.probe_video(src)
     else:

@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence, Union
 
 import numpy as np
@@ -27,6 +28,23 @@ def _check_text(text, where: str) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
         raise ValueError(f"{where}: not valid Unicode text ({e.reason} at character {e.start})") from e
+
+
+def check_media_arg(value, field: str, waveform: bool = False) -> None:
+    """``ValueError`` naming ``field`` unless ``value`` is None, a path, a binary file object, a PIL
+    image (images) or, with ``waveform``, ``(waveform, sample_rate)``."""
+    if value is None or isinstance(value, (str, os.PathLike)) or hasattr(value, "read"):
+        if isinstance(value, str) and not value.strip():
+            raise ValueError(f"{field}: an empty path")
+        return
+    if field.endswith("image") and hasattr(value, "convert") and hasattr(value, "size"):  # a PIL image
+        return
+    if waveform and isinstance(value, tuple) and len(value) == 2 and not isinstance(value[1], bool) and \
+            isinstance(value[1], (int, float, np.integer, np.floating)) and 0 < value[1] < float("inf"):
+        return
+    want = "a path, file object or PIL image" if field.endswith("image") else \
+        "a path, file object or (waveform, sample_rate)" if waveform else "a path or file object"
+    raise ValueError(f"{field}: expected {want}, got {type(value).__name__} {value!r:.40}")
 
 
 def check_messages(messages, media: bool = False) -> None:
@@ -48,6 +66,8 @@ def check_messages(messages, media: bool = False) -> None:
             raise ValueError(f"messages[{k}]: role {turn[0]!r}, expected {want!r} (turns alternate user / assistant "
                              "from a user turn)")
         _check_text(turn[1], f"messages[{k}]")
+        if len(turn) == 3:
+            check_media_arg(turn[2], f"messages[{k}] audio", waveform=True)
     if messages[-1][0] != "user":
         raise ValueError("messages: the last turn is the assistant's; a reply needs a user turn last")
 
@@ -60,6 +80,8 @@ def chat_example(prep: batch_lib.Preprocess, tokenizer, messages: Union[str, Seq
     may be ``(role, text, audio)``: a spoken turn, its clip placed before the question's."""
     if video is not None and image is not None:
         raise ValueError("image and video: give one of them, not both (the prompt holds one visual input)")
+    for value, field in ((image, "image"), (audio, "audio"), (video, "video")):
+        check_media_arg(value, field, waveform=field == "audio")
     check_messages(messages, media=image is not None or video is not None or audio is not None)
     pixels, tiles, frames = None, (), 0
     if video is not None:

@@ -46,7 +46,7 @@ class OfficialJSON:
             try:
                 with open(path) as f:
                     self.samples = json.load(f)
-            except (OSError, json.JSONDecodeError) as e:
+            except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8 text
                 raise ValueError(f"{path}: cannot read the data file: {e}") from e
         if not isinstance(self.samples, list):
             raise ValueError(f"{path}: expected a JSON list of samples")

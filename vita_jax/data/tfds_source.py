@@ -28,6 +28,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -131,7 +132,7 @@ def write_tfds(samples_or_json_path: str | Sequence[dict], out_dir: str, name: s
     the samples' order (no shuffling at write time: grain shuffles at read time).
 
     Written to a temporary folder inside ``out_dir`` and moved into place only when complete: an
-    error (or a refused write) leaves nothing behind. Raises ``FileExistsError`` if that dataset
+    error (or a refused write) leaves nothing behind, and a killed write's folder is removed by the next. Raises ``FileExistsError`` if that dataset
     version is already there, ``ValueError`` when no sample is usable."""
     if on_bad not in ("skip", "refuse"):
         raise ValueError(f"on_bad must be 'skip' or 'refuse', got {on_bad!r}")
@@ -140,6 +141,10 @@ def write_tfds(samples_or_json_path: str | Sequence[dict], out_dir: str, name: s
     if os.path.exists(final):
         raise FileExistsError(f"{final}: TFDS dataset {name} {version} already exists")
     os.makedirs(out_dir, exist_ok=True)
+    for left in sorted(n for n in os.listdir(out_dir) if re.fullmatch(re.escape(f".{name}-{version}.writing-") +
+                                                                      r"[a-z0-9_]{8}", n)):  # a killed write's
+        log.warning("write_tfds: removing %s, left by an interrupted write", os.path.join(out_dir, left))
+        shutil.rmtree(os.path.join(out_dir, left), ignore_errors=True)
     tmp = tempfile.mkdtemp(prefix=f".{name}-{version}.writing-", dir=out_dir)
     problems: dict[str, str] = {}
     try:

@@ -16,11 +16,17 @@ import numpy as np
 from vita_jax.models.qwen2 import KVCache, Qwen2Config
 
 
+MAX_NEW_TOKENS = 32768  # Qwen2.5's context (max_position_embeddings): the KV cache of a longer reply would not fit
+
+
 def check_sampling(max_new_tokens=1, do_sample: bool = False, temperature=1.0, top_k=0, top_p=1.0) -> None:
     """Raises ``ValueError`` naming the field when a sampling setting cannot work: ``max_new_tokens``
-    >= 1, ``top_k`` >= 0 (0 = off), ``top_p`` in (0, 1] (1 = off), ``temperature`` > 0 when sampling."""
-    if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    in 1..:data:`MAX_NEW_TOKENS`, ``top_k`` >= 0 (0 = off), ``top_p`` in (0, 1] (1 = off), ``temperature``
+    > 0 when sampling."""
+    if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or \
+            not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
+        raise ValueError(f"max_new_tokens must be an integer in 1..{MAX_NEW_TOKENS} (the LLM's context), "
+                         f"got {max_new_tokens!r}")
     if not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool) or top_k < 0:
         raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
     if not (isinstance(top_p, (int, float, np.number)) and 0.0 < float(top_p) <= 1.0):

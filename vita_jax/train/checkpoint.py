@@ -36,6 +36,9 @@ class Checkpointer:
                                             enable_async_checkpointing=async_save, create=True,
                                             cleanup_tmp_directories=clean)
         self.mgr = ocp.CheckpointManager(self.directory, options=opts)
+        wait = getattr(self.mgr, "_maybe_await_cleanup_tmp_directory", None)
+        if clean and wait is not None:  # orbax removes them in a thread that close() does not join: an error
+            wait()                      # right after opening would end the process under it (asyncio noise)
 
     def latest_step(self):
         return self.mgr.latest_step()
@@ -82,6 +85,26 @@ class Checkpointer:
         raise ValueError(f"no checkpoint in {self.path} can be restored ({why}); nothing was changed: a run of "
                          "another config (then use another --workdir), or move the damaged checkpoints away")
 
+    def saved_config(self, step: int):
+        """The config dict saved with checkpoint ``step`` (None when it has none or it cannot be read)."""
+        try:
+            return dict(self.mgr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"])
+        except Exception:  # an older checkpoint without a config item, or a damaged one: restore_latest says so
+            return None
+
+    def check_same_run(self, step: int, config) -> None:
+        """``ValueError`` (one line naming the folder and each differing field) when checkpoint ``step`` was
+        saved by a run whose model or trained parts differ from ``config``'s (another stage or model size:
+        its state cannot be this run's); run settings (steps, data, evals, mesh) may change between runs."""
+        saved = self.saved_config(step)
+        if saved is None:
+            return
+        changed = config_changes(saved, json.loads(config.to_json()))
+        if changed:
+            shown = ", ".join(changed[:6]) + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
+            raise ValueError(f"{self.path} holds checkpoint {step} of another run ({shown}): use another --workdir "
+                             "for this config, or the same config to resume it")
+
     def set_aside(self, step: int) -> str:
         """Renames checkpoint ``step`` to ``<step>.unusable-<time>`` (not a step name orbax reads); returns the name."""
         name = ocp.path.step.standard_name_format().build_name(step)
@@ -99,6 +122,39 @@ class Checkpointer:
     def close(self):
         self.mgr.wait_until_finished()
         self.mgr.close()
+
+
+# the fields that shape the train state (parameters, trained / frozen split, optimizer groups): a checkpoint
+# saved under other values cannot be resumed; everything else (total_steps, data, evals, ...) may change
+SHAPING = ("stage", "loss", "trainable", "llm", "vision", "audio", "has_vision", "has_audio", "mm_projector_type",
+           "mm_hidden_size", "ctc_units", "param_dtype", "frozen_dtype", "tts", "optim.group_lrs", "codec")
+NOT_SHAPING = ("audio.dither",)  # preprocessing settings kept in the model blocks
+
+
+def _leaves(tree, prefix: str) -> dict:
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _leaves(sub, f"{prefix}.{key}").items()}
+    return {prefix: tree}
+
+
+def config_changes(saved: dict, current: dict) -> list:
+    """``["config.F: A -> B", ...]`` for each :data:`SHAPING` field that differs between two configs (as dicts)."""
+    def get(tree, field):
+        for k in field.split("."):
+            tree = tree.get(k) if isinstance(tree, dict) else None
+        return tree
+    out = []
+    for field in SHAPING:
+        a, b = _leaves(get(saved, field), field), _leaves(get(current, field), field)
+        for k in sorted(set(a) | set(b)):
+            if k not in NOT_SHAPING and _norm(a.get(k)) != _norm(b.get(k)):
+                out.append(f"config.{k}: {a.get(k)!r} -> {b.get(k)!r}")
+    return out
+
+
+def _norm(v):
+    """JSON round trips turn tuples into lists."""
+    return [_norm(x) for x in v] if isinstance(v, (list, tuple)) else v
 
 
 def _reason(e: Exception, limit: int = 160) -> str:

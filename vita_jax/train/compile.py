@@ -90,6 +90,12 @@ def compile_step(config, topology: str, per_chip_batch: int | None = None, hbm_g
     """Lowers and compiles ``config``'s train step for ``topology``; the per-chip memory (GiB),
     compile time and whether it fits ``hbm_gib`` (default: the chip's HBM)."""
     config = config.copy_and_resolve_references()
+    if per_chip_batch is not None and per_chip_batch < 1:  # checked before libtpu is loaded (it logs on a CPU host)
+        raise ValueError(f"--per-chip-batch {per_chip_batch}: must be at least 1")
+    if hbm_gib is not None and not 0 < hbm_gib < float("inf"):
+        raise ValueError(f"--hbm-gib {hbm_gib}: must be a number > 0")
+    if not re.fullmatch(r"[a-z0-9]+:\d+(x\d+)+", topology):
+        raise ValueError(f"--topology {topology}: expected CHIP:SHAPE such as v5p:4x4x2, v5e:2x2 or v6e:4x4")
     devices = topology_devices(topology)
     kind = devices[0].device_kind
     cap = float(hbm_gib) if hbm_gib is not None else HBM_GIB.get(kind)
@@ -99,8 +105,6 @@ def compile_step(config, topology: str, per_chip_batch: int | None = None, hbm_g
     shards = math.prod(mesh.shape[a] for a in ("data", "fsdp"))
     accum = int(config.grad_accum)
     if per_chip_batch is not None:
-        if per_chip_batch < 1:
-            raise ValueError(f"--per-chip-batch {per_chip_batch}: must be at least 1")
         config.batch_size = int(per_chip_batch) * shards * accum
     rows = int(config.batch_size) // accum
     if int(config.batch_size) % accum or rows % shards:

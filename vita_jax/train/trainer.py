@@ -20,6 +20,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
+from vita_jax import config as config_lib
 from vita_jax import paths
 from vita_jax.convert import checkpoint, orbax_io, target
 from vita_jax.convert import tts as tts_io
@@ -28,7 +29,7 @@ from vita_jax.data.text import load_tokenizer
 from vita_jax.evals.training import TrainingEvals
 from vita_jax.models import vita
 from vita_jax.train import checkpoint as ckpt_lib
-from vita_jax.train import codec_loop, codec_setup, flops, setup, stages
+from vita_jax.train import codec_loop, codec_setup, flops, setup, stages, tensorboard
 
 
 def initial_params(config, ck: Optional[checkpoint.Checkpoint] = None) -> dict:
@@ -87,38 +88,6 @@ def _batch_size(config, host: dict, accum: int):
             sum(int(np.asarray(n).sum()) for n in jax.tree.leaves(host["audio_lens"])) * jax.process_count())
 
 
-def _tensorboard(workdir: str):
-    """A TensorBoard writer on process 0 (None elsewhere or without tensorboardX)."""
-    if jax.process_index() != 0:
-        return None
-    try:
-        from tensorboardX import SummaryWriter  # optional at run time (installed by default; slow import)
-    except ImportError:
-        return None
-    tb_dir = paths.join(workdir, "tb")
-    return SummaryWriter(tb_dir) if paths.is_local(tb_dir) else _StagedWriter(SummaryWriter, tb_dir)
-
-
-class _StagedWriter:
-    """TensorBoard for a URL work dir: the event files are written to a local folder and uploaded
-    to ``WORKDIR/tb`` every minute (on a write) and at close (tensorboardX's own gs:// support needs
-    extra packages and does not cover other stores)."""
-
-    def __init__(self, writer_cls, remote: str):
-        self.staged = paths.Staged(remote)
-        self.writer = writer_cls(self.staged.local)
-
-    def add_scalar(self, *args, **kwargs):
-        self.writer.add_scalar(*args, **kwargs)
-        if self.staged.due():
-            self.writer.flush()
-            self.staged.sync()
-
-    def close(self):
-        self.writer.close()
-        self.staged.close()
-
-
 def _step_of(line: str) -> Optional[int]:
     """The step of one metrics line; None for a torn line (a kill mid-write) or a foreign one."""
     try:
@@ -174,6 +143,7 @@ def check_config(config) -> None:
             good = False
         if not good:
             raise ValueError(f"config.{field} = {value!r}: must be {what}")
+    config_lib.check_model(config)
     for field in ("dtype", "param_dtype", "frozen_dtype"):
         if config.get(field) is not None and str(config[field]) not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"config.{field} = {config[field]!r}: must be float32, bfloat16 or float16")
@@ -199,13 +169,12 @@ def _open_checkpoints(config, workdir: str, log: Optional[Callable]) -> ckpt_lib
     return ck
 
 
-def _last_metrics(path: str) -> dict:
-    """The last complete line of ``metrics.jsonl`` (``{}`` when there is none)."""
+def _rows(path: str) -> list:
+    """The complete lines of ``metrics.jsonl`` (none when it is missing)."""
     if not paths.exists(path):
-        return {}
+        return []
     with paths.open(path) as f:
-        rows = [line for line in f if _step_of(line) is not None]
-    return json.loads(rows[-1]) if rows else {}
+        return [json.loads(line) for line in f if _step_of(line) is not None]
 
 
 def _complete(config, model_dir: str) -> bool:
@@ -215,24 +184,51 @@ def _complete(config, model_dir: str) -> bool:
     return orbax_io.is_complete(model_dir)
 
 
-def _build(config, data, mesh, wrap_step, log):
-    """``(state, step_fn, info, data)``: the initial state and the jitted step of the stage, and its data
-    (the tiny configs' synthetic set unless files or ``data`` are given; stage 3.1: its wav lists)."""
-    if config.get("loss") == "codec":
+def _no_tokens_before(path: Optional[str], start: int) -> bool:
+    """Whether steps 1..``start`` (all in ``metrics.jsonl``) trained on no target token (process 0 reads
+    the file; a history with lines missing counts as trained)."""
+    rows = _rows(path) if start and path is not None else []
+    empty = not start or (len({r["step"] for r in rows}) == start and not sum(r.get("tokens", 1) for r in rows))
+    if jax.process_count() > 1:
+        empty = bool(multihost_utils.broadcast_one_to_all(np.int32(empty)))
+    return empty
+
+
+def _check_vocab(config, tok) -> None:  # ids past the model's vocabulary train to NaN
+    if tok is not None and len(tok) > int(config.llm.vocab_size):
+        name = f"config.data.tokenizer = {config.data.tokenizer}" if config.data.tokenizer else \
+            f"the tokenizer of config.init_from = {config.init_from}"
+        raise ValueError(f"{name} has {len(tok)} tokens, more than config.llm.vocab_size = {config.llm.vocab_size} "
+                         "(ids past the model's vocabulary train to NaN): use the model's tokenizer or a larger vocab_size")
+
+
+def _build(config, data, mesh, wrap_step, log, evals=None, ck=None, done: int = 0):
+    """``(state, step_fn, info, data)``: the stage's initial state, jitted step and data (the synthetic set
+    unless files or ``data`` are given). Checked first: data files, tokenizer size, the checkpoint's run."""
+    if config.get("loss") == "codec":  # stage 3.1: its own data, state and step
+        if done:
+            ck.check_same_run(done, config)
         state, step_fn, info, codec_batches = codec_setup.build(config, mesh, log)
         log(f"stage {config.stage}: {config.description}\n{info['table']}")
         return state, (wrap_step(step_fn) if wrap_step else step_fn), info, data or codec_batches
-    has_files = bool(len(config.data.mixture) or len(config.data.tfds))
+    has_files, given = bool(len(config.data.mixture) or len(config.data.tfds)), data is not None
     if data is None and not has_files:
         data, units = synthetic.synthetic_data(config)
         if units is not None:  # the CTC head is sized by the unit vocabulary of the synthetic clips
             config.ctc_units = units
     tok_dir = config.data.tokenizer or config.init_from or None
+    _check_vocab(config, evals.tokenizer if evals else None)
     if data is None:  # the data files are opened and checked (shape, samples) before any model is built
         tok = load_tokenizer(tok_dir) if tok_dir else None
         if tok is None:
-            raise ValueError("config.data.mixture / config.data.tfds need a tokenizer: set config.data.tokenizer (or init_from)")
+            raise ValueError("config.data.mixture / config.data.tfds need a tokenizer: set config.data.tokenizer (or "
+                             f"init_from){f'; {tok_dir} has no tokenizer.json' if tok_dir else ''}")
         data = pipeline.official_data(config, tok)
+        _check_vocab(config, tok)
+    if given and not evals and config.data.tokenizer:  # the caller's batches were made with it
+        _check_vocab(config, load_tokenizer(config.data.tokenizer))
+    if done:  # a checkpoint of another model or stage is refused before the model is built
+        ck.check_same_run(done, config)
     ck_in = checkpoint.load(config.init_from) if config.init_from else None
     params = initial_params(config, ck_in)
     state, step_fn, info = setup.build(config, params, mesh=mesh)
@@ -269,27 +265,26 @@ def train(config, workdir: str, mesh=None, data=None, log: Callable = print, pro
         ck.close()
         log(f"stage {config.stage} already finished: checkpoint {total} in {ck.path} and its model in {model_dir}; "
             "nothing to do")
-        return dict(last=_last_metrics(metrics_path), state=None, steps=total, skipped={})
+        return dict(last=(_rows(metrics_path) or [{}])[-1], state=None, steps=total, skipped={})
     try:
-        state, step_fn, info, data = _build(config, data, mesh, wrap_step, log)
+        state, step_fn, info, data = _build(config, data, mesh, wrap_step, log, evals, ck, done)
         start = 0
         if done:
             start, state, data_state = ck.restore_latest(state, log)
             data.set_state(data_state)
             log(f"resumed from step {start}")
+        if main:
+            _trim_metrics(metrics_path, start)
     except BaseException:
         ck.close()
         raise
     done = start
-    if main:
-        _trim_metrics(metrics_path, start)
-    else:
-        metrics_path = os.devnull
+    metrics_path = metrics_path if main else os.devnull
     accum = int(config.grad_accum)
     bar = None
     if progress:
         bar = tqdm(total=total, initial=start, desc=f"stage {config.stage}", leave=False)
-    tb = _tensorboard(workdir)
+    tb = tensorboard.writer(workdir)
     peak = flops.device_peaks(jax.devices()[0].device_kind)[0]
     place = info["place"]
     evals = info.get("evals") or evals  # stage 3.1: its held-out mel measure
@@ -303,7 +298,7 @@ def train(config, workdir: str, mesh=None, data=None, log: Callable = print, pro
     # the next batches are made and placed while the device runs; a step's metrics are read once the next
     # step is dispatched, so neither the host pipeline nor the metrics read stalls the device
     feed = pipeline.Prefetch(produce, depth=int(config.data.get("prefetch", 2)))
-    last, pending, t0 = (_last_metrics(metrics_path) if start == total else {}), None, time.perf_counter()
+    last, pending, t0 = ((_rows(metrics_path) or [{}])[-1] if start == total else {}), None, time.perf_counter()
     seen = 0  # target tokens trained on in this call (a run shorter than max_empty_steps can still train on nothing)
     t_done, empty = t0, 0
 
@@ -363,7 +358,7 @@ def train(config, workdir: str, mesh=None, data=None, log: Callable = print, pro
                     break
             if pending is not None:
                 record(pending)
-    except (FloatingPointError, ValueError):
+    except BaseException:  # the checkpoint manager's threads end before the error is reported
         ck.close()
         raise
     finally:
@@ -373,12 +368,12 @@ def train(config, workdir: str, mesh=None, data=None, log: Callable = print, pro
     if tb is not None:
         tb.close()
     ck.close()
+    if done == total and not seen and _no_tokens_before(metrics_path if main else None, start):
+        raise ValueError(f"the whole run had no target tokens (every sample bad, too long or unlabelled): no model "
+                         f"written; check the data ({_data_names(config)})")
     if start == total and not _complete(config, model_dir):
         log(f"stage {config.stage} had finished (checkpoint {total} in {ck.path}) but {model_dir} is missing or "
             "incomplete (an interrupted export): writing it from that checkpoint")
-    if start == 0 and done == total and not seen:
-        raise ValueError(f"the whole run had no target tokens (every sample bad, too long or unlabelled): no model "
-                         f"written; check the data ({_data_names(config)})")
     if done == total and (start < total or not _complete(config, model_dir)):
         if "export" in info:
             info["export"](state, model_dir)
