@@ -95,10 +95,12 @@ def test_encode_audio_entry_point(model, ref):
 def test_bad_audio_errors(model, tmp_path):
     with pytest.raises(A.AudioError, match="empty"):
         model.audio_features(np.zeros(0, np.float32), 16000)
+    with pytest.raises(A.AudioError, match="shorter than the speech encoder's shortest input of 7 frames"):
+        model.audio_features(np.zeros(399, np.float32), 16000)  # (checked before the fbank's one-window minimum)
     with pytest.raises(A.AudioError, match="shorter than one"):
-        model.audio_features(np.zeros(399, np.float32), 16000)
+        A.audio_features(np.zeros(399, np.float32), 16000)  # the plain feature function keeps no encoder minimum
     with pytest.raises(A.AudioError, match="NaN"):
-        model.audio_features(np.array([0.1, np.nan] * 400, np.float32), 16000)
+        model.audio_features(np.array([0.1, np.nan] * 800, np.float32), 16000)
     bad = tmp_path / "noise.wav"
     bad.write_bytes(b"RIFF....WAVEfmt garbage" * 3)
     with pytest.raises(A.AudioError, match="noise.wav"):

@@ -128,3 +128,16 @@ def test_missing_tokenizer_is_named_before_loading(capsys):
     out, err = capsys.readouterr()
     assert err == f"vita-jax: error: {TINY} has no tokenizer.json: give the prompt as --ids\n"
     assert "loaded" not in out  # the model was not loaded first
+
+
+@pytest.mark.parametrize("args, named", [
+    (("serve", "--checkpoint", "/no/such/model", "--image-tiles", "0"), "--image-tiles must be at least 1, got 0"),
+    (("serve", "--checkpoint", "/no/such/model", "--max-prompt", "0"), "--max-prompt must be at least 1, got 0"),
+    (("train", "--config=", "--workdir", "wd"), "--config=: no config file given"),
+    (("train", "--config=configs/stage1_1.py:tiny", "--config.tokenizer_model_max_length=0", "--workdir", "wd"),
+     "config.tokenizer_model_max_length = 0: must be at least 1"),
+])
+def test_serve_and_config_values_checked_first(capsys, tmp_path, args, named):
+    line = _cli_error(capsys, *[str(tmp_path / "wd") if a == "wd" else a for a in args])
+    assert named in line and "/no/such/model" not in line
+    assert not (tmp_path / "wd").exists()

@@ -60,6 +60,8 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     """``path/to/file.py[:arg]`` (a bare name like ``tiny`` means ``configs/tiny.py``) ->
     ``module.get_config(arg)``."""
     path, _, arg = spec.partition(":")
+    if not path.strip():
+        raise ValueError(f"--config={spec}: no config file given (FILE.py[:ARG], or a configs/ name: stage1_1)")
     if not path.endswith(".py") and os.sep not in path:
         path = os.path.join(CONFIG_DIR, path + ".py")
     if not os.path.exists(path):

@@ -84,14 +84,14 @@ def evaluate(engine: Engine, settings: Mapping, name: str = "eval", progress: bo
         if not examples:
             raise ValueError(f"{name}: {s['data']} holds no examples")
         sampling = {k: s[k] for k in ("do_sample", "temperature", "top_k", "top_p", "seed")}
-        bar = tqdm(total=len(examples), unit="ex", desc=name, disable=not progress, leave=False)
-        for texts in engine.generate(examples, int(s["batch_size"]), int(s["max_new_tokens"]),
-                                     frames=int(s["frames"]) if s["type"] == "video_mcq" else None,
-                                     progress=bar, **sampling):
-            for text in texts:
-                ex = examples[len(records)]
-                records.append(_record(ex, text, task.score(ex, text, s)))
-        bar.close()
+        # the bar is closed on an error too: the error line never shares its terminal line
+        with tqdm(total=len(examples), unit="ex", desc=name, disable=not progress, leave=False) as bar:
+            for texts in engine.generate(examples, int(s["batch_size"]), int(s["max_new_tokens"]),
+                                         frames=int(s["frames"]) if s["type"] == "video_mcq" else None,
+                                         progress=bar, **sampling):
+                for text in texts:
+                    ex = examples[len(records)]
+                    records.append(_record(ex, text, task.score(ex, text, s)))
     else:
         # an evaluation file is the user's own, named on the command line: its media may lie anywhere
         # (containment guards training data and what write_tfds copies)
@@ -99,10 +99,9 @@ def evaluate(engine: Engine, settings: Mapping, name: str = "eval", progress: bo
         n = len(src) if not s["max_examples"] else min(len(src), int(s["max_examples"]))
         ids = [str(src[i].get("id", i)) if isinstance(src[i], dict) else str(i) for i in range(n)]
         convert = sources.OfficialExamples(engine.tokenizer, engine.prep)
-        bar = tqdm(total=n, unit="ex", desc=name, disable=not progress, leave=False)
-        for recs in engine.loss(ids, lambda i: convert(src[i]), int(s["batch_size"]), progress=bar):
-            records.extend(recs)
-        bar.close()
+        with tqdm(total=n, unit="ex", desc=name, disable=not progress, leave=False) as bar:
+            for recs in engine.loss(ids, lambda i: convert(src[i]), int(s["batch_size"]), progress=bar):
+                records.extend(recs)
     dt = time.perf_counter() - t0
     metrics = task.aggregate(records, s)
     metrics.update(n=len(records), examples_per_s=len(records) / dt if dt > 0 else float("nan"))

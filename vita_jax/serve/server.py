@@ -225,6 +225,10 @@ def main(checkpoint: str, host: str = "127.0.0.1", port: int = 8765, max_session
         raise ValueError(f"--max-sessions must be in 1..64, got {max_sessions}")
     if not 0 <= port <= 65535:
         raise ValueError(f"--port must be in 0..65535, got {port}")
+    for opt, value in (("--image-tiles", image_tiles), ("--max-prompt", max_prompt),
+                       ("--max-new-tokens", max_new_tokens)):
+        if value is not None and value < 1:
+            raise ValueError(f"{opt} must be at least 1, got {value}")
     vad_lib.weights_path()  # a missing serve extra fails before the model is loaded
     t0 = time.perf_counter()
     model = api.from_pretrained(checkpoint, dtype=jnp.dtype(dtype))

@@ -117,7 +117,8 @@ def _trim_metrics(path: str, last_step: int) -> None:
 # (field, test, what it must be): the run settings checked before anything is built
 RUN_SETTINGS = [(f, lambda v: v >= 1, "at least 1") for f in ("total_steps", "checkpoint_every", "keep_checkpoints",
                                                               "batch_size", "grad_accum", "max_nonfinite_steps",
-                                                              "max_empty_steps", "data.seq_len")] + [
+                                                              "max_empty_steps", "data.seq_len",
+                                                              "tokenizer_model_max_length")] + [
     ("data.prefetch", lambda v: v >= 0, "at least 0"), ("data.workers", lambda v: v >= 0, "at least 0"),
     ("optim.lr", lambda v: 0 <= v < float("inf"), "a finite number >= 0"),
     ("optim.grad_clip", lambda v: 0 < v < float("inf"), "a finite number > 0"),
