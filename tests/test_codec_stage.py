@@ -83,7 +83,7 @@ def runs(tmp_path_factory):
     return root, cache, ref, killed, resumed_log
 
 
-def test_sigkill_resume_exact(runs):
+def _sigkill_resume_exact(runs):
     _, _, ref, killed, log = runs
     assert "resumed from step " in log  # 2 (or 4 on a slow kill)
     a, b = _rows(ref), _rows(killed)
@@ -96,7 +96,7 @@ def test_sigkill_resume_exact(runs):
     assert la.keys() == lb.keys() and all(np.array_equal(la[k], lb[k]) for k in la)
 
 
-def test_heldout_mel_falls(runs):
+def _heldout_mel_falls(runs):
     _, _, ref, _, _ = runs
     held = [r for r in _rows(ref) if "heldout/mel_l1" in r]
     assert [r["step"] for r in held] == [0, 3, 6]  # 0: the untrained codec
@@ -105,7 +105,7 @@ def test_heldout_mel_falls(runs):
     assert os.listdir(ref / "tb"), "no TensorBoard events"
 
 
-def test_export_loads(runs, tmp_path):
+def _export_loads(runs, tmp_path):
     """final.pt: a torch dict {generator, quantizer, encoder} (the official layout) that vita_jax's speech
     model loads with the fixture's decoder and turns codes into 24 kHz audio; its global tokens are the
     first held-out clip's."""
@@ -125,7 +125,7 @@ def test_export_loads(runs, tmp_path):
     assert wave.shape[-1] == 12 * 600 and np.all(np.isfinite(wave)) and np.abs(wave).max() > 0
 
 
-def test_init_from_official_files(runs):
+def _init_from_official_files(runs):
     """A new run started from the exported upstream g_ / do_ pair goes on with both optimisers' state."""
     root, cache, ref, _, _ = runs
     wd = root / "continued"
@@ -136,7 +136,7 @@ def test_init_from_official_files(runs):
     assert i1["steps"] == STEPS and int(s1["gopt"].count) == int(s0["gopt"].count) + 1
 
 
-def test_sharded_steps_equal_one_device(runs):
+def _sharded_steps_equal_one_device(runs):
     """The first two steps on a (data 2, fsdp 2, tensor 2) mesh of 8 CPU devices = the one-device run's (its
     metrics and step-2 checkpoint): rows over the data axes, codec rows over fsdp."""
     _, _, ref, _, _ = runs
@@ -158,3 +158,13 @@ def test_sharded_steps_equal_one_device(runs):
     # vs float64: 0.06 % after two steps): here under 1 %. The moments after two such steps differ by as much
     # as the README's own 0.3 of a tensor's largest value, so they are not compared.
     assert r["param_abs"] <= 2 * (1 + 1.04) * r["lr"] + 1e-6 and r["param_frac"] < 0.01, r
+
+
+def test_stage31(runs, tmp_path):
+    """Every check on the shared runs, as one test item: under `-n 2` the runs (three CLI runs, minutes of
+    CPU) are made once, never once per worker."""
+    _sigkill_resume_exact(runs)
+    _heldout_mel_falls(runs)
+    _export_loads(runs, tmp_path)
+    _init_from_official_files(runs)
+    _sharded_steps_equal_one_device(runs)
