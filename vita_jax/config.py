@@ -1,7 +1,11 @@
 """Configs: ``ml_collections`` ``get_config(arg)`` files and big_vision-style overrides
-(``--config=configs/tiny.py[:arg] --config.llm.hidden_size=128``). Plumbing only: the tower configs
-derived from a ConfigDict live in :mod:`vita_jax.models.vita`, the reading of an official
-``config.json`` in :mod:`vita_jax.convert.release`."""
+(``--config=stage2_2:tiny --config.llm.hidden_size=128``, or a file: ``--config=my/recipe.py:arg``), and the
+defaults every stage file of ``configs/`` shares. Plumbing only: the tower configs derived from a ConfigDict
+live in :mod:`vita_jax.models.vita`, the reading of an official ``config.json`` in
+:mod:`vita_jax.convert.release`.
+
+The project's ``configs/`` folder is installed with the package as ``vita_jax.configs`` (setup.py's
+``package_dir``); in a checkout (or an editable install) it is read beside the package."""
 from __future__ import annotations
 
 import ast
@@ -11,7 +15,12 @@ from typing import Sequence
 
 import ml_collections
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+# the configs of a name (``--config=stage2_2``): vita_jax/configs in an install, ../configs in a checkout
+CONFIG_DIR = next((d for d in (os.path.join(_PACKAGE, "configs"), os.path.join(os.path.dirname(_PACKAGE), "configs"))
+                   if os.path.isfile(os.path.join(d, "__init__.py"))), os.path.join(_PACKAGE, "configs"))
+STAGE_VARIANTS = ("tiny", "narrow")  # stage files' ARG besides none (the full size)
+
 
 def base_config() -> ml_collections.ConfigDict:
     """Defaults shared by every config file; model files fill ``llm``."""
@@ -56,15 +65,66 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def stage_variant(stage: str, arg, variants: Sequence[str] = STAGE_VARIANTS) -> str:
+    """A stage file's ARG checked: ``""`` (the full size) or one of ``variants``; else a one-line error."""
+    if arg in (None, "") or arg in variants:
+        return arg or ""
+    raise ValueError(f"stage {stage}: unknown config variant {arg!r} (none for the full size, or "
+                     f"{', '.join(':' + v for v in variants)})")
+
+
+def stage_defaults(variant: str = "") -> ml_collections.ConfigDict:
+    """The model of a stage's ``variant`` (``configs/vita15.py``; ``tiny.py``, ``narrow.py``) and the settings
+    every LM stage shares: AdamW (0.9, 0.999, 1e-8, no weight decay) with a cosine schedule, 3 % warmup and
+    clip 1.0; frozen weights stored in bf16; checkpoints kept, stop rules, the data pipeline's plumbing. A stage
+    file states the rest: its trainables, loss, learning rates, data and batch shapes."""
+    c = load_config({"": "vita15"}.get(variant, variant))
+    c.optim = ml_collections.ConfigDict(dict(lr=0.0, group_lrs=[], b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
+                                             grad_clip=1.0, warmup_ratio=0.03, schedule="cosine"))
+    c.frozen_dtype = "bfloat16"  # frozen weights need no fp32 master copy
+    c.keep_checkpoints = 3
+    c.max_nonfinite_steps = 5
+    c.max_empty_steps = 20  # steps in a row with no target tokens (every sample bad) stop the run
+    c.ctc_units = 0  # 0: from the unit vocabulary trained on the transcripts
+    c.init_from = ""  # previous stage's checkpoint (parameters only, fresh optimizer)
+    # evaluators during training, {name: dict(type=..., data=..., every=N, ...)} (vita_jax/evals); on the command
+    # line as JSON: --config.evals='{"dev": {"type": "asr", "data": "dev.jsonl", "every": 500}}'
+    c.evals = ml_collections.ConfigDict()
+    c.data = ml_collections.ConfigDict(dict(
+        mixture=[], tfds=[], shuffle_seed=0, max_clips_per_sample=1, synthetic_size=256,
+        # packed batches' media slots (budgets="auto", a stage file's choice): sized from the first
+        # calibration_examples samples; budgets="fixed": tile_budget tiles (0: the per-sample maximum x rows),
+        # audio_buckets [[frames, slots], ...] ([]: one bucket of max_frames)
+        calibration_examples=1024, tile_budget=0, audio_buckets=[],
+        workers=4,  # host preprocessing threads (0: in the pipeline's thread)
+        prefetch=2,  # steps' batches made and placed ahead (0: in series)
+        # media paths of the mixture's JSON files must resolve inside their media_root (or declared set folder):
+        # absolute paths and '..' / symlink escapes are bad samples unless this (or an entry's own
+        # "allow_outside_root": true) allows them
+        allow_outside_media_root=False,
+        tokenizer=""))  # tokenizer folder (default: init_from)
+    return c
+
+
+def config_names() -> list[str]:
+    """The names of the configs shipped with the package (``stage2_2`` for ``configs/stage2_2.py``), sorted."""
+    files = os.listdir(CONFIG_DIR) if os.path.isdir(CONFIG_DIR) else []
+    return sorted(f[:-3] for f in files if f.endswith(".py") and not f.startswith("_"))
+
+
 def load_config(spec: str) -> ml_collections.ConfigDict:
-    """``path/to/file.py[:arg]`` (a bare name like ``tiny`` means ``configs/tiny.py``) ->
-    ``module.get_config(arg)``."""
+    """``NAME[:arg]`` (a config shipped with the package: ``stage2_2:tiny``) or ``path/to/file.py[:arg]``
+    (from the working directory) -> ``module.get_config(arg)``."""
     path, _, arg = spec.partition(":")
     if not path.strip():
-        raise ValueError(f"--config={spec}: no config file given (FILE.py[:ARG], or a configs/ name: stage1_1)")
-    if not path.endswith(".py") and os.sep not in path:
+        raise ValueError(f"--config={spec}: no config given (a name: stage1_1[:tiny], or a file: FILE.py[:ARG])")
+    if not path.endswith(".py") and "/" not in path and os.sep not in path:
+        names = config_names()
+        if path not in names:
+            raise ValueError(f"--config={spec}: no config named {path!r}; the names are {', '.join(names)} "
+                             "(or give a file: FILE.py[:ARG])")
         path = os.path.join(CONFIG_DIR, path + ".py")
-    if not os.path.exists(path):
+    elif not os.path.isfile(path):
         raise FileNotFoundError(f"config file {path} does not exist")
     mod_spec = importlib.util.spec_from_file_location(f"_vita_config_{abs(hash(path))}", path)
     module = importlib.util.module_from_spec(mod_spec)
@@ -123,7 +183,7 @@ def parse_args(argv: Sequence[str], default: str | None = None):
         if a.startswith("--config=") or a == "--config":
             spec = a.split("=", 1)[1] if "=" in a else next(it, None)
             if spec is None:
-                raise ValueError("--config: needs a config file (--config=configs/FILE.py[:tiny])")
+                raise ValueError("--config: needs a config (--config=stage1_1[:tiny] or --config=FILE.py[:ARG])")
         elif a.startswith("--config."):
             key, sep, val = a[len("--config."):].partition("=")
             if not sep:

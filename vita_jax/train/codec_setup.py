@@ -1,4 +1,5 @@
-"""Stage 3.1 in the trainer: the TiCodec codec's config, initial state, sharded step, data and export.
+"""Stage 3.1 in the trainer (its config: configs/stage3_1.py): the TiCodec codec's initial state, sharded step,
+data and export.
 
 :func:`build` gives the trainer what :func:`vita_jax.train.setup.build` gives it for the LM stages:
 the state (a dict: generator side ``gp`` / ``gb``, discriminators ``dp`` / ``db``, both Adam states,
@@ -20,7 +21,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import soundfile as sf
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -30,46 +30,6 @@ from vita_jax.data import codec_data
 from vita_jax.models import ticodec_train as tt
 from vita_jax.train import codec_eval, codec_loop
 from vita_jax.train import codec_step as cs
-
-# VITA-1.5's codec (vita_tts_ckpt/codec/model.json, = Freeze-Omni's) with the upstream TiCodec recipe, as
-# model.json's fields (one source: ticodec_train.real_size_config)
-RELEASE = dict(tt.real_size_config().to_model_json(), num_gpus=8)
-# tests and the CPU demo: one resblock kernel, a 64-entry codebook, discriminators at 1/8 width, 0.1 s crops
-TINY = dict(RELEASE, batch_size=4, upsample_initial_channel=256, resblock_kernel_sizes=[3],
-            resblock_dilation_sizes=[[1, 3, 5]], n_codes=64, global_feature_conv=[128, 16, 128, 3, 1],
-            global_tokens=[0] * 8, segment_size=2400, learning_rate=1e-3, disc_div=8)
-
-
-def stage_config(arg=None) -> ml_collections.ConfigDict:
-    """Stage 3.1's config; ``arg == "tiny"``: the tiny codec (tests, the demo)."""
-    if arg not in (None, "", "tiny"):
-        raise ValueError(f"stage 3.1: unknown config variant {arg!r} (none for the full size, or ':tiny')")
-    tiny = arg == "tiny"
-    c = ml_collections.ConfigDict()
-    c.stage, c.loss = "3.1", "codec"
-    c.description = "TiCodec speech codec: generator + encoder + quantizer against MPD / MSD / MS-STFT (GAN)"
-    # model.json's fields (architecture and the upstream recipe: learning_rate, adam_b1/b2, lr_decay per epoch)
-    c.codec = ml_collections.ConfigDict(TINY if tiny else RELEASE)
-    c.batch_size = c.codec.batch_size  # global batch (all processes)
-    c.total_steps = 20 if tiny else 400000
-    c.checkpoint_every = 10 if tiny else 5000
-    c.keep_checkpoints = 3
-    c.grad_accum = 1  # (the LM stages' micro-batches; one batch a step here, as upstream)
-    c.max_nonfinite_steps = 5
-    c.max_empty_steps = 20
-    c.seed = 0  # initial weights (the crops follow upstream's seed 1234)
-    # "": fresh weights; an official training folder (model.json + g_XXXXXXXX [+ do_XXXXXXXX], the newest pair)
-    # resumes upstream's run with both optimisers; a codec folder (model.json + final.pt) starts the generator side
-    c.init_from = ""
-    # data parallel as upstream's DDP (the codec is 134 M parameters with its discriminators); fsdp > 1 also
-    # shards every leaf's rows (the codec_rows rule), at the price of gathers XLA inserts around the convolutions
-    c.mesh_shape = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    c.evals = ml_collections.ConfigDict()
-    # train / heldout: wav folders, .lst file lists (one wav path a line, relative to the list) or .wav files
-    c.data = ml_collections.ConfigDict(dict(train=[], heldout=[], heldout_every=10 if tiny else 5000,
-                                            heldout_seconds=0.5 if tiny else 4.0, prefetch=2))
-    return c
-
 
 def train_config(config) -> tt.CodecTrainConfig:
     h = dict(config.codec.to_dict())
