@@ -12,7 +12,11 @@ setup(
     version="0.1.0",
     description="VITA-1.5 (vision + speech in, text + speech out) in JAX/Flax: training on TPU/GPU, "
                 "parity with and conversion to/from the official PyTorch release",
-    packages=find_packages(include=["vita_jax", "vita_jax.*"]),
+    # the project's top-level configs/ folder ships inside the package as vita_jax.configs (--config=stage2_2:tiny
+    # finds it in an install)
+    packages=find_packages(include=["vita_jax", "vita_jax.*"]) + ["vita_jax.configs"],
+    package_dir={"vita_jax.configs": "configs"},
+    # files the code reads beside its modules: the bundled speech clips, the web client
     package_data={"vita_jax": ["assets/speech/*", "serve/static/*"]},
     python_requires=">=3.10",
     install_requires=[
