@@ -6,7 +6,7 @@
     ROOT/MMBench_DEV_EN.tsv              (VLMEvalKit's MMBench TSV; circular evaluation)
     ROOT/videomme/videomme.jsonl         (video, question, options, answer; videos beside it)
 
-vita-jax eval --checkpoint VITA-1.5 --config=configs/eval_vita15.py:/data/bench --out results/
+vita-jax eval --checkpoint VITA-1.5 --config=eval_vita15:/data/bench --out results/
 One task: --config.evals.mme.max_examples=100 and the like.
 """
 import os

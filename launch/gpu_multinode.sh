@@ -4,7 +4,7 @@
 #
 # 1. SLURM (jax.distributed.initialize() reads SLURM_* by itself):
 #      sbatch --nodes=4 --ntasks-per-node=1 --gpus-per-node=8 launch/gpu_multinode.sh \
-#          vita-jax train --config=configs/stage1_3.py --config.mesh_shape.fsdp=-1 --workdir /shared/run1
+#          vita-jax train --config=stage1_3 --config.mesh_shape.fsdp=-1 --workdir /shared/run1
 #
 # 2. Without a scheduler: run this script on every node with the same coordinator and its own rank:
 #      COORDINATOR=10.0.0.1:1234 NUM_NODES=4 NODE_RANK=0 launch/gpu_multinode.sh vita-jax train ...

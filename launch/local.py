@@ -2,7 +2,7 @@
 ``jax.distributed`` (the same code path as a TPU pod or a GPU cluster, on one box).
 
     python launch/local.py --num-processes 2 --cpu-devices 4 -- \
-        vita-jax train --config=configs/stage1_2.py:tiny --config.mesh_shape.data=2 --workdir /tmp/run
+        vita-jax train --config=stage1_2:tiny --config.mesh_shape.data=2 --workdir /tmp/run
 
 Each process gets ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` (read by
 ``vita_jax.parallel.maybe_initialize_distributed``); ``--cpu-devices K`` gives each process K fake CPU

@@ -4,7 +4,7 @@
 # (vita_jax.parallel.maybe_initialize_distributed calls it when TPU_WORKER_HOSTNAMES is set).
 #
 #   TPU_NAME=my-v5p-64 ZONE=us-east5-a launch/tpu_pod.sh \
-#       vita-jax train --config=configs/stage1_2.py --config.mesh_shape.fsdp=-1 --workdir gs://bucket/run1
+#       vita-jax train --config=stage1_2 --config.mesh_shape.fsdp=-1 --workdir gs://bucket/run1
 #
 # One-time set-up on every worker (the same ssh fan-out):
 #   launch/tpu_pod.sh bash -c 'git clone <this repo> vita_jax && cd vita_jax && pip install -e ".[gcs]" "jax[tpu]"'

@@ -20,13 +20,14 @@ def _run(*args):
     (("generate", "--checkpoint", "/no/such/model", "--prompt", "hi"), "/no/such/model"),
     (("convert", "--to", "orbax", "/no/such/release", "out"), "/no/such/release"),
     (("generate", TINY, "--prompt", "hi"), "tokenizer.json"),
-    (("train", "--config=configs/no_such_stage.py", "--workdir", "wd"), "no_such_stage.py"),
-    (("train", "--config=configs/stage1_1.py:tiny", "--config.llm.hidden_sise=3", "--workdir", "wd"),
+    (("train", "--config=no_such_stage", "--workdir", "wd"), "no config named 'no_such_stage'; the names are "),
+    (("train", "--config=my/no_such_stage.py:tiny", "--workdir", "wd"), "config file my/no_such_stage.py does not"),
+    (("train", "--config=stage1_1:tiny", "--config.llm.hidden_sise=3", "--workdir", "wd"),
      "llm.hidden_sise"),
-    (("train", "--config=configs/tiny.py", "--workdir", "wd"), "stage config"),
-    (("train", "--config=configs/stage1_1.py:tiny", "--config.checkpoint_every=0", "--workdir", "wd"),
+    (("train", "--config=tiny", "--workdir", "wd"), "stage config"),
+    (("train", "--config=stage1_1:tiny", "--config.checkpoint_every=0", "--workdir", "wd"),
      "config.checkpoint_every = 0: must be at least 1"),
-    (("train", "--config=configs/stage1_1.py:tiny", "--config.optim.schedule=cosin", "--workdir", "wd"),
+    (("train", "--config=stage1_1:tiny", "--config.optim.schedule=cosin", "--workdir", "wd"),
      "config.optim.schedule = 'cosin'"),
 ])
 def test_user_mistake_is_one_line(tmp_path, args, named):
@@ -47,7 +48,7 @@ def test_error_right_after_opening_the_checkpoints_is_one_line(tmp_path):
     asyncio / orbax noise from the checkpoint manager's cleanup thread at interpreter shutdown."""
     data = tmp_path / "d.json"
     data.write_text('[{"id": "a", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "x"}]}]')
-    r = _run("train", "--config=configs/stage1_1.py:tiny", '--config.data.mixture=[{"json": "%s"}]' % data,
+    r = _run("train", "--config=stage1_1:tiny", '--config.data.mixture=[{"json": "%s"}]' % data,
              "--config.data.tokenizer=/no/such/tok", "--workdir", str(tmp_path / "wd"))
     assert r.returncode == 2, r.stderr[-3000:]
     assert r.stderr.strip().splitlines() == ["vita-jax: error: /no/such/tok: cannot load tokenizer: No such file or "

@@ -1,4 +1,4 @@
-"""Stage 3.1 run by the trainer (``vita-jax train --config configs/stage3_1.py:tiny``) on real 24 kHz
+"""Stage 3.1 run by the trainer (``vita-jax train --config stage3_1:tiny``) on real 24 kHz
 speech: exact resume after SIGKILL, the held-out mel L1, the export (loads in vita_jax's speech model,
 official layouts), and going on from the exported upstream ``g_`` / ``do_`` files.
 
@@ -26,7 +26,7 @@ TIMING = ("seconds", "step_s", "data_wait_s", "tokens_per_s")
 def _cmd(workdir, *extra):
     train = [os.path.join(WAVS, f"utt{i}.wav") for i in range(4)]
     held = [os.path.join(WAVS, f"utt{i}.wav") for i in (4, 5)]
-    return [sys.executable, "-m", "vita_jax.cli", "train", "--config=configs/stage3_1.py:tiny", "--no-progress",
+    return [sys.executable, "-m", "vita_jax.cli", "train", "--config=stage3_1:tiny", "--no-progress",
             f"--config.total_steps={STEPS}", "--config.checkpoint_every=2", "--config.data.heldout_every=3",
             "--config.data.train=" + json.dumps(train), "--config.data.heldout=" + json.dumps(held),
             "--workdir", str(workdir), *extra]

@@ -27,7 +27,7 @@ def _compile(*args):
 @needs_libtpu
 def test_tiny_stage_compiles_for_tpu_and_fits():
     # the packer's batch layout, 2 micro-batches (the leading accumulation axis), 2 rows per chip
-    r, res = _compile("--config=configs/stage2_2.py:tiny", "--topology=v5p:2x2x1", "--per-chip-batch=2",
+    r, res = _compile("--config=stage2_2:tiny", "--topology=v5p:2x2x1", "--per-chip-batch=2",
                       "--config.grad_accum=2", "--config.data.packing=True", "--config.remat_policy=full")
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip().splitlines()[-1].startswith("{")  # the JSON line is last
@@ -41,7 +41,7 @@ def test_tiny_stage_compiles_for_tpu_and_fits():
 
 @needs_libtpu
 def test_not_fitting_exits_nonzero_with_the_json_line():
-    r, res = _compile("--config=configs/stage1_1.py:tiny", "--topology=v5e:2x2", "--hbm-gib=0.001")
+    r, res = _compile("--config=stage1_1:tiny", "--topology=v5e:2x2", "--hbm-gib=0.001")
     assert r.returncode == 2
     assert res is not None and res["fits"] is False and res["chips"] == 4 and res["hbm_capacity_gib"] == 0.001
     err = [line for line in r.stderr.splitlines() if line.startswith("vita-jax: error:")]
@@ -52,7 +52,7 @@ def test_not_fitting_exits_nonzero_with_the_json_line():
 def test_compiler_out_of_hbm_is_a_result():
     # 65536 positions with the XLA attention (splash, the TPU default, never holds the scores): dense
     # attention scores alone are far over a v5e chip's 16 GiB
-    r, res = _compile("--config=configs/stage2_2.py:tiny", "--topology=v5e:2x2", "--config.data.seq_len=65536",
+    r, res = _compile("--config=stage2_2:tiny", "--topology=v5e:2x2", "--config.data.seq_len=65536",
                       "--config.attention_impl=xla")
     assert r.returncode == 2, r.stderr[-3000:]
     assert res["fits"] is False and res["compiler_out_of_memory"] is True and res["hbm_per_chip_gib"] > 16

@@ -108,7 +108,7 @@ def test_no_restorable_checkpoint_is_one_line_and_changes_nothing(failed_export,
 
 
 def _cli(wd, steps=STEPS, *extra):
-    return subprocess.run([sys.executable, "-m", "vita_jax.cli", "train", "--config=configs/stage1_1.py:tiny",
+    return subprocess.run([sys.executable, "-m", "vita_jax.cli", "train", "--config=stage1_1:tiny",
                            f"--config.total_steps={steps}", "--config.checkpoint_every=2", "--no-progress",
                            "--workdir", wd, *extra], cwd=REPO, capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, JAX_PLATFORMS="cpu"))
@@ -163,7 +163,7 @@ def test_another_model_or_stage_in_the_same_workdir_is_refused(failed_export, tm
     from vita_jax.train import trainer
     wd = _copy(failed_export, tmp_path)
     before = _tree(wd)
-    r = subprocess.run([sys.executable, "-m", "vita_jax.cli", "train", "--config=configs/stage1_2.py:tiny",
+    r = subprocess.run([sys.executable, "-m", "vita_jax.cli", "train", "--config=stage1_2:tiny",
                         f"--config.total_steps={STEPS + 2}", "--no-progress", "--workdir", wd], cwd=REPO,
                        capture_output=True, text=True, timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert r.returncode == 2, r.stderr[-3000:]

@@ -113,8 +113,7 @@ def _official_setup(root, samples_fn):
 def _stage(path, tok, vocab, steps):
     import os
     from vita_jax import config as config_lib
-    c = config_lib.load_config(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                            "configs/stage2_2.py:tiny"))
+    c = config_lib.load_config("stage2_2:tiny")
     c.total_steps, c.checkpoint_every = steps, 100
     c.llm.vocab_size, c.data.tokenizer, c.data.packing, c.data.seq_len = vocab, tok, False, 256
     c.data.mixture = [{"json": path}]
@@ -160,7 +159,7 @@ def test_no_usable_sample_is_one_line(tmp_path):
     import subprocess
     import sys
     path, tok, vocab = _official_setup(tmp_path, lambda good: BAD)
-    r = subprocess.run([sys.executable, "-m", "vita_jax.cli", "train", "--config=configs/stage2_2.py:tiny",
+    r = subprocess.run([sys.executable, "-m", "vita_jax.cli", "train", "--config=stage2_2:tiny",
                         "--config.total_steps=2", f"--config.llm.vocab_size={vocab}", f"--config.data.tokenizer={tok}",
                         "--config.data.packing=false", "--config.data.mixture=" + json.dumps([{"json": path}]),
                         "--no-progress", "--workdir", str(tmp_path / "wd")], capture_output=True, text=True,
@@ -207,13 +206,13 @@ OK_SAMPLE = '[{"id": "a", "conversations": [{"from": "human", "value": "hi"}, {"
                                   "bad_json", "big_tokenizer"])
 def test_train_config_mistakes_are_one_line(tmp_path, capsys, case):
     wd = str(tmp_path / "wd")
-    base = ["train", "--config=configs/stage1_1.py:tiny", "--workdir", wd]
+    base = ["train", "--config=stage1_1:tiny", "--workdir", wd]
     args, named = {
         "syntax": (["train", "--config=" + _write(tmp_path / "bad.py", "def get_config(:\n"), "--workdir", wd],
                    "bad.py, line 1"),
         "no_get_config": (["train", "--config=" + _write(tmp_path / "empty.py", "x = 1\n"), "--workdir", wd],
                           "no get_config()"),
-        "variant": (["train", "--config=configs/stage1_1.py:tinyy", "--workdir", wd], "'tinyy'"),
+        "variant": (["train", "--config=stage1_1:tinyy", "--workdir", wd], "'tinyy'"),
         "no_value": (base + ["--config.total_steps"], "--config.total_steps"),
         "dtype": (base + ["--config.dtype=float12"], "config.dtype"),
         "mixture_key": (base + ['--config.data.mixture=[{"weight": 1}]', "--config.data.tokenizer=" + QWEN],
@@ -292,7 +291,7 @@ def test_multi_line_messages_become_one_line(capsys, monkeypatch):
 
 
 def test_init_from_of_another_size_is_named(tmp_path, capsys):
-    line = _cli_error(capsys, "train", "--config=configs/stage1_2.py:tiny", f"--config.init_from={TINY}",
+    line = _cli_error(capsys, "train", "--config=stage1_2:tiny", f"--config.init_from={TINY}",
                       "--config.llm.hidden_size=32", "--workdir", str(tmp_path / "wd"))
     assert "config.init_from" in line and "shape" in line
 

@@ -62,9 +62,9 @@ def test_empty_media_option_is_refused_before_loading(capsys):
     (("eval", "--checkpoint", "/no/such/model", "--task", "asr", "--data", "x", "--out", "o", "--batch-size", "0"),
      "--batch-size 0"),
     (("eval", "--checkpoint", "/no/such/model", "--task", "asr", "--data", "x", "--out", __file__), "is a file"),
-    (("compile", "--config=configs/stage1_1.py:tiny", "--topology", "v5e:2x2", "--per-chip-batch", "0"),
+    (("compile", "--config=stage1_1:tiny", "--topology", "v5e:2x2", "--per-chip-batch", "0"),
      "--per-chip-batch 0"),
-    (("compile", "--config=configs/stage1_1.py:tiny", "--topology", "bogus"), "--topology bogus: expected CHIP:SHAPE"),
+    (("compile", "--config=stage1_1:tiny", "--topology", "bogus"), "--topology bogus: expected CHIP:SHAPE"),
 ])
 def test_options_checked_before_loading(capsys, args, named):
     """Refused before the model (or libtpu, which logs on a CPU host) is loaded: /no/such/model is never named."""
@@ -81,7 +81,7 @@ def test_options_checked_before_loading(capsys, args, named):
     ("audio.attention_heads=5", "config.audio.attention_dim = 32 is not a multiple of config.audio.attention_heads"),
 ])
 def test_model_sizes_that_cannot_build_are_named(capsys, tmp_path, override, named):
-    line = _cli_error(capsys, "train", "--config=configs/stage1_1.py:tiny", f"--config.{override}", "--workdir",
+    line = _cli_error(capsys, "train", "--config=stage1_1:tiny", f"--config.{override}", "--workdir",
                       str(tmp_path / "wd"))
     assert named in line
     assert not (tmp_path / "wd").exists()  # refused before the work dir was made
@@ -134,7 +134,7 @@ def test_missing_tokenizer_is_named_before_loading(capsys):
     (("serve", "--checkpoint", "/no/such/model", "--image-tiles", "0"), "--image-tiles must be at least 1, got 0"),
     (("serve", "--checkpoint", "/no/such/model", "--max-prompt", "0"), "--max-prompt must be at least 1, got 0"),
     (("train", "--config=", "--workdir", "wd"), "--config=: no config file given"),
-    (("train", "--config=configs/stage1_1.py:tiny", "--config.tokenizer_model_max_length=0", "--workdir", "wd"),
+    (("train", "--config=stage1_1:tiny", "--config.tokenizer_model_max_length=0", "--workdir", "wd"),
      "config.tokenizer_model_max_length = 0: must be at least 1"),
 ])
 def test_serve_and_config_values_checked_first(capsys, tmp_path, args, named):

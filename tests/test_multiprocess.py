@@ -10,7 +10,7 @@ import orbax.checkpoint as ocp
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 3
-TRAIN = [sys.executable, "-m", "vita_jax.cli", "train", "--config=configs/stage1_2.py:tiny",
+TRAIN = [sys.executable, "-m", "vita_jax.cli", "train", "--config=stage1_2:tiny",
          f"--config.total_steps={STEPS}", "--config.checkpoint_every=100", "--config.optim.schedule=constant",
          "--config.optim.lr=1e-3", "--config.mesh_shape.data=2", "--config.mesh_shape.fsdp=2",
          "--config.mesh_shape.tensor=2", "--no-progress"]

@@ -11,7 +11,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 STEPS = 12
-CMD = [sys.executable, "-m", "vita_jax.cli", "train", "--config=configs/stage1_1.py:tiny",
+CMD = [sys.executable, "-m", "vita_jax.cli", "train", "--config=stage1_1:tiny",
        f"--config.total_steps={STEPS}", "--config.checkpoint_every=3", "--no-progress"]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -83,7 +83,7 @@ def test_sigkill_resume_bitwise_packed(tmp_path_factory):
     demo_data.build_tokenizer(texts + demo_data.reply_texts(), str(root / "tok"))
     vocab = -(-len(TextTokenizer.from_file(str(root / "tok"))) // 64) * 64
     steps = 8
-    cmd = [sys.executable, "-m", "vita_jax.cli", "train", "--config=configs/stage2_2.py:tiny",
+    cmd = [sys.executable, "-m", "vita_jax.cli", "train", "--config=stage2_2:tiny",
            f"--config.total_steps={steps}", "--config.checkpoint_every=2", "--no-progress",
            f"--config.llm.vocab_size={vocab}", f"--config.data.tokenizer={root / 'tok'}",
            "--config.data.mixture=" + json.dumps([{"json": f} for f in files]), "--config.data.packing=true",
@@ -145,10 +145,10 @@ def test_tensorboard_and_throughput_logged(tmp_path):
 
 @pytest.mark.parametrize("stage", ["1_1", "1_2", "1_3", "2_1a", "2_1b", "2_2", "3_2"])
 def test_every_stage_config_trains_tiny(stage, tmp_path):
-    """``configs/stage*.py:tiny`` runs on its synthetic data (real bundled speech for 2.1a)."""
+    """``stage*:tiny`` (configs/stage*.py) runs on its synthetic data (real bundled speech for 2.1a)."""
     from vita_jax import config as config_lib
     from vita_jax.train import trainer
-    c = config_lib.load_config(os.path.join(REPO, f"configs/stage{stage}.py:tiny"))
+    c = config_lib.load_config(f"stage{stage}:tiny")
     assert {"total_steps", "checkpoint_every", "seed"} <= set(c.keys())
     c.total_steps, c.checkpoint_every = 2, 100
     out = trainer.train(c, str(tmp_path), log=lambda *_: None, progress=False)

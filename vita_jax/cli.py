@@ -172,12 +172,12 @@ def _stage_config(command: str, parsed):
     if rest:
         raise UsageError(f"vita-jax {command}: unrecognized arguments: {' '.join(rest)}")
     if "stage" not in config:
-        raise UsageError("--config must be a stage config (configs/stage*.py)")
+        raise UsageError("--config must be a stage config (stage1_1 ... stage3_2, or a file of that kind)")
     return config
 
 
 def cmd_train(a, rest) -> int:
-    """``vita-jax train --config=configs/stage1_1.py[:tiny] [--config.x=y] --workdir DIR``."""
+    """``vita-jax train --config=stage1_1[:tiny] [--config.x=y] --workdir DIR``."""
     import jax  # subcommands import late: --help stays fast
     from vita_jax import config as config_lib  # (late, as above)
     from vita_jax import parallel  # (late, as above)
@@ -191,7 +191,7 @@ def cmd_train(a, rest) -> int:
 
 
 def cmd_compile(a, rest) -> int:
-    """``vita-jax compile --config=configs/stage2_2.py --topology=v5p:4x4x2``: AOT, from a CPU host."""
+    """``vita-jax compile --config=stage2_2 --topology=v5p:4x4x2``: AOT, from a CPU host."""
     from vita_jax import config as config_lib  # subcommands import late: --help stays fast
     from vita_jax.train import compile as compile_lib  # (late, as above)
     config = _stage_config("compile", config_lib.parse_args(rest))
@@ -252,8 +252,8 @@ def cmd_serve(a) -> int:
                        a.image_tiles, a.allow_origin, warmup=not a.no_warmup)
 
 
-CONFIG_HELP = ("config: --config=FILE.py[:ARG] (a bare name means configs/NAME.py) and any number of "
-               "--config.FIELD=VALUE overrides, e.g. --config.batch_size=8")
+CONFIG_HELP = ("config: --config=NAME[:ARG] (shipped with vita_jax: stage1_1 ... stage3_2, tiny) or FILE.py[:ARG], "
+               "and any number of --config.FIELD=VALUE overrides, e.g. --config.batch_size=8")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -293,10 +293,10 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--speak", metavar="OUT.wav", help="also speak the reply (needs vita_tts_ckpt/) into a wav file")
     g.add_argument("--speech-max-tokens", type=int, default=1000, help="codec ids at most (40 per second)")
     ev = sub.add_parser("eval", help="score a checkpoint on a benchmark: asr, mcq, yesno, vqa, video_mcq, spoken_qa, loss",
-                        description="Runs one task (--task, --data) or a suite (--config=configs/eval_*.py) on a release "
-                                    "folder or vita_jax checkpoint, in batches with greedy decoding; writes "
-                                    "OUT/predictions.jsonl and OUT/metrics.json (a suite: OUT/NAME/...) and ends with one "
-                                    "JSON line {task, n, metrics} per task.",
+                        description="Runs one task (--task, --data) or a suite (--config=eval_vita15[:ROOT] or "
+                                    "FILE.py) on a release folder or vita_jax checkpoint, in batches with greedy "
+                                    "decoding; writes OUT/predictions.jsonl and OUT/metrics.json (a suite: "
+                                    "OUT/NAME/...) and ends with one JSON line {task, n, metrics} per task.",
                         epilog="settings: --config.FIELD=VALUE sets one of the task's settings (prompt, language, "
                                "circular, frames, prompt_suffix, do_sample, temperature, top_k, top_p, seed); with "
                                "--config=FILE use --config.evals.NAME.FIELD=VALUE")
@@ -304,7 +304,7 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--task", help="asr | mcq | yesno | vqa | video_mcq | spoken_qa | loss")
     ev.add_argument("--data", help="the benchmark's file or folder (see README: Evaluation)")
     ev.add_argument("--out", required=True, help="folder for predictions.jsonl and metrics.json")
-    ev.add_argument("--config", dest="config_file", default=None, help="a suite: configs/eval_*.py with config.evals")
+    ev.add_argument("--config", dest="config_file", default=None, help="a suite: eval_vita15[:ROOT], FILE.py")
     ev.add_argument("--max-examples", type=int, default=None, help="only the first N examples (MCQ: questions)")
     ev.add_argument("--batch-size", type=int, default=None, help="rows per batch (default 8)")
     ev.add_argument("--max-new-tokens", type=int, default=None, help="reply length limit (default 64)")
@@ -316,7 +316,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("dst")
     c.add_argument("--dtype", default=None, type=_dtype, help="dtype to hold the weights in while converting (default float32)")
     c.add_argument("--overwrite", action="store_true")
-    b = sub.add_parser("bench", help="benchmarks: vita-jax bench llm|convert|data|pipeline|eval --config=configs/FILE.py",
+    b = sub.add_parser("bench", help="benchmarks: vita-jax bench llm|convert|data|pipeline|eval --config=NAME",
                        description="Train-step and decode speed (llm), conversion memory (convert), what the input "
                                    "pipeline fills with real data (data) for a config, or whether the trainer overlaps "
                                    "its input pipeline with the step (pipeline: tiny stage 2.2, slowed source and step); mixture "

@@ -117,7 +117,7 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     (from the working directory) -> ``module.get_config(arg)``."""
     path, _, arg = spec.partition(":")
     if not path.strip():
-        raise ValueError(f"--config={spec}: no config given (a name: stage1_1[:tiny], or a file: FILE.py[:ARG])")
+        raise ValueError(f"--config={spec}: no config file given (a name: stage1_1[:tiny], or a file: FILE.py[:ARG])")
     if not path.endswith(".py") and "/" not in path and os.sep not in path:
         names = config_names()
         if path not in names:

@@ -1,4 +1,4 @@
-"""Benchmarks (not tests): ``python -m vita_jax.bench llm --config=configs/qwen2p5_1p5b.py``.
+"""Benchmarks (not tests): ``python -m vita_jax.bench llm --config=qwen2p5_1p5b``.
 
 Reports the jitted train step (forward + backward + AdamW update, bf16 compute by config) time,
 tokens/s, model FLOPs per step counted as MaxText does (6 x matmul parameters x tokens, the
@@ -303,7 +303,7 @@ WHAT = ("llm", "convert", "data", "pipeline", "mixture", "eval", "serve", "codec
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in WHAT:
-        print(f"usage: python -m vita_jax.bench {'|'.join(WHAT)} --config=configs/FILE.py [--config.x=y] [--json=OUT]",
+        print(f"usage: python -m vita_jax.bench {'|'.join(WHAT)} --config=NAME|FILE.py [--config.x=y] [--json=OUT]",
               file=sys.stderr)
         return 2
     what, rest = argv[0], argv[1:]

@@ -160,7 +160,7 @@ def suite_from_args(config_file, task, data, rest, **options) -> dict:
     set that evaluator's settings), or ``--config=FILE`` with ``config.evals``; checked before loading.
     ``options``: command-line settings for every task (``max_examples``, ``batch_size``, ...)."""
     if config_file is None and not (task and data):
-        raise ValueError("give --task and --data, or --config=configs/eval_*.py for a suite")
+        raise ValueError("give --task and --data, or --config=eval_vita15[:ROOT] (or FILE.py) for a suite")
     if config_file is not None:
         if task or data:
             raise ValueError("--config=FILE names its tasks and data: drop --task / --data")

@@ -1,5 +1,5 @@
 """Ahead-of-time compilation of a stage's train step for a TPU topology, from a CPU host (like
-MaxText's ``train_compile``): ``vita-jax compile --config=configs/stage2_2.py --topology=v5p:4x4x2``.
+MaxText's ``train_compile``): ``vita-jax compile --config=stage2_2 --topology=v5p:4x4x2``.
 
 The state is built abstractly (``jax.ShapeDtypeStruct`` leaves with their shardings: no weights,
 no TPU) by the trainer's own code (:func:`vita_jax.train.setup.abstract_state`), the batch from the
