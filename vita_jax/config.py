@@ -16,7 +16,8 @@ from typing import Sequence
 import ml_collections
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))
-# the configs of a name (``--config=stage2_2``): vita_jax/configs in an install, ../configs in a checkout
+# the configs of a name (``--config=stage2_2``): vita_jax/configs in an install, ../configs in a checkout; found
+# from this file, not importlib.resources: an editable install of another checkout could answer for vita_jax.configs
 CONFIG_DIR = next((d for d in (os.path.join(_PACKAGE, "configs"), os.path.join(os.path.dirname(_PACKAGE), "configs"))
                    if os.path.isfile(os.path.join(d, "__init__.py"))), os.path.join(_PACKAGE, "configs"))
 STAGE_VARIANTS = ("tiny", "narrow")  # stage files' ARG besides none (the full size)
