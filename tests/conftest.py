@@ -11,6 +11,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.environ.get("VITA_SHARED", os.path.join(os.path.dirname(REPO), "shared"))
 FIXTURES = os.path.join(SHARED, "fixtures")
 TINY = os.path.join(FIXTURES, "vita15-tiny")
+# every subprocess and wait of the suite is bounded by this: a guard against hangs only, never a verdict on
+# speed (the slowest guarded run, the demo, takes ~10 min on an idle 2-core machine and ~2x that beside a
+# CPU-heavy process)
+HANG_S = 3600
 
 
 def cli_error(capsys, *args):

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import rel_err
+from conftest import HANG_S, rel_err
 from vita_jax import parallel
 from vita_jax.layers import attention
 from vita_jax.layers.attention import causal_padding_mask, resolve_implementation
@@ -156,7 +156,7 @@ print("ERRS", max(errs))
 def test_splash_under_a_mesh_shards_batch_and_heads():
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)
-    p = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True, timeout=300)
+    p = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True, timeout=HANG_S)
     assert p.returncode == 0, p.stderr[-3000:]
     err = float(p.stdout.split("ERRS")[-1])
     assert err <= TOL

@@ -6,14 +6,14 @@ import sys
 
 import pytest
 
-from conftest import TINY
+from conftest import HANG_S, TINY
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(*args):
     return subprocess.run([sys.executable, "-m", "vita_jax.cli", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+                          timeout=HANG_S, env=dict(os.environ, JAX_PLATFORMS="cpu"))
 
 
 @pytest.mark.parametrize("args, named", [

@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import FIXTURES, REPO
+from conftest import FIXTURES, HANG_S, REPO
 
 WAVS = os.path.join(FIXTURES, "ticodec-train", "wavs")
 STEPS = 6
@@ -37,12 +37,12 @@ def _run(cmd, cache, kill_at=None):
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
     p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if kill_at is None:
-        out, _ = p.communicate(timeout=1200)
+        out, _ = p.communicate(timeout=HANG_S)
         assert p.returncode == 0, out[-3000:]
         return out
     wd = cmd[cmd.index("--workdir") + 1]
     metrics = os.path.join(wd, "metrics.jsonl")
-    deadline = time.time() + 1200
+    deadline = time.time() + HANG_S
     while time.time() < deadline and p.poll() is None:
         # killed once the run is past step `kill_at` and its step-2 checkpoint is committed (saved asynchronously)
         if os.path.isdir(os.path.join(wd, "ckpt", "2")) and sum(1 for _ in open(metrics)) >= kill_at:
@@ -143,7 +143,7 @@ def _sharded_steps_equal_one_device(runs):
     train = [os.path.join(WAVS, f"utt{i}.wav") for i in range(4)]
     held = [os.path.join(WAVS, f"utt{i}.wav") for i in (4, 5)]
     p = subprocess.run([sys.executable, os.path.join(REPO, "tests", "codec_sharding_check.py"), json.dumps(train),
-                        json.dumps(held), str(ref)], cwd=REPO, capture_output=True, text=True, timeout=1800)
+                        json.dumps(held), str(ref)], cwd=REPO, capture_output=True, text=True, timeout=HANG_S)
     line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
     assert p.returncode == 0 and line, p.stdout[-2000:] + p.stderr[-3000:]
     r = json.loads(line[0][7:])

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from vita_jax.train import compile as compile_lib
+from conftest import HANG_S
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
@@ -19,7 +20,7 @@ needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
 def _compile(*args):
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     r = subprocess.run([sys.executable, "-m", "vita_jax.cli", "compile", *args], capture_output=True, text=True,
-                       timeout=300, cwd=REPO, env=env)
+                       timeout=HANG_S, cwd=REPO, env=env)
     lines = [line for line in r.stdout.splitlines() if line.startswith("{")]
     return r, (json.loads(lines[-1]) if lines else None)
 

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 
 import vita_jax
+from conftest import HANG_S
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ["1.1", "1.2", "1.3", "2.1a", "2.1b", "2.2", "3.1", "3.2"]
@@ -19,7 +20,7 @@ def test_demo_small_budget(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     r = subprocess.run([sys.executable, "-m", "vita_jax.cli", "demo", "--workdir", str(wd), "--budget-minutes", "5",
                         "--speech", "recordings", "--no-progress"], cwd=REPO, env=env, capture_output=True, text=True,
-                       timeout=1200)
+                       timeout=HANG_S)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     s = json.load(open(wd / "summary.json"))
     rows = {row["stage"]: row for row in s["stages"]}

@@ -9,6 +9,7 @@ import numpy as np
 import soundfile as sf
 
 from vita_jax import assets
+from conftest import HANG_S
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -73,14 +74,14 @@ def test_two_processes_equal_one(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
     outs = {}
     for name, prefix in (("one", []), ("two", [sys.executable, "launch/local.py", "--num-processes", "2",
-                                                "--cpu-devices", "4", "--timeout", "500", "--"])):
+                                                "--cpu-devices", "4", "--timeout", str(HANG_S), "--"])):
         outs[name] = {}
         for task, data in (("asr", "asr.jsonl"), ("loss", "held.json")):
             out = tmp_path / name / task
             cmd = prefix + [sys.executable, "-m", "vita_jax.cli", "eval", "--checkpoint", str(rel), "--task", task,
                             "--data", str(b / data), "--out", str(out), "--batch-size", "2", "--max-new-tokens", "3",
                             "--no-progress"]
-            r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+            r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_S + 60)
             assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
             outs[name][task] = ([json.loads(x) for x in open(out / "predictions.jsonl")],
                                 json.load(open(out / "metrics.json"))["metrics"])

@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import HANG_S
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
@@ -110,7 +111,7 @@ def test_no_restorable_checkpoint_is_one_line_and_changes_nothing(failed_export,
 def _cli(wd, steps=STEPS, *extra):
     return subprocess.run([sys.executable, "-m", "vita_jax.cli", "train", "--config=stage1_1:tiny",
                            f"--config.total_steps={steps}", "--config.checkpoint_every=2", "--no-progress",
-                           "--workdir", wd, *extra], cwd=REPO, capture_output=True, text=True, timeout=600,
+                           "--workdir", wd, *extra], cwd=REPO, capture_output=True, text=True, timeout=HANG_S,
                           env=dict(os.environ, JAX_PLATFORMS="cpu"))
 
 
@@ -165,7 +166,7 @@ def test_another_model_or_stage_in_the_same_workdir_is_refused(failed_export, tm
     before = _tree(wd)
     r = subprocess.run([sys.executable, "-m", "vita_jax.cli", "train", "--config=stage1_2:tiny",
                         f"--config.total_steps={STEPS + 2}", "--no-progress", "--workdir", wd], cwd=REPO,
-                       capture_output=True, text=True, timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+                       capture_output=True, text=True, timeout=HANG_S, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert r.returncode == 2, r.stderr[-3000:]
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"vita-jax: error: {os.path.join(wd, 'ckpt')} holds checkpoint "

@@ -3,7 +3,7 @@ key (exit code 2 through the CLI, no traceback), and nothing is lost."""
 import numpy as np
 import pytest
 
-from conftest import FIXTURES, TINY, cli_error as _cli_error
+from conftest import cli_error as _cli_error, FIXTURES, HANG_S, TINY
 from vita_jax import cli
 from vita_jax.infer import generate as gen
 
@@ -163,7 +163,7 @@ def test_no_usable_sample_is_one_line(tmp_path):
                         "--config.total_steps=2", f"--config.llm.vocab_size={vocab}", f"--config.data.tokenizer={tok}",
                         "--config.data.packing=false", "--config.data.mixture=" + json.dumps([{"json": path}]),
                         "--no-progress", "--workdir", str(tmp_path / "wd")], capture_output=True, text=True,
-                       timeout=600)
+                       timeout=HANG_S)
     assert r.returncode == 2, r.stderr[-3000:]
     assert "Traceback" not in r.stderr
     line = r.stderr.strip().splitlines()[-1]

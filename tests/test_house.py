@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import HANG_S
 
 PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "vita_jax")
 RANK = {"config": 0, "paths": 0, "assets": 0, "parallel": 1, "layers": 2, "models": 3, "data": 4, "convert": 5,
@@ -167,5 +168,5 @@ def test_files_are_small():
 @pytest.mark.parametrize("sub", ["", "demo", "train", "generate", "eval", "convert", "bench", "compile", "serve"])
 def test_every_subcommand_has_help(sub):
     r = subprocess.run([sys.executable, "-m", "vita_jax.cli"] + ([sub] if sub else []) + ["--help"],
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=HANG_S)
     assert r.returncode == 0 and r.stdout.startswith("usage: vita-jax") and "Traceback" not in r.stderr, r.stderr

@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import orbax.checkpoint as ocp
+from conftest import HANG_S
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 3
@@ -35,13 +36,13 @@ def _losses(workdir):
 def test_two_processes_equal_one(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    r = subprocess.run(TRAIN + ["--workdir", str(one)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(TRAIN + ["--workdir", str(one)], cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_S)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "processes: 1, devices: 8 (8 local)" in r.stdout
-    launcher = [sys.executable, "launch/local.py", "--num-processes", "2", "--cpu-devices", "4", "--timeout", "600",
+    launcher = [sys.executable, "launch/local.py", "--num-processes", "2", "--cpu-devices", "4", "--timeout", str(HANG_S),
                 "--"]
     r = subprocess.run(launcher + TRAIN + ["--workdir", str(two)], cwd=REPO, capture_output=True, text=True,
-                       timeout=700)
+                       timeout=HANG_S + 60)
     assert r.returncode == 0, r.stdout[-5000:]
     assert "[p0] processes: 2, devices: 8 (4 local)" in r.stdout
     la, lb = _losses(one), _losses(two)
@@ -60,7 +61,7 @@ def test_two_processes_equal_one(tmp_path):
 
 
 def test_launcher_stops_everyone_when_one_fails(tmp_path):
-    code = "import os, sys, time; i = int(os.environ['JAX_PROCESS_ID']); sys.exit(3) if i == 1 else time.sleep(60)"
+    code = "import os, sys, time; i = int(os.environ['JAX_PROCESS_ID']); sys.exit(3) if i == 1 else time.sleep(3600)"
     r = subprocess.run([sys.executable, "launch/local.py", "-n", "2", "--", sys.executable, "-c", code], cwd=REPO,
-                       capture_output=True, text=True, timeout=50)
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 3

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import HANG_S
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -14,7 +15,7 @@ def result(tiny_dir):
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)
     p = subprocess.run([sys.executable, os.path.join(HERE, "sharding_check.py"), tiny_dir],
-                       capture_output=True, text=True, env=env, timeout=900)
+                       capture_output=True, text=True, env=env, timeout=HANG_S)
     assert p.returncode == 0, p.stderr[-4000:]
     return json.loads(p.stdout.strip().splitlines()[-1])
 

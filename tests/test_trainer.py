@@ -9,6 +9,7 @@ import time
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from conftest import HANG_S
 
 STEPS = 12
 CMD = [sys.executable, "-m", "vita_jax.cli", "train", "--config=stage1_1:tiny",
@@ -21,11 +22,11 @@ def _run(workdir, kill_at=None, cmd=CMD):
     p = subprocess.Popen(cmd + ["--workdir", str(workdir)], cwd=REPO, env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True)
     if kill_at is None:
-        out, _ = p.communicate(timeout=600)
+        out, _ = p.communicate(timeout=HANG_S)
         assert p.returncode == 0, out[-3000:]
         return
     metrics = os.path.join(workdir, "metrics.jsonl")
-    deadline = time.time() + 600
+    deadline = time.time() + HANG_S
     while time.time() < deadline and p.poll() is None:
         if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= kill_at:
             break

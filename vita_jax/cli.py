@@ -1,7 +1,6 @@
 """``vita-jax`` command line: ``demo``, ``train``, ``generate``, ``eval``, ``convert``, ``bench``, ``compile``
-and ``serve``; every
-subcommand answers ``--help``. Subcommands import the package when they run, so ``--help`` does
-not pay for loading JAX.
+and ``serve``; every subcommand answers ``--help``. Subcommands import the package when they run, so
+``--help`` does not pay for loading JAX.
 
 One error boundary (:func:`main`): a user mistake (a missing or unreadable file, a bad option or
 config value, a checkpoint that does not match: the ``ValueError`` / ``KeyError`` / ``OSError``
@@ -234,10 +233,9 @@ def cmd_eval(a, rest) -> int:
 
 
 def cmd_demo(a) -> int:
-    if not a.budget_minutes > 0:
-        raise UsageError(f"--budget-minutes {a.budget_minutes}: must be more than 0")
     from vita_jax.demo import run_demo  # subcommands import late: --help stays fast
-    run_demo(a.workdir, a.budget_minutes, speech=a.speech, seed=a.seed, codec=a.codec, progress=not a.no_progress)
+    run_demo(a.workdir, a.budget_minutes, until=a.until, speech=a.speech, seed=a.seed, codec=a.codec,
+             progress=not a.no_progress)
     return 0
 
 
@@ -269,6 +267,7 @@ def parser() -> argparse.ArgumentParser:
                    "and the answer); or a vita_tts_ckpt/codec folder (default: the fixtures' tiny codec when "
                    "../shared is beside the checkout, else random weights)")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--until", metavar="STAGE", help="stop after this stage (0, 1.1, ..., 3.2): no export, no answer")
     d.add_argument("--no-progress", action="store_true")
     t = sub.add_parser("train", help="run (or resume) one curriculum stage",
                        description="Runs or resumes one stage in WORKDIR.", epilog=CONFIG_HELP)

@@ -15,9 +15,7 @@ import os
 import shutil
 import time
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import librosa
 import numpy as np
 import soundfile as sf
@@ -29,12 +27,12 @@ from vita_jax.data import pipeline
 from vita_jax.data import text as text_lib
 from vita_jax.data.text import TextTokenizer
 from vita_jax.data.units import UnitVocab
+from vita_jax.demo import codec as codec_lib
 from vita_jax.demo import data as demo_data
 from vita_jax.demo import evaluate
 from vita_jax.demo.evaluate import format_summary
 from vita_jax.infer import speech as speech_lib
 from vita_jax.infer.speech import SpeechModel
-from vita_jax.models import ticodec
 from vita_jax.models.tts_decoder import TTSDecoderConfig
 from vita_jax.train import stages, trainer
 
@@ -60,7 +58,7 @@ MAX_FRAMES = 192  # 1.9 s of speech: every demo phrase fits
 
 
 # below these a stage barely moves (measured): a small adapter steering a frozen LLM, new answers
-MIN_STEPS = {"1.1": 120, "1.2": 200, "2.1a": 120, "2.1b": 150, "2.2": 150, "3.1": 20}
+MIN_STEPS = {"1.1": 120, "1.2": 200, "1.3": 100, "2.1a": 120, "2.1b": 200, "2.2": 150, "3.1": 20}
 SETUP_MINUTES = 3.0  # data, compilation of eight steps and evaluations, export: paid at any budget
 
 
@@ -73,6 +71,8 @@ def _steps(stage: str, budget_minutes: float) -> int:
 class Demo:
     def __init__(self, workdir: str, budget_minutes: float = 15.0, speech: str = "auto", seed: int = 0,
                  codec: str | None = None, log=print, progress: bool = True):
+        if not budget_minutes > 0:  # (before anything is written)
+            raise ValueError(f"--budget-minutes {budget_minutes}: must be more than 0")
         self.wd, self.budget, self.seed, self.log, self.progress = (os.path.abspath(workdir), budget_minutes, seed,
                                                                       log, progress)
         os.makedirs(self.wd, exist_ok=True)
@@ -166,12 +166,12 @@ class Demo:
                 self._codec = speech_lib.load_codec(path)
                 self.codec_source = f"TiCodec trained in stage 3.1 ({path})"
                 return self._codec
-            path = self.codec_dir or _default_codec()
+            path = self.codec_dir or codec_lib.default_codec()
             if path:
                 self._codec = speech_lib.load_codec(path)
                 self.codec_source = f"TiCodec from {path}"
             else:
-                self._codec = random_codec(self.seed)
+                self._codec = codec_lib.random_codec(self.seed)
                 self.codec_source = "TiCodec with random weights (no --codec folder found)"
         return self._codec
 
@@ -290,38 +290,53 @@ class Demo:
         return os.path.join(self.wd, stage, "model")
 
     # ------------------------------------------------------------------ everything
-    def run(self) -> dict:
+    def run(self, until: str | None = None) -> dict:
+        """Every stage in order (``until``: stop after that stage, with no export or spoken answer);
+        returns the summary also written to ``WORKDIR/summary.json``."""
+        if until is not None and until not in PLAN:
+            raise ValueError(f"--until {until}: not a demo stage (stages: {', '.join(PLAN)})")
         t0 = time.perf_counter()
         self.prepare()
-        f = self.files
-        prev = ""
-        for stage, train, held in (("0", [(f["text"][0], 1.0)], f["text"][1]),
-                                   ("1.1", [(f["captions"][0], 1.0)], f["captions"][1]),
-                                   ("1.2", [(f["photos"][0], 2.0), (f["captions"][0], 1.0)], f["photos"][1]),
-                                   ("1.3", [(f["vqa"][0], 2.0), (f["photos"][0], 0.5), (f["captions"][0], 0.5)],
-                                    f["vqa"][1])):
+        prev, final = "", {}
+        for stage in PLAN:
             self._begin(stage)
-            prev = self.run_stage(stage, prev, train, held)
-        self._begin("2.1a")
-        self.run_ctc(prev)
-        # the official 2.1b starts from the CTC-trained encoder: take it, with the rest of 1.3
-        prev = self._merge_encoder(prev, os.path.join(self.wd, "2.1a", "model"))
-        self._begin("2.1b")
-        prev = self.run_stage("2.1b", prev, [(f["asr"][0], 1.0)], f["asr"][1])
-        self._begin("2.2")
-        prev = self.run_stage("2.2", prev, [(f["svqa"][0], 2.0), (f["vqa"][0], 0.5), (f["asr"][0], 0.5)],
-                              f["svqa"][1])
-        self._begin("3.1")
-        self.run_codec()
-        self._begin("3.2")
-        prev = self.run_tts(prev)
-        final = self.finish(prev)
-        summary = dict(stages=self.results, speech=self.speech.source, codec=self.codec_source, **final,
-                       budget_minutes=self.budget, total_seconds=round(time.perf_counter() - t0, 1))
+            prev = self._run_one(stage, prev)
+            if stage == until:
+                break
+        else:
+            final = self.finish(prev)
+        summary = dict(stages=self.results, speech=self.speech.source, codec=getattr(self, "codec_source", None),
+                       **final, budget_minutes=self.budget, total_seconds=round(time.perf_counter() - t0, 1))
         with open(os.path.join(self.wd, "summary.json"), "w") as fh:
             json.dump(summary, fh, indent=1)
         self.log(format_summary(summary))
         return summary
+
+    def _run_one(self, stage: str, prev: str) -> str:
+        """One stage from the previous stage's model folder ``prev``; returns the folder the next starts from."""
+        f = self.files
+        mixtures = {  # stage -> (training files with weights, held-out file)
+            "0": ([(f["text"][0], 1.0)], f["text"][1]),
+            "1.1": ([(f["captions"][0], 1.0)], f["captions"][1]),
+            # the stages that train the LLM replay some of stage 0's text (as the official recipe mixes text-only
+            # data in): without it the LLM forgets how to write a transcript, which 2.1b's adapter (LLM frozen)
+            # cannot teach it again
+            "1.2": ([(f["photos"][0], 2.0), (f["captions"][0], 1.0), (f["text"][0], 0.25)], f["photos"][1]),
+            "1.3": ([(f["vqa"][0], 2.0), (f["photos"][0], 0.5), (f["captions"][0], 0.5), (f["text"][0], 0.5)],
+                    f["vqa"][1]),
+            "2.1b": ([(f["asr"][0], 1.0)], f["asr"][1]),
+            "2.2": ([(f["svqa"][0], 2.0), (f["vqa"][0], 0.5), (f["asr"][0], 0.5)], f["svqa"][1]),
+        }
+        if stage == "2.1a":
+            self.run_ctc(prev)
+            # the official 2.1b starts from the CTC-trained encoder: take it, with the rest of 1.3
+            return self._merge_encoder(prev, os.path.join(self.wd, "2.1a", "model"))
+        if stage == "3.1":
+            self.run_codec()
+            return prev
+        if stage == "3.2":
+            return self.run_tts(prev)
+        return self.run_stage(stage, prev, *mixtures[stage])
 
     def _begin(self, stage):
         self._t_stage = time.perf_counter()
@@ -367,27 +382,5 @@ class Demo:
                     answer=dict(image=image, question_audio=audio, text=reply, reference=expected, wav=wav_path))
 
 
-def _default_codec() -> str | None:
-    here = os.path.dirname(os.path.abspath(__file__))
-    for root in (os.getcwd(), os.path.join(here, "..", "..")):
-        p = os.path.normpath(os.path.join(root, "..", "shared", "fixtures", "vita15-tiny", "vita_tts_ckpt", "codec"))
-        if os.path.exists(os.path.join(p, "final.pt")):
-            return p
-    return None
-
-
-def random_codec(seed: int = 0):
-    """A TiCodec of a small shape with random weights: ``(config, None, params)``."""
-    cfg = ticodec.TiCodecConfig(upsample_initial_channel=64, n_codes=64)
-    k = jax.random.split(jax.random.PRNGKey(seed), 4)
-    gen = nn.unbox(ticodec.Generator(cfg).init(k[0], jnp.zeros((1, 4, cfg.code_dim)), jnp.zeros((1, 128)))["params"])
-    enc = nn.unbox(ticodec.Encoder(cfg).init(k[1], jnp.zeros((1, cfg.hop * 4)))["params"])
-    d = cfg.global_feature_conv[2] // cfg.global_code_num
-    params = {"generator": gen, "encoder": enc, "codebook": jax.random.normal(k[2], (cfg.n_codes, cfg.code_dim)),
-              "globaltokens": [jax.random.normal(jax.random.fold_in(k[3], j), (1024, d))
-                               for j in range(cfg.global_code_num)]}
-    return cfg, None, params
-
-
-def run_demo(workdir: str, budget_minutes: float = 15.0, **kw) -> dict:
-    return Demo(workdir, budget_minutes, **kw).run()
+def run_demo(workdir: str, budget_minutes: float = 15.0, until: str | None = None, **kw) -> dict:
+    return Demo(workdir, budget_minutes, **kw).run(until)

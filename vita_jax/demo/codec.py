@@ -1,0 +1,34 @@
+"""The codec the demo speaks with when no ``--codec`` is given: the fixtures' tiny official-layout
+TiCodec when ``../shared`` is beside the checkout, else one of the same small shape with random weights."""
+from __future__ import annotations
+
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vita_jax.models import ticodec
+
+
+def default_codec() -> str | None:
+    """The tiny official-layout codec of ../shared/fixtures beside the working folder or the checkout, if there."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for root in (os.getcwd(), os.path.join(here, "..", "..")):
+        p = os.path.normpath(os.path.join(root, "..", "shared", "fixtures", "vita15-tiny", "vita_tts_ckpt", "codec"))
+        if os.path.exists(os.path.join(p, "final.pt")):
+            return p
+    return None
+
+
+def random_codec(seed: int = 0):
+    """A TiCodec of a small shape with random weights: ``(config, None, params)``."""
+    cfg = ticodec.TiCodecConfig(upsample_initial_channel=64, n_codes=64)
+    k = jax.random.split(jax.random.PRNGKey(seed), 4)
+    gen = nn.unbox(ticodec.Generator(cfg).init(k[0], jnp.zeros((1, 4, cfg.code_dim)), jnp.zeros((1, 128)))["params"])
+    enc = nn.unbox(ticodec.Encoder(cfg).init(k[1], jnp.zeros((1, cfg.hop * 4)))["params"])
+    d = cfg.global_feature_conv[2] // cfg.global_code_num
+    params = {"generator": gen, "encoder": enc, "codebook": jax.random.normal(k[2], (cfg.n_codes, cfg.code_dim)),
+              "globaltokens": [jax.random.normal(jax.random.fold_in(k[3], j), (1024, d))
+                               for j in range(cfg.global_code_num)]}
+    return cfg, None, params
