@@ -1,7 +1,8 @@
 """A wheel install, not a checkout: ``pip wheel --no-deps .`` then the wheel alone (``--no-deps``) in a fresh venv
 outside the checkout that sees the test venv's packages (a ``.pth`` line naming its site-packages: the
 dependencies, not its ``vita_jax``), run from another folder. The configs, the bundled speech and the web client
-ship inside the package; ``vita-jax train --config=stage1_1:tiny`` finds its config by name and checkpoints."""
+ship inside the package; ``vita-jax train --config=stage1_1:tiny`` finds its config by name and checkpoints, and
+the demo (README's first command) runs its first stage."""
 import json
 import os
 import shutil
@@ -10,12 +11,13 @@ import sys
 import sysconfig
 
 import pytest
+from conftest import HANG_S
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCES = ("setup.py", "README.md", "vita_jax", "configs")  # what the wheel is built from
 
 
-def _sh(cmd, cwd, env=None, timeout=300):
+def _sh(cmd, cwd, env=None, timeout=HANG_S):
     r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, f"{' '.join(map(str, cmd))}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     return r.stdout
@@ -72,13 +74,23 @@ def test_the_wheel_carries_its_files(installed):
 def test_train_by_name_from_another_folder(installed):
     _, script, env, work = installed
     out = _sh([str(script), "train", "--config=stage1_1:tiny", "--config.total_steps=2", "--no-progress",
-               "--workdir", "run"], work, env, timeout=600)
+               "--workdir", "run"], work, env)
     assert "stage 1.1: 2 steps" in out, out[-2000:]
     ckpt = work / "run" / "ckpt"
     assert os.path.isdir(ckpt) and "2" in os.listdir(ckpt), os.listdir(work / "run")
     r = subprocess.run([str(script), "train", "--config=stage9_9", "--workdir", "x"], cwd=work, env=env,
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=HANG_S)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         "vita-jax: error: --config=stage9_9: no config named 'stage9_9'; the names are eval_vita15, narrow, "
         "qwen2p5_1p5b, stage1_1, stage1_2, stage1_3, stage2_1a, stage2_1b, stage2_2, stage3_1, stage3_2, tiny, vita15 "
         "(or give a file: FILE.py[:ARG])"], r.stderr
+
+
+def test_demo_first_stage_from_another_folder(installed):
+    """README's first command from the wheel: set-up (data, tokenizer) and stage 0 by the stage configs inside it."""
+    _, script, env, work = installed
+    out = _sh([str(script), "demo", "--workdir", "demo", "--budget-minutes", "5", "--speech", "recordings",
+               "--until", "0", "--no-progress"], work, env)
+    s = json.load(open(work / "demo" / "summary.json"))
+    assert [r["stage"] for r in s["stages"]] == ["0"] and "export" not in s, s
+    assert s["stages"][0]["after"] > s["stages"][0]["before"] and "VITA-1.5 demo summary" in out
