@@ -132,15 +132,22 @@ def calibrate(config, dataset, transform, layout: dict, workers: int = 4) -> tup
     d = config.data
     full = packing_budget(config, layout)
     n = int(d.get("calibration_examples", 1024))
+
+    def sizes(i: int):
+        """``(spliced length, tiles, clip frames)`` of sample ``i`` (None: unusable); its pixels and
+        features are dropped here, so the memory held does not grow with ``n``."""
+        ex = transform(dataset[i]) if transform is not None else dataset[i]
+        if ex.get("bad") or full.never_fits(ex) is not None:
+            return None
+        return full.length(ex), batch_lib.example_tiles(ex), [len(a) for a in batch_lib.example_clips(ex)]
     with concurrent.futures.ThreadPoolExecutor(max(workers, 1)) as pool:
-        exs = list(pool.map(lambda i: transform(dataset[i]) if transform is not None else dataset[i], range(n)))
-    exs = [e for e in exs if not e.get("bad") and full.never_fits(e) is None]
+        exs = [e for e in pool.map(sizes, range(n)) if e is not None]
     if not exs:
         raise ValueError(f"data.budgets = 'auto': none of the first {n} samples is usable; set data.budgets = 'fixed'")
-    per_step = full.rows * full.seq_len / np.mean([full.length(e) for e in exs])  # examples in full rows
-    tiles = [batch_lib.example_tiles(e) for e in exs]
+    per_step = full.rows * full.seq_len / np.mean([length for length, _, _ in exs])  # examples in full rows
+    tiles = [t for _, t, _ in exs]
     tile_slots = max(max(tiles), int(round(per_step * np.mean(tiles))))
-    lens = np.sort([len(a) for e in exs for a in batch_lib.example_clips(e)])
+    lens = np.sort([f for _, _, clips in exs for f in clips])
     groups = []
     if len(lens):
         clips = per_step * len(lens) / len(exs)
