@@ -138,7 +138,8 @@ class VitaModel:
                 audio_lengths=None) -> np.ndarray:
         """float32 logits ``[batch, L, vocab]`` over the **spliced** sequence, right-padded, laid
         out as the official ``prepare_inputs_labels_for_multimodal`` (``pixel_values``: real tiles
-        in placeholder order; ``audio_features``: real clips, zero-padded fbank before CMVN)."""
+        in placeholder order, uint8 RGB tiles or normalised floats; ``audio_features``: real clips,
+        zero-padded fbank before CMVN)."""
         plan, args = self._prepare(input_ids, attention_mask, None, pixel_values, audio_features, audio_lengths)
         with parallel.use_mesh(self.mesh):
             out = self._logits(self.params, *args)

@@ -135,7 +135,8 @@ class VITA(nn.Module):
 
     def __call__(self, kind, text_ids, src, pixels=None, audio_features=None, audio_lengths=None,
                  segment_ids=None, positions=None):
-        """Logits ``[batch, length, vocab]`` over the spliced sequence (positions 0..L-1). A packed
+        """Logits ``[batch, length, vocab]`` over the spliced sequence (positions 0..L-1); ``pixels``:
+        uint8 tiles or normalised floats (:meth:`encode_images`). A packed
         batch gives ``segment_ids [batch, length]`` (1, 2, ... per example, 0 on padding: attention
         stays inside an example) and ``positions`` (rotary positions restarting at each example)."""
         x = self.embed(kind, text_ids, src, pixels, audio_features, audio_lengths)
