@@ -108,3 +108,18 @@ def chat_release_dir(tmp_path_factory):
     fixture's speech decoder + codec, written in the official release layout."""
     from vita_jax.bench.serve import tiny_release
     return tiny_release(str(tmp_path_factory.mktemp("rel") / "vita-tiny-random"), FIXTURES)
+
+
+def demo_mixture(root, n: int, n_text: int | None = None) -> tuple[list, str, int]:
+    """Official files of the demo's kinds under ``root`` (captions with photos, spoken questions
+    about an image, text): ``(json paths, tokenizer dir, vocabulary size rounded up to 64)``."""
+    import json
+    import vita_jax.demo.data as demo_data  # the demo's writer: imported by the tests that use it
+    from vita_jax.data.text import TextTokenizer
+    d = demo_data.DemoData(str(root), demo_data.Speech("recordings"), n_train=n)
+    files = [d.captions("train", n), d.spoken_vqa("train", n), d.text_qa("train", n if n_text is None else n_text)]
+    texts = [m["value"].replace("<image>", " ").replace("<audio>", " ") for f in files for s in json.load(open(f))
+             for m in s["conversations"]]
+    tok = os.path.join(str(root), "tok")
+    demo_data.build_tokenizer(texts + demo_data.reply_texts(), tok)
+    return files, tok, -(-len(TextTokenizer.from_file(tok)) // 64) * 64

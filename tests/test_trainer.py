@@ -74,19 +74,13 @@ def test_sigkill_resume_bitwise_packed(tmp_path_factory):
     """Stage 2.2 on official files (images, spoken questions, text), packed rows with budgets sized
     from the data and the pipeline running ahead: killed mid-run and resumed, it equals the run
     that was never interrupted."""
-    import vita_jax.demo.data as demo_data
-    from vita_jax.data.text import TextTokenizer
+    from conftest import demo_mixture
     root = tmp_path_factory.mktemp("packed_data")
-    d = demo_data.DemoData(str(root), demo_data.Speech("recordings"), n_train=24)
-    files = [d.captions("train", 24), d.spoken_vqa("train", 24), d.text_qa("train", 24)]
-    texts = [m["value"].replace("<image>", " ").replace("<audio>", " ") for f in files for s in json.load(open(f))
-             for m in s["conversations"]]
-    demo_data.build_tokenizer(texts + demo_data.reply_texts(), str(root / "tok"))
-    vocab = -(-len(TextTokenizer.from_file(str(root / "tok"))) // 64) * 64
+    files, tok, vocab = demo_mixture(root, 24)
     steps = 8
     cmd = [sys.executable, "-m", "vita_jax.cli", "train", "--config=stage2_2:tiny",
            f"--config.total_steps={steps}", "--config.checkpoint_every=2", "--no-progress",
-           f"--config.llm.vocab_size={vocab}", f"--config.data.tokenizer={root / 'tok'}",
+           f"--config.llm.vocab_size={vocab}", f"--config.data.tokenizer={tok}",
            "--config.data.mixture=" + json.dumps([{"json": f} for f in files]), "--config.data.packing=true",
            "--config.data.budgets=auto", "--config.data.calibration_examples=24", "--config.data.seq_len=256",
            "--config.data.max_frames=800", "--config.data.workers=2"]

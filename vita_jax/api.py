@@ -72,12 +72,14 @@ class VitaModel:
         return self.module.tokens_per_tile
 
     def _check_pixels(self, pixel_values):
-        """Tiles ``[n, 3, H, W]`` as float32, or None when there are none."""
+        """Tiles ``[n, 3, H, W]``: uint8 RGB tiles (normalised by the model) as they are, float pixel
+        values (already normalised) as float32; None when there are none."""
         if pixel_values is None or len(pixel_values) == 0:
             return None
         if self.vit_cfg is None:
             raise ValueError("this model has no vision tower (config.json names no mm_vision_tower)")
-        px = np.asarray(pixel_values, np.float32)
+        px = np.asarray(pixel_values)
+        px = px if px.dtype == np.uint8 else px.astype(np.float32)
         if px.ndim != 4 or px.shape[1] != 3:
             raise ValueError(f"pixel_values must be [tiles, 3, H, W], got shape {px.shape}")
         return px
@@ -136,7 +138,8 @@ class VitaModel:
                 audio_lengths=None) -> np.ndarray:
         """float32 logits ``[batch, L, vocab]`` over the **spliced** sequence, right-padded, laid
         out as the official ``prepare_inputs_labels_for_multimodal`` (``pixel_values``: real tiles
-        in placeholder order; ``audio_features``: real clips, zero-padded fbank before CMVN)."""
+        in placeholder order, uint8 RGB tiles or normalised floats; ``audio_features``: real clips,
+        zero-padded fbank before CMVN)."""
         plan, args = self._prepare(input_ids, attention_mask, None, pixel_values, audio_features, audio_lengths)
         with parallel.use_mesh(self.mesh):
             out = self._logits(self.params, *args)
@@ -283,22 +286,26 @@ class VitaModel:
 
     # ----------------------------------------------------------------------------- vision
     def preprocess_image(self, image, max_num: Optional[int] = None) -> np.ndarray:
-        """A PIL image or path -> float32 ``[tiles, 3, S, S]`` (dynamic tiling + CLIP processor)."""
-        prep = self.prep if max_num is None else dataclasses.replace(self.prep, max_tiles=int(max_num))
+        """A PIL image or path -> float32 ``[tiles, 3, S, S]`` (dynamic tiling + CLIP processor: the
+        official ``pixel_values``; chat's own batches carry the uint8 tiles, normalised by the model)."""
+        prep = dataclasses.replace(self.prep, normalise=True, max_tiles=self.prep.max_tiles if max_num is None
+                                   else int(max_num))
         return prep.tiles(image)
 
     def preprocess_video(self, path: str, video_fps: Optional[float] = None) -> np.ndarray:
         """A video file -> float32 ``[frames, 3, S, S]`` (4..16 frames, one tile each)."""
-        prep = self.prep if video_fps is None else dataclasses.replace(self.prep, video_fps=float(video_fps))
+        prep = dataclasses.replace(self.prep, normalise=True, video_fps=self.prep.video_fps if video_fps is None
+                                   else float(video_fps))
         return prep.frames(path)
 
     def encode_images(self, pixel_values) -> np.ndarray:
-        """``[tiles, 3, S, S]`` -> projector output ``[tiles, tokens_per_tile, llm_width]`` (float32)."""
+        """``[tiles, 3, S, S]`` (uint8 tiles or normalised floats) -> projector output ``[tiles,
+        tokens_per_tile, llm_width]`` (float32)."""
         px = self._check_pixels(pixel_values)
         if px is None:
             return np.zeros((0, self.tokens_per_tile, self.llm_cfg.hidden_size), np.float32)
         n = len(px)
-        px = np.concatenate([px, np.zeros((batch_lib.bucket(n, self.dp) - n,) + px.shape[1:], np.float32)])
+        px = np.concatenate([px, np.zeros((batch_lib.bucket(n, self.dp) - n,) + px.shape[1:], px.dtype)])
         with parallel.use_mesh(self.mesh):
             out = self._images(self.params, self._place(px))
         return np.asarray(out)[:n]

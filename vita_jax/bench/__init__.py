@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import json
+import resource
 import shutil
 import sys
 import tempfile
@@ -202,19 +203,30 @@ def batch_usage(batch: dict, tokens_per_tile: int) -> dict:
 
 def bench_data(config) -> dict:
     """What the input pipeline achieves on ``config.data`` (official files): the fraction of LLM
-    positions, tiles and frames that hold real data, and host examples/s, over
-    ``config.bench.data_steps`` batches of one process."""
+    positions, tiles and frames that hold real data, host examples/s, over
+    ``config.bench.data_steps`` micro-batches of one process, made as the trainer makes them
+    (``grad_accum`` micro-batches stacked a step, ``data.prefetch`` steps ahead in a thread), and
+    ``peak_rss_gib``: the process's peak resident memory (GiB, calibration included)."""
     tok_dir = config.data.tokenizer or config.init_from
     tok = load_tokenizer(tok_dir) if tok_dir else None
     if tok is None:
         raise ValueError("bench data needs a tokenizer: --config.data.tokenizer=DIR (a folder with tokenizer.json)")
     it = pipeline.official_data(config, tok)
     vc = vita.vision_config(config)
+    accum = int(config.grad_accum)
     tot: dict = {}
     t0 = time.perf_counter()
-    for _ in range(int(config.bench.get("data_steps", 20))):
-        for k, v in batch_usage(next(it), vc.tokens_per_tile).items():
-            tot[k] = tot.get(k, 0) + v
+    feed = pipeline.Prefetch(lambda: trainer.next_batch(it, accum), depth=int(config.data.get("prefetch", 2)))
+    try:
+        for _ in range(-(-int(config.bench.get("data_steps", 20)) // accum)):
+            step, _ = feed.next()
+            for i in range(accum):
+                mb = step if accum == 1 else jax.tree.map(lambda x: x[i], step)  # noqa: B023 (used at once)
+                for k, v in batch_usage(mb, vc.tokens_per_tile).items():
+                    tot[k] = tot.get(k, 0) + v
+            del step, mb
+    finally:
+        feed.close()
     dt = time.perf_counter() - t0
     frac = lambda a, b: tot[a] / tot[b] if tot[b] else None  # noqa: E731
     b = getattr(it, "budget", None)
@@ -223,7 +235,12 @@ def bench_data(config) -> dict:
     return dict(**shape, packing=bool(config.data.get("packing", False)), llm_real_fraction=frac("llm_real", "llm_slots"),
                 tile_real_fraction=frac("tiles_real", "tile_slots"), frame_real_fraction=frac("frames_real", "frame_slots"),
                 examples=tot["examples"], skipped=len(getattr(it, "skipped", {}) or {}),
-                host_examples_per_s=tot["examples"] / dt)
+                host_examples_per_s=tot["examples"] / dt, peak_rss_gib=peak_rss_gib())
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident memory so far (GiB; Linux reports ``ru_maxrss`` in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
 class _SlowData:

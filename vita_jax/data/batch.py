@@ -46,16 +46,20 @@ class Preprocess:
     dither: float = 0.0
     num_mel_bins: int = 80
     max_audio_frames: int = WhaleConfig().max_frames  # the speech encoder's limit (0: none), checked on the header
+    # pixels: uint8 RGB tiles, normalised by the model on the device (a quarter of float32's host memory and
+    # transfer); True: float32 normalised pixel values as the official processor gives them
+    normalise: bool = False
 
     def tiles(self, src) -> np.ndarray:
-        """An image (path, binary file object or PIL image) -> float32 ``[tiles, 3, S, S]``."""
+        """An image (path, binary file object or PIL image) -> uint8 (or, normalised, float32)
+        ``[tiles, 3, S, S]``."""
         return image_lib.preprocess_image(src, self.image, max_num=self.max_tiles, min_num=self.min_tiles,
-                                          use_thumbnail=self.use_thumbnail)
+                                          use_thumbnail=self.use_thumbnail, normalise=self.normalise)
 
     def frames(self, src) -> np.ndarray:
-        """A video (path or binary file object) -> float32 ``[frames, 3, S, S]``, one tile a frame."""
+        """A video (path or binary file object) -> uint8 (or float32) ``[frames, 3, S, S]``, one tile a frame."""
         return video_lib.preprocess_video(src, self.image, self.video_fps, self.video_max_frames,
-                                          self.video_min_frames)
+                                          self.video_min_frames, normalise=self.normalise)
 
     def fbank(self, src, sample_rate: Optional[int] = None) -> np.ndarray:
         """Audio (path, file object, or waveform with its rate) -> float32 fbank ``[frames, mel]``."""
@@ -185,7 +189,9 @@ def build(input_ids, attention_mask, labels, pixels, clips: Sequence[np.ndarray]
     """Model inputs of one batch -> ``(arrays, plan)``.
 
     ``input_ids`` / ``attention_mask`` / ``labels``: ``[B, L]`` (labels may be None); ``pixels``:
-    the batch's tiles in placeholder order ``[n, 3, S, S]`` (None: no tiles); ``clips``: fbank
+    the batch's tiles in placeholder order ``[n, 3, S, S]`` (None: no tiles), uint8 RGB tiles (the
+    model normalises them) or float pixel values already normalised; ``pixels`` keeps that kind
+    (uint8, else float32; uint8 without tiles); ``clips``: fbank
     clips ``[frames_i, mel]`` in placeholder order (``clip_lengths``: real frames of each, when the
     arrays are longer). Slots: tiles (``tile_slots``), clips (``clip_slots``) x frames
     (``frame_slots``) and the spliced length (rounded up to ``pad_to``) are zero-padded to these
@@ -221,8 +227,8 @@ def build(input_ids, attention_mask, labels, pixels, clips: Sequence[np.ndarray]
     plan.src[plan.kind == IMAGE] += tile_offset * tokens_per_tile
     px = None
     if tile_slots:
-        px = np.zeros((tile_slots,) + (tuple(np.shape(pixels)[1:]) if n_tiles else (3, image_size, image_size)),
-                      np.float32)
+        dtype = np.float32 if n_tiles and np.asarray(pixels).dtype != np.uint8 else np.uint8
+        px = np.zeros((tile_slots,) + (tuple(np.shape(pixels)[1:]) if n_tiles else (3, image_size, image_size)), dtype)
         if n_tiles:
             px[:n_tiles] = pixels
     feats = [np.zeros((g.slots, g.frames, mel_bins), np.float32) for g in clip_groups]
@@ -253,6 +259,14 @@ class ClipGroup:
     def row(self, slot: int) -> int:
         """Flat adapter row of this process's ``slot``."""
         return self.base + (self.first + slot) * int(llm_length(self.frames))
+
+
+def concat_tiles(pixels: Sequence[np.ndarray], image_size: int) -> np.ndarray:
+    """Examples' tiles ``[n_i, 3, S, S]`` -> one array in their order (empty uint8 when none); all
+    uint8 tiles or all float pixel values, never both (their values mean different things)."""
+    if len({np.asarray(p).dtype == np.uint8 for p in pixels}) > 1:
+        raise ValueError("a batch mixes uint8 tiles and float pixel values: preprocess its examples alike")
+    return np.concatenate(pixels) if len(pixels) else np.zeros((0, 3, image_size, image_size), np.uint8)
 
 
 def example_tiles(ex) -> int:
@@ -339,14 +353,14 @@ class LMCollator:
             clips += ex_clips
         # bad examples leave all-padding rows: one static shape
         id_arr, lab_arr, mask = pad_rows(kept, len(examples))
-        px = np.concatenate(pixels) if pixels else np.zeros((0, 3, self.s, self.s), np.float32)
+        px = concat_tiles(pixels, self.s)
         arrays, _ = build(id_arr, mask, lab_arr, px, clips, tokens_per_tile=self.tpt, max_length=self.seq_len,
                           pad_to=self.seq_len, tile_slots=self.max_tiles, clip_slots=self.max_clips,
                           frame_slots=self.max_frames, tile_offset=self.tile_offset, clip_offset=self.clip_offset,
                           image_size=self.s)
         # static shapes even with no slots of a kind: empty arrays, never None
         if arrays["pixels"] is None:
-            arrays["pixels"] = np.zeros((0, 3, self.s, self.s), np.float32)
+            arrays["pixels"] = concat_tiles([], self.s)
         if arrays["audio_feats"] is None:
             arrays["audio_feats"] = np.zeros((0, self.max_frames, 80), np.float32)
             arrays["audio_lens"] = np.zeros((0,), np.int32)

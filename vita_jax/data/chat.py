@@ -74,9 +74,9 @@ def check_messages(messages, media: bool = False) -> None:
 
 def chat_example(prep: batch_lib.Preprocess, tokenizer, messages: Union[str, Sequence], image=None, audio=None,
                  video=None) -> dict:
-    """``input_ids`` (int64, ``-200`` / ``-500`` placeholders), ``pixels`` (``[tiles, 3, S, S]`` or
-    None) and ``audio`` (a list of fbank clips ``[frames, mel]``) of a generation prompt. ``audio``:
-    a path or ``(waveform, rate)``; typed control strings and placeholders are text. A history turn
+    """``input_ids`` (int64, ``-200`` / ``-500`` placeholders), ``pixels`` (uint8 ``[tiles, 3, S, S]``
+    or None: the model normalises them) and ``audio`` (a list of fbank clips ``[frames, mel]``) of a
+    generation prompt. ``audio``: a path or ``(waveform, rate)``; typed control strings and placeholders are text. A history turn
     may be ``(role, text, audio)``: a spoken turn, its clip placed before the question's."""
     if video is not None and image is not None:
         raise ValueError("image and video: give one of them, not both (the prompt holds one visual input)")

@@ -16,6 +16,8 @@ from typing import IO, Sequence, Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from vita_jax.models.internvit import normalise_pixels
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -155,8 +157,8 @@ def dynamic_preprocess(image: Image.Image, min_num: int = 1, max_num: int = 12, 
     return tiles
 
 
-def clip_preprocess(image: Image.Image, cfg: ImageProcessorConfig) -> np.ndarray:
-    """One image through the CLIP processor -> float32 ``[3, crop, crop]``."""
+def clip_tile(image: Image.Image, cfg: ImageProcessorConfig) -> np.ndarray:
+    """One image through the CLIP processor's resize and crop -> uint8 ``[3, crop, crop]`` (RGB)."""
     w, h = image.size
     short, long = (w, h) if w <= h else (h, w)
     new_short, new_long = cfg.size, int(cfg.size * long / short)
@@ -171,21 +173,27 @@ def clip_preprocess(image: Image.Image, cfg: ImageProcessorConfig) -> np.ndarray
         padded[top:top + arr.shape[0], left:left + arr.shape[1]] = arr
         arr = padded
     top, left = (arr.shape[0] - c) // 2, (arr.shape[1] - c) // 2
-    arr = arr[top:top + c, left:left + c]
-    x = arr.astype(np.float32) / np.float32(255.0)
-    x = (x - np.asarray(cfg.mean, np.float32)) / np.asarray(cfg.std, np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1))
+    return np.ascontiguousarray(arr[top:top + c, left:left + c].transpose(2, 0, 1))
+
+
+def clip_preprocess(image: Image.Image, cfg: ImageProcessorConfig) -> np.ndarray:
+    """One image through the CLIP processor -> float32 ``[3, crop, crop]`` (rescaled, normalised)."""
+    return normalise_pixels(clip_tile(image, cfg), cfg.mean, cfg.std)
 
 
 def preprocess_image(image, cfg: ImageProcessorConfig | None = None, max_num: int = 12, min_num: int = 1,
-                     use_thumbnail: bool = True, return_tiles: bool = False):
-    """A path, binary file object or PIL image -> float32 ``[tiles, 3, S, S]`` (S =
-    ``cfg.crop_size``); with ``return_tiles`` also the uint8 tiles ``[tiles, S, S, 3]`` before the
-    CLIP processor."""
+                     use_thumbnail: bool = True, return_tiles: bool = False, normalise: bool = True):
+    """A path, binary file object or PIL image -> ``[tiles, 3, S, S]`` (S = ``cfg.crop_size``):
+    float32 normalised pixel values (the official ``pixel_values``), or with ``normalise=False``
+    the uint8 RGB tiles they are computed from (what the host batches carry; the model normalises
+    them, :func:`~vita_jax.models.internvit.normalise_pixels`). With ``return_tiles`` also the
+    uint8 tiles ``[tiles, S, S, 3]`` before the CLIP processor."""
     cfg = cfg or ImageProcessorConfig()
     img = load_image(image)
     tiles = dynamic_preprocess(img, min_num, max_num, cfg.crop_size, use_thumbnail)
-    pixels = np.stack([clip_preprocess(t, cfg) for t in tiles])
+    pixels = np.stack([clip_tile(t, cfg) for t in tiles])
+    if normalise:
+        pixels = normalise_pixels(pixels, cfg.mean, cfg.std)
     if return_tiles:
         return pixels, np.stack([np.asarray(t, np.uint8) for t in tiles])
     return pixels

@@ -24,8 +24,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from vita_jax.data.batch import (ClipGroup, build, example_clips, example_problem, example_tiles, pad_rows,
-                                 spliced_length)
+from vita_jax.data.batch import (ClipGroup, build, concat_tiles, example_clips, example_problem, example_tiles,
+                                 pad_rows, spliced_length)
 from vita_jax.models.vita import IGNORE_INDEX, PAD
 from vita_jax.models.whale import llm_length
 
@@ -114,7 +114,7 @@ def pack(examples: Sequence[dict], rows: Sequence[Sequence[int]], budget: Budget
     exs = [examples[i] for i in order]
     ids, labels, mask = pad_rows(exs)
     pixels = [e["pixels"] for e in exs if example_tiles(e)]
-    px = np.concatenate(pixels) if pixels else np.zeros((0, 3, budget.image_size, budget.image_size), np.float32)
+    px = concat_tiles(pixels, budget.image_size)
     clips = [a for e in exs for a in example_clips(e)]
     arrays, plan = build(ids, mask, labels, px, clips, tokens_per_tile=budget.tpt, max_length=budget.seq_len,
                          pad_to=1, tile_slots=budget.tile_slots, clip_slots=budget.clip_slots,
@@ -136,8 +136,7 @@ def pack(examples: Sequence[dict], rows: Sequence[Sequence[int]], budget: Budget
             out["segment_ids"][r, at:at + n] = seg
             out["positions"][r, at:at + n] = np.arange(n)
             at, k = at + n, k + 1
-    out["pixels"] = arrays["pixels"] if arrays["pixels"] is not None else \
-        np.zeros((0, 3, budget.image_size, budget.image_size), np.float32)
+    out["pixels"] = arrays["pixels"] if arrays["pixels"] is not None else concat_tiles([], budget.image_size)
     if arrays["audio_feats"] is not None:  # one array, or one per clip group
         out["audio_feats"], out["audio_lens"] = arrays["audio_feats"], arrays["audio_lens"]
     else:
@@ -158,9 +157,11 @@ class PackedBatches:
         # budget is spent others (text, other media) still fill the rows; the rest wait, oldest placed first
         self.lookahead = 2.0
         self.next, self.pending, self._cache = 0, [], {}
-        # read-ahead: the next ``pool`` stream positions are preprocessed in ``workers`` threads (PIL tiling,
-        # fbank and tokenizers release the GIL); which examples a step packs does not depend on it
+        # read-ahead: the next stream positions, about one step's new examples (:meth:`_window`), are preprocessed
+        # in ``workers`` threads (PIL tiling, fbank and tokenizers release the GIL); which examples a step packs
+        # does not depend on it
         self._workers = ThreadPoolExecutor(workers, thread_name_prefix="vita-pack") if workers > 0 else None
+        self._n_workers, self._seen = workers, [0, 0]  # examples read, their spliced positions
         self.skipped: dict[str, str] = {}
         self.stats = dict(examples=0, real_positions=0, real_tiles=0, real_frames=0, steps=0)
 
@@ -176,10 +177,18 @@ class PackedBatches:
             ex = self._cache[pos] = ex.result()
         return ex
 
+    def _window(self) -> int:
+        """Stream positions read ahead: the examples that fill a step's rows at the mean length seen
+        so far (``2 x workers`` more, at most ``pool``), so the examples held (pixels, features)
+        stay about one step's whatever the dataset size or the number of steps."""
+        n, length = self._seen
+        per_step = self.budget.rows * self.budget.seq_len * n / length if length else 0
+        return int(min(self.pool, per_step + 2 * self._n_workers))
+
     def _read_ahead(self) -> None:
         if self._workers is None:
             return
-        for pos in range(self.next, self.next + self.pool):
+        for pos in range(self.next, self.next + self._window()):
             if pos not in self._cache:
                 self._cache[pos] = self._workers.submit(self._load, pos)
 
@@ -194,7 +203,9 @@ class PackedBatches:
         # reads are bounded too: a stream of bad samples ends the step (with padding rows), not the run
         while len(new) < self.pool and length < self.lookahead * b.rows * b.seq_len and reads < 4 * self.pool:
             pos, self.next, reads = self.next, self.next + 1, reads + 1
+            self._read_ahead()  # a sliding window: the workers stay busy while the step's examples are read
             ex = self._example(pos)
+            self._seen = [self._seen[0] + 1, self._seen[1] + (0 if ex.get("bad") else b.length(ex))]
             problem = ex.get("bad") or b.never_fits(ex)
             if problem:
                 self.skipped[str(ex.get("id", pos))] = problem

@@ -35,6 +35,37 @@ def batch_layout(config) -> dict:
     return dict(local=b // accum // n, index=jax.process_index(), count=n, accum=accum)
 
 
+def stack_micro_batches(micro_batches: Sequence) -> dict:
+    """One step's micro-batches (host batches of one static structure) -> the step's batch: every
+    leaf stacked on a new leading axis ``[accum, ...]``, the structure kept (dicts, packing's lists
+    of clip groups, None leaves). Leaves are numpy arrays (the trainer) or ``jax.ShapeDtypeStruct``
+    (``vita-jax compile``'s abstract batch). Micro-batches of different structure or leaf shapes
+    raise a ValueError naming the leaf (a step compiles for one shape)."""
+    def stack(where: str, xs: list):
+        first = xs[0]
+        if isinstance(first, dict):
+            if any(not isinstance(x, dict) or x.keys() != first.keys() for x in xs):
+                raise ValueError(f"micro-batches differ in their keys at {where or 'the top'}: "
+                                 f"{[sorted(x) if isinstance(x, dict) else type(x).__name__ for x in xs]}")
+            return {k: stack(f"{where}[{k!r}]", [x[k] for x in xs]) for k in first}
+        if isinstance(first, (list, tuple)):
+            if any(not isinstance(x, (list, tuple)) or len(x) != len(first) for x in xs):
+                raise ValueError(f"micro-batches differ in their number of {where} (clip groups?): "
+                                 f"{[len(x) if isinstance(x, (list, tuple)) else None for x in xs]}")
+            return type(first)(stack(f"{where}[{i}]", [x[i] for x in xs]) for i in range(len(first)))
+        if first is None or any(x is None for x in xs):
+            if any(x is not None for x in xs):
+                raise ValueError(f"micro-batches differ at {where}: None in some, an array in others")
+            return None
+        shapes = {(tuple(np.shape(x)), str(x.dtype)) for x in xs}
+        if len(shapes) > 1:
+            raise ValueError(f"micro-batches differ in the shape of {where}: {sorted(shapes)} (one step, one shape)")
+        if isinstance(first, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct((len(xs),) + tuple(first.shape), first.dtype)
+        return np.stack([np.asarray(x) for x in xs])
+    return stack("", list(micro_batches))
+
+
 def lm_collator(config, layout: dict) -> batch_lib.LMCollator:
     """The LM stages' collator: ``config.data`` budgets per sample (tiles, clips, frames) times
     this process's rows, tile / clip offsets of this process in the global batch."""
@@ -101,15 +132,22 @@ def calibrate(config, dataset, transform, layout: dict, workers: int = 4) -> tup
     d = config.data
     full = packing_budget(config, layout)
     n = int(d.get("calibration_examples", 1024))
+
+    def sizes(i: int):
+        """``(spliced length, tiles, clip frames)`` of sample ``i`` (None: unusable); its pixels and
+        features are dropped here, so the memory held does not grow with ``n``."""
+        ex = transform(dataset[i]) if transform is not None else dataset[i]
+        if ex.get("bad") or full.never_fits(ex) is not None:
+            return None
+        return full.length(ex), batch_lib.example_tiles(ex), [len(a) for a in batch_lib.example_clips(ex)]
     with concurrent.futures.ThreadPoolExecutor(max(workers, 1)) as pool:
-        exs = list(pool.map(lambda i: transform(dataset[i]) if transform is not None else dataset[i], range(n)))
-    exs = [e for e in exs if not e.get("bad") and full.never_fits(e) is None]
+        exs = [e for e in pool.map(sizes, range(n)) if e is not None]
     if not exs:
         raise ValueError(f"data.budgets = 'auto': none of the first {n} samples is usable; set data.budgets = 'fixed'")
-    per_step = full.rows * full.seq_len / np.mean([full.length(e) for e in exs])  # examples in full rows
-    tiles = [batch_lib.example_tiles(e) for e in exs]
+    per_step = full.rows * full.seq_len / np.mean([length for length, _, _ in exs])  # examples in full rows
+    tiles = [t for _, t, _ in exs]
     tile_slots = max(max(tiles), int(round(per_step * np.mean(tiles))))
-    lens = np.sort([len(a) for e in exs for a in batch_lib.example_clips(e)])
+    lens = np.sort([f for _, _, clips in exs for f in clips])
     groups = []
     if len(lens):
         clips = per_step * len(lens) / len(exs)

@@ -20,7 +20,8 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from vita_jax.data.image import ImageProcessorConfig, clip_preprocess
+from vita_jax.data.image import ImageProcessorConfig, clip_tile
+from vita_jax.models.internvit import normalise_pixels
 
 MAX_FRAMES = 16
 MIN_FRAMES = 4
@@ -135,9 +136,11 @@ def read_frames(path: str, video_fps: float = 1.0, max_frames: int = MAX_FRAMES,
 
 
 def preprocess_video(path: str, cfg: ImageProcessorConfig | None = None, video_fps: float = 1.0,
-                     max_frames: int = MAX_FRAMES, min_frames: int = MIN_FRAMES) -> np.ndarray:
-    """``path`` (or a binary file object) -> float32 ``[frames, 3, S, S]``, one ``<image>``
-    placeholder per frame."""
+                     max_frames: int = MAX_FRAMES, min_frames: int = MIN_FRAMES, normalise: bool = True) -> np.ndarray:
+    """``path`` (or a binary file object) -> ``[frames, 3, S, S]``, one ``<image>`` placeholder
+    per frame: float32 pixel values, or with ``normalise=False`` uint8 RGB tiles (as
+    :func:`~vita_jax.data.image.preprocess_image`)."""
     cfg = cfg or ImageProcessorConfig()
     frames, _, _ = read_frames(path, video_fps, max_frames, min_frames)
-    return np.stack([clip_preprocess(f, cfg) for f in frames])
+    pixels = np.stack([clip_tile(f, cfg) for f in frames])
+    return normalise_pixels(pixels, cfg.mean, cfg.std) if normalise else pixels

@@ -124,7 +124,7 @@ class Engine:
         exs = list(examples) + [dummy] * (rows - len(examples))
         ids, labels, mask = batch_lib.pad_rows([dict(e, labels=e.get("labels", e["input_ids"])) for e in exs])
         pixels = [e["pixels"] for e in exs if e.get("pixels") is not None]
-        px = np.concatenate(pixels) if pixels else None
+        px = batch_lib.concat_tiles(pixels, 0) if pixels else None
         clips = [c for e in exs for c in batch_lib.example_clips(e)]
         limit = max_length or self.config.tokenizer_model_max_length
         longest = max(min(batch_lib.spliced_length(e, self.module.tokens_per_tile), limit) for e in exs)

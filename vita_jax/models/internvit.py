@@ -94,6 +94,20 @@ def resize_pos_embed(pos, grid_in: int, h: int, w: int):
     return p.reshape(h * w, -1).astype(pos.dtype)
 
 
+def normalise_pixels(pixels, mean, std):
+    """8-bit RGB tiles ``[..., 3, S, S]`` (uint8, after the processor's resize and crop) -> the CLIP
+    processor's float32 values ``(x / 255 - mean) / std`` per channel. The 3 x 256 values are computed
+    once in numpy, each step in float32 as the official processor does, and looked up: numpy arrays
+    (the host) and jax arrays (inside the jitted model, where XLA would turn the divisions into
+    multiplications) get bitwise the same values."""
+    v = np.arange(256, dtype=np.float32) / np.float32(255.0)
+    table = ((v[None] - np.asarray(mean, np.float32)[:, None]) / np.asarray(std, np.float32)[:, None]).reshape(-1)
+    channel = (256 * np.arange(3, dtype=np.int32))[:, None, None]  # row of each channel in the flat table
+    if isinstance(pixels, np.ndarray):
+        return table[pixels.astype(np.int32) + channel]
+    return jnp.take(jnp.asarray(table), pixels.astype(jnp.int32) + channel, axis=0)
+
+
 class Embeddings(nn.Module):
     """``pixels [n, 3, H, W]`` (NCHW, as the official processor emits) -> ``[n, 1 + P, C]``."""
     cfg: InternViTConfig

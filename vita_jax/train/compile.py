@@ -47,8 +47,9 @@ def topology_devices(name: str) -> list:
 
 
 def row_template(config) -> dict:
-    """``{key: (shape, dtype)}`` of one row of the stage's host batch (a micro-batch of one example
-    per process); every leading dimension grows with the rows (rows, tile slots, clip slots)."""
+    """One row of the stage's host batch (a micro-batch of one example per process) as a tree of
+    ``jax.ShapeDtypeStruct``, in the trainer's structure (packing: ``audio_feats`` / ``audio_lens``
+    lists of clip groups); every leading dimension grows with the rows (rows, tile slots, clip slots)."""
     if config.loss == "lm":
         one = dict(local=1, index=0, count=1, accum=1)
         if config.data.get("packing", False):
@@ -59,30 +60,29 @@ def row_template(config) -> dict:
                                                                                                 int(d.max_clips_per_sample)]]))
         else:
             arrays = pipeline.lm_collator(config, one)([{"id": "-", "bad": "template row"}])
-        # one clip group: audio_feats / audio_lens come as lists of one array
-        return {k: (tuple(np.shape(v[0] if isinstance(v, list) else v)),
-                    np.dtype((v[0] if isinstance(v, list) else v).dtype)) for k, v in arrays.items()}
+        return jax.tree.map(lambda v: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype), arrays)
     n = int(config.data.seq_len)
+    i32, f32 = np.dtype(np.int32), np.dtype(np.float32)
     if config.loss == "tts":  # data/batch.py tts_batch: reply tokens and their codec ids (2 per token)
-        i32 = np.dtype(np.int32)
-        return dict(text_ids=((1, n), i32), text_lens=((1,), i32), codes=((1, 2 * n), i32), code_lens=((1,), i32))
-    if config.loss == "ctc":  # data/batch.py ctc_batch: fbank frames and unit labels
+        shapes = dict(text_ids=((1, n), i32), text_lens=((1,), i32), codes=((1, 2 * n), i32), code_lens=((1,), i32))
+    elif config.loss == "ctc":  # data/batch.py ctc_batch: fbank frames and unit labels
         f = int(config.data.max_frames)
-        return dict(feats=((1, f, 80), np.dtype(np.float32)), lengths=((1,), np.dtype(np.int32)),
-                    labels=((1, n), np.dtype(np.int32)), label_mask=((1, n), np.dtype(np.int32)))
-    raise ValueError(f"unknown loss {config.loss!r} (lm, ctc, tts)")
+        shapes = dict(feats=((1, f, 80), f32), lengths=((1,), i32), labels=((1, n), i32), label_mask=((1, n), i32))
+    else:
+        raise ValueError(f"unknown loss {config.loss!r} (lm, ctc, tts)")
+    return {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in shapes.items()}
 
 
 def abstract_batch(config, mesh, rows: int) -> dict:
-    """The global batch of ``rows`` examples per micro-batch as sharded ``jax.ShapeDtypeStruct``s
-    (``[grad_accum, ...]`` with accumulation), placed as the trainer places a host batch."""
+    """The global batch of ``rows`` examples per micro-batch as sharded ``jax.ShapeDtypeStruct``s,
+    ``grad_accum`` micro-batches stacked as the trainer stacks them
+    (:func:`~vita_jax.data.pipeline.stack_micro_batches`), placed as the trainer places a host batch."""
     accum = int(config.grad_accum)
-    out = {}
-    for k, (shape, dtype) in row_template(config).items():
-        g = (shape[0] * rows,) + tuple(shape[1:])
-        g = ((accum,) if accum > 1 else ()) + g
-        out[k] = jax.ShapeDtypeStruct(g, dtype, sharding=setup.batch_sharding(mesh, g, accum))
-    return out
+    micro = jax.tree.map(lambda x: jax.ShapeDtypeStruct((x.shape[0] * rows,) + tuple(x.shape[1:]), x.dtype),
+                         row_template(config))
+    batch = pipeline.stack_micro_batches([micro] * accum) if accum > 1 else micro
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                       sharding=setup.batch_sharding(mesh, x.shape, accum)), batch)
 
 
 def compile_step(config, topology: str, per_chip_batch: int | None = None, hbm_gib: float | None = None,

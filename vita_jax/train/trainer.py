@@ -71,11 +71,11 @@ def export_model(config, state, path: str) -> None:
 
 
 def next_batch(data, accum: int) -> dict:
-    """One step's host batch: ``accum`` micro-batches stacked on a leading axis (none when 1)."""
+    """One step's host batch: ``accum`` micro-batches stacked leaf by leaf on a leading axis (none
+    when 1), lists of clip groups included (:func:`~vita_jax.data.pipeline.stack_micro_batches`)."""
     if accum == 1:
         return next(data)
-    mbs = [next(data) for _ in range(accum)]
-    return {k: np.stack([np.asarray(mb[k]) for mb in mbs]) for k in mbs[0]}
+    return pipeline.stack_micro_batches([next(data) for _ in range(accum)])
 
 
 def _batch_size(config, host: dict, accum: int):
