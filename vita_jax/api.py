@@ -25,7 +25,7 @@ from vita_jax.infer import generate as gen
 from vita_jax.infer.speech import SpeechModel, split_reply, trim_leading
 from vita_jax.models import qwen2
 from vita_jax.models import vita as vita_lib
-from vita_jax.models.vita import VITA, lm_loss_terms
+from vita_jax.models.vita import VITA, lm_row_terms
 
 load_tokenizer = text_lib.load_tokenizer
 init_params = vita_lib.init_module  # random parameters of one module: (module, mesh=None, seed=0, example=None)
@@ -49,7 +49,7 @@ class VitaModel:
         self.image_processor = self.prep.image
         m = self.module
         self._logits = jax.jit(lambda p, *a: m.apply({"params": p}, *a).astype(jnp.float32))
-        self._loss = jax.jit(lambda p, labels, *a: lm_loss_terms(m.apply({"params": p}, *a), labels))
+        self._loss = jax.jit(lambda p, labels, *a: tuple(jnp.sum(t) for t in lm_row_terms(m, p, labels, *a)[:2]))
         self._embed = jax.jit(lambda p, *a: m.apply({"params": p}, *a, method=VITA.embed))
         self._images = jax.jit(lambda p, x: m.apply({"params": p}, x, method=VITA.encode_images).astype(jnp.float32))
         self._audio = jax.jit(lambda p, f, n: m.apply({"params": p}, f, n, method=VITA.encode_audio).astype(jnp.float32))

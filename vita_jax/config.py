@@ -59,6 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.tokenizer_model_max_length = 6200
     c.seq_bucket = 64            # spliced sequences are padded to a multiple of this (jit shapes)
     c.frame_bucket = 64          # fbank frames of an audio batch likewise
+    c.loss_chunk = 512           # positions the LM loss makes logits for at once: [rows, 512, vocab] each
     c.seed = 0
     c.bench = ml_collections.ConfigDict(dict(batch=1, seq_len=128, steps=3, decode_tokens=32,
                                              decode_batch=1, prompt_len=16, peak_tflops=0.0, hbm_gbps=0.0,

@@ -26,23 +26,18 @@ from vita_jax.data import chat as chat_lib
 from vita_jax.data import text as text_lib
 from vita_jax.evals import readers
 from vita_jax.infer import generate as gen
-from vita_jax.models import qwen2
-from vita_jax.models.vita import IGNORE_INDEX, VITA
+from vita_jax.models import lm_loss, qwen2
+from vita_jax.models.vita import IGNORE_INDEX, VITA, lm_row_terms
 
 MODEL_PARTS = ("llm", "vision_tower", "mm_projector", "audio_encoder")
 STATES = (text_lib.STATE_SPEECH, text_lib.STATE_TEXT, text_lib.STATE_NEGATIVE)
 
 
 def row_loss_terms(logits, labels):
-    """Per row ``(sum of CE over targets != -100, their count, argmax hits)`` for ``logits[:, :-1]``
-    against ``labels[:, 1:]`` (the official loss, not summed over rows)."""
-    logits = logits[:, :-1].astype(jnp.float32)
-    targets = labels[:, 1:]
-    valid = targets != IGNORE_INDEX
-    safe = jnp.where(valid, targets, 0)
-    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), safe[..., None], axis=-1)[..., 0]
-    hits = (jnp.argmax(logits, -1) == safe) & valid
-    return jnp.sum(jnp.where(valid, nll, 0.0), 1), jnp.sum(valid, 1), jnp.sum(hits, 1)
+    """Per row ``(sum of CE over targets != -100, their count, argmax hits)`` of logits in hand
+    ``[rows, L, vocab]`` for ``logits[:, :-1]`` against ``labels[:, 1:]`` (the official loss, not
+    summed over rows). The engine itself never makes the full logits (:func:`_row_loss`)."""
+    return lm_loss.row_terms(logits, labels, ignore_index=IGNORE_INDEX)
 
 
 # module-level jits keyed by the (hashable) module: a new Engine on the same model (each in-training
@@ -54,7 +49,7 @@ def _embed(module, params, *args):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _row_loss(module, params, labels, *args):
-    return row_loss_terms(module.apply({"params": params}, *args), labels)
+    return lm_row_terms(module, params, labels, *args)
 
 
 class Engine:

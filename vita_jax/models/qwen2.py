@@ -187,8 +187,10 @@ class Qwen2ForCausalLM(nn.Module):
     def embed(self, input_ids):
         return self.model.embed(input_ids)
 
-    def __call__(self, input_ids=None, attention_mask=None, positions=None, inputs_embeds=None,
-                 cache: Optional[KVCache] = None, logits_index=None, segment_ids=None):
+    def hidden(self, input_ids=None, attention_mask=None, positions=None, inputs_embeds=None,
+               cache: Optional[KVCache] = None, segment_ids=None):
+        """Final (normed) hidden states ``[batch, length, embed]`` and the updated cache: what
+        :meth:`head` turns into logits (the LM loss applies it chunk by chunk)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.model.embed(input_ids) if inputs_embeds is None else inputs_embeds
@@ -196,15 +198,19 @@ class Qwen2ForCausalLM(nn.Module):
             attention_mask = jnp.ones(x.shape[:2], jnp.int32)
         if segment_ids is not None and cache is not None:
             raise ValueError("segment_ids (packed rows) are for training forwards, not for cached decoding")
-        h, new_cache = self.model(x, attention_mask, positions, cache, segment_ids)
+        return self.model(x, attention_mask, positions, cache, segment_ids)
+
+    def head(self, h):
+        """Hidden states ``[batch, length, embed]`` -> logits ``[batch, length, vocab]`` (compute dtype)."""
+        logits = self.model.embed_tokens.attend(h) if self.cfg.tie_word_embeddings else self.lm_head(h)
+        return parallel.constrain(logits, ("batch", "length", "act_vocab"))
+
+    def __call__(self, input_ids=None, attention_mask=None, positions=None, inputs_embeds=None,
+                 cache: Optional[KVCache] = None, logits_index=None, segment_ids=None):
+        h, new_cache = self.hidden(input_ids, attention_mask, positions, inputs_embeds, cache, segment_ids)
         if logits_index is not None:
             h = jnp.take_along_axis(h, logits_index[:, None, None].astype(jnp.int32), axis=1)
-        if self.cfg.tie_word_embeddings:
-            logits = self.model.embed_tokens.attend(h)
-        else:
-            logits = self.lm_head(h)
-        logits = parallel.constrain(logits, ("batch", "length", "act_vocab"))
-        return logits, new_cache
+        return self.head(h), new_cache
 
 
 def key_table(cfg: Qwen2Config, prefix: str = "") -> list[KeyRule]:

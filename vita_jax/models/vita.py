@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from vita_jax import parallel
-from vita_jax.models import ctc, internvit, projectors, qwen2, tts_decoder, whale
+from vita_jax.models import ctc, internvit, lm_loss, projectors, qwen2, tts_decoder, whale
 
 # placeholder ids in ``input_ids`` (one per tile / clip), the label of unsupervised positions
 IMAGE_TOKEN_INDEX, AUDIO_TOKEN_INDEX, IGNORE_INDEX = -200, -500, -100
@@ -33,14 +33,19 @@ VISION_PREFIX = "model.vision_tower.vision_tower."
 
 
 def lm_loss_terms(logits, labels):
-    """Official loss pieces: ``(sum of CE over targets != -100, their count)`` for
-    ``logits[:, :-1]`` against ``labels[:, 1:]`` (float32)."""
-    logits = logits[:, :-1].astype(jnp.float32)
-    targets = labels[:, 1:]
-    valid = targets != IGNORE_INDEX
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
-    return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid)
+    """Official loss pieces ``(sum of CE over targets != -100, their count)`` of logits in hand
+    ``[batch, L, vocab]`` for ``logits[:, :-1]`` against ``labels[:, 1:]`` (float32)."""
+    total, (count, _) = lm_loss.loss_terms(logits, labels, ignore_index=IGNORE_INDEX)
+    return total, count
+
+
+def lm_row_terms(module: "VITA", params, labels, *args):
+    """Per row ``(sum of CE, target count, argmax hits)`` of ``module`` on spliced inputs ``args``
+    (those of :meth:`VITA.__call__`) against ``labels [batch, L]``; the LM head runs
+    ``module.loss_chunk`` positions at a time (:mod:`vita_jax.models.lm_loss`), no full logits."""
+    h = module.apply({"params": params}, *args, method=VITA.hidden)
+    head = lambda x: module.apply({"params": params}, x, method=VITA.head)  # noqa: E731
+    return lm_loss.row_terms(h, labels, head, module.loss_chunk, IGNORE_INDEX)
 
 
 # ------------------------------------------------------------------------------ tower configs
@@ -80,13 +85,15 @@ class VITA(nn.Module):
     whale_cfg: Optional[whale.WhaleConfig] = None
     pixel_mean: tuple = (0.485, 0.456, 0.406)
     pixel_std: tuple = (0.229, 0.224, 0.225)
+    loss_chunk: int = 0  # positions per chunk of the LM loss (config.loss_chunk; 0: all at once)
 
     @classmethod
     def from_config(cls, config) -> "VITA":
         """The model a (ml_collections) config describes."""
         im = config.get("image")
         norm = {} if im is None else dict(pixel_mean=tuple(map(float, im.mean)), pixel_std=tuple(map(float, im.std)))
-        return cls(llm_config(config), vision_config(config), audio_config(config), **norm)
+        return cls(llm_config(config), vision_config(config), audio_config(config),
+                   loss_chunk=int(config.get("loss_chunk", 0)), **norm)
 
     @property
     def tokens_per_tile(self) -> int:
@@ -133,16 +140,27 @@ class VITA(nn.Module):
         x = jnp.where((kind == PAD)[..., None], 0.0, x)
         return parallel.constrain(x, ("batch", "length", "act_embed"))
 
+    def hidden(self, kind, text_ids, src, pixels=None, audio_features=None, audio_lengths=None,
+               segment_ids=None, positions=None):
+        """Final hidden states ``[batch, length, embed]`` over the spliced sequence (the arguments of
+        :meth:`__call__`); :meth:`head` makes logits of them."""
+        x = self.embed(kind, text_ids, src, pixels, audio_features, audio_lengths)
+        h, _ = self.llm.hidden(inputs_embeds=x, attention_mask=(kind != PAD).astype(jnp.int32), positions=positions,
+                               segment_ids=segment_ids)
+        return h
+
+    def head(self, h):
+        """``[batch, length, embed]`` -> logits ``[batch, length, vocab]`` (the LLM's head)."""
+        return self.llm.head(h)
+
     def __call__(self, kind, text_ids, src, pixels=None, audio_features=None, audio_lengths=None,
                  segment_ids=None, positions=None):
         """Logits ``[batch, length, vocab]`` over the spliced sequence (positions 0..L-1); ``pixels``:
         uint8 tiles or normalised floats (:meth:`encode_images`). A packed
         batch gives ``segment_ids [batch, length]`` (1, 2, ... per example, 0 on padding: attention
         stays inside an example) and ``positions`` (rotary positions restarting at each example)."""
-        x = self.embed(kind, text_ids, src, pixels, audio_features, audio_lengths)
-        logits, _ = self.llm(inputs_embeds=x, attention_mask=(kind != PAD).astype(jnp.int32), positions=positions,
-                             segment_ids=segment_ids)
-        return logits
+        return self.head(self.hidden(kind, text_ids, src, pixels, audio_features, audio_lengths, segment_ids,
+                                     positions))
 
 
 # ------------------------------------------------------------------------------ parts and init

@@ -19,7 +19,7 @@ from vita_jax.models import ctc as ctc_lib
 from vita_jax.models import tts_decoder
 from vita_jax.models import vita
 from vita_jax.models.ctc import WhaleCTC
-from vita_jax.models.vita import IGNORE_INDEX, VITA, lm_loss_terms
+from vita_jax.models.vita import VITA
 from vita_jax.train import stages
 
 
@@ -33,14 +33,12 @@ class TrainState:
 
 
 def lm_loss(module: VITA, params, batch):
-    """Official LM loss pieces on the spliced batch: ``(sum CE, (tokens, correct))``."""
-    logits = module.apply({"params": params}, batch["kind"], batch["text_ids"], batch["src"], batch.get("pixels"),
-                          batch.get("audio_feats"), batch.get("audio_lens"), batch.get("segment_ids"),
-                          batch.get("positions"))
-    total, count = lm_loss_terms(logits, batch["labels"])
-    tgt = batch["labels"][:, 1:]
-    correct = jnp.sum((jnp.argmax(logits[:, :-1], -1) == tgt) & (tgt != IGNORE_INDEX))
-    return total, (count, correct)
+    """Official LM loss pieces on the spliced batch: ``(sum CE, (tokens, correct))``; the logits
+    exist ``module.loss_chunk`` positions at a time (:func:`vita_jax.models.vita.lm_row_terms`)."""
+    nll, count, hits = vita.lm_row_terms(module, params, batch["labels"], batch["kind"], batch["text_ids"],
+                                         batch["src"], batch.get("pixels"), batch.get("audio_feats"),
+                                         batch.get("audio_lens"), batch.get("segment_ids"), batch.get("positions"))
+    return jnp.sum(nll), (jnp.sum(count), jnp.sum(hits))
 
 
 def ctc_loss(module: WhaleCTC, params, batch):
