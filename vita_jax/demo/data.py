@@ -276,6 +276,16 @@ class DemoData:
             out.append({"id": f"text-{split}-{i}", "conversations": _conv(f"{scatter(desc, self.rng)}\n{q}", a)})
         return self._write(f"text_{split}", out)
 
+    def transcripts_text(self, split: str, n: int) -> str:
+        """Stage 0's transcript task alone (a phrase's words scattered among fillers, written out): the text
+        the stages that train the LLM replay so that it keeps the skill 2.1b's adapter relies on."""
+        out = []
+        for i in range(n):
+            desc = normalise(self.speech.phrases[i % len(self.speech.phrases)][0])
+            out.append({"id": f"transcript-text-{split}-{i}",
+                        "conversations": _conv(f"{scatter(desc, self.rng)}\n{TRANSCRIBE_PROMPT}", f"{desc}.")})
+        return self._write(f"transcripts_text_{split}", out)
+
     def asr_clips(self, split: str, n: int) -> list[tuple[np.ndarray, str]]:
         """``(waveform, transcript)`` for the CTC stage: the phrases, perturbed for held-out."""
         out = []
