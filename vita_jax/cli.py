@@ -321,9 +321,10 @@ def parser() -> argparse.ArgumentParser:
                                    "its input pipeline with the step (pipeline: tiny stage 2.2, slowed source and step); mixture "
                                    "--out=DIR [--n=400] writes a VITA-like official-format mixture (real photos, speech); eval "
                                    "--checkpoint=DIR [--n=24] [--batch=8] [--tokens=16]: batched evaluation generation "
-                                   "against one chat call per example.",
+                                   "against one chat call per example; codec, narrow (every stage's :narrow): --help.",
                        epilog=CONFIG_HELP)
-    b.add_argument("what", choices=["llm", "convert", "data", "pipeline", "mixture", "eval", "serve"])
+    b.add_argument("what", choices=["llm", "convert", "data", "pipeline", "mixture", "eval", "serve", "codec",
+                                    "narrow"])
     sv = sub.add_parser("serve", help="live voice + vision: a page at / and the WebSocket protocol at /ws",
                         description="Loads the model once and serves browser sessions (microphone, camera) and "
                                     "WebSocket clients: VAD, streamed text and speech, barge-in (README: Live voice "

@@ -32,7 +32,7 @@ from vita_jax.data.text import load_tokenizer
 from vita_jax.infer import generate as gen
 from vita_jax.models import qwen2, vita
 from vita_jax.models.vita import AUDIO, IMAGE, PAD
-from vita_jax.bench import codec, evalgen, mixture
+from vita_jax.bench import codec, evalgen, mixture, narrow
 from vita_jax.data import synthetic
 from vita_jax.train import stages, trainer
 from vita_jax.train.flops import device_peaks, training_flops
@@ -314,7 +314,7 @@ def format_table(res: dict) -> str:
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
 
 
-WHAT = ("llm", "convert", "data", "pipeline", "mixture", "eval", "serve", "codec")
+WHAT = ("llm", "convert", "data", "pipeline", "mixture", "eval", "serve", "codec", "narrow")
 
 
 def main(argv=None):
@@ -329,6 +329,8 @@ def main(argv=None):
         return serve.main(rest)
     if what == "codec":  # its own options: python -m vita_jax.bench codec --help
         return codec.main(rest)
+    if what == "narrow":  # its own options: python -m vita_jax.bench narrow --help
+        return narrow.main(rest)
     config, rest = config_lib.parse_args(rest, default="tiny")
     out, opts = None, {}
     for a in rest:

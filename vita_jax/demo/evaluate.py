@@ -41,9 +41,9 @@ def _model_key(config) -> str:
                                     sort_keys=True)
 
 
-def reply_accuracy(config, params, batches) -> tuple[float, float]:
-    """``(exact-match rate of the replies, token accuracy)`` over ``batches`` (collated LM
-    batches; all-padding rows of skipped samples are not counted), scored by the library's
+def reply_accuracy(config, params, batches) -> tuple[float, float, float]:
+    """``(exact-match rate of the replies, token accuracy, NLL in nats per reply token)`` over ``batches``
+    (collated LM batches; all-padding rows of skipped samples are not counted), scored by the library's
     held-out evaluator (:mod:`vita_jax.evals`: per-row loss terms, the ``loss`` task's metrics).
     Token accuracy: the fraction of reply tokens that are the argmax given the true prefix."""
     fwd = _lm_forward(_model_key(config))
@@ -54,7 +54,7 @@ def reply_accuracy(config, params, batches) -> tuple[float, float]:
                                                                    jnp.asarray(b["labels"])))
         records += [dict(nll=float(n), tokens=int(c), correct=int(h)) for n, c, h in zip(nll, count, hits)]
     m = tasks.get("loss").aggregate(records, {})
-    return m["reply_exact"], m["token_accuracy"]
+    return m["reply_exact"], m["token_accuracy"], m["loss"]
 
 
 def ctc_cer(config, params, batch, vocab) -> float:

