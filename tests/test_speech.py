@@ -3,6 +3,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 import torch
 
 import vita_jax
@@ -91,6 +92,30 @@ def test_speak(tiny_dir):
     assert wav.dtype == np.float32 and 0 < len(wav) <= 30 * 600 and np.isfinite(wav).all()
     assert m.speak("") .shape == (0,)
     assert m.speak("☜") .shape == (0,)
+    # a special id drawn mid-reply (BOS / SOS / PAD: the release's codec would crash on it) is skipped
+    odim, plain = m.speech.decoder_cfg.odim, m.speech.iter_codes
+
+    def with_specials(*a, **k):
+        for i, tok in enumerate(plain(*a, **k)):
+            if i in (3, 11):
+                yield odim if i == 3 else odim + 3
+            yield tok
+    m.speech.iter_codes = with_specials
+    np.testing.assert_array_equal(m.speak("hello there", top_k=1, max_tokens=30, first=(8, 1.01), padding_size=2), wav)
+
+
+def test_stream_skips_special_ids(speech, tts_dir):
+    """``stream`` drops the decoder's special ids (they carry no sound) and goes on; another id
+    outside the codebook is an error."""
+    codes = tts_ref(tts_dir, "streaming")["codes"][0][:50].tolist()
+    odim = speech.decoder_cfg.odim
+    noisy = codes[:5] + [odim] + codes[5:20] + [odim + 1, odim + 3] + codes[20:] + [odim + 2]
+    kw = dict(chunk_size=8, padding_size=2, seg_threshold=1.01)
+    want, got = list(speech.stream(np.asarray(codes), **kw)), list(speech.stream(np.asarray(noisy), **kw))
+    assert [len(s) for s in got] == [len(s) for s in want]
+    np.testing.assert_array_equal(np.concatenate(got), np.concatenate(want))
+    with pytest.raises(ValueError, match="codec ids must be in"):
+        list(speech.stream(np.asarray(codes[:3] + [odim + 4]), **kw))
 
 
 def test_reply_pieces():

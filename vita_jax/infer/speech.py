@@ -55,7 +55,9 @@ class SpeechModel:
 
     def iter_codes(self, x, top_k: int = 2, max_tokens: int = 1000, seed: int = 0, penalty_window: int = -1,
                    penalty: float = 1.1, replay: Optional[Sequence[int]] = None, record: Optional[list] = None):
-        """Yields code ids one at a time (EOS ends the stream and is not yielded). ``x [L, idim]``
+        """Yields ids one at a time as the official ``infer`` does: EOS ends the stream and is not
+        yielded; the other special ids (``bos``, ``sos``, ``pad`` = ``odim``, ``odim+1``, ``odim+3``) are
+        yielded and fed back like codes (callers that make sound skip them: :meth:`stream`). ``x [L, idim]``
         or ``[1, L, idim]``. ``replay`` feeds given ids instead of sampling (to check
         distributions); ``record`` collects ``(logits, probs)`` per step."""
         c = self.decoder_cfg
@@ -87,7 +89,7 @@ class SpeechModel:
             else:
                 key, sub = jax.random.split(key)
                 token = int(jax.random.choice(sub, probs.shape[0], p=jnp.asarray(probs)))
-            if token >= c.odim:  # EOS; or another special id, on which the release's codec would index out of range
+            if token == c.eos:  # the official loop ends on EOS only; other special ids are yielded (see stream)
                 return
             history.append(token)
             index += 1
@@ -95,7 +97,7 @@ class SpeechModel:
 
     def generate_codes(self, x, top_k: int = 2, max_tokens: int = 1000, seed: int = 0, penalty_window: int = -1,
                        penalty: float = 1.1) -> np.ndarray:
-        """Code ids ``[n]`` (int64) without EOS; at most ``max_tokens``."""
+        """The official decoder's ids ``[n]`` (int64) without EOS, special ids included; at most ``max_tokens``."""
         return np.asarray(list(self.iter_codes(x, top_k, max_tokens, seed, penalty_window, penalty)), np.int64)
 
 
@@ -142,7 +144,11 @@ class SpeechModel:
         decoder input vectors that are decoded on the fly); every ``chunk_size`` new ids (+
         ``padding_size`` look-ahead, ``padding_size`` left context) a chunk is synthesised and cut at
         a quiet point; yields float32 waveform segments as soon as they exist. ``stop()`` returning
-        True ends the stream between two decoder steps, with nothing more yielded."""
+        True ends the stream between two decoder steps, with nothing more yielded.
+
+        A special id of the decoder (``>= odim``: BOS, SOS or PAD drawn mid-reply; the release's codec
+        would index out of range on it and crash) carries no sound: it is skipped and the stream goes on
+        with the codes after it. Any other id outside the codebook is an error."""
         self._need_codec()
         arr = np.asarray(codes_or_x)
         if np.issubdtype(arr.dtype, np.integer):
@@ -150,9 +156,12 @@ class SpeechModel:
         else:
             source = self.iter_codes(arr, top_k=top_k, max_tokens=max_tokens, seed=seed)
         hop, left, tokens, buffer = SAMPLES_PER_ID, 0, [], np.zeros(0, np.float32)
+        special = self.decoder_cfg.odim
         for tok in source:
             if stop is not None and stop():
                 return
+            if special <= int(tok) < special + 4:
+                continue
             tokens.append(int(tok))
             if len(tokens) == left + chunk_size + padding_size:
                 syn = self.codes_to_wave(tokens, global_tokens)[left * hop:-padding_size * hop]
