@@ -29,7 +29,7 @@ def test_demo_small_budget(tmp_path):
         assert set(st) >= {"stage", "metric", "before", "after", "higher_is_better"}
         gain = st["after"] - st["before"] if st["higher_is_better"] else st["before"] - st["after"]
         # better than untrained by more than a token or two; every stage's gain was measured over three
-        # seeds at several times this margin (README: The demo), so CPU rounding cannot decide the verdict
+        # seeds at several times this margin (docs/demo.md), so CPU rounding cannot decide the verdict
         assert gain >= 0.03, st
         assert os.path.isdir(st["checkpoint"]), st  # every stage checkpointed
     assert "VITA-1.5 demo summary" in r.stdout and "spoken answer" in r.stdout

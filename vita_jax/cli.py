@@ -301,7 +301,7 @@ def parser() -> argparse.ArgumentParser:
                                "--config=FILE use --config.evals.NAME.FIELD=VALUE")
     ev.add_argument("--checkpoint", required=True, help="release directory or vita_jax orbax checkpoint")
     ev.add_argument("--task", help="asr | mcq | yesno | vqa | video_mcq | spoken_qa | loss")
-    ev.add_argument("--data", help="the benchmark's file or folder (see README: Evaluation)")
+    ev.add_argument("--data", help="the benchmark's file or folder (see docs/evaluation.md)")
     ev.add_argument("--out", required=True, help="folder for predictions.jsonl and metrics.json")
     ev.add_argument("--config", dest="config_file", default=None, help="a suite: eval_vita15[:ROOT], FILE.py")
     ev.add_argument("--max-examples", type=int, default=None, help="only the first N examples (MCQ: questions)")
@@ -327,8 +327,8 @@ def parser() -> argparse.ArgumentParser:
                                     "narrow"])
     sv = sub.add_parser("serve", help="live voice + vision: a page at / and the WebSocket protocol at /ws",
                         description="Loads the model once and serves browser sessions (microphone, camera) and "
-                                    "WebSocket clients: VAD, streamed text and speech, barge-in (README: Live voice "
-                                    "and vision). Needs pip install -e \".[serve]\".")
+                                    "WebSocket clients: VAD, streamed text and speech, barge-in (docs/serving.md). "
+                                    "Needs pip install -e \".[serve]\".")
     sv.add_argument("--checkpoint", required=True, help="release directory or vita_jax checkpoint")
     sv.add_argument("--host", default="127.0.0.1", help="interface to listen on (default loopback only)")
     sv.add_argument("--port", type=int, default=8765)

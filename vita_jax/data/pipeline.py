@@ -156,7 +156,7 @@ def calibrate(config, dataset, transform, layout: dict, workers: int = 4) -> tup
         raw = np.array([np.mean((lens > lo) & (lens <= e)) for lo, e in zip([0] + edges[:-1], edges)]) * clips
         # the expected clip count rounded down (largest remainders share it out), each group at least one:
         # measured on the bench mixture, rounding up leaves ~6 % of the slots empty, rounding down keeps
-        # a bounded queue of waiting speech examples and the rows as full (bench data, README)
+        # a bounded queue of waiting speech examples and the rows as full (bench data, docs/training.md)
         slots = np.floor(raw).astype(int)
         for g in np.argsort(-(raw - slots))[:max(0, int(clips) - int(slots.sum()))]:
             slots[g] += 1

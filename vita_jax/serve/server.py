@@ -1,5 +1,5 @@
 """``vita-jax serve``: the asyncio WebSocket server (``websockets``) with the page at ``/`` and the
-protocol at ``/ws`` (README, "Live voice and vision"). One :class:`~vita_jax.serve.engine.Engine`
+protocol at ``/ws`` (docs/serving.md). One :class:`~vita_jax.serve.engine.Engine`
 holds the model; each connection is a :class:`~vita_jax.serve.session.Session`.
 
 Safety: loopback unless ``host`` says otherwise; the ``Origin`` header must be this server's own

@@ -54,7 +54,7 @@ def row_template(config) -> dict:
         one = dict(local=1, index=0, count=1, accum=1)
         if config.data.get("packing", False):
             # a packed row as the per-sample budgets give it (max_tiles_per_sample tiles, max_clips_per_sample clips
-            # of max_frames); data.budgets="auto" sizes tile / clip slots from the data instead (README: compile)
+            # of max_frames); data.budgets="auto" sizes tile / clip slots from the data instead (docs/scaling.md)
             d = config.data
             arrays = packing.pack([], [[]], pipeline.packing_budget(config, one, audio_groups=[[int(d.max_frames),
                                                                                                 int(d.max_clips_per_sample)]]))
