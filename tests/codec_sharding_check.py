@@ -19,10 +19,10 @@ def main(train, held, ref_dir):
     c = stages.stage_config("3.1", "tiny")
     c.data.train, c.data.heldout = train, held
     mesh = parallel.make_mesh(dict(data=2, fsdp=2, tensor=2))
-    state, step, info, data = codec_setup.build(c, mesh, lambda *a: None)
-    mets = []
+    prog = codec_setup.program(c, mesh, lambda *a: None)
+    state, step, data, mets = prog.state, prog.step, prog.data, []
     for _ in range(2):
-        batch = info["place"](next(data))
+        batch = prog.place(next(data))
         state, met = step(state, batch)
         mets.append({k: float(v) for k, v in jax.device_get(met).items()})
     specs = [str(x.sharding.spec) for x in jax.tree.leaves(state)]

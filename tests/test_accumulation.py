@@ -10,7 +10,7 @@ from conftest import demo_mixture
 from vita_jax.data import pipeline
 from vita_jax.data.text import TextTokenizer
 from vita_jax.train import compile as compile_lib
-from vita_jax.train import setup, stages, trainer
+from vita_jax.train import program, setup, stages, trainer
 from vita_jax.train import step as step_lib
 
 
@@ -43,7 +43,7 @@ def test_packed_micro_batches_accumulate_as_one_by_one(packed_config):
         np.testing.assert_array_equal(g[1], mbs[1]["audio_feats"][k])
     assert all(int((mb["kind"] == 2).sum()) and int((mb["kind"] == 1).sum()) for mb in mbs)  # speech and images
 
-    params = trainer.initial_params(c)
+    params = program.initial_params(c)
     state, step, _ = setup.build(c, params)
     _, met = step(state, jax.tree.map(jnp.asarray, batch))
 

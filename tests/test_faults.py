@@ -38,18 +38,18 @@ def _tree(root):
 @pytest.fixture(scope="module")
 def failed_export(tmp_path_factory):
     """A run that trained to the end but whose final ``model/`` export failed (the disk filled up)."""
-    from vita_jax.train import trainer
+    from vita_jax.train import program, trainer
     wd = str(tmp_path_factory.mktemp("failed_export") / "wd")
-    real = trainer.export_model
+    real = program.export_model
 
     def boom(*a, **k):
         raise OSError(28, "No space left on device")
-    trainer.export_model = boom
+    program.export_model = boom
     try:
         with pytest.raises(OSError, match="No space left"):
             trainer.train(_config(), wd, log=lambda *_: None, progress=False)
     finally:
-        trainer.export_model = real
+        program.export_model = real
     assert _steps(wd)[-1] == STEPS and not os.path.exists(os.path.join(wd, "model"))
     assert [r["step"] for r in _metrics(wd)] == list(range(1, STEPS + 1))
     return wd

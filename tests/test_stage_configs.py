@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from vita_jax import config as config_lib
-from vita_jax.train import setup, stages, trainer
+from vita_jax.train import program, setup, stages, trainer
 
 SNAPSHOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "stage_configs.json")
 NARROW = [s for s in stages.STAGES if s != "3.1"]
@@ -87,5 +87,5 @@ def test_narrow_model_builds(stage):
     assert 39_000_000 < n < 45_000_000, n
     assert shapes["llm"]["model"]["embed_tokens"]["embedding"].shape == (152064, 128)
     if stage == "2.2":
-        params = trainer.initial_params(c)
+        params = program.initial_params(c)
         assert jax.tree.map(np.shape, params) == jax.tree.map(lambda x: x.shape, shapes)

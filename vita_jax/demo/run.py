@@ -34,7 +34,7 @@ from vita_jax.demo.evaluate import format_summary
 from vita_jax.infer import speech as speech_lib
 from vita_jax.infer.speech import SpeechModel
 from vita_jax.models.tts_decoder import TTSDecoderConfig
-from vita_jax.train import stages, trainer
+from vita_jax.train import program, stages, trainer
 
 # stage -> (what it trains, metric, higher_is_better, steps at the 15-minute budget, learning rate,
 #           media slots per sample (tiles, clips)). Stages whose LLM is frozen and whose only trainable part is
@@ -185,7 +185,7 @@ class Demo:
         c = self.config(stage, init_from)
         c.data.mixture = [dict(json=p, weight=w) for p, w in train_json]
         batches = self.lm_batches(c, eval_json)
-        before = evaluate.reply_accuracy(c, trainer.initial_params(c), batches)
+        before = evaluate.reply_accuracy(c, program.initial_params(c), batches)
         out = trainer.train(c, os.path.join(self.wd, stage), log=self._stage_log, progress=self.progress)
         after = evaluate.reply_accuracy(c, stages.merge(out["state"].train, out["state"].frozen), batches)
         k = 2 if "NLL" in PLAN[stage][1] else 1 if "token" in PLAN[stage][1] else 0
@@ -215,7 +215,7 @@ class Demo:
             order = np.random.default_rng((self.seed, i)).permutation(len(train))[:BATCH]
             return batch([train[k] for k in order])
         held_batch = batch(held)
-        before = evaluate.ctc_cer(c, trainer.initial_params(c), held_batch, vocab)
+        before = evaluate.ctc_cer(c, program.initial_params(c), held_batch, vocab)
         out = trainer.train(c, os.path.join(self.wd, "2.1a"), data=pipeline.IndexedBatches(make), log=self._stage_log,
                             progress=self.progress)
         after = evaluate.ctc_cer(c, stages.merge(out["state"].train, out["state"].frozen), held_batch, vocab)
@@ -239,7 +239,7 @@ class Demo:
             order = np.random.default_rng((self.seed, i)).permutation(len(train))[:BATCH]
             return batch([train[k] for k in order])
         held_batch = batch(held)
-        before = evaluate.speech_token_accuracy(c, trainer.initial_params(c), held_batch)
+        before = evaluate.speech_token_accuracy(c, program.initial_params(c), held_batch)
         out = trainer.train(c, os.path.join(self.wd, "3.2"), data=pipeline.IndexedBatches(make), log=self._stage_log,
                             progress=self.progress)
         after = evaluate.speech_token_accuracy(c, stages.merge(out["state"].train, out["state"].frozen), held_batch)

@@ -1,7 +1,7 @@
 """Stage 3.1 in the trainer (its config: configs/stage3_1.py): the TiCodec codec's initial state, sharded step,
 data and export.
 
-:func:`build` gives the trainer what :func:`vita_jax.train.setup.build` gives it for the LM stages:
+:func:`program` gives the trainer the stage's :class:`~vita_jax.train.setup.StageProgram`:
 the state (a dict: generator side ``gp`` / ``gb``, discriminators ``dp`` / ``db``, both Adam states,
 the step count and a non-finite counter), the jitted step ``(state, batch) -> (state, metrics)``
 with explicit in / out shardings, ``place`` for the host batches, and the stage's data; plus
@@ -25,11 +25,12 @@ import numpy as np
 import soundfile as sf
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from vita_jax import parallel
+from vita_jax import parallel, paths
 from vita_jax.data import codec_data
 from vita_jax.models import ticodec_train as tt
 from vita_jax.train import codec_eval, codec_loop
 from vita_jax.train import codec_step as cs
+from vita_jax.train.setup import StageProgram
 
 def train_config(config) -> tt.CodecTrainConfig:
     h = dict(config.codec.to_dict())
@@ -169,8 +170,9 @@ def initial_state(config, M: cs.CodecModels, log):
     return state, max(0, info["epoch"])
 
 
-def build(config, mesh, log):
-    """``(state, step_fn, info, data)`` of stage 3.1 (the trainer's ``_build`` for ``loss == "codec"``)."""
+def program(config, mesh, log) -> StageProgram:
+    """Stage 3.1's :class:`~vita_jax.train.setup.StageProgram`: its state, step, data, held-out mel
+    evaluator and export (upstream's ``g_`` / ``do_`` files and ``vita_tts_ckpt/codec``)."""
     cfg = train_config(config)
     M = cs.CodecModels.build(cfg)
     train_files = list_wavs(config.data.train, "train")
@@ -189,12 +191,11 @@ def build(config, mesh, log):
         raise ValueError(f"config.batch_size = {cfg.batch_size}: not divisible by the {n_proc} processes")
     rows = cfg.batch_size // n_proc
     count = lambda t: sum(int(np.size(x)) for x in jax.tree.leaves(t))  # noqa: E731
-    info = dict(table=f"generator side {count(state['gp']):,} parameters (generator, encoder, quantizer); "
-                      f"discriminators {count(state['dp']):,} (MPD, MSD, MS-STFT)", models=M,
-                params_of=lambda s: s, export=lambda s, d: codec_loop.export_run(d, M, s, int(s["epoch"]), heldout))
-
+    table = (f"generator side {count(state['gp']):,} parameters (generator, encoder, quantizer); "
+             f"discriminators {count(state['dp']):,} (MPD, MSD, MS-STFT)")
+    shard = None
     if mesh is None:
-        info["place"] = lambda b: jax.tree.map(jnp.asarray, b)
+        place = lambda b: jax.tree.map(jnp.asarray, b)  # noqa: E731
         step_fn = jax.jit(step, donate_argnums=0)
     else:
         shard = state_shardings(state, mesh)
@@ -205,7 +206,6 @@ def build(config, mesh, log):
             return {k: jax.make_array_from_process_local_data(sh[k], np.asarray(v)[pid * rows:(pid + 1) * rows]
                                                               if np.ndim(v) else np.asarray(v), np.shape(v))
                     for k, v in b.items()}
-        info["place"], info["shardings"] = place, shard
         jitted = {}
 
         def step_fn(s, b):
@@ -214,6 +214,9 @@ def build(config, mesh, log):
                                       out_shardings=(shard, None), donate_argnums=0)
             with parallel.use_mesh(mesh):
                 return jitted["f"](s, b)
-    batches = Batches(data, cfg, epoch0)
-    info["evals"] = heldout
-    return state, step_fn, info, batches
+
+    def export(s, folder: str) -> None:
+        codec_loop.export_run(folder, M, s, int(s["epoch"]), heldout)
+    return StageProgram(state=state, step=step_fn, place=place, data=Batches(data, cfg, epoch0), table=table,
+                        params_of=lambda s: s, export=export, evals=heldout, shardings=shard,
+                        complete=lambda folder: paths.is_local(folder) and codec_loop.export_complete(folder))

@@ -3,6 +3,9 @@ explicit shardings, and the jitted step. The same code builds an abstract state 
 and shardings, nothing allocated) for ahead-of-time compilation (:mod:`vita_jax.train.compile`)."""
 from __future__ import annotations
 
+import dataclasses
+from typing import Any, Callable, Optional
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -14,6 +17,32 @@ from vita_jax import parallel
 from vita_jax.models import vita
 from vita_jax.train import stages
 from vita_jax.train import step as step_lib
+
+
+@dataclasses.dataclass
+class StageProgram:
+    """A stage as the training loop runs it.
+
+    ``state``: the initial train state (a pytree, placed); ``step(state, placed batch) -> (state, metrics)``
+    (jitted; metrics a dict of device scalars with ``loss``, ``tokens``, ``finite``, ``nonfinite``);
+    ``place(host batch)``: the batch on the devices (may run in the input pipeline's thread); ``data``: an
+    iterator of host micro-batches with ``get_state`` / ``set_state``; ``table``: the parameter table
+    logged at the start; ``params_of(state)``: the whole-model parameters (evaluators, export);
+    ``export(state, folder)``: writes ``WORKDIR/model``; ``complete(folder)``: whether that export is
+    finished; ``evals``: the stage's own evaluator or None (the trainer's ``config.evals``);
+    ``step_size(host batch)``: ``(rows, length, tiles, frames)`` of the global step for the FLOPs
+    count, or None; ``shardings``: the state's shardings (None without a mesh)."""
+    state: Any
+    step: Callable
+    place: Callable
+    data: Any
+    table: str
+    params_of: Callable
+    export: Callable[[Any, str], None]
+    complete: Callable[[str], bool]
+    evals: Any = None
+    step_size: Callable[[dict], Optional[tuple]] = lambda host: None
+    shardings: Any = None
 
 
 def state_shardings(state: step_lib.TrainState, param_shardings: dict, mesh):

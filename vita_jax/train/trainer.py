@@ -1,6 +1,6 @@
-"""The training loop. It asks ``data/`` for batches (official files, or the tiny configs' synthetic
-sets), ``models/`` for the initial parameters and heads, ``train/setup`` for the state and the
-jitted step, ``train/checkpoint`` for checkpoints, and runs: step, metrics, checkpoint, resume.
+"""The training loop. It asks :mod:`vita_jax.train.program` for the stage's program (state, jitted step,
+placement, data, evaluator, export: the same contract for every stage), ``train/checkpoint`` for
+checkpoints, and runs: step, metrics, checkpoint, resume, export. It never branches on the stage.
 
 Every logged step is appended to ``WORKDIR/metrics.jsonl``; checkpoints live in ``WORKDIR/ckpt``.
 WORKDIR may be a URL (``gs://bucket/run``): every file goes through :mod:`vita_jax.paths`.
@@ -22,52 +22,11 @@ from tqdm import tqdm
 
 from vita_jax import config as config_lib
 from vita_jax import paths
-from vita_jax.convert import checkpoint, orbax_io, target
-from vita_jax.convert import tts as tts_io
-from vita_jax.data import pipeline, synthetic
-from vita_jax.data.text import load_tokenizer
+from vita_jax.convert import target
+from vita_jax.data import pipeline
 from vita_jax.evals.training import TrainingEvals
-from vita_jax.models import vita
 from vita_jax.train import checkpoint as ckpt_lib
-from vita_jax.train import codec_loop, codec_setup, flops, setup, stages, tensorboard
-
-
-def initial_params(config, ck: Optional[checkpoint.Checkpoint] = None) -> dict:
-    """``config.init_from`` (a release directory or vita_jax checkpoint, parameters only; ``ck`` if
-    already opened) or a random model; plus the stage's extra heads (CTC head, speech decoder)."""
-    if config.init_from:
-        ck = ck or checkpoint.load(config.init_from)
-        params = dict(ck.params)
-        want = jax.eval_shape(lambda: vita.init_params(config, seed=0))
-        for path, leaf in jax.tree_util.tree_leaves_with_path(want):
-            node = params
-            for k in path:
-                node = node.get(k.key) if hasattr(node, "get") else None
-            if node is not None and tuple(node.shape) != tuple(leaf.shape):
-                raise ValueError(f"config.init_from = {config.init_from}: {jax.tree_util.keystr(path)} has shape "
-                                 f"{tuple(node.shape)}, the config's model wants {tuple(leaf.shape)} (another model size?)")
-        if config.loss == "tts" and ck.tts is not None:
-            params["tts_decoder"] = ck.tts[1]
-    else:
-        params = vita.init_params(config, seed=int(config.seed))
-    return vita.init_heads(config, params, seed=int(config.seed))
-
-
-def export_model(config, state, path: str) -> None:
-    """The stage's final parameters as a vita_jax checkpoint (the model parts; a trained speech
-    decoder also goes to ``path/vita_tts_ckpt`` in the official format)."""
-    params = stages.merge(state.train, state.frozen)
-    pdt = jnp.dtype(config.param_dtype)
-    model_params = {k: jax.tree.map(lambda x: x.astype(pdt) if jnp.issubdtype(x.dtype, jnp.floating) else x, params[k])
-                    for k in vita.parts(config) if k in params}
-    extra = None
-    if "tts_decoder" in params:
-        tts = params["tts_decoder"]
-        if jax.process_count() > 1:  # the official .pt is written by one process from host copies
-            tts = multihost_utils.process_allgather(tts, tiled=True)
-        tc = vita.tts_config(config)
-        extra = lambda tmp: tts_io.write(os.path.join(tmp, "vita_tts_ckpt"), tc, tts)  # noqa: E731
-    orbax_io.save(path, config, model_params, write_extra=extra, overwrite=True)
+from vita_jax.train import flops, program, tensorboard
 
 
 def next_batch(data, accum: int) -> dict:
@@ -76,16 +35,6 @@ def next_batch(data, accum: int) -> dict:
     if accum == 1:
         return next(data)
     return pipeline.stack_micro_batches([next(data) for _ in range(accum)])
-
-
-def _batch_size(config, host: dict, accum: int):
-    """``(rows, length, tiles, audio frames)`` of the global step for the FLOPs count (LM stages; else None)."""
-    if config.loss != "lm" or "kind" not in host:
-        return None
-    b, L = np.shape(host["kind"])[-2:]
-    copies = accum * jax.process_count()  # this process holds 1/copies of the step's rows
-    return (b * copies, L, int(np.shape(host["pixels"])[-4]) * copies,
-            sum(int(np.asarray(n).sum()) for n in jax.tree.leaves(host["audio_lens"])) * jax.process_count())
 
 
 def _step_of(line: str) -> Optional[int]:
@@ -178,13 +127,6 @@ def _rows(path: str) -> list:
         return [json.loads(line) for line in f if _step_of(line) is not None]
 
 
-def _complete(config, model_dir: str) -> bool:
-    """Whether the stage's ``WORKDIR/model`` export is finished."""
-    if config.get("loss") == "codec":
-        return paths.is_local(model_dir) and codec_loop.export_complete(model_dir)
-    return orbax_io.is_complete(model_dir)
-
-
 def _no_tokens_before(path: Optional[str], start: int) -> bool:
     """Whether steps 1..``start`` (all in ``metrics.jsonl``) trained on no target token (process 0 reads
     the file; a history with lines missing counts as trained)."""
@@ -195,58 +137,142 @@ def _no_tokens_before(path: Optional[str], start: int) -> bool:
     return empty
 
 
-def _check_vocab(config, tok) -> None:  # ids past the model's vocabulary train to NaN
-    if tok is not None and len(tok) > int(config.llm.vocab_size):
-        name = f"config.data.tokenizer = {config.data.tokenizer}" if config.data.tokenizer else \
-            f"the tokenizer of config.init_from = {config.init_from}"
-        raise ValueError(f"{name} has {len(tok)} tokens, more than config.llm.vocab_size = {config.llm.vocab_size} "
-                         "(ids past the model's vocabulary train to NaN): use the model's tokenizer or a larger vocab_size")
 
 
-def _build(config, data, mesh, wrap_step, log, evals=None, ck=None, done: int = 0):
-    """``(state, step_fn, info, data)``: the stage's initial state, jitted step and data (the synthetic set
-    unless files or ``data`` are given). Checked first: data files, tokenizer size, the checkpoint's run."""
-    if config.get("loss") == "codec":  # stage 3.1: its own data, state and step
+class Recorder:
+    """Reads a dispatched step's metrics (blocking until the step is done), adds timings, FLOPs and MFU,
+    writes them to ``metrics.jsonl`` / TensorBoard / the progress bar, and stops runs that went wrong:
+    ``max_nonfinite_steps`` non-finite steps or ``max_empty_steps`` steps without a target token in a row."""
+
+    def __init__(self, config, out, tb, bar, log):
+        self.config, self.out, self.tb, self.bar, self.log = config, out, tb, bar, log
+        self.peak = flops.device_peaks(jax.devices()[0].device_kind)[0]
+        self.t0 = self.t_done = time.perf_counter()
+        self.last, self.empty = {}, 0
+        self.seen = 0  # target tokens trained on in this call (a run shorter than max_empty_steps can train on none)
+
+    def __call__(self, pending) -> None:
+        i, met, size, wait = pending
+        met = {k: float(v) for k, v in jax.device_get(met).items()}
+        now = time.perf_counter()
+        dt, self.t_done = now - self.t_done, now  # step period: between consecutive completions
+        met.update(step=i + 1, seconds=now - self.t0, step_s=dt, data_wait_s=wait, tokens_per_s=met["tokens"] / dt)
+        if size is not None:
+            fl = flops.step_flops(self.config, *size)
+            met["tflops_per_s"] = fl / dt / 1e12
+            if self.peak:
+                met["mfu"] = fl / dt / (self.peak * jax.device_count())
+        self._write(met)
+        self._check(met)
+
+    def _write(self, met: dict) -> None:
+        if self.tb is not None:
+            for k, v in met.items():
+                if k not in ("step", "finite"):
+                    self.tb.add_scalar(f"train/{k}", v, met["step"])
+        self.out.write(json.dumps(met) + "\n")
+        self.out.flush()
+        self.last = met
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{met['loss']:.4f}")
+
+    def _check(self, met: dict) -> None:
+        step, c = met["step"], self.config
+        if met["finite"] and not met["tokens"]:
+            self.log(f"step {step}: no target tokens in the batch (every sample skipped), update skipped")
+        self.empty, self.seen = (0 if met["tokens"] else self.empty + 1), self.seen + met["tokens"]
+        if self.empty >= int(c.get("max_empty_steps", 20)):
+            raise ValueError(f"{self.empty} steps in a row had no target tokens (every sample bad or unlabelled); "
+                             f"stopping: check the data ({_data_names(c)}; config.max_empty_steps)")
+        if not met["finite"]:
+            self.log(f"step {step}: non-finite loss or gradient, update skipped")
+            if int(met["nonfinite"]) >= int(c.max_nonfinite_steps):
+                raise FloatingPointError(f"{int(met['nonfinite'])} non-finite steps in a row; stopping")
+
+
+def _start(config, data, mesh, wrap_step, log, evals, ck, done: int, metrics_path: Optional[str]):
+    """``(program, start step)``: the stage's program, restored from the newest checkpoint when there is one
+    (the metrics past it dropped by process 0)."""
+    try:
+        prog = program.build(config, data, mesh, log, evals, ck, done)
+        if wrap_step is not None:
+            prog.step = wrap_step(prog.step)
+        log(f"stage {config.stage}: {config.description}\n{prog.table}")
+        start = 0
         if done:
-            ck.check_same_run(done, config)
-        state, step_fn, info, codec_batches = codec_setup.build(config, mesh, log)
-        log(f"stage {config.stage}: {config.description}\n{info['table']}")
-        return state, (wrap_step(step_fn) if wrap_step else step_fn), info, data or codec_batches
-    has_files, given = bool(len(config.data.mixture) or len(config.data.tfds)), data is not None
-    if data is None and not has_files:
-        data, units = synthetic.synthetic_data(config)
-        if units is not None:  # the CTC head is sized by the unit vocabulary of the synthetic clips
-            config.ctc_units = units
-    tok_dir = config.data.tokenizer or config.init_from or None
-    _check_vocab(config, evals.tokenizer if evals else None)
-    if data is None:  # the data files are opened and checked (shape, samples) before any model is built
-        tok = load_tokenizer(tok_dir) if tok_dir else None
-        if tok is None:
-            raise ValueError("config.data.mixture / config.data.tfds need a tokenizer: set config.data.tokenizer (or "
-                             f"init_from){f'; {tok_dir} has no tokenizer.json' if tok_dir else ''}")
-        data = pipeline.official_data(config, tok)
-        _check_vocab(config, tok)
-    if given and not evals and config.data.tokenizer:  # the caller's batches were made with it
-        _check_vocab(config, load_tokenizer(config.data.tokenizer))
-    if done:  # a checkpoint of another model or stage is refused before the model is built
-        ck.check_same_run(done, config)
-    ck_in = checkpoint.load(config.init_from) if config.init_from else None
-    params = initial_params(config, ck_in)
-    state, step_fn, info = setup.build(config, params, mesh=mesh)
-    if wrap_step is not None:
-        step_fn = wrap_step(step_fn)
-    del params, ck_in
-    log(f"stage {config.stage}: {config.description}\n{info['table']}")
-    log(f"processes: {jax.process_count()}, devices: {jax.device_count()} ({jax.local_device_count()} local), "
-        f"mesh: {dict(mesh.shape) if mesh is not None else 'none'}")
-    return state, step_fn, info, data
+            start, prog.state, data_state = ck.restore_latest(prog.state, log)
+            prog.data.set_state(data_state)
+            log(f"resumed from step {start}")
+        if metrics_path is not None:
+            _trim_metrics(metrics_path, start)
+    except BaseException:
+        ck.close()
+        raise
+    return prog, start
+
+
+def _loop(config, prog, ck, evals, rec: Recorder, start: int, stop_after: Optional[int]) -> int:
+    """Steps ``start`` .. ``total_steps`` (or ``stop_after``); returns the last step done. The next batches
+    are made and placed while the device runs, and a step's metrics are read once the next step is
+    dispatched, so neither the host pipeline nor the metrics read stalls the device."""
+    total, accum, done = int(config.total_steps), int(config.grad_accum), start
+
+    def produce():
+        host = next_batch(prog.data, accum)
+        return prog.place(host), prog.data.get_state(), prog.step_size(host)
+    feed = pipeline.Prefetch(produce, depth=int(config.data.get("prefetch", 2)))
+    pending = None
+    try:
+        if start == 0 and getattr(evals, "at_start", False):  # stage 3.1's held-out mel of the untrained codec
+            evals.run(0, total, lambda: prog.params_of(prog.state), rec.out, rec.tb)
+        for i in range(start, total):
+            (batch, data_state, size), wait = feed.next()
+            prog.state, met = prog.step(prog.state, batch)  # dispatched: runs while the last metrics are read
+            if pending is not None:
+                rec(pending)
+            pending = (i, met, size, wait)
+            if (i + 1) % ck.every == 0 or i + 1 == total:  # a checkpoint never gets ahead of its metrics line
+                rec(pending)
+                pending = None
+            ck.save(i + 1, prog.state, data_state, config, force=(i + 1 == total))
+            done = i + 1
+            if evals and evals.due(i + 1, total) and pending is not None:  # after the step's own metrics line
+                rec(pending)
+                pending = None
+            if evals and evals.due(i + 1, total):
+                evals.run(i + 1, total, lambda: prog.params_of(prog.state), rec.out, rec.tb)
+            if stop_after is not None and i + 1 >= stop_after:
+                break
+        if pending is not None:
+            rec(pending)
+    finally:
+        feed.close()
+    return done
+
+
+def _finish(config, prog, log, model_dir: str, metrics_path: Optional[str], ck, start: int, done: int, seen) -> None:
+    """After the loop: refuses a run that never trained on a target token, else exports the model when the
+    run is complete (also when an earlier export was interrupted)."""
+    total = int(config.total_steps)
+    if done == total and not seen and _no_tokens_before(metrics_path, start):
+        raise ValueError(f"the whole run had no target tokens (every sample bad, too long or unlabelled): no model "
+                         f"written; check the data ({_data_names(config)})")
+    complete = prog.complete(model_dir)
+    if start == total and not complete:
+        log(f"stage {config.stage} had finished (checkpoint {total} in {ck.path}) but {model_dir} is missing or "
+            "incomplete (an interrupted export): writing it from that checkpoint")
+    if done == total and (start < total or not complete):
+        prog.export(prog.state, model_dir)
+        log(f"final parameters written to {model_dir} (use it as the next stage's init_from)")
 
 
 def train(config, workdir: str, mesh=None, data=None, log: Callable = print, progress: bool = True,
           stop_after: Optional[int] = None, wrap_step: Optional[Callable] = None, return_state: bool = True) -> dict:
     """Runs (or resumes) ``config``'s stage in ``workdir``. ``data``: an iterator of host batches
-    with ``get_state``/``set_state`` (default: the synthetic set of the tiny configs). ``wrap_step``:
-    ``step -> step`` around the jitted step (profiling, ``bench pipeline``'s deliberately slow step).
+    with ``get_state``/``set_state`` (default: the stage's own: official files, or the synthetic set of
+    the tiny configs). ``wrap_step``: ``step -> step`` around the jitted step (profiling, ``bench
+    pipeline``'s deliberately slow step).
 
     A finished run (newest checkpoint at ``total_steps``) trains nothing: it writes ``WORKDIR/model``
     from that checkpoint when the model is missing or incomplete, and otherwise (with
@@ -262,126 +288,26 @@ def train(config, workdir: str, mesh=None, data=None, log: Callable = print, pro
     model_dir, metrics_path = paths.join(workdir, "model"), paths.join(workdir, "metrics.jsonl")
     ck = _open_checkpoints(config, workdir, log if main else None)
     done = ck.latest_step() or 0
-    if done == total and _complete(config, model_dir) and not return_state:
+    if done == total and program.export_complete(config, model_dir) and not return_state:
         ck.close()
         log(f"stage {config.stage} already finished: checkpoint {total} in {ck.path} and its model in {model_dir}; "
             "nothing to do")
         return dict(last=(_rows(metrics_path) or [{}])[-1], state=None, steps=total, skipped={})
-    try:
-        state, step_fn, info, data = _build(config, data, mesh, wrap_step, log, evals, ck, done)
-        start = 0
-        if done:
-            start, state, data_state = ck.restore_latest(state, log)
-            data.set_state(data_state)
-            log(f"resumed from step {start}")
-        if main:
-            _trim_metrics(metrics_path, start)
-    except BaseException:
-        ck.close()
-        raise
-    done = start
-    metrics_path = metrics_path if main else os.devnull
-    accum = int(config.grad_accum)
-    bar = None
-    if progress:
-        bar = tqdm(total=total, initial=start, desc=f"stage {config.stage}", leave=False)
+    prog, start = _start(config, data, mesh, wrap_step, log, evals, ck, done, metrics_path if main else None)
+    bar = tqdm(total=total, initial=start, desc=f"stage {config.stage}", leave=False) if progress else None
     tb = tensorboard.writer(workdir)
-    peak = flops.device_peaks(jax.devices()[0].device_kind)[0]
-    place = info["place"]
-    evals = info.get("evals") or evals  # stage 3.1: its held-out mel measure
-    params_of = info.get("params_of") or (lambda s: stages.merge(s.train, s.frozen))
-
-    def produce():
-        """One step's input, made ahead in the pipeline's thread: placed batch, data state after it, its size."""
-        host = next_batch(data, accum)
-        return place(host), data.get_state(), _batch_size(config, host, accum)
-
-    # the next batches are made and placed while the device runs; a step's metrics are read once the next
-    # step is dispatched, so neither the host pipeline nor the metrics read stalls the device
-    feed = pipeline.Prefetch(produce, depth=int(config.data.get("prefetch", 2)))
-    last, pending, t0 = ((_rows(metrics_path) or [{}])[-1] if start == total else {}), None, time.perf_counter()
-    seen = 0  # target tokens trained on in this call (a run shorter than max_empty_steps can still train on nothing)
-    t_done, empty = t0, 0
-
-    def record(p) -> None:
-        """Reads the metrics of a dispatched step (blocks until it is done), logs them, stops on non-finite runs."""
-        nonlocal last, t_done, empty, seen
-        i, met, size, wait = p
-        met = {k: float(v) for k, v in jax.device_get(met).items()}
-        now = time.perf_counter()
-        dt, t_done = now - t_done, now  # step period: between consecutive completions
-        met.update(step=i + 1, seconds=now - t0, step_s=dt, data_wait_s=wait, tokens_per_s=met["tokens"] / dt)
-        if size is not None:
-            fl = flops.step_flops(config, *size)
-            met["tflops_per_s"] = fl / dt / 1e12
-            if peak:
-                met["mfu"] = fl / dt / (peak * jax.device_count())
-        if tb is not None:
-            for k, v in met.items():
-                if k not in ("step", "finite"):
-                    tb.add_scalar(f"train/{k}", v, i + 1)
-        mf.write(json.dumps(met) + "\n")
-        mf.flush()
-        last = met
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{met['loss']:.4f}")
-        if met["finite"] and not met["tokens"]:
-            log(f"step {i + 1}: no target tokens in the batch (every sample skipped), update skipped")
-        empty, seen = (0 if met["tokens"] else empty + 1), seen + met["tokens"]
-        if empty >= int(config.get("max_empty_steps", 20)):
-            raise ValueError(f"{empty} steps in a row had no target tokens (every sample bad or unlabelled); "
-                             f"stopping: check the data ({_data_names(config)}; config.max_empty_steps)")
-        if not met["finite"]:
-            log(f"step {i + 1}: non-finite loss or gradient, update skipped")
-            if int(met["nonfinite"]) >= int(config.max_nonfinite_steps):
-                raise FloatingPointError(f"{int(met['nonfinite'])} non-finite steps in a row; stopping")
-
     try:
-        with paths.appender(metrics_path) as mf:
-            if start == 0 and getattr(evals, "at_start", False):  # stage 3.1's held-out mel of the untrained codec
-                evals.run(0, total, lambda: params_of(state), mf, tb)
-            for i in range(start, total):
-                (batch, data_state, size), wait = feed.next()
-                state, met = step_fn(state, batch)  # dispatched: runs while the previous step's metrics are read
-                if pending is not None:
-                    record(pending)
-                pending = (i, met, size, wait)
-                if (i + 1) % ck.every == 0 or i + 1 == total:  # a checkpoint never gets ahead of its metrics line
-                    record(pending)
-                    pending = None
-                ck.save(i + 1, state, data_state, config, force=(i + 1 == total))
-                done = i + 1
-                if evals and evals.due(i + 1, total):  # after the step's own metrics line
-                    pending = record(pending) if pending is not None else None
-                    evals.run(i + 1, total, lambda: params_of(state), mf, tb)
-                if stop_after is not None and i + 1 >= stop_after:
-                    break
-            if pending is not None:
-                record(pending)
-    except BaseException:  # the checkpoint manager's threads end before the error is reported
-        ck.close()
-        raise
-    finally:
-        feed.close()
-    if bar is not None:
-        bar.close()
-    if tb is not None:
-        tb.close()
-    ck.close()
-    if done == total and not seen and _no_tokens_before(metrics_path if main else None, start):
-        raise ValueError(f"the whole run had no target tokens (every sample bad, too long or unlabelled): no model "
-                         f"written; check the data ({_data_names(config)})")
-    if start == total and not _complete(config, model_dir):
-        log(f"stage {config.stage} had finished (checkpoint {total} in {ck.path}) but {model_dir} is missing or "
-            "incomplete (an interrupted export): writing it from that checkpoint")
-    if done == total and (start < total or not _complete(config, model_dir)):
-        if "export" in info:
-            info["export"](state, model_dir)
-        else:
-            export_model(config, state, model_dir)
-        log(f"final parameters written to {model_dir} (use it as the next stage's init_from)")
-    skipped = dict(getattr(data, "skipped", None) or getattr(getattr(data, "collator", None), "skipped", {}) or {})
+        with paths.appender(metrics_path if main else os.devnull) as out:
+            rec = Recorder(config, out, tb, bar, log)
+            rec.last = (_rows(metrics_path) or [{}])[-1] if start == total else {}
+            done = _loop(config, prog, ck, prog.evals or evals, rec, start, stop_after)
+    finally:  # the checkpoint manager's threads end before an error is reported
+        for closing in (bar, tb, ck):
+            if closing is not None:
+                closing.close()
+    _finish(config, prog, log, model_dir, metrics_path if main else None, ck, start, done, rec.seen)
+    skipped = dict(getattr(prog.data, "skipped", None)
+                   or getattr(getattr(prog.data, "collator", None), "skipped", {}) or {})
     if skipped:
         log(f"skipped {len(skipped)} bad sample(s): " + "; ".join(f"{k}: {v}" for k, v in sorted(skipped.items())))
-    return dict(last=last, state=state, steps=last.get("step", start), skipped=skipped)
+    return dict(last=rec.last, state=prog.state, steps=rec.last.get("step", start), skipped=skipped)
