@@ -21,8 +21,9 @@ from tqdm import tqdm
 
 from vita_jax import config as config_lib
 
+from vita_jax.data import batch as batch_lib
 from vita_jax.data import sources
-from vita_jax.evals import tasks
+from vita_jax.evals import readers, tasks
 from vita_jax.evals.engine import Engine
 
 DEFAULTS = dict(type="", data="", every=0, max_examples=0, batch_size=8, max_new_tokens=64, do_sample=False,
@@ -72,17 +73,59 @@ def _record(ex: dict, prediction: str, scores: dict) -> dict:
     return rec
 
 
-def evaluate(engine: Engine, settings: Mapping, name: str = "eval", progress: bool = False) -> tuple[dict, list]:
-    """Runs one evaluator -> ``(metrics, per-example records)``; every process returns the same.
-    ``metrics`` holds the task's numbers plus ``n`` (examples) and ``examples_per_s``."""
+def check_media(examples: list) -> None:
+    """Every example's media usable (images decoded; audio: the header; video: the header and first frame),
+    each distinct file or image once; an error names the example's file and row (``where``) and the medium."""
+    seen = set()
+    for ex in examples:
+        where = ex.get("where") or f"example {ex['id']}"
+        for kind in ("image", "audio", "video"):
+            media = ex.get(kind)
+            if media is None or (kind, media) in seen:
+                continue
+            seen.add((kind, media))
+            try:
+                batch_lib.check_media(kind, readers.as_file(media, f"{where} {kind}"), decode=False)
+            except (ValueError, OSError) as e:
+                raise readers.located(where, e) from None
+
+
+def read_data(settings: Mapping, name: str = "eval", check: bool = True):
+    """What an evaluator runs on, read before any model is used: its examples (after ``max_examples``;
+    ``check``: their media opened, :func:`check_media`) or, for ``loss``, the official JSON source (its
+    shape checked). A reader's error names the file and the line or row."""
     s = settings_of(settings, name)
     task = tasks.get(s["type"])
+    if not task.generative:
+        # an evaluation file is the user's own, named on the command line: its media may lie anywhere
+        # (containment guards training data and what write_tfds copies)
+        return sources.OfficialJSON(s["data"], allow_outside_root=True)
+    examples = _limit(task.read(s), int(s["max_examples"]))
+    if not examples:
+        raise ValueError(f"{name}: {s['data']} holds no examples")
+    if check:
+        check_media(examples)
+    return examples
+
+
+def read_suite(suite: Mapping) -> dict:
+    """``{name: data}`` of every evaluator (:func:`read_data`): all of a suite's data checked before the
+    first evaluator runs."""
+    return {name: read_data(s, name) for name, s in suite.items()}
+
+
+def evaluate(engine: Engine, settings: Mapping, name: str = "eval", progress: bool = False,
+             data=None) -> tuple[dict, list]:
+    """Runs one evaluator -> ``(metrics, per-example records)``; every process returns the same.
+    ``metrics`` holds the task's numbers plus ``n`` (examples) and ``examples_per_s``. ``data``: what
+    :func:`read_data` returned for it (default: read now)."""
+    s = settings_of(settings, name)
+    task = tasks.get(s["type"])
+    data = read_data(s, name) if data is None else data
     t0 = time.perf_counter()
     records = []
     if task.generative:
-        examples = _limit(task.read(s), int(s["max_examples"]))
-        if not examples:
-            raise ValueError(f"{name}: {s['data']} holds no examples")
+        examples = data
         sampling = {k: s[k] for k in ("do_sample", "temperature", "top_k", "top_p", "seed")}
         # the bar is closed on an error too: the error line never shares its terminal line
         with tqdm(total=len(examples), unit="ex", desc=name, disable=not progress, leave=False) as bar:
@@ -93,9 +136,7 @@ def evaluate(engine: Engine, settings: Mapping, name: str = "eval", progress: bo
                     ex = examples[len(records)]
                     records.append(_record(ex, text, task.score(ex, text, s)))
     else:
-        # an evaluation file is the user's own, named on the command line: its media may lie anywhere
-        # (containment guards training data and what write_tfds copies)
-        src = sources.OfficialJSON(s["data"], allow_outside_root=True)
+        src = data
         n = len(src) if not s["max_examples"] else min(len(src), int(s["max_examples"]))
         ids = [str(src[i].get("id", i)) if isinstance(src[i], dict) else str(i) for i in range(n)]
         convert = sources.OfficialExamples(engine.tokenizer, engine.prep)
