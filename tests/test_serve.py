@@ -114,6 +114,9 @@ def _png_b64():
     (json.dumps({"type": "text", "text": 7}), "non-empty string"),
     (json.dumps({"type": "video_frame", "image": ["x"]}), "base64 string"),
     (json.dumps({"type": "video_frame", "image": "!!notbase64"}), "not base64"),
+    # a PNG header claiming 100000 x 100000 pixels (issue #24): an error message, not a closed connection
+    (json.dumps({"type": "video_frame", "image": "iVBORw0KGgoAAAANSUhEUgABhqAAAYagCAIAAAAnMJyfAAAADElEQVR4nGNgoD0AAABk"
+                                                  "AAGGZDw1AAAAAElFTkSuQmCC"}), "decompression-bomb limit"),
     (b"\x01\x02\x03", "even length"),
     (b"\x00" * 40000, "at most 32000"),
 ])

@@ -130,6 +130,9 @@ class Server:
                     self._dispatch(session, msg)
                 except ValueError as e:
                     await self._error(ws, str(e))
+                except Exception as e:  # a bug on one frame: logged, answered, the session goes on
+                    log.exception("frame failed")
+                    await self._error(ws, f"internal error on this message ({type(e).__name__}); the session goes on")
         except ConnectionClosed:
             pass
         finally:
