@@ -25,6 +25,7 @@ from vita_jax import paths
 from vita_jax.convert import checkpoint, orbax_io, target
 from vita_jax.convert import tts as tts_io
 from vita_jax.data import pipeline, synthetic
+from vita_jax.data import settings as data_settings
 from vita_jax.data.text import load_tokenizer
 from vita_jax.evals.training import TrainingEvals
 from vita_jax.models import vita
@@ -144,6 +145,7 @@ def check_config(config) -> None:
             good = False
         if not good:
             raise ValueError(f"config.{field} = {value!r}: must be {what}")
+    data_settings.check(config)  # every config.data field the data path reads: type, range, allowed values
     config_lib.check_model(config)
     for field in ("dtype", "param_dtype", "frozen_dtype"):
         if config.get(field) is not None and str(config[field]) not in ("float32", "bfloat16", "float16"):
