@@ -72,3 +72,18 @@ def test_good_buckets_and_entries_pass():
                                                      allow_outside_root=True))]
     c.data.tfds = json.loads('[{"name": "ds", "split": "train", "data_dir": "d", "weight": 0.5}]')
     settings.check(c)
+
+
+@pytest.mark.parametrize("lst, named", [
+    ("ok.wav\nnothere.wav\n", "wavs.lst line 2: {d}/nothere.wav: not a readable audio file"),
+    ("ok.wav\n|speaker\n", "wavs.lst line 2: no wav path before '|'"),
+    (b"ok.wav\n\xff\xfe\n", "wavs.lst: not a wav list (not UTF-8 text"),
+])
+def test_stage_3_1_wav_list_lines_are_named(capsys, tmp_path, lst, named):
+    import numpy as np
+    import soundfile as sf
+    sf.write(str(tmp_path / "ok.wav"), np.zeros(24000, np.float32), 24000)
+    (tmp_path / "wavs.lst").write_bytes(lst if isinstance(lst, bytes) else lst.encode())
+    train = "--config.data.train=" + json.dumps([str(tmp_path / "wavs.lst")])
+    line = cli_error(capsys, "train", "--config=stage3_1:tiny", train, "--workdir", str(tmp_path / "wd"))
+    assert named.format(d=tmp_path) in line

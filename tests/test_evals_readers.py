@@ -118,3 +118,25 @@ def test_suite_checks_every_task_before_loading(tmp_path, capsys, wav):
 def test_located_keeps_one_prefix():
     assert str(readers.located("f.tsv line 3", ValueError("f.tsv line 3 image: bad"))) == "f.tsv line 3 image: bad"
     assert str(readers.located("f.jsonl line 2", OSError("x.wav:\n gone"))) == "f.jsonl line 2: x.wav: gone"
+
+
+@pytest.mark.parametrize("override, named", [
+    ("--config.frames=0", "--task asr: frames = 0 must be an integer >= 1"),
+    ("--config.top_p=2.0", "--task asr: top_p must be in (0, 1]"),
+    ("--config.top_k=-3", "--task asr: top_k must be an integer >= 0"),
+])
+def test_settings_checked_before_loading(tmp_path, capsys, wav, override, named):
+    path = tmp_path / "asr.jsonl"
+    path.write_text(json.dumps(dict(audio=wav, text="hello")) + "\n")
+    line = cli_error(capsys, "eval", "--checkpoint", "/no/such/model", "--task", "asr", "--data", str(path), "--out",
+                     str(tmp_path / "o"), override)
+    assert named in line
+
+
+def test_undecodable_transcript_file_and_folder_for_a_file_task_are_named(tmp_path):
+    ch = tmp_path / "ls" / "1" / "2"
+    ch.mkdir(parents=True)
+    (ch / "1-2.trans.txt").write_bytes(b"1-2-0000 HELLO \xff\n")
+    assert _err(dict(type="asr", data=str(tmp_path / "ls"))).startswith(f"{ch / '1-2.trans.txt'}: not UTF-8 text")
+    assert _err(dict(type="mcq", data=str(tmp_path / "ls"))) == f"{tmp_path / 'ls'}: a folder; this task reads a file " \
+                                                                 "(see README: Evaluation)"

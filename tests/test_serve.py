@@ -109,6 +109,7 @@ def _png_b64():
 @pytest.mark.parametrize("frame, match", [
     ("{not json", "malformed JSON"),
     ("[1, 2]", "JSON object"),
+    ("[" * 50000 + "]" * 50000, "nested too deeply"),
     (json.dumps({"type": 5}), "JSON object"),
     (json.dumps({"type": "dance"}), "unknown message type"),
     (json.dumps({"type": "text", "text": 7}), "non-empty string"),

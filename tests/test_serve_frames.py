@@ -39,10 +39,11 @@ def _frame(raw):
     (_png(8000, 4000, zlib.compress(b"\x00" * 100)), "video_frame: a 8000x4000 image, at most 16777216 pixels"),
     (_png(64, 64, zlib.compress(b"\x00" * 100)), "video_frame: cannot read image (truncated or corrupt?)"),
     (_encoded("PNG")[:60], "video_frame: cannot read image (truncated or corrupt?)"),
-    (b"GIF89a" + b"\x00" * 20, "video_frame: image is not a JPEG or PNG"),
+    (b"GIF89a" + b"\x00" * 20, "video_frame: not a readable JPEG or PNG"),
     (_encoded("BMP"), "video_frame: image must be JPEG or PNG, got BMP"),
-    (b"", "video_frame: image is not a JPEG or PNG"),
-], ids=["bomb", "over-limit", "over-frame-cap", "no-pixel-data", "truncated", "gif-header", "bmp", "empty"])
+    (b"", "video_frame: not a readable JPEG or PNG"),
+    (_encoded("JPEG")[:200], "video_frame: not a readable JPEG or PNG (Truncated File Read)"),
+], ids=["bomb", "over-limit", "over-frame-cap", "no-pixel-data", "truncated", "gif-header", "bmp", "empty", "cut-jpeg-header"])
 def test_bad_frame_is_a_value_error(raw, match):
     with pytest.raises(ValueError) as e:
         _frame(raw)

@@ -18,15 +18,22 @@ import sys
 from typing import Optional
 
 
+def read_text(path: str, newline: Optional[str] = None) -> str:
+    """A data file's text: a folder or a file that is not UTF-8 is a ``ValueError`` naming it."""
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: a folder; this task reads a file (see README: Evaluation)")
+    try:
+        with open(path, encoding="utf-8", newline=newline) as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
 def read_manifest(path: str) -> list[tuple[str, dict]]:
     """A JSON list or a JSONL file -> ``(where, object)`` of each entry: ``where`` = ``PATH entry I`` (a list)
     or ``PATH line N`` (JSONL: the file's own line number); a torn line or an entry that is not a JSON object
     is a ``ValueError`` naming it."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    text = read_text(path)
     if text.lstrip().startswith("["):
         try:
             rows = [(f"{path} entry {i}", r) for i, r in enumerate(json.loads(text))]
@@ -70,26 +77,24 @@ def require(row: dict, fields, where: str) -> None:
 
 
 def librispeech(root: str) -> list[dict]:
-    """``[{id, audio, text}]`` of every ``*.trans.txt`` under ``root``, sorted by id."""
+    """``[{id, audio, text, where}]`` of every ``*.trans.txt`` under ``root``, sorted by id."""
     out = []
     for dirpath, _, files in os.walk(root):
         for name in files:
             if not name.endswith(".trans.txt"):
                 continue
-            with open(os.path.join(dirpath, name), encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    uid, _, text = line.strip().partition(" ")
-                    if not text.strip():
-                        raise ValueError(f"{os.path.join(dirpath, name)} line {n}: {uid} has no transcript "
-                                         "(a line is 'ID TRANSCRIPT')")
-                    audio = next((os.path.join(dirpath, uid + ext) for ext in (".flac", ".wav")
-                                  if os.path.exists(os.path.join(dirpath, uid + ext))), None)
-                    if audio is None:
-                        raise FileNotFoundError(f"{os.path.join(dirpath, name)} line {n}: no {uid}.flac or "
-                                                f"{uid}.wav beside it")
-                    out.append(dict(id=uid, audio=audio, text=text, where=f"{os.path.join(dirpath, name)} line {n}"))
+            path = os.path.join(dirpath, name)
+            for n, line in enumerate(read_text(path).splitlines(), 1):
+                if not line.strip():
+                    continue
+                uid, _, text = line.strip().partition(" ")
+                if not text.strip():
+                    raise ValueError(f"{path} line {n}: {uid} has no transcript (a line is 'ID TRANSCRIPT')")
+                audio = next((os.path.join(dirpath, uid + ext) for ext in (".flac", ".wav")
+                              if os.path.exists(os.path.join(dirpath, uid + ext))), None)
+                if audio is None:
+                    raise FileNotFoundError(f"{path} line {n}: no {uid}.flac or {uid}.wav beside it")
+                out.append(dict(id=uid, audio=audio, text=text, where=f"{path} line {n}"))
     if not out:
         raise ValueError(f"{root}: no *.trans.txt found (a LibriSpeech folder: SPEAKER/CHAPTER/*.trans.txt + *.flac)")
     return sorted(out, key=lambda r: r["id"])
@@ -101,13 +106,10 @@ def read_tsv(path: str) -> list[dict]:
     or with more cells than the header is a ``ValueError`` naming its line."""
     csv.field_size_limit(sys.maxsize)  # base64 images are far larger than csv's default field limit
     rows = []
+    reader = csv.DictReader(io.StringIO(read_text(path, newline=""), newline=""), delimiter="\t")
     try:
-        with open(path, encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f, delimiter="\t")
-            for r in reader:
-                rows.append((reader.line_num, r))
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        for r in reader:
+            rows.append((reader.line_num, r))
     except csv.Error as e:
         raise ValueError(f"{path} line {reader.line_num}: not a TSV row ({e})") from None
     if not rows:

@@ -25,6 +25,7 @@ from vita_jax.data import batch as batch_lib
 from vita_jax.data import sources
 from vita_jax.evals import readers, tasks
 from vita_jax.evals.engine import Engine
+from vita_jax.infer import generate as gen_lib
 
 DEFAULTS = dict(type="", data="", every=0, max_examples=0, batch_size=8, max_new_tokens=64, do_sample=False,
                 temperature=1.0, top_k=0, top_p=1.0, seed=0, prompt="", prompt_suffix=tasks.VQA_SUFFIX,
@@ -44,12 +45,18 @@ def settings_of(raw: Mapping, name: str = "eval") -> dict:
         raise ValueError(f"{name}: no data (the benchmark's file or folder)")
     if not os.path.exists(s["data"]):
         raise FileNotFoundError(f"{name}: data {s['data']} does not exist")
-    for k in ("batch_size", "max_new_tokens"):
-        if int(s[k]) < 1:
-            raise ValueError(f"{name}: {k} = {s[k]} must be at least 1")
-    for k in ("every", "max_examples"):
-        if int(s[k]) < 0:
-            raise ValueError(f"{name}: {k} = {s[k]} must be >= 0")
+    for k, least in (("batch_size", 1), ("max_new_tokens", 1), ("frames", 1), ("every", 0), ("max_examples", 0),
+                     ("seed", 0)):
+        if isinstance(s[k], bool) or not isinstance(s[k], int) or s[k] < least:
+            raise ValueError(f"{name}: {k} = {s[k]!r} must be an integer >= {least}")
+    for k, kind in (("prompt", str), ("prompt_suffix", str), ("language", str), ("circular", bool),
+                    ("do_sample", bool)):
+        if not isinstance(s[k], kind):
+            raise ValueError(f"{name}: {k} = {s[k]!r} must be {'a string' if kind is str else 'true or false'}")
+    try:  # the sampling settings as generation checks them, before any model is loaded
+        gen_lib.check_sampling(s["max_new_tokens"], s["do_sample"], s["temperature"], s["top_k"], s["top_p"])
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
     return s
 
 

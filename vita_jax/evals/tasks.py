@@ -190,7 +190,9 @@ class YesNo(Task):
 
 
 def _answers(r: dict, where: str) -> list:
-    if isinstance(r.get("answers"), list) and r["answers"]:
+    if r.get("answers") is not None and (not isinstance(r["answers"], list) or not r["answers"]):
+        raise ValueError(f"{where}: 'answers' must be a non-empty list, got {r['answers']!r}")
+    if r.get("answers"):
         if any(isinstance(a, dict) and a.get("answer") is None for a in r["answers"]):
             raise ValueError(f"{where}: an entry of 'answers' is an object without 'answer'")
         return [str(a["answer"]) if isinstance(a, dict) else str(a) for a in r["answers"]]

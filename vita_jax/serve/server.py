@@ -164,6 +164,8 @@ class Server:
             m = json.loads(msg)
         except json.JSONDecodeError as e:
             raise ValueError(f"malformed JSON: {e}") from e
+        except RecursionError:
+            raise ValueError("malformed JSON: nested too deeply") from None
         if not isinstance(m, dict) or not isinstance(m.get("type"), str):
             raise ValueError('a text frame must be a JSON object with a string "type"')
         kind = m["type"]

@@ -132,7 +132,7 @@ class Session:
             raise ValueError(f"video_frame: the header claims a bitmap over Pillow's decompression-bomb limit "
                              f"({' '.join(str(e).split())})") from None
         except Exception as e:  # any decoder's complaint about a client's bytes is a bad frame
-            raise ValueError(f"video_frame: image is not a JPEG or PNG ({' '.join(str(e).split())[:200]})") from None
+            raise ValueError(f"video_frame: not a readable JPEG or PNG ({' '.join(str(e).split())[:200]})") from None
         if head.format not in ("JPEG", "PNG"):
             raise ValueError(f"video_frame: image must be JPEG or PNG, got {head.format}")
         w, h = head.size
