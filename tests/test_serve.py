@@ -109,11 +109,15 @@ def _png_b64():
 @pytest.mark.parametrize("frame, match", [
     ("{not json", "malformed JSON"),
     ("[1, 2]", "JSON object"),
+    ("[" * 50000 + "]" * 50000, "nested too deeply"),
     (json.dumps({"type": 5}), "JSON object"),
     (json.dumps({"type": "dance"}), "unknown message type"),
     (json.dumps({"type": "text", "text": 7}), "non-empty string"),
     (json.dumps({"type": "video_frame", "image": ["x"]}), "base64 string"),
     (json.dumps({"type": "video_frame", "image": "!!notbase64"}), "not base64"),
+    # a PNG header claiming 100000 x 100000 pixels (issue #24): an error message, not a closed connection
+    (json.dumps({"type": "video_frame", "image": "iVBORw0KGgoAAAANSUhEUgABhqAAAYagCAIAAAAnMJyfAAAADElEQVR4nGNgoD0AAABk"
+                                                  "AAGGZDw1AAAAAElFTkSuQmCC"}), "decompression-bomb limit"),
     (b"\x01\x02\x03", "even length"),
     (b"\x00" * 40000, "at most 32000"),
 ])

@@ -218,13 +218,13 @@ def cmd_eval(a, rest) -> int:
         raise UsageError(f"--out {a.out}: is a file (give the folder for predictions.jsonl and metrics.json)")
     suite = evals.runner.suite_from_args(a.config_file, a.task, a.data, rest, max_examples=a.max_examples,
                                          batch_size=a.batch_size, max_new_tokens=a.max_new_tokens)
+    data = evals.runner.read_suite(suite)  # every task's data read and checked before the model is loaded
     parallel.maybe_initialize_distributed()
     mesh = parallel.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}) if jax.device_count() > 1 else None
-    m = api.from_pretrained(a.checkpoint, dtype=jnp.dtype(a.dtype), mesh=mesh)
-    engine = evals.Engine.from_model(m)
+    engine = evals.Engine.from_model(api.from_pretrained(a.checkpoint, dtype=jnp.dtype(a.dtype), mesh=mesh))
     main = jax.process_index() == 0
     for name, s in suite.items():
-        metrics, records = evals.evaluate(engine, s, name, progress=main and not a.no_progress)
+        metrics, records = evals.evaluate(engine, s, name, progress=main and not a.no_progress, data=data[name])
         if main:
             evals.write_outputs(a.out if a.config_file is None else os.path.join(a.out, name), s["type"], metrics,
                                 records)

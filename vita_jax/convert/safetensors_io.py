@@ -36,8 +36,29 @@ def read_header(path: str) -> tuple[dict, int]:
             header = json.loads(f.read(n))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: cannot read safetensors header: {e}") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, not an object "
+                              "of tensor names)")
     header.pop("__metadata__", None)
+    for key, info in header.items():
+        _check_entry(path, key, info)
     return header, 8 + n
+
+
+def _check_entry(path: str, key: str, info) -> None:
+    """One header entry: ``{"dtype": str, "shape": [ints >= 0], "data_offsets": [begin <= end]}``."""
+    def bad(what):
+        return CheckpointError(f"{path}: corrupt safetensors header: tensor {key!r} {what}")
+    if not isinstance(info, dict):
+        raise bad(f"is a JSON {type(info).__name__}, not an object")
+    if not isinstance(info.get("dtype"), str):
+        raise bad(f"has no dtype string (dtype {info.get('dtype')!r})")
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise bad(f"has shape {shape!r} (a list of integers >= 0)")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):
+        raise bad(f"has data_offsets {offsets!r} (two integers, 0 <= begin <= end)")
 
 
 class SafetensorsReader:

@@ -17,11 +17,28 @@ import numpy as np
 import soundfile as sf
 
 
+def file_list_lines(path: str, root: Optional[str] = None) -> list:
+    """``(wav path, line number)`` of each entry of a ``train.lst``-style list (one wav path a line, relative
+    to ``root`` or the list's folder); a list that is not UTF-8 text or a line without a path is named."""
+    root = root if root is not None else os.path.dirname(os.path.abspath(path))
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not a wav list (not UTF-8 text: {e.reason} at byte {e.start})") from None
+    out = []
+    for n, line in enumerate(lines, 1):
+        if line.strip():
+            name = line.strip().split("|")[0].strip()
+            if not name:
+                raise ValueError(f"{path} line {n}: no wav path before '|'")
+            out.append((os.path.join(root, name), n))
+    return out
+
+
 def read_file_list(path: str, root: Optional[str] = None) -> list:
     """A ``train.lst``-style list (one wav path a line, relative to ``root`` or the list's folder)."""
-    root = root if root is not None else os.path.dirname(os.path.abspath(path))
-    with open(path) as f:
-        return [os.path.join(root, line.strip().split("|")[0]) for line in f if line.strip()]
+    return [p for p, _ in file_list_lines(path, root)]
 
 
 def wav_folder(folder: str) -> list:

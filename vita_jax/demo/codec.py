@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vita_jax.convert import tts
 from vita_jax.models import ticodec
 
 
@@ -19,6 +20,19 @@ def default_codec() -> str | None:
         if os.path.exists(os.path.join(p, "final.pt")):
             return p
     return None
+
+
+def load_option(folder: str):
+    """``--codec DIR``'s codec ``(config, raw, params)``, read before the demo starts: a missing or incomplete
+    folder is one line naming the option and what it lacks (a damaged file: the reader's line naming it)."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--codec {folder}: {'not a folder' if os.path.exists(folder) else 'does not exist'} "
+                                "(give 'trained' or a codec folder: model.json + final.pt)")
+    missing = [f for f in ("model.json", "final.pt") if not os.path.isfile(os.path.join(folder, f))]
+    if missing:
+        raise FileNotFoundError(f"--codec {folder}: no {' or '.join(missing)} in it (a codec folder: model.json + "
+                                "final.pt, as vita_tts_ckpt/codec)")
+    return tts.load_codec(folder)
 
 
 def random_codec(seed: int = 0):

@@ -126,7 +126,7 @@ class Speech:
         if mode == "auto":
             mode = "espeak" if espeak_available() else "recordings"
         if mode == "espeak" and not espeak_available():
-            raise RuntimeError("--speech espeak: espeak-ng is not installed")
+            raise ValueError("--speech espeak: espeak-ng is not installed (--speech recordings: the bundled clips)")
         self.mode = mode
         clips = {n: (t, w) for n, w, t in assets.speech_clips()}
         stand_in = ("arctic_a0009_w0-3", "arctic_a0009_w3-6", "arctic_a0009_w6-9")

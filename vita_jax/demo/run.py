@@ -79,9 +79,12 @@ class Demo:
             raise ValueError(f"--budget-minutes {budget_minutes}: must be more than 0")
         self.wd, self.budget, self.seed, self.log, self.progress = (os.path.abspath(workdir), budget_minutes, seed,
                                                                       log, progress)
-        os.makedirs(self.wd, exist_ok=True)
         self.speech = demo_data.Speech(speech)
         self.codec_dir = codec
+        if codec is not None and codec != "trained":  # a folder given: read (small) before any stage runs
+            self._codec = codec_lib.load_option(codec)
+            self.codec_source = f"TiCodec from {codec}"
+        os.makedirs(self.wd, exist_ok=True)
         self.results: list[dict] = []
 
     # ------------------------------------------------------------------ set-up
@@ -389,4 +392,6 @@ class Demo:
 
 
 def run_demo(workdir: str, budget_minutes: float = 15.0, until: str | None = None, **kw) -> dict:
+    if until is not None and until not in PLAN:  # (checked again by run; here before the work dir is made)
+        raise ValueError(f"--until {until}: not a demo stage (stages: {', '.join(PLAN)})")
     return Demo(workdir, budget_minutes, **kw).run(until)

@@ -144,9 +144,16 @@ class Engine:
         prep = self.prep
         if frames:
             prep = dataclasses.replace(prep, video_max_frames=int(frames), video_min_frames=int(frames))
-        return chat_lib.chat_example(prep, self.tokenizer, ex.get("question") or "",
-                                     image=readers.as_file(ex.get("image")), audio=ex.get("audio"),
-                                     video=readers.as_file(ex.get("video")))
+        where = ex.get("where")
+        try:
+            return chat_lib.chat_example(prep, self.tokenizer, ex.get("question") or "",
+                                         image=readers.as_file(ex.get("image"), where and f"{where} image"),
+                                         audio=ex.get("audio"), video=readers.as_file(ex.get("video"),
+                                                                                      where and f"{where} video"))
+        except (ValueError, OSError) as e:  # the example's file and row named with the medium's error
+            if where is None:
+                raise
+            raise readers.located(where, e) from e
 
     def _shares(self, n: int, batch_size: int) -> Iterator[tuple[int, range]]:
         rows = self.rows(batch_size)

@@ -21,9 +21,11 @@ from tqdm import tqdm
 
 from vita_jax import config as config_lib
 
+from vita_jax.data import batch as batch_lib
 from vita_jax.data import sources
-from vita_jax.evals import tasks
+from vita_jax.evals import readers, tasks
 from vita_jax.evals.engine import Engine
+from vita_jax.infer import generate as gen_lib
 
 DEFAULTS = dict(type="", data="", every=0, max_examples=0, batch_size=8, max_new_tokens=64, do_sample=False,
                 temperature=1.0, top_k=0, top_p=1.0, seed=0, prompt="", prompt_suffix=tasks.VQA_SUFFIX,
@@ -43,12 +45,18 @@ def settings_of(raw: Mapping, name: str = "eval") -> dict:
         raise ValueError(f"{name}: no data (the benchmark's file or folder)")
     if not os.path.exists(s["data"]):
         raise FileNotFoundError(f"{name}: data {s['data']} does not exist")
-    for k in ("batch_size", "max_new_tokens"):
-        if int(s[k]) < 1:
-            raise ValueError(f"{name}: {k} = {s[k]} must be at least 1")
-    for k in ("every", "max_examples"):
-        if int(s[k]) < 0:
-            raise ValueError(f"{name}: {k} = {s[k]} must be >= 0")
+    for k, least in (("batch_size", 1), ("max_new_tokens", 1), ("frames", 1), ("every", 0), ("max_examples", 0),
+                     ("seed", 0)):
+        if isinstance(s[k], bool) or not isinstance(s[k], int) or s[k] < least:
+            raise ValueError(f"{name}: {k} = {s[k]!r} must be an integer >= {least}")
+    for k, kind in (("prompt", str), ("prompt_suffix", str), ("language", str), ("circular", bool),
+                    ("do_sample", bool)):
+        if not isinstance(s[k], kind):
+            raise ValueError(f"{name}: {k} = {s[k]!r} must be {'a string' if kind is str else 'true or false'}")
+    try:  # the sampling settings as generation checks them, before any model is loaded
+        gen_lib.check_sampling(s["max_new_tokens"], s["do_sample"], s["temperature"], s["top_k"], s["top_p"])
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
     return s
 
 
@@ -72,17 +80,59 @@ def _record(ex: dict, prediction: str, scores: dict) -> dict:
     return rec
 
 
-def evaluate(engine: Engine, settings: Mapping, name: str = "eval", progress: bool = False) -> tuple[dict, list]:
-    """Runs one evaluator -> ``(metrics, per-example records)``; every process returns the same.
-    ``metrics`` holds the task's numbers plus ``n`` (examples) and ``examples_per_s``."""
+def check_media(examples: list) -> None:
+    """Every example's media usable (images decoded; audio: the header; video: the header and first frame),
+    each distinct file or image once; an error names the example's file and row (``where``) and the medium."""
+    seen = set()
+    for ex in examples:
+        where = ex.get("where") or f"example {ex['id']}"
+        for kind in ("image", "audio", "video"):
+            media = ex.get(kind)
+            if media is None or (kind, media) in seen:
+                continue
+            seen.add((kind, media))
+            try:
+                batch_lib.check_media(kind, readers.as_file(media, f"{where} {kind}"), decode=False)
+            except (ValueError, OSError) as e:
+                raise readers.located(where, e) from None
+
+
+def read_data(settings: Mapping, name: str = "eval", check: bool = True):
+    """What an evaluator runs on, read before any model is used: its examples (after ``max_examples``;
+    ``check``: their media opened, :func:`check_media`) or, for ``loss``, the official JSON source (its
+    shape checked). A reader's error names the file and the line or row."""
     s = settings_of(settings, name)
     task = tasks.get(s["type"])
+    if not task.generative:
+        # an evaluation file is the user's own, named on the command line: its media may lie anywhere
+        # (containment guards training data and what write_tfds copies)
+        return sources.OfficialJSON(s["data"], allow_outside_root=True)
+    examples = _limit(task.read(s), int(s["max_examples"]))
+    if not examples:
+        raise ValueError(f"{name}: {s['data']} holds no examples")
+    if check:
+        check_media(examples)
+    return examples
+
+
+def read_suite(suite: Mapping) -> dict:
+    """``{name: data}`` of every evaluator (:func:`read_data`): all of a suite's data checked before the
+    first evaluator runs."""
+    return {name: read_data(s, name) for name, s in suite.items()}
+
+
+def evaluate(engine: Engine, settings: Mapping, name: str = "eval", progress: bool = False,
+             data=None) -> tuple[dict, list]:
+    """Runs one evaluator -> ``(metrics, per-example records)``; every process returns the same.
+    ``metrics`` holds the task's numbers plus ``n`` (examples) and ``examples_per_s``. ``data``: what
+    :func:`read_data` returned for it (default: read now)."""
+    s = settings_of(settings, name)
+    task = tasks.get(s["type"])
+    data = read_data(s, name) if data is None else data
     t0 = time.perf_counter()
     records = []
     if task.generative:
-        examples = _limit(task.read(s), int(s["max_examples"]))
-        if not examples:
-            raise ValueError(f"{name}: {s['data']} holds no examples")
+        examples = data
         sampling = {k: s[k] for k in ("do_sample", "temperature", "top_k", "top_p", "seed")}
         # the bar is closed on an error too: the error line never shares its terminal line
         with tqdm(total=len(examples), unit="ex", desc=name, disable=not progress, leave=False) as bar:
@@ -93,9 +143,7 @@ def evaluate(engine: Engine, settings: Mapping, name: str = "eval", progress: bo
                     ex = examples[len(records)]
                     records.append(_record(ex, text, task.score(ex, text, s)))
     else:
-        # an evaluation file is the user's own, named on the command line: its media may lie anywhere
-        # (containment guards training data and what write_tfds copies)
-        src = sources.OfficialJSON(s["data"], allow_outside_root=True)
+        src = data
         n = len(src) if not s["max_examples"] else min(len(src), int(s["max_examples"]))
         ids = [str(src[i].get("id", i)) if isinstance(src[i], dict) else str(i) for i in range(n)]
         convert = sources.OfficialExamples(engine.tokenizer, engine.prep)

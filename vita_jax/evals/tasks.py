@@ -44,9 +44,8 @@ def _manifest(settings, fields):
     """``(index, row, where, folder)`` of each entry of the JSON / JSONL ``settings["data"]``, each
     checked to have ``fields``."""
     path = settings["data"]
-    rows, root = readers.read_manifest(path), os.path.dirname(path)
-    for i, r in enumerate(rows):
-        where = f"{path} entry {i}"
+    root = os.path.dirname(path)
+    for i, (where, r) in enumerate(readers.read_manifest(path)):
         readers.require(r, fields, where)
         yield i, r, where, root
 
@@ -74,11 +73,16 @@ class ASR(Task):
         if os.path.isdir(path):
             rows = readers.librispeech(path)
         else:
-            rows = [dict(r, id=str(r.get("id", i)), audio=readers.media_path(root, r["audio"]))
-                    for i, r, _, root in _manifest(settings, ("audio", "text"))]
+            rows = [dict(r, id=str(r.get("id", i)), audio=readers.media_path(root, r["audio"]), where=where)
+                    for i, r, where, root in _manifest(settings, ("audio", "text"))]
         prompt = settings.get("prompt") or ASR_PROMPT
-        return [dict(id=r["id"], question=prompt, audio=r["audio"], reference=r["text"],
-                     language=r.get("language", settings.get("language", "en"))) for r in rows]
+        out = [dict(id=r["id"], question=prompt, audio=r["audio"], reference=r["text"], where=r["where"],
+                    language=str(r.get("language", settings.get("language", "en")))) for r in rows]
+        for ex in out:  # an empty reference adds its insertions to the corpus rate against no units
+            if not self.score(ex, "", settings)["units"]:
+                raise ValueError(f"{ex['where']}: the transcript {ex['reference']!r} of {ex['id']} has no "
+                                 f"{'characters' if ex['language'].startswith('zh') else 'words'} once normalised")
+        return out
 
     def score(self, ex, prediction, settings):
         if str(ex["language"]).startswith("zh"):
@@ -125,7 +129,7 @@ class MCQ(Task):
         circular = bool(settings.get("circular", False))
         has_copies = any(int(float(r["index"])) >= 1_000_000 for r in rows)
         for r in rows:
-            where = f"{path} index {r['index']}"
+            where = r["where"]
             readers.require(r, ("question", "answer"), where)
             opts = _options(r)
             if r["answer"] not in opts:
@@ -136,7 +140,7 @@ class MCQ(Task):
             copies = choices.rotations(opts, r["answer"]) if circular and not has_copies else [(opts, r["answer"])]
             for k, (o, ans) in enumerate(copies):
                 out.append(dict(base, id=r["index"] if k == 0 else f"{r['index']}@{k}", options=o, reference=ans,
-                                question=mcq_question(r["question"], o, hint)))
+                                question=mcq_question(r["question"], o, hint), where=where))
         return out
 
     def score(self, ex, prediction, settings):
@@ -164,14 +168,14 @@ class YesNo(Task):
         path = settings["data"]
         out = []
         for r in readers.read_tsv(path):
-            where = f"{path} index {r['index']}"
+            where = r["where"]
             readers.require(r, ("question", "answer", "image"), where)
             ans = r["answer"].strip().capitalize()
             if ans not in ("Yes", "No"):
                 raise ValueError(f"{where}: answer {r['answer']!r} is not Yes or No")
             key = r.get("image_path") or hashlib.sha1(r["image"].encode()).hexdigest()
             out.append(dict(id=r["index"], question=r["question"], image=readers.image_bytes(r["image"], where),
-                            reference=ans, category=r.get("category") or "all", image_key=key))
+                            reference=ans, category=r.get("category") or "all", image_key=key, where=where))
         return out
 
     def score(self, ex, prediction, settings):
@@ -186,8 +190,12 @@ class YesNo(Task):
 
 
 def _answers(r: dict, where: str) -> list:
-    if isinstance(r.get("answers"), list) and r["answers"]:
-        return [a["answer"] if isinstance(a, dict) else str(a) for a in r["answers"]]
+    if r.get("answers") is not None and (not isinstance(r["answers"], list) or not r["answers"]):
+        raise ValueError(f"{where}: 'answers' must be a non-empty list, got {r['answers']!r}")
+    if r.get("answers"):
+        if any(isinstance(a, dict) and a.get("answer") is None for a in r["answers"]):
+            raise ValueError(f"{where}: an entry of 'answers' is an object without 'answer'")
+        return [str(a["answer"]) if isinstance(a, dict) else str(a) for a in r["answers"]]
     if r.get("answer") not in (None, ""):
         return [str(r["answer"])]
     raise ValueError(f"{where}: no 'answers' list or 'answer' field")
@@ -202,7 +210,8 @@ class VQA(Task):
         out = []
         for i, r, where, root in _manifest(settings, ("question",)):
             out.append(dict(id=str(r.get("id", r.get("question_id", i))), question=r["question"] + suffix,
-                            image=readers.media_path(root, r.get("image")), reference=_answers(r, where)))
+                            image=readers.media_path(root, r.get("image")), reference=_answers(r, where),
+                            where=where))
         return out
 
     def score(self, ex, prediction, settings):
@@ -245,7 +254,7 @@ class VideoMCQ(Task):
             q = r["question"] + "\n" + "\n".join(f"{k}. {v}" for k, v in opts.items()) + "\n" + VIDEO_SUFFIX
             out.append(dict(id=str(r.get("id", r.get("question_id", i))), question=q, options=opts, reference=ans,
                             video=readers.media_path(root, r["video"]),
-                            category=str(r.get("category", r.get("duration", "")) or "")))
+                            category=str(r.get("category", r.get("duration", "")) or ""), where=where))
         return out
 
     score = MCQ.score
@@ -261,7 +270,7 @@ class SpokenQA(Task):
         for i, r, where, root in _manifest(settings, ("audio",)):
             out.append(dict(id=str(r.get("id", i)), question=r.get("question") or settings.get("prompt") or "",
                             audio=readers.media_path(root, r["audio"]), image=readers.media_path(root, r.get("image")),
-                            reference=_answers(r, where)))
+                            reference=_answers(r, where), where=where))
         return out
 
     def score(self, ex, prediction, settings):

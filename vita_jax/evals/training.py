@@ -26,6 +26,8 @@ class TrainingEvals:
 
     def __init__(self, config, workdir: str, mesh=None, log: Callable = print):
         self.suite = runner.suite(config)
+        for name, s in self.suite.items():  # every evaluator's data checked (then let go) before training starts
+            runner.read_data(s, name)
         self.workdir, self.mesh, self.log, self.config = workdir, mesh, log, config
         self.tokenizer = None
         if self.suite:
@@ -51,7 +53,8 @@ class TrainingEvals:
         main = jax.process_index() == 0
         out = {}
         for name in names:
-            metrics, records = runner.evaluate(engine, self.suite[name], name)
+            metrics, records = runner.evaluate(engine, self.suite[name], name,
+                                               data=runner.read_data(self.suite[name], name, check=False))
             out[name] = metrics
             line = {"step": step, **{f"eval/{name}/{k}": (None if isinstance(v, float) and math.isnan(v) else v)
                                      for k, v in metrics.items()}}

@@ -130,6 +130,9 @@ class Server:
                     self._dispatch(session, msg)
                 except ValueError as e:
                     await self._error(ws, str(e))
+                except Exception as e:  # a bug on one frame: logged, answered, the session goes on
+                    log.exception("frame failed")
+                    await self._error(ws, f"internal error on this message ({type(e).__name__}); the session goes on")
         except ConnectionClosed:
             pass
         finally:
@@ -161,6 +164,8 @@ class Server:
             m = json.loads(msg)
         except json.JSONDecodeError as e:
             raise ValueError(f"malformed JSON: {e}") from e
+        except RecursionError:
+            raise ValueError("malformed JSON: nested too deeply") from None
         if not isinstance(m, dict) or not isinstance(m.get("type"), str):
             raise ValueError('a text frame must be a JSON object with a string "type"')
         kind = m["type"]

@@ -21,16 +21,20 @@ import logging
 import queue
 import threading
 import time
+import warnings
 from typing import Callable, Optional
 
 import numpy as np
+from PIL import Image
 
+from vita_jax.data import image as image_lib
 from vita_jax.infer import vad as vad_lib
 from vita_jax.infer.speech import ReplySplitter
 from vita_jax.serve.engine import Engine, Request
 
 log = logging.getLogger(__name__)
 STATE_SYMBOLS = ("☞", "☟", "☜")
+MAX_FRAME_PIXELS = 4096 * 4096  # a camera frame; a header claiming more is refused before anything is decoded
 _ids = itertools.count(1)
 
 
@@ -111,17 +115,31 @@ class Session:
                     self._start(None, segment, now)
 
     def video_frame(self, data: str) -> None:
-        """A base64 JPEG or PNG; the latest one goes with the next question as its image."""
-        from PIL import Image  # pillow is a core dependency; only frames need it here
+        """A base64 JPEG or PNG; the latest one goes with the next question as its image. Whatever the
+        bytes are (not an image, truncated, a header claiming a huge bitmap), a bad frame is a
+        ``ValueError`` (sent back as ``error``), checked from the header before it is decoded."""
         try:
             raw = base64.b64decode(data, validate=True)
-            img = Image.open(io.BytesIO(raw))
-            img.load()
-        except (binascii.Error, ValueError, OSError) as e:
+        except (binascii.Error, ValueError) as e:
             raise ValueError(f"video_frame: image is not base64 JPEG/PNG ({e})") from e
-        if img.format not in ("JPEG", "PNG"):
-            raise ValueError(f"video_frame: image must be JPEG or PNG, got {img.format}")
-        self.image = img.convert("RGB")
+        f = io.BytesIO(raw)
+        f.name = "video_frame"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                head = Image.open(f)  # the header only
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise ValueError(f"video_frame: the header claims a bitmap over Pillow's decompression-bomb limit "
+                             f"({' '.join(str(e).split())})") from None
+        except Exception as e:  # any decoder's complaint about a client's bytes is a bad frame
+            raise ValueError(f"video_frame: not a readable JPEG or PNG ({' '.join(str(e).split())[:200]})") from None
+        if head.format not in ("JPEG", "PNG"):
+            raise ValueError(f"video_frame: image must be JPEG or PNG, got {head.format}")
+        w, h = head.size
+        if w * h > MAX_FRAME_PIXELS:
+            raise ValueError(f"video_frame: a {w}x{h} image, at most {MAX_FRAME_PIXELS} pixels (a camera frame)")
+        f.seek(0)
+        self.image = image_lib.load_image(f)  # ImageError (a ValueError) naming video_frame: truncated, ...
 
     def text(self, text: str) -> None:
         """A typed question: answers at once (cancelling an answer in progress)."""

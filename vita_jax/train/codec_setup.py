@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import glob
 import os
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -38,8 +39,9 @@ def train_config(config) -> tt.CodecTrainConfig:
     return tt.CodecTrainConfig.from_dict(h, "config.codec")
 
 
-def list_wavs(entries, field: str) -> list:
-    """Wav paths of ``config.data.<field>`` (folders, ``.lst`` lists, ``.wav`` files), each checked."""
+def list_wavs(entries, field: str, origin: Optional[dict] = None) -> list:
+    """Wav paths of ``config.data.<field>`` (folders, ``.lst`` lists, ``.wav`` files), each checked;
+    ``origin``: filled with ``{path: "LIST line N"}`` for the wavs a list names."""
     out = []
     for e in entries:
         e = str(e)
@@ -48,24 +50,29 @@ def list_wavs(entries, field: str) -> list:
         elif e.lower().endswith(".wav"):
             out.append(e)
         elif os.path.isfile(e):
-            out += codec_data.read_file_list(e)
+            for path, n in codec_data.file_list_lines(e):
+                out.append(path)
+                if origin is not None:
+                    origin.setdefault(path, f"{e} line {n}")
         else:
             raise ValueError(f"config.data.{field}: {e} does not exist")
     return out
 
 
-def check_wavs(files: list, sr: int, field: str) -> dict:
-    """``{path: samples}`` from the headers (one line naming a file that is missing, unreadable or not at ``sr``)."""
+def check_wavs(files: list, sr: int, field: str, origin: Optional[dict] = None) -> dict:
+    """``{path: samples}`` from the headers (one line naming a file that is missing, unreadable or not at ``sr``,
+    and the list line that names it, from ``origin``)."""
     lens = {}
     for f in files:
+        where = f"config.data.{field}: " + (f"{origin[f]}: " if origin and f in origin else "")
         try:
             info = sf.info(f)
         except (OSError, RuntimeError) as e:
-            raise ValueError(f"config.data.{field}: {f}: not a readable audio file ({str(e).splitlines()[0]})") from None
+            raise ValueError(f"{where}{f}: not a readable audio file ({str(e).splitlines()[0]})") from None
         if info.samplerate != sr:
-            raise ValueError(f"config.data.{field}: {f}: sample rate {info.samplerate}, the codec wants {sr}")
+            raise ValueError(f"{where}{f}: sample rate {info.samplerate}, the codec wants {sr}")
         if info.frames == 0:
-            raise ValueError(f"config.data.{field}: {f}: no samples")
+            raise ValueError(f"{where}{f}: no samples")
         lens[f] = int(info.frames)
     return lens
 
@@ -175,12 +182,13 @@ def program(config, mesh, log) -> StageProgram:
     evaluator and export (upstream's ``g_`` / ``do_`` files and ``vita_tts_ckpt/codec``)."""
     cfg = train_config(config)
     M = cs.CodecModels.build(cfg)
-    train_files = list_wavs(config.data.train, "train")
+    origin: dict = {}  # wav -> the .lst line that names it (for errors)
+    train_files = list_wavs(config.data.train, "train", origin)
     if not train_files:
         raise ValueError("config.data.train: no wav files (give wav folders, .lst file lists or .wav files)")
-    lens = check_wavs(train_files, cfg.sampling_rate, "train")
-    held = list_wavs(config.data.heldout, "heldout")
-    held_lens = check_wavs(held, cfg.sampling_rate, "heldout")
+    lens = check_wavs(train_files, cfg.sampling_rate, "train", origin)
+    held = list_wavs(config.data.heldout, "heldout", origin)
+    held_lens = check_wavs(held, cfg.sampling_rate, "heldout", origin)
     data = codec_data.CodecData(train_files, cfg.segment_size, cfg.batch_size, cfg.sampling_rate, lengths=lens)
     heldout = codec_eval.Heldout(M, held, held_lens, config, log)  # checked before the model is built
     state, epoch0 = initial_state(config, M, log)

@@ -21,7 +21,7 @@ import numpy as np
 
 from vita_jax import parallel
 from vita_jax.data import packing, pipeline
-from vita_jax.train import setup
+from vita_jax.train import setup, trainer
 
 GIB = 1024 ** 3
 # HBM per chip (GiB) by the device kind that the topology's devices report
@@ -96,6 +96,7 @@ def compile_step(config, topology: str, per_chip_batch: int | None = None, hbm_g
         raise ValueError(f"--hbm-gib {hbm_gib}: must be a number > 0")
     if not re.fullmatch(r"[a-z0-9]+:\d+(x\d+)+", topology):
         raise ValueError(f"--topology {topology}: expected CHIP:SHAPE such as v5p:4x4x2, v5e:2x2 or v6e:4x4")
+    trainer.check_config(config)  # the stage's settings, as `vita-jax train` checks them (before libtpu loads)
     devices = topology_devices(topology)
     kind = devices[0].device_kind
     cap = float(hbm_gib) if hbm_gib is not None else HBM_GIB.get(kind)

@@ -24,6 +24,7 @@ from vita_jax import config as config_lib
 from vita_jax import paths
 from vita_jax.convert import target
 from vita_jax.data import pipeline
+from vita_jax.data import settings as data_settings
 from vita_jax.evals.training import TrainingEvals
 from vita_jax.train import checkpoint as ckpt_lib
 from vita_jax.train import flops, program, tensorboard
@@ -93,6 +94,7 @@ def check_config(config) -> None:
             good = False
         if not good:
             raise ValueError(f"config.{field} = {value!r}: must be {what}")
+    data_settings.check(config)  # every config.data field the data path reads: type, range, allowed values
     config_lib.check_model(config)
     for field in ("dtype", "param_dtype", "frozen_dtype"):
         if config.get(field) is not None and str(config[field]) not in ("float32", "bfloat16", "float16"):
