@@ -5,7 +5,7 @@ Layers, low to high (a module imports only its own package or lower layers; ``co
 ``data`` and may import it, never the other way round)::
 
     config, paths, assets <- parallel <- layers <- models <- data <- convert <- infer <- evals <- train
-                   <- api <- serve <- {bench, demo} <- cli <- the package root (lazy re-exports)
+                   <- api <- serve <- {bench, demo} <- cli_args <- cli <- the package root (lazy re-exports)
 """
 import ast
 import os
@@ -17,7 +17,8 @@ from conftest import HANG_S
 
 PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "vita_jax")
 RANK = {"config": 0, "paths": 0, "assets": 0, "parallel": 1, "layers": 2, "models": 3, "data": 4, "convert": 5,
-        "infer": 6, "evals": 7, "train": 8, "api": 9, "serve": 10, "bench": 11, "demo": 11, "cli": 12, "": 13}
+        "infer": 6, "evals": 7, "train": 8, "api": 9, "serve": 10, "bench": 11, "demo": 11, "cli_args": 12, "cli": 13,
+        "": 14}
 MAX_LINES = 400
 
 
