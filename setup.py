@@ -51,7 +51,8 @@ setup(
         "tpu": TPU,
         # the tests run the notebooks, the live server (nbclient + a kernel), the demo (scikit-image photos) and compile
         # for a TPU topology (libtpu)
-        "dev": SERVE + ["pytest>=8", "pytest-xdist>=3", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6", "matplotlib>=3.7"]
+        "dev": SERVE + ["pytest>=8", "pytest-xdist>=3", "ruff>=0.6", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6",
+                        "matplotlib>=3.7"]
         + TPU,
         "notebooks": ["jupyter", "nbclient", "matplotlib"],
         "serve": SERVE,

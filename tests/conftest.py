@@ -114,6 +114,7 @@ def demo_mixture(root, n: int, n_text: int | None = None) -> tuple[list, str, in
     """Official files of the demo's kinds under ``root`` (captions with photos, spoken questions
     about an image, text): ``(json paths, tokenizer dir, vocabulary size rounded up to 64)``."""
     import json
+
     import vita_jax.demo.data as demo_data  # the demo's writer: imported by the tests that use it
     from vita_jax.data.text import TextTokenizer
     d = demo_data.DemoData(str(root), demo_data.Speech("recordings"), n_train=n)
@@ -123,3 +124,9 @@ def demo_mixture(root, n: int, n_text: int | None = None) -> tuple[list, str, in
     tok = os.path.join(str(root), "tok")
     demo_data.build_tokenizer(texts + demo_data.reply_texts(), tok)
     return files, tok, -(-len(TextTokenizer.from_file(tok)) // 64) * 64
+
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes minutes (training runs, subprocesses, the demo); the quick loop is "
+                                       "pytest -m \"not slow\" (README's command runs everything)")

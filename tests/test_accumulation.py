@@ -5,13 +5,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import demo_mixture
 
 from vita_jax.data import pipeline
 from vita_jax.data.text import TextTokenizer
 from vita_jax.train import compile as compile_lib
 from vita_jax.train import program, setup, stages, trainer
 from vita_jax.train import step as step_lib
+
+from conftest import demo_mixture
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import HANG_S, rel_err
-from vita_jax import parallel
 from vita_jax.layers import attention
 from vita_jax.layers.attention import causal_padding_mask, resolve_implementation
 from vita_jax.layers.splash import kernel_segment_ids, splash_attention
 from vita_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
+
+from conftest import HANG_S, rel_err
 
 TOL = 1e-5
 

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from conftest import rel_err
 from vita_jax.convert import release
 from vita_jax.data import audio as A
 from vita_jax.models import whale as W
+
+from conftest import rel_err
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import FIXTURES, write_video
 from vita_jax import api, assets
 from vita_jax.data import pipeline
 from vita_jax.data.text import load_tokenizer
 from vita_jax.models.vita import AUDIO, IGNORE_INDEX, IMAGE, PAD
 from vita_jax.train import stages
+
+from conftest import FIXTURES, write_video
 
 QUESTION = "What is shown here?"
 

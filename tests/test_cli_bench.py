@@ -37,10 +37,12 @@ def test_codec_bench_counts(tmp_path, capsys):
     codec): the convolutions and matmuls, which XLA counts with the elementwise work, so a little below."""
     import jax
     import pytest
-    from conftest import FIXTURES
+
     from vita_jax.bench import codec
     from vita_jax.models import ticodec_train as tt
     from vita_jax.train import codec_step as cs
+
+    from conftest import FIXTURES
 
     out = tmp_path / "c.json"
     assert bench.main(["codec", "--xla=none", "--batch=160", f"--json={out}"]) == 0

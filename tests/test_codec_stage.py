@@ -18,6 +18,8 @@ import pytest
 
 from conftest import FIXTURES, HANG_S, REPO
 
+pytestmark = pytest.mark.slow  # minutes: outside the quick loop (pytest -m "not slow")
+
 WAVS = os.path.join(FIXTURES, "ticodec-train", "wavs")
 STEPS = 6
 TIMING = ("seconds", "step_s", "data_wait_s", "tokens_per_s")
@@ -59,8 +61,9 @@ def _rows(workdir):
 
 
 def _official(folder):
-    from vita_jax.train import codec_loop
     import glob
+
+    from vita_jax.train import codec_loop
     g = sorted(glob.glob(os.path.join(folder, "g_*")))[-1]
     _, state, info = codec_loop.load_official(folder, g, os.path.join(folder, "do_" + os.path.basename(g)[2:]))
     return state, info
@@ -110,6 +113,7 @@ def _export_loads(runs, tmp_path):
     model loads with the fixture's decoder and turns codes into 24 kHz audio; its global tokens are the
     first held-out clip's."""
     import torch
+
     from vita_jax.infer import speech
     _, _, ref, _, _ = runs
     codec = ref / "model" / "vita_tts_ckpt" / "codec"

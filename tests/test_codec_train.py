@@ -11,6 +11,8 @@ import pytest
 
 from conftest import FIXTURES, rel_err
 
+pytestmark = pytest.mark.slow  # minutes: outside the quick loop (pytest -m "not slow")
+
 FIX = os.environ.get("VITA_JAX_TICODEC_TRAIN_FIXTURE", os.path.join(FIXTURES, "ticodec-train"))
 REF = os.path.join(FIX, "reference")
 assert os.path.isdir(REF), f"no ticodec-train fixture at {FIX} (set VITA_JAX_TICODEC_TRAIN_FIXTURE)"
@@ -42,6 +44,7 @@ def run():
     """Both official steps, from g_00000000 / do_00000000, with every intermediate."""
     import jax
     import jax.numpy as jnp
+
     from vita_jax.train import codec_loop
     from vita_jax.train import codec_step as cs
     M, state, _ = codec_loop.load_official(FIX, FIX + "/g_00000000", FIX + "/do_00000000")
@@ -156,6 +159,7 @@ def fmap_checks(errs, aux, f, k):
 def test_mel_front_end_and_batches():
     """Mel filterbanks / windows as meldataset builds them; the dataset's mels of the stored crops."""
     import jax.numpy as jnp
+
     from vita_jax.models import codec_losses, discriminators
     from vita_jax.models.ticodec_train import CodecTrainConfig
     cfg = CodecTrainConfig.from_model_json(os.path.join(FIX, "model.json"))
@@ -252,6 +256,7 @@ def _sn_replay(u, weights):
     """Our spectral norm (:func:`discriminators.power_iteration`, σ = u · (W v)) over a sequence of calls, one
     weight per call -> (σ per call, u, v after the last call)."""
     import jax.numpy as jnp
+
     from vita_jax.models.discriminators import power_iteration
     u, sig = jnp.asarray(u), []
     for w in weights:
@@ -386,6 +391,7 @@ def test_official_files_roundtrip(tmp_path):
     """g_ / do_ -> vita_jax -> g_ / do_ is bitwise for every tensor (and order, _metadata, param
     groups); Adam moments written after steps come back bitwise and load into torch's Adam."""
     import torch
+
     from vita_jax.convert import ticodec_ckpt as io
     from vita_jax.train import codec_loop
     M, state, info = codec_loop.load_official(FIX, FIX + "/g_00000000", FIX + "/do_00000000")

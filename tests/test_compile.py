@@ -10,7 +10,10 @@ import sys
 import pytest
 
 from vita_jax.train import compile as compile_lib
+
 from conftest import HANG_S
+
+pytestmark = pytest.mark.slow  # minutes: outside the quick loop (pytest -m "not slow")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,

@@ -64,6 +64,7 @@ def test_every_shipped_stage_config_passes():
 
 def test_good_buckets_and_entries_pass():
     import ml_collections
+
     from vita_jax.data import settings
     from vita_jax.train import stages
     c = stages.stage_config("1.1", "tiny")

@@ -138,6 +138,7 @@ def test_cli_convert_both_ways(tiny_dir, tmp_path):
 
 def test_pt_files_only_weights_only(tiny_dir, tmp_path, monkeypatch):
     import torch
+
     from vita_jax.convert.torch_io import TorchReader
     seen = []
     real = torch.load

@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import pytest
 
 import vita_jax
 from vita_jax import assets
@@ -11,6 +12,8 @@ from vita_jax.data.batch import ctc_batch
 from vita_jax.data.units import UnitVocab, cer, normalize
 from vita_jax.models import ctc, vita
 from vita_jax.train import stages, trainer
+
+pytestmark = pytest.mark.slow  # minutes: outside the quick loop (pytest -m "not slow")
 
 
 def test_units_and_cer():

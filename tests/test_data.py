@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import FIXTURES
 from vita_jax import assets
 from vita_jax.train import stages, trainer
+
+from conftest import FIXTURES
 
 
 def _dataset(tmp_path):

@@ -8,6 +8,7 @@ import re
 import shlex
 
 import pytest
+
 from conftest import REPO
 
 PAGES = [os.path.join(REPO, "README.md")] + sorted(glob.glob(os.path.join(REPO, "docs", "*.md")))

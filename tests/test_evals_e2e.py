@@ -11,10 +11,11 @@ import pytest
 import soundfile as sf
 
 import vita_jax
-from conftest import FIXTURES, write_video
 from vita_jax import assets, cli
 from vita_jax import config as config_lib
 from vita_jax.evals import Engine, evaluate
+
+from conftest import FIXTURES, write_video
 
 TOK = os.path.join(FIXTURES, "qwen2.5-tokenizer")
 PHOTO = os.path.join(FIXTURES, "vita15-tiny", "reference", "cliponly_coffee_150x90.png")
@@ -59,7 +60,7 @@ def data(tmp_path_factory):
     img64 = base64.b64encode(open(PHOTO, "rb").read()).decode()
     head = "index\tquestion\thint\tA\tB\tC\tD\tanswer\tcategory\timage\n"
     (d / "mmbench.tsv").write_text(head + f"0\tWhat is in the photo?\t\tcoffee\ta dog\ta car\ta tree\tA\tobject\t{img64}\n"
-                                   + f"1\tWhat colour dominates?\tLook closely.\tbrown\tblue\tgreen\t\tA\tcolour\t0\n")
+                                   + "1\tWhat colour dominates?\tLook closely.\tbrown\tblue\tgreen\t\tA\tcolour\t0\n")
     (d / "mme.tsv").write_text("index\tcategory\timage_path\tquestion\tanswer\timage\n"
                                f"0\texistence\tcoffee.png\tIs there a cup in the image? Please answer yes or no.\tYes\t{img64}\n"
                                f"1\texistence\tcoffee.png\tIs there a dog in the image? Please answer yes or no.\tNo\t{img64}\n")

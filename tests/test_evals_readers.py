@@ -8,9 +8,10 @@ import os
 import pytest
 import soundfile as sf
 
-from conftest import FIXTURES, cli_error
 from vita_jax import assets
 from vita_jax.evals import readers, runner
+
+from conftest import FIXTURES, cli_error
 
 PHOTO = os.path.join(FIXTURES, "vita15-tiny", "reference", "cliponly_coffee_150x90.png")
 

@@ -6,10 +6,14 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import soundfile as sf
 
 from vita_jax import assets
+
 from conftest import HANG_S
+
+pytestmark = pytest.mark.slow  # minutes: outside the quick loop (pytest -m "not slow")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,7 +45,7 @@ def test_evals_run_during_training(tmp_path):
     evals = dict(asr=dict(type="asr", data=str(b / "asr.jsonl"), every=1, batch_size=2, max_new_tokens=2),
                  held=dict(type="loss", data=str(b / "held.json"), batch_size=4))
     wd = tmp_path / "wd"
-    assert cli.run(["train", f"--config=stage2_2:tiny", "--config.total_steps=2",
+    assert cli.run(["train", "--config=stage2_2:tiny", "--config.total_steps=2",
                     "--config.checkpoint_every=100", f"--config.data.tokenizer={b / 'tok'}",
                     f"--config.evals={json.dumps(evals)}", "--workdir", str(wd), "--no-progress"]) == 0
     rows = [json.loads(line) for line in open(wd / "metrics.jsonl")]

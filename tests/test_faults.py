@@ -9,7 +9,10 @@ import sys
 
 import numpy as np
 import pytest
+
 from conftest import HANG_S
+
+pytestmark = pytest.mark.slow  # minutes: outside the quick loop (pytest -m "not slow")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4

@@ -3,9 +3,13 @@ key (exit code 2 through the CLI, no traceback), and nothing is lost."""
 import numpy as np
 import pytest
 
-from conftest import cli_error as _cli_error, FIXTURES, HANG_S, TINY
 from vita_jax import cli
 from vita_jax.infer import generate as gen
+
+from conftest import FIXTURES, HANG_S, TINY
+from conftest import cli_error as _cli_error
+
+pytestmark = pytest.mark.slow  # minutes: outside the quick loop (pytest -m "not slow")
 
 QWEN = FIXTURES + "/qwen2.5-tokenizer"
 
@@ -83,6 +87,7 @@ def test_convert_overwrite_never_touches_the_source(tmp_path, capsys, target):
 def test_save_pretrained_refuses_its_source(tmp_path):
     import os
     import shutil
+
     import vita_jax
     src = tmp_path / "release"
     shutil.copytree(TINY, src)
@@ -98,6 +103,7 @@ def test_save_pretrained_refuses_its_source(tmp_path):
 def _official_setup(root, samples_fn):
     """A tokenizer over DemoData's text QA and one official file: ``samples_fn(good samples)``."""
     import json
+
     import vita_jax.demo.data as demo_data
     from vita_jax.data.text import TextTokenizer
     d = demo_data.DemoData(str(root), demo_data.Speech("recordings"), n_train=4)
@@ -111,7 +117,6 @@ def _official_setup(root, samples_fn):
 
 
 def _stage(path, tok, vocab, steps):
-    import os
     from vita_jax import config as config_lib
     c = config_lib.load_config("stage2_2:tiny")
     c.total_steps, c.checkpoint_every = steps, 100
@@ -127,6 +132,7 @@ BAD = [None, {"id": "empty", "conversations": []}, "not a dict", {"id": "typed",
 
 def test_bad_samples_are_reported_and_training_goes_on(tmp_path, caplog):
     import logging
+
     from vita_jax.data import sources
     from vita_jax.train import trainer
     path, tok, vocab = _official_setup(tmp_path, lambda good: BAD + good)
@@ -270,6 +276,7 @@ def test_top_k_over_the_vocabulary_is_no_filter():
 def test_release_config_json_is_checked(tmp_path):
     import json
     import shutil
+
     from vita_jax.convert import release
     d = tmp_path / "rel"
     shutil.copytree(TINY, d)

@@ -4,7 +4,8 @@ built (one line, exit code 2 through the CLI, no traceback)."""
 import numpy as np
 import pytest
 
-from conftest import TINY, cli_error as _cli_error
+from conftest import TINY
+from conftest import cli_error as _cli_error
 
 
 # ------------------------------------------------------------------ checkpoint files that are not what they say

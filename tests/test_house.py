@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+
 from conftest import HANG_S
 
 PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "vita_jax")
@@ -171,3 +172,10 @@ def test_every_subcommand_has_help(sub):
     r = subprocess.run([sys.executable, "-m", "vita_jax.cli"] + ([sub] if sub else []) + ["--help"],
                        capture_output=True, text=True, timeout=HANG_S)
     assert r.returncode == 0 and r.stdout.startswith("usage: vita-jax") and "Traceback" not in r.stderr, r.stderr
+
+
+def test_ruff_clean():
+    """``ruff check`` with the project's ``.ruff.toml`` (pyflakes, import order, lines <= 120) finds nothing."""
+    r = subprocess.run([sys.executable, "-m", "ruff", "check", "--output-format=concise", "."], cwd=os.path.dirname(PKG),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]

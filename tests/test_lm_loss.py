@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from jax.extend import core as jex_core
 
-from conftest import rel_err
 from vita_jax.models import vita
 from vita_jax.models.vita import IGNORE_INDEX, TEXT
 from vita_jax.train import setup, stages
+
+from conftest import rel_err
 
 
 def dense_row_terms(logits, labels):

@@ -176,6 +176,7 @@ def test_float_precision_change_stays_allowed(tiny_dir, tmp_path):
 
 def test_integer_weight_in_pt_file_refused(tts_dir, tmp_path):
     import torch
+
     from vita_jax.convert import tts
     dec = tmp_path / "decoder"
     shutil.copytree(os.path.join(tts_dir, "decoder"), dec)
@@ -190,6 +191,7 @@ def test_integer_weight_in_pt_file_refused(tts_dir, tmp_path):
 
 def test_integer_weight_in_codec_refused(tts_dir, tmp_path):
     import torch
+
     from vita_jax.convert import tts
     codec = tmp_path / "codec"
     shutil.copytree(os.path.join(tts_dir, "codec"), codec)
@@ -203,6 +205,7 @@ def test_integer_weight_in_codec_refused(tts_dir, tmp_path):
 
 def test_integer_array_in_orbax_checkpoint_refused(tiny_model, tmp_path):
     import jax
+
     from vita_jax.convert import orbax_io
     params = jax.tree.map(lambda x: x, tiny_model.params)
     params["mm_projector"]["0"]["kernel"] = np.asarray(params["mm_projector"]["0"]["kernel"]).astype(np.int32)

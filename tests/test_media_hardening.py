@@ -8,7 +8,6 @@ import os
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import FIXTURES, write_video
 from PIL import Image
 
 from vita_jax import cli
@@ -18,6 +17,8 @@ from vita_jax.data import image as I
 from vita_jax.data import pipeline, sources
 from vita_jax.data import video as V
 from vita_jax.data.batch import Preprocess, preprocess_settings
+
+from conftest import FIXTURES, write_video
 
 U8 = (np.arange(24 * 40) * 37 % 256).astype(np.uint8).reshape(24, 40)  # every grey level 0..255 appears
 

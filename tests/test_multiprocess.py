@@ -7,7 +7,11 @@ import sys
 
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
+
 from conftest import HANG_S
+
+pytestmark = pytest.mark.slow  # minutes: outside the quick loop (pytest -m "not slow")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 3

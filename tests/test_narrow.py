@@ -10,7 +10,10 @@ import sys
 
 import numpy as np
 import pytest
+
 from conftest import FIXTURES, HANG_S, REPO
+
+pytestmark = pytest.mark.slow  # minutes: outside the quick loop (pytest -m "not slow")
 
 TOKENIZER = os.path.join(FIXTURES, "qwen2.5-tokenizer")
 

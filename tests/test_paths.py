@@ -148,8 +148,9 @@ def test_trainer_on_a_url_workdir_and_resume(gs_memory, tmp_path):
 def test_model_with_tokenizer_and_speech_saves_to_and_loads_from_a_url(gs_memory, tiny_dir, tmp_path):
     """The exporter's extras (tokenizer files, the torch .pt files of vita_tts_ckpt, written into a
     local folder) are uploaded; loading from the URL reads them back through a local copy."""
-    import vita_jax
     from tokenizers import Tokenizer, models
+
+    import vita_jax
     from vita_jax.data.text import TextTokenizer
     tok_file = str(tmp_path / "tokenizer.json")
     Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")).save(tok_file)

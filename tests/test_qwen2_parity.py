@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import vita_jax
+
 from conftest import rel_err
 
 
@@ -57,6 +58,7 @@ def test_official_fixture_text_logits(tiny_dir):
 def test_official_fixture_greedy_from_spliced_prefill(tiny_dir):
     """generate.npz: the official spliced prefill embeddings, greedy 8 tokens and raw scores."""
     import jax.numpy as jnp
+
     from vita_jax.infer import generate as gen
     m = vita_jax.from_pretrained(tiny_dir)
     ref = np.load(f"{tiny_dir}/reference/generate.npz")

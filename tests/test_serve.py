@@ -20,6 +20,7 @@ from vita_jax import assets  # noqa: E402
 from vita_jax.serve import engine as engine_lib  # noqa: E402
 from vita_jax.serve import server as server_lib  # noqa: E402
 from vita_jax.serve.session import TurnOptions  # noqa: E402
+
 from conftest import HANG_S
 
 OPTS = TurnOptions(max_new_tokens=6, tts_max_tokens=24, first=(8, 1.01), later=(8, 1.01), padding_size=2)
@@ -100,6 +101,7 @@ def test_typed_and_spoken_turns(server):
 def _png_b64():
     import base64
     import io
+
     from PIL import Image
     buf = io.BytesIO()
     Image.new("RGB", (40, 30), (200, 10, 10)).save(buf, "PNG")

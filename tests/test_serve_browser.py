@@ -25,7 +25,8 @@ from vita_jax.serve import server as server_lib  # noqa: E402
 from vita_jax.serve.session import TurnOptions  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (.ci/run installs it: apt-get install chromium)")
+pytestmark = [pytest.mark.slow,  # minutes: outside the quick loop (pytest -m "not slow")
+              pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (.ci/run installs it: apt-get install chromium)")]
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",

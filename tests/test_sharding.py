@@ -5,7 +5,10 @@ import subprocess
 import sys
 
 import pytest
+
 from conftest import HANG_S
+
+pytestmark = pytest.mark.slow  # minutes: outside the quick loop (pytest -m "not slow")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import vita_jax
-from conftest import tts_ref
 from vita_jax.infer.speech import find_min_sum_index, load_speech
+
+from conftest import tts_ref
 
 
 def test_codec_decode(speech, tts_dir):

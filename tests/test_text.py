@@ -4,8 +4,9 @@ import os
 
 import pytest
 
-from conftest import FIXTURES
 from vita_jax.data import text as T
+
+from conftest import FIXTURES
 
 TOK_DIR = os.path.join(FIXTURES, "qwen2.5-tokenizer")
 CASES = [json.loads(line) for line in open(os.path.join(FIXTURES, "chat-template/cases.jsonl"))]

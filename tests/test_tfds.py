@@ -7,7 +7,6 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import FIXTURES, write_video
 from PIL import Image
 
 from vita_jax import assets
@@ -16,6 +15,8 @@ from vita_jax.data import image as image_lib
 from vita_jax.data import pipeline, sources
 from vita_jax.data.batch import Preprocess
 from vita_jax.data.tfds_source import TFDSSource, write_tfds
+
+from conftest import FIXTURES, write_video
 
 
 def _conv(q, a):

@@ -8,11 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import vita_jax
 from vita_jax.infer.speech import load_speech
-from vita_jax.train import setup, stages
 from vita_jax.models import vita
 from vita_jax.models.ctc import WhaleCTC
+from vita_jax.train import setup, stages
 
 VIT_TOKENS = 17     # 1 CLS + 4x4 patches: a dimension only ViT activations have in these batches
 WHALE_FRAMES = 47   # encoder frames of the 192-frame audio bucket
@@ -87,8 +86,8 @@ def test_lm_stages(model, lm_batch, stage, vit_backward, whale_backward):
 
 def test_ctc_stage(model):
     from vita_jax import assets
-    from vita_jax.data.units import UnitVocab
     from vita_jax.data.batch import ctc_batch
+    from vita_jax.data.units import UnitVocab
     clips = assets.speech_clips()[2:5]
     vocab = UnitVocab.train([t for *_, t in clips])
     b = ctc_batch([w for _, w, _ in clips] + [clips[0][1]], [t for *_, t in clips] + [clips[0][2]], vocab)

@@ -9,7 +9,10 @@ import time
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+
 from conftest import HANG_S
+
+pytestmark = pytest.mark.slow  # minutes: outside the quick loop (pytest -m "not slow")
 
 STEPS = 12
 CMD = [sys.executable, "-m", "vita_jax.cli", "train", "--config=stage1_1:tiny",

@@ -83,7 +83,7 @@ def test_bad_settings_and_windows_are_refused():
         vad.SileroVAD()(np.zeros(100, np.float32))
     with pytest.raises(ValueError, match="initializers missing"):
         import onnx  # noqa: F401 (the error path parses a real but different ONNX file)
-        from onnx import helper, TensorProto
+        from onnx import TensorProto, helper
         g = helper.make_graph([], "g", [], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
         path = "/tmp/_not_vad.onnx"
         onnx.save(helper.make_model(g), path)

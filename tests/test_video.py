@@ -1,10 +1,11 @@
 """Video frame sampling (official rule) and decoding with PyAV."""
 import numpy as np
-from conftest import write_video
 import pytest
 
 from vita_jax.data import image as I
 from vita_jax.data import video as V
+
+from conftest import write_video
 
 
 @pytest.mark.parametrize("seconds,expected", [(1, 4), (3, 4), (3.9, 4), (4, 4), (7, 7), (16, 16), (17, 16), (120, 16)])

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import rel_err
 from vita_jax.data import image as I
 from vita_jax.models import internvit, projectors
+
+from conftest import rel_err
 
 PHOTOS = ["img0_astronaut_150x90.png", "img1_coffee_60x200.png", "img2_chelsea_56x56.png",
           "img3_astronaut_120x64.png"]

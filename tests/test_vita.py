@@ -4,9 +4,10 @@ import os
 import numpy as np
 import pytest
 
-from conftest import rel_err
 from vita_jax.data.batch import plan_splice
 from vita_jax.models.vita import AUDIO, IMAGE, PAD, TEXT
+
+from conftest import rel_err
 
 
 @pytest.fixture(scope="module")

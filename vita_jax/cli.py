@@ -9,7 +9,6 @@ families that vita_jax raises with the file, key or field named) prints one line
 bug and keeps its traceback."""
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -43,6 +42,7 @@ def _ids(text: str) -> list[int]:
 
 def cmd_generate(a) -> int:
     import jax.numpy as jnp  # subcommands import late: --help stays fast
+
     from vita_jax import api  # (late, as above)
     from vita_jax.data import text as text_lib  # (late, as above)
     from vita_jax.infer import generate as gen  # (late, as above)
@@ -143,6 +143,7 @@ def _speak(m, reply: str, out: str, seed: int, max_tokens: int) -> None:
 
 def cmd_convert(a) -> int:
     import jax.numpy as jnp  # subcommands import late: --help stays fast
+
     from vita_jax import api  # (late, as above)
     from vita_jax.convert import target  # (late, as above)
     target.check_target(a.dst, a.src)  # before loading: the target must not be (in) the source,
@@ -171,6 +172,7 @@ def _stage_config(command: str, parsed):
 def cmd_train(a, rest) -> int:
     """``vita-jax train --config=stage1_1[:tiny] [--config.x=y] --workdir DIR``."""
     import jax  # subcommands import late: --help stays fast
+
     from vita_jax import config as config_lib  # (late, as above)
     from vita_jax import parallel  # (late, as above)
     from vita_jax.train import trainer  # (late, as above)
@@ -201,8 +203,12 @@ def cmd_eval(a, rest) -> int:
     """``vita-jax eval --checkpoint DIR --task TASK --data PATH --out OUT`` (or ``--config=FILE``)."""
     import jax  # subcommands import late: --help stays fast
     import jax.numpy as jnp  # (late, as above)
-    from vita_jax import api, parallel  # (late, as above)
-    from vita_jax import evals  # (late, as above)
+
+    from vita_jax import (  # (late, as above)
+        api,
+        evals,  # (late, as above)
+        parallel,
+    )
     for opt, value, least in (("--max-examples", a.max_examples, 0), ("--batch-size", a.batch_size, 1),
                               ("--max-new-tokens", a.max_new_tokens, 1)):
         if value is not None and value < least:

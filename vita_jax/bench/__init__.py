@@ -25,17 +25,17 @@ import optax
 
 from vita_jax import api, parallel
 from vita_jax import config as config_lib
+from vita_jax.bench import codec, evalgen, mixture, narrow
 from vita_jax.convert.safetensors_io import SafetensorsReader
 from vita_jax.data import audio as audio_lib
-from vita_jax.data import pipeline
+from vita_jax.data import pipeline, synthetic
 from vita_jax.data.text import load_tokenizer
 from vita_jax.infer import generate as gen
 from vita_jax.models import qwen2, vita
 from vita_jax.models.vita import AUDIO, IMAGE, PAD
-from vita_jax.bench import codec, evalgen, mixture, narrow
-from vita_jax.data import synthetic
 from vita_jax.train import stages, trainer
 from vita_jax.train.flops import device_peaks, training_flops
+
 
 def _timeit(fn, steps):
     out = fn()  # compile + warm-up

@@ -163,6 +163,7 @@ def run(model, clients=(1, 2, 4, 8), turns: int = 3, max_new_tokens: int = 24, t
 
 def main(argv) -> int:
     import argparse  # the bench's own options (python -m vita_jax.bench serve --help)
+
     import jax.numpy as jnp  # (as above)
     p = argparse.ArgumentParser(prog="python -m vita_jax.bench serve")
     p.add_argument("--checkpoint", help="release directory or vita_jax checkpoint (default: the tiny test model)")

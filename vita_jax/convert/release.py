@@ -22,9 +22,8 @@ import yaml
 
 from vita_jax import config as config_lib
 from vita_jax import paths
-from vita_jax.convert import loader
+from vita_jax.convert import loader, target
 from vita_jax.convert.safetensors_io import save_file
-from vita_jax.convert import target
 from vita_jax.convert.target import TOKENIZER_FILES
 from vita_jax.data.image import IMAGENET_MEAN, IMAGENET_STD, ImageProcessorConfig
 from vita_jax.models import internvit, vita, whale

@@ -24,8 +24,16 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from vita_jax.data.batch import (ClipGroup, build, concat_tiles, example_clips, example_problem, example_tiles,
-                                 pad_rows, spliced_length)
+from vita_jax.data.batch import (
+    ClipGroup,
+    build,
+    concat_tiles,
+    example_clips,
+    example_problem,
+    example_tiles,
+    pad_rows,
+    spliced_length,
+)
 from vita_jax.models.vita import IGNORE_INDEX, PAD
 from vita_jax.models.whale import llm_length
 

@@ -20,7 +20,6 @@ import ml_collections
 from tqdm import tqdm
 
 from vita_jax import config as config_lib
-
 from vita_jax.data import batch as batch_lib
 from vita_jax.data import sources
 from vita_jax.evals import readers, tasks

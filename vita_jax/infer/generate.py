@@ -15,7 +15,6 @@ import numpy as np
 
 from vita_jax.models.qwen2 import KVCache, Qwen2Config
 
-
 MAX_NEW_TOKENS = 32768  # Qwen2.5's context (max_position_embeddings): the KV cache of a longer reply would not fit
 
 

@@ -24,8 +24,13 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental.pallas.ops.tpu.splash_attention import (BlockSizes, CausalMask, MultiHeadMask, SegmentIds,
-                                                              make_splash_mha)
+from jax.experimental.pallas.ops.tpu.splash_attention import (
+    BlockSizes,
+    CausalMask,
+    MultiHeadMask,
+    SegmentIds,
+    make_splash_mha,
+)
 from jax.sharding import PartitionSpec as P
 
 from vita_jax import parallel

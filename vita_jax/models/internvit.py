@@ -19,9 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from vita_jax import parallel
-from vita_jax.models.keys import KeyRule, T
-from vita_jax.models.common import config_from_mapping, remat_policy
 from vita_jax.layers.norms import LayerNorm
+from vita_jax.models.common import config_from_mapping, remat_policy
+from vita_jax.models.keys import KeyRule, T
 
 _init = nn.initializers.normal(0.02)
 HUB_ID = "OpenGVLab/InternViT-300M-448px"

@@ -16,13 +16,13 @@ import jax
 import jax.numpy as jnp
 
 from vita_jax import parallel
-from vita_jax.models.keys import KeyRule, T
-from vita_jax.models.common import config_from_mapping, remat_policy
 from vita_jax.layers.attention import Attention, causal_padding_mask, resolve_implementation
 from vita_jax.layers.mlp import SwiGLU
 from vita_jax.layers.norms import RMSNorm
 from vita_jax.layers.rope import rope_cos_sin
 from vita_jax.layers.splash import kernel_segment_ids
+from vita_jax.models.common import config_from_mapping, remat_policy
+from vita_jax.models.keys import KeyRule, T
 
 
 @dataclasses.dataclass(frozen=True)

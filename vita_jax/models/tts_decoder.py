@@ -19,10 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vita_jax.models.keys import KeyRule, T
 from vita_jax.layers.norms import RMSNorm
 from vita_jax.layers.rope import rope_cos_sin
 from vita_jax.models import qwen2
+from vita_jax.models.keys import KeyRule, T
 
 _init = nn.initializers.normal(0.02)
 

@@ -225,6 +225,7 @@ def main(checkpoint: str, host: str = "127.0.0.1", port: int = 8765, max_session
          allow_origins: Sequence[str] = (), warmup: bool = True) -> int:
     """Loads the model, warms it up and serves until interrupted (``vita-jax serve``)."""
     import jax.numpy as jnp  # the model's dtype; jax is loaded by the engine anyway
+
     from vita_jax import api  # (as above: the CLI imports serve only when it runs)
     if not 1 <= max_sessions <= 64:
         raise ValueError(f"--max-sessions must be in 1..64, got {max_sessions}")

@@ -16,7 +16,6 @@ from typing import Optional
 import jax
 import numpy as np
 import optax
-
 from jax.experimental import multihost_utils
 
 from vita_jax.convert import target

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import soundfile as sf
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
 from vita_jax import parallel, paths
 from vita_jax.data import codec_data
@@ -32,6 +32,7 @@ from vita_jax.models import ticodec_train as tt
 from vita_jax.train import codec_eval, codec_loop
 from vita_jax.train import codec_step as cs
 from vita_jax.train.setup import StageProgram
+
 
 def train_config(config) -> tt.CodecTrainConfig:
     h = dict(config.codec.to_dict())

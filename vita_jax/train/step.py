@@ -16,8 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from vita_jax.models import ctc as ctc_lib
-from vita_jax.models import tts_decoder
-from vita_jax.models import vita
+from vita_jax.models import tts_decoder, vita
 from vita_jax.models.ctc import WhaleCTC
 from vita_jax.models.vita import VITA
 from vita_jax.train import stages

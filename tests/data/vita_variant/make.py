@@ -126,7 +126,9 @@ def cmvn_stats(seed, bins=80, frames=123457):
 # ------------------------------------------------------------------------------ the checkpoint
 def vit_folder(ckpt):
     from vita.model.multimodal_encoder.internvit.modeling_intern_vit import (  # official code (--vita)
-        InternVisionConfig, InternVisionModel)
+        InternVisionConfig,
+        InternVisionModel,
+    )
     d = os.path.join(ckpt, VIT_DIR)
     os.makedirs(d, exist_ok=True)
     with open(os.path.join(FIXTURE, "InternViT-tiny-56px", "config.json")) as f:
