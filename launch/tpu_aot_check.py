@@ -52,7 +52,8 @@ def main(argv=None) -> int:
         hlo_unpacked = fwd.lower(params, ids, ids).compile().as_text()
     print(f"topology {args.topology}: {len(devices)} devices {devices[0].device_kind}; mesh {dict(mesh.shape)}")
     ok = True
-    for name, text, want in (("packed train step", hlo, ("fwd", "dq", "dkv")), ("unpacked forward", hlo_unpacked, ("fwd",))):
+    for name, text, want in (("packed train step", hlo, ("fwd", "dq", "dkv")),
+                             ("unpacked forward", hlo_unpacked, ("fwd",))):
         calls = len(re.findall(r'custom_call_target="tpu_custom_call"', text))
         names = sorted(set(re.findall(r"splash_mha_[a-z_]+", text)))
         found = all(any(f"_{w}_" in n for n in names) for w in want)

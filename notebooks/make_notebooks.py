@@ -21,12 +21,14 @@ WORKDIR.mkdir(parents=True, exist_ok=True)
 FIXTURES = find_fixtures()
 print("work dir:", WORKDIR, "| fixtures:", FIXTURES)'''
 
-INSTALL = '''# On Colab (TPU, GPU or CPU runtime) install vita_jax first; elsewhere `pip install -e ".[torch]"` in the checkout.
-import os, sys, subprocess
+INSTALL = ('# On Colab (TPU, GPU or CPU runtime) install vita_jax first; '
+           'elsewhere `pip install -e ".[torch]"` in the checkout.\n'
+           '''import os, sys, subprocess
 if "google.colab" in sys.modules:
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", os.environ.get("VITA_JAX_PIP", "vita_jax[torch]")], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q",'''
+           ''' os.environ.get("VITA_JAX_PIP", "vita_jax[torch]")], check=True)
 import jax
-print("jax", jax.__version__, "devices:", jax.devices())'''
+print("jax", jax.__version__, "devices:", jax.devices())''')
 
 QUICK = [
     ("md", "# vita_jax quick start\n\nConvert a VITA-1.5 release directory to vita_jax, chat with text, an image "
@@ -53,7 +55,8 @@ if not RELEASE:
         if f.suffix in (".json", ".txt") and "cases" not in f.name and "report" not in f.name:
             shutil.copy2(f, RELEASE)
     for part in ("decoder", "codec"):
-        shutil.copytree(FIXTURES / "vita15-tiny" / "vita_tts_ckpt" / part, pathlib.Path(RELEASE) / "vita_tts_ckpt" / part,
+        shutil.copytree(FIXTURES / "vita15-tiny" / "vita_tts_ckpt" / part,'''
+             ''' pathlib.Path(RELEASE) / "vita_tts_ckpt" / part,
                         dirs_exist_ok=True)
 print(sorted(os.listdir(RELEASE)))'''),
     ("md", "## Convert\n\nRead the official safetensors shards tensor by tensor and write a vita_jax (orbax) "
@@ -133,7 +136,8 @@ import matplotlib.pyplot as plt
 rows = [json.loads(l) for l in open(WORKDIR / "stage1_3" / "metrics.jsonl")]
 fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
 ax[0].plot([r["step"] for r in rows], [r["loss"] for r in rows]); ax[0].set_xlabel("step"); ax[0].set_ylabel("loss")
-ax[1].plot([r["step"] for r in rows], [r["accuracy"] for r in rows]); ax[1].set_xlabel("step"); ax[1].set_ylabel("token accuracy")
+ax[1].plot([r["step"] for r in rows], [r["accuracy"] for r in rows]); ax[1].set_xlabel("step");'''
+             ''' ax[1].set_ylabel("token accuracy")
 fig.tight_layout(); fig.savefig(WORKDIR / "loss.png")
 print(f"loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}")
 assert rows[-1]["loss"] < rows[0]["loss"]'''),

@@ -52,7 +52,8 @@ def main(tiny):
     pixels = np.concatenate([vis["pixel_values"], vis["pixel_values"][:1]])  # 4 tiles
     e1, e8 = m1.encode_images(pixels), m8.encode_images(pixels)
     out["vision_rel_err"] = float(np.abs(e1 - e8).max() / np.abs(e1).max())
-    out["vision_official_rel_err"] = float(np.abs(e8[:3] - vis["projector_out"]).max() / np.abs(vis["projector_out"]).max())
+    out["vision_official_rel_err"] = float(np.abs(e8[:3] - vis["projector_out"]).max()
+                                           / np.abs(vis["projector_out"]).max())
     placed = m8._place(pixels)
     out["pixels_spec"] = spec(placed)
 

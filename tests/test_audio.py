@@ -146,8 +146,9 @@ def test_static_chunk_mask():
 
 def test_train_yaml(tiny_dir, tmp_path):
     y = release.read_train_yaml(os.path.join(tiny_dir, "audio-encoder-tiny-whale/train.yaml"))
-    assert (y["attention_dim"], y["attention_heads"], y["num_blocks"], y["linear_units"], y["kernel_size"],
-            y["llm_embed_dim"], y["activation"], y["chunk_size"], y["dynamic_chunks"]) == (32, 4, 2, 64, 5, 64, "gelu", -1, False)
+    assert ((y["attention_dim"], y["attention_heads"], y["num_blocks"], y["linear_units"], y["kernel_size"],
+             y["llm_embed_dim"], y["activation"], y["chunk_size"], y["dynamic_chunks"])
+            == (32, 4, 2, 64, 5, 64, "gelu", -1, False))
     bad = tmp_path / "train.yaml"
     bad.write_text(open(os.path.join(tiny_dir, "audio-encoder-tiny-whale/train.yaml")).read()
                    .replace("transformer-chunk_size: -1", "transformer-chunk_size: 0"))

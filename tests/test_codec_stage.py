@@ -120,7 +120,8 @@ def _export_loads(runs, tmp_path):
     sd = torch.load(codec / "final.pt", map_location="cpu", weights_only=True)
     assert set(sd) == {"generator", "quantizer", "encoder"}
     mj = json.load(open(codec / "model.json"))
-    assert len(mj["global_tokens"]) == mj["global_code_num"] and all(0 <= t < mj["n_codes"] for t in mj["global_tokens"])
+    assert (len(mj["global_tokens"]) == mj["global_code_num"]
+            and all(0 <= t < mj["n_codes"] for t in mj["global_tokens"]))
     tts = tmp_path / "vita_tts_ckpt"
     shutil.copytree(os.path.join(FIXTURES, "vita15-tiny", "vita_tts_ckpt", "decoder"), tts / "decoder")
     shutil.copytree(codec, tts / "codec")

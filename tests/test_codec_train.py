@@ -91,11 +91,14 @@ def forward_checks(errs, aux, met, s, f, k, pre, post):
     assert codes_ok, f"step {k}: VQ codes / global tokens differ"
     mine = {"enc.c": g["c"], "enc.g1": g["g1"], "enc.g2": g["g2"], "vq.local0.in": g["c"], "vq.q": g["q"],
             "vq.g_q": g["g_q"], "gen.y_hat": aux["y_hat"], "mel.y_hat_mel_main": gx["mel_main"],
-            "enc.gte_linear1": enc["GlobalTokenEncoder"]["linear"][0], "enc.gte_linear2": enc["GlobalTokenEncoder"]["linear"][1],
-            "enc.gte_prebn1": enc["GlobalTokenEncoder"]["prebn"][0], "enc.gte_prebn2": enc["GlobalTokenEncoder"]["prebn"][1],
+            "enc.gte_linear1": enc["GlobalTokenEncoder"]["linear"][0],
+            "enc.gte_linear2": enc["GlobalTokenEncoder"]["linear"][1],
+            "enc.gte_prebn1": enc["GlobalTokenEncoder"]["prebn"][0],
+            "enc.gte_prebn2": enc["GlobalTokenEncoder"]["prebn"][1],
             "enc.conv_pre_out1_stats": stats(_first(enc["conv_pre_out1"])),
             "enc.conv_pre_out2_stats": stats(_first(enc["conv_pre_out2"])),
-            "gen.conv_pre_out": _first(g["gen"]["conv_pre_out"]), "gen.conv_post_in_stats": stats(_first(g["gen"]["conv_post_in"]))}
+            "gen.conv_pre_out": _first(g["gen"]["conv_pre_out"]),
+            "gen.conv_post_in_stats": stats(_first(g["gen"]["conv_post_in"]))}
     for i in range(len([n for n in s if n.startswith("gen.ups") and n.endswith("_out_stats")])):
         mine[f"gen.ups{i}_out_stats"] = stats(_first(g["gen"][f"ups{i}_out"]))
     for n in (512, 256, 128):
@@ -109,7 +112,8 @@ def forward_checks(errs, aux, met, s, f, k, pre, post):
         assert np.shape(v) == s[name].shape, f"{name}: shape {np.shape(v)} vs {s[name].shape}"
         close(errs, f"s{k}.{name}", v, s[name], pre[0])
     losses = {"vq.local0.loss": g["local_loss"], "vq.global.loss": g["global_loss"], "vq.loss_q": met["loss_quantizer"],
-              "loss.loss_mel1": met["loss_mel1"], "loss.loss_mel2": met["loss_mel2"], "loss.loss_mel3": met["loss_mel3"],
+              "loss.loss_mel1": met["loss_mel1"], "loss.loss_mel2": met["loss_mel2"],
+              "loss.loss_mel3": met["loss_mel3"],
               "loss.l1_mel_main": gx["l1_main"], "loss.mel_error": met["mel_spec_error"], "loss.cos_sim": g["cos"],
               "scalar.loss_mel": met["loss_mel"], "scalar.loss_quantizer": met["loss_quantizer"],
               "scalar.mel_spec_error": met["mel_spec_error"], "scalar.compare_loss": met["compare_loss"],
@@ -122,7 +126,8 @@ def forward_checks(errs, aux, met, s, f, k, pre, post):
         for i, (r, gen_) in enumerate(zip(gx["out"][fam][0], gx["out"][fam][1])):
             post_vals[f"gstep.{fam}.real_logits{i}"], post_vals[f"gstep.{fam}.fake_logits{i}"] = r, gen_
         post_vals[f"gstep.{fam}.adv_terms"], post_vals[f"gstep.{fam}.loss_gen"] = gx["adv"][fam][1], gx["adv"][fam][0]
-        post_vals[f"gstep.{fam}.loss_fm"], post_vals[f"gstep.{fam}.fm_layer_mean_abs_f64"] = gx["fm"][fam][0], gx["fm"][fam][1]
+        post_vals[f"gstep.{fam}.loss_fm"] = gx["fm"][fam][0]
+        post_vals[f"gstep.{fam}.fm_layer_mean_abs_f64"] = gx["fm"][fam][1]
     for name, v in post_vals.items():
         close(errs, f"s{k}.{name}", v, s[name], post)
     fmap_checks(errs, aux, f, k)  # MSD[0]'s σ: _spectral_norm
@@ -177,7 +182,8 @@ def test_mel_front_end_and_batches():
     for k in (0, 1):
         y = jnp.asarray(inp[f"s{k}.batch.y"])
         args = (cfg.n_fft, cfg.num_mels, sr, cfg.hop_size, cfg.win_size, cfg.fmin)
-        close(errs, f"s{k}.y_mel", codec_losses.mel_spectrogram(y, *args, cfg.fmax_for_loss), inp[f"s{k}.batch.y_mel"], 4e-5)
+        close(errs, f"s{k}.y_mel", codec_losses.mel_spectrogram(y, *args, cfg.fmax_for_loss),
+              inp[f"s{k}.batch.y_mel"], 4e-5)
         close(errs, f"s{k}.x_mel", codec_losses.mel_spectrogram(y, *args, cfg.fmax), inp[f"s{k}.batch.x_mel"], 4e-5)
     print("worst mel", check(errs))
 
@@ -209,7 +215,8 @@ def _updates(run, k):
     b_stats, b_sel, b_buf = ((8e-4, 3e-2, 5e-5), (2e-3, 3e-1, 7e-4))[k]
     lr = float(M.cfg.learning_rate)
     errs = []
-    for opt, side, parts, grad in (("opt_g", "g", io.G_PARTS, aux["ggrad"]), ("opt_d", "d", io.D_OPT_ORDER, aux["dgrad"])):
+    for opt, side, parts, grad in (("opt_g", "g", io.G_PARTS, aux["ggrad"]),
+                                   ("opt_d", "d", io.D_OPT_ORDER, aux["dgrad"])):
         p0, p1 = before[k][side + "p"], before[k + 1][side + "p"]
         adam = before[k + 1][side + "opt"]
         order = io.param_order(p0, parts)
@@ -218,7 +225,8 @@ def _updates(run, k):
               (("g", grad), ("p0", p0), ("p1", p1), ("m", adam.mu), ("v", adam.nu))}
         has = np.array([not (p == "encoder" and n.startswith("linear.0.")) for p, n in order])
         assert np.array_equal(has, u[opt + ".has_grad"])
-        rows = {"grad_stats": [], "param_after_stats": [], "update_stats": [], "exp_avg_stats": [], "exp_avg_sq_stats": []}
+        rows = {"grad_stats": [], "param_after_stats": [], "update_stats": [], "exp_avg_stats": [],
+                "exp_avg_sq_stats": []}
         for p, n in order:
             g, a, b = (np.asarray(fl[x][p][n]) for x in ("g", "p1", "p0"))
             d = (a - b).astype(np.float64)
@@ -249,7 +257,8 @@ def _updates(run, k):
     print(f"worst update{k}", check(errs))
 
 
-SIGMA_BOUNDS, SN_BUFFER_BOUNDS = (4e-7, 7e-7), (5e-5, 7e-4)  # README §8: "stepK: spectral-norm sigma per call", "updateK: buffers"
+# README §8: "stepK: spectral-norm sigma per call", "updateK: buffers"
+SIGMA_BOUNDS, SN_BUFFER_BOUNDS = (4e-7, 7e-7), (5e-5, 7e-4)
 
 
 def _sn_replay(u, weights):
@@ -450,4 +459,5 @@ def test_data_crops_as_official():
         names = [os.path.relpath(f, FIX) for f in data.files[k * cfg.batch_size:(k + 1) * cfg.batch_size]]
         assert names == [str(x) for x in inp[f"s{k}.batch.files"]]
         assert np.array_equal(np.array(data.draws), inp[f"s{k}.rand_draws"])
-        assert np.array_equal(b["y"], inp[f"s{k}.batch.y"]) and np.array_equal(b["y_global"], inp[f"s{k}.batch.y_global"])
+        assert (np.array_equal(b["y"], inp[f"s{k}.batch.y"])
+                and np.array_equal(b["y_global"], inp[f"s{k}.batch.y_global"]))

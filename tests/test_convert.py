@@ -50,7 +50,8 @@ def _bf16_copy(tiny_dir, dst):
     for shard in sorted(set(idx["weight_map"].values())):
         path = os.path.join(dst, shard)
         r = SafetensorsReader(dst)
-        tensors = {k: np.array(r.get(k)).astype(ml_dtypes.bfloat16) if r.get(k).dtype == np.float32 else np.array(r.get(k))
+        tensors = {k: (np.array(r.get(k)).astype(ml_dtypes.bfloat16) if r.get(k).dtype == np.float32
+                       else np.array(r.get(k)))
                    for k in read_header(path)[0]}
         del r
         save_file(tensors, path)

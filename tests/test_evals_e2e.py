@@ -59,11 +59,14 @@ def data(tmp_path_factory):
     (ls / "61-70968.trans.txt").write_text("\n".join(lines) + "\n")
     img64 = base64.b64encode(open(PHOTO, "rb").read()).decode()
     head = "index\tquestion\thint\tA\tB\tC\tD\tanswer\tcategory\timage\n"
-    (d / "mmbench.tsv").write_text(head + f"0\tWhat is in the photo?\t\tcoffee\ta dog\ta car\ta tree\tA\tobject\t{img64}\n"
+    (d / "mmbench.tsv").write_text(head + "0\tWhat is in the photo?\t\tcoffee\ta dog\ta car\ta tree\t"
+                                   f"A\tobject\t{img64}\n"
                                    + "1\tWhat colour dominates?\tLook closely.\tbrown\tblue\tgreen\t\tA\tcolour\t0\n")
     (d / "mme.tsv").write_text("index\tcategory\timage_path\tquestion\tanswer\timage\n"
-                               f"0\texistence\tcoffee.png\tIs there a cup in the image? Please answer yes or no.\tYes\t{img64}\n"
-                               f"1\texistence\tcoffee.png\tIs there a dog in the image? Please answer yes or no.\tNo\t{img64}\n")
+                               "0\texistence\tcoffee.png\tIs there a cup in the image? "
+                               f"Please answer yes or no.\tYes\t{img64}\n"
+                               "1\texistence\tcoffee.png\tIs there a dog in the image? "
+                               f"Please answer yes or no.\tNo\t{img64}\n")
     shutil.copy(PHOTO, d / "coffee.png")
     (d / "vqa.jsonl").write_text(json.dumps(dict(image="coffee.png", question="What drink is this?",
                                                  answers=["coffee"] * 8 + ["tea"] * 2)) + "\n")

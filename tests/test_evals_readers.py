@@ -109,7 +109,8 @@ def test_suite_checks_every_task_before_loading(tmp_path, capsys, wav):
     bad.write_text(json.dumps(dict(audio=str(tmp_path / "gone.wav"), text="hello")) + "\n")
     suite = tmp_path / "suite.py"
     evals = dict(a_first=dict(type="asr", data=str(good)), b_second=dict(type="asr", data=str(bad)))
-    suite.write_text(f"import ml_collections\n\ndef get_config():\n    return ml_collections.ConfigDict(dict(evals={evals!r}))\n")
+    suite.write_text("import ml_collections\n\ndef get_config():\n"
+                     f"    return ml_collections.ConfigDict(dict(evals={evals!r}))\n")
     line = cli_error(capsys, "eval", "--checkpoint", "/no/such/model", f"--config={suite}", "--out",
                      str(tmp_path / "out"))
     assert line.startswith(f"vita-jax: error: {bad} line 1: ") and "gone.wav" in line
@@ -139,5 +140,5 @@ def test_undecodable_transcript_file_and_folder_for_a_file_task_are_named(tmp_pa
     ch.mkdir(parents=True)
     (ch / "1-2.trans.txt").write_bytes(b"1-2-0000 HELLO \xff\n")
     assert _err(dict(type="asr", data=str(tmp_path / "ls"))).startswith(f"{ch / '1-2.trans.txt'}: not UTF-8 text")
-    assert _err(dict(type="mcq", data=str(tmp_path / "ls"))) == f"{tmp_path / 'ls'}: a folder; this task reads a file " \
-                                                                 "(see README: Evaluation)"
+    folder_msg = f"{tmp_path / 'ls'}: a folder; this task reads a file (see README: Evaluation)"
+    assert _err(dict(type="mcq", data=str(tmp_path / "ls"))) == folder_msg

@@ -176,6 +176,6 @@ def test_every_subcommand_has_help(sub):
 
 def test_ruff_clean():
     """``ruff check`` with the project's ``.ruff.toml`` (pyflakes, import order, lines <= 120) finds nothing."""
-    r = subprocess.run([sys.executable, "-m", "ruff", "check", "--output-format=concise", "."], cwd=os.path.dirname(PKG),
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, "-m", "ruff", "check", "--output-format=concise", "."],
+                       cwd=os.path.dirname(PKG), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]

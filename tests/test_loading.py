@@ -217,5 +217,6 @@ def test_integer_array_in_orbax_checkpoint_refused(tiny_model, tmp_path):
 def test_kind_check_both_ways():
     from vita_jax.convert import loader
     loader.check_kind(np.float16, np.float32, "x")  # precision changes are casts
-    with pytest.raises(CheckpointError, match=r"f.pt: k: stored as float32 \(float\), the model's weight is int32 \(integer\)"):
+    with pytest.raises(CheckpointError,
+                       match=r"f.pt: k: stored as float32 \(float\), the model's weight is int32 \(integer\)"):
         loader.check_kind(np.float32, np.int32, "f.pt: k")

@@ -110,8 +110,8 @@ def test_8bit_modes_as_pil_converts_them(tmp_path):
 def test_bad_image_files_are_one_line(tmp_path):
     buf = io.BytesIO()
     Image.fromarray(np.stack([U8] * 3, -1)).resize((400, 300)).save(buf, "JPEG")
-    files = {"zero.jpg": b"", "cut.jpg": buf.getvalue()[:len(buf.getvalue()) // 2], "notes.png": b"just some text\n" * 9,
-             "garbage.jpg": b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4}
+    files = {"zero.jpg": b"", "cut.jpg": buf.getvalue()[:len(buf.getvalue()) // 2],
+             "notes.png": b"just some text\n" * 9, "garbage.jpg": b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4}
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
         with pytest.raises(I.ImageError) as e:

@@ -40,11 +40,12 @@ def _losses(workdir):
 def test_two_processes_equal_one(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    r = subprocess.run(TRAIN + ["--workdir", str(one)], cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_S)
+    r = subprocess.run(TRAIN + ["--workdir", str(one)], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=HANG_S)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "processes: 1, devices: 8 (8 local)" in r.stdout
-    launcher = [sys.executable, "launch/local.py", "--num-processes", "2", "--cpu-devices", "4", "--timeout", str(HANG_S),
-                "--"]
+    launcher = [sys.executable, "launch/local.py", "--num-processes", "2", "--cpu-devices", "4",
+                "--timeout", str(HANG_S), "--"]
     r = subprocess.run(launcher + TRAIN + ["--workdir", str(two)], cwd=REPO, capture_output=True, text=True,
                        timeout=HANG_S + 60)
     assert r.returncode == 0, r.stdout[-5000:]

@@ -158,7 +158,8 @@ def test_model_with_tokenizer_and_speech_saves_to_and_loads_from_a_url(gs_memory
     m.tokenizer = TextTokenizer.from_file(tok_file)
     url = "gs://bucket/m"
     m.save_pretrained(url, format="orbax")
-    assert {"/bucket/m/vita_jax.json", "/bucket/m/tokenizer.json", "/bucket/m/vita_tts_ckpt/decoder/final.pt"} <= set(gs_memory)
+    assert {"/bucket/m/vita_jax.json", "/bucket/m/tokenizer.json",
+            "/bucket/m/vita_tts_ckpt/decoder/final.pt"} <= set(gs_memory)
     with pytest.raises(FileExistsError):
         m.save_pretrained(url, format="orbax")
     back = vita_jax.from_pretrained(url)

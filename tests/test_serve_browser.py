@@ -26,7 +26,8 @@ from vita_jax.serve.session import TurnOptions  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [pytest.mark.slow,  # minutes: outside the quick loop (pytest -m "not slow")
-              pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (.ci/run installs it: apt-get install chromium)")]
+              pytest.mark.skipif(CHROMIUM is None,
+                                 reason="no chromium on PATH (.ci/run installs it: apt-get install chromium)")]
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
@@ -99,7 +100,8 @@ def test_page_end_to_end_in_chromium(server, tmp_path):
     out_dir = os.environ.get("VITA_TEST_ARTIFACTS") or str(tmp_path)
     os.makedirs(out_dir, exist_ok=True)
     with tempfile.TemporaryDirectory() as profile:
-        proc = subprocess.Popen([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", f"--use-file-for-fake-audio-capture={wav}",
+        proc = subprocess.Popen([CHROMIUM, *FLAGS, f"--user-data-dir={profile}",
+                                 f"--use-file-for-fake-audio-capture={wav}",
                                  f"http://127.0.0.1:{server.port}/?autostart=1"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
@@ -108,9 +110,10 @@ def test_page_end_to_end_in_chromium(server, tmp_path):
                 s = _poll(cdp, lambda s: s["metrics"])  # the spoken question answered
                 # then, without history, a typed one through the page's form (the random tiny model's
                 # answer to it is known to be long enough to speak; the fake microphone is silent meanwhile)
-                cdp.call("Runtime.evaluate", expression="ws.send(JSON.stringify({type: 'reset'}));"
-                                                        "document.getElementById('q').value = 'Hello there, who are you?';"
-                                                        "document.getElementById('ask').requestSubmit()")
+                cdp.call("Runtime.evaluate",
+                         expression="ws.send(JSON.stringify({type: 'reset'}));"
+                                    "document.getElementById('q').value = 'Hello there, who are you?';"
+                                    "document.getElementById('ask').requestSubmit()")
                 s = _poll(cdp, lambda s: len(s["metrics"]) >= 2 and s["audioChunks"] > 0)
                 time.sleep(1.0)  # let the page render the metrics line
                 png = cdp.call("Page.captureScreenshot", format="png")["data"]

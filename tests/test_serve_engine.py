@@ -106,7 +106,8 @@ def test_streaming_pieces_start_speech_before_the_reply_ends(engine):
     audio = [i for i in rec.items if isinstance(i, bytes)]
     assert audio and all(len(a) % 2 == 0 for a in audio)
     m = rec.items[-1]
-    assert m["type"] == "turn_metrics" and m["audio_seconds"] == pytest.approx(sum(len(a) for a in audio) / 2 / 24000, abs=1e-3)
+    assert (m["type"] == "turn_metrics"
+            and m["audio_seconds"] == pytest.approx(sum(len(a) for a in audio) / 2 / 24000, abs=1e-3))
 
 
 def test_spoken_turn_end_to_end_then_history(engine):

@@ -43,7 +43,8 @@ def _frame(raw):
     (_encoded("BMP"), "video_frame: image must be JPEG or PNG, got BMP"),
     (b"", "video_frame: not a readable JPEG or PNG"),
     (_encoded("JPEG")[:200], "video_frame: not a readable JPEG or PNG (Truncated File Read)"),
-], ids=["bomb", "over-limit", "over-frame-cap", "no-pixel-data", "truncated", "gif-header", "bmp", "empty", "cut-jpeg-header"])
+], ids=["bomb", "over-limit", "over-frame-cap", "no-pixel-data", "truncated", "gif-header", "bmp", "empty",
+        "cut-jpeg-header"])
 def test_bad_frame_is_a_value_error(raw, match):
     with pytest.raises(ValueError) as e:
         _frame(raw)

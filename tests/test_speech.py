@@ -34,7 +34,8 @@ def test_streaming_equals_official(speech, tts_dir):
         meta = json.load(f)["cases"]["streaming"]["meta"]
     for case in ("s_mid", "s_never", "s_always", "s_server_first"):
         m = meta[case]
-        segs = list(speech.stream(st["codes"][0], chunk_size=m["codec_chunk_size"], padding_size=m["codec_padding_size"],
+        segs = list(speech.stream(st["codes"][0], chunk_size=m["codec_chunk_size"],
+                                  padding_size=m["codec_padding_size"],
                                   seg_threshold=m["seg_threshold"], global_tokens=st["global_tokens"]))
         assert [len(s) for s in segs] == st[case + "_seg_lens"].tolist(), case
         ref = st[m["wav"]].ravel()

@@ -73,11 +73,13 @@ def test_lm_stages(model, lm_batch, stage, vit_backward, whale_backward):
     c.optim.update(lr=3e-3, schedule="constant")  # overfitting one batch, not the official schedule
     state, frozen0, text, losses, info = _run(c, model.params, lm_batch, 25)
     _check_frozen_and_optimizer(state, frozen0)
-    fwd = str(jax.make_jaxpr(lambda p, x: model.module.apply({"params": p}, x, method=type(model.module).encode_images))(
+    fwd = str(jax.make_jaxpr(
+        lambda p, x: model.module.apply({"params": p}, x, method=type(model.module).encode_images))(
         model.params, lm_batch["pixels"]))
     vit_fwd, vit_step = _ops_with_dim(fwd, VIT_TOKENS), _ops_with_dim(text, VIT_TOKENS)
     assert (vit_step > vit_fwd) == vit_backward, (vit_step, vit_fwd)
-    afwd = str(jax.make_jaxpr(lambda p, f, n: model.module.apply({"params": p}, f, n, method=type(model.module).encode_audio))(
+    afwd = str(jax.make_jaxpr(
+        lambda p, f, n: model.module.apply({"params": p}, f, n, method=type(model.module).encode_audio))(
         model.params, lm_batch["audio_feats"], lm_batch["audio_lens"]))
     assert (_ops_with_dim(text, WHALE_FRAMES) > _ops_with_dim(afwd, WHALE_FRAMES)) == whale_backward
     assert losses[-1] < 0.6 * losses[0], losses  # overfits the batch (even the projector alone)

@@ -52,7 +52,8 @@ class VitaModel:
         self._loss = jax.jit(lambda p, labels, *a: tuple(jnp.sum(t) for t in lm_row_terms(m, p, labels, *a)[:2]))
         self._embed = jax.jit(lambda p, *a: m.apply({"params": p}, *a, method=VITA.embed))
         self._images = jax.jit(lambda p, x: m.apply({"params": p}, x, method=VITA.encode_images).astype(jnp.float32))
-        self._audio = jax.jit(lambda p, f, n: m.apply({"params": p}, f, n, method=VITA.encode_audio).astype(jnp.float32))
+        self._audio = jax.jit(
+            lambda p, f, n: m.apply({"params": p}, f, n, method=VITA.encode_audio).astype(jnp.float32))
 
     # ----------------------------------------------------------------------------- helpers
     @property
@@ -104,7 +105,8 @@ class VitaModel:
         max_frames = self.whale_cfg.max_frames
         if lengths.max() > max_frames:
             raise ValueError(f"an audio clip of {int(lengths.max())} frames ({lengths.max() / 100:.1f} s) exceeds the "
-                             f"encoder's {self.whale_cfg.max_positions}-row position table (at most {max_frames} frames)")
+                             f"encoder's {self.whale_cfg.max_positions}-row position table "
+                             f"(at most {max_frames} frames)")
         return f, lengths
 
     def batch(self, input_ids, attention_mask=None, labels=None, pixel_values=None, audio_features=None,
@@ -115,7 +117,8 @@ class VitaModel:
         one of ``config.seq_bucket``, rows cut at ``config.tokenizer_model_max_length``."""
         ids = np.asarray(input_ids)
         if ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"input_ids: expected a non-empty array of integer ids, got {ids.dtype} of shape {ids.shape}")
+            raise ValueError("input_ids: expected a non-empty array of integer ids, "
+                             f"got {ids.dtype} of shape {ids.shape}")
         px = self._check_pixels(pixel_values)
         feats, lengths = self._check_audio(audio_features, audio_lengths)
         arrays, plan = chat_lib.inference_batch(self.module, self.config, input_ids, attention_mask, labels, px,

@@ -207,9 +207,10 @@ def parse_args(argv: Sequence[str], default: str | None = None):
 _MODEL_SIZES = (("llm", ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                          "intermediate_size"), (("num_attention_heads", "num_key_value_heads"),)),
                 ("vision", ("image_size", "patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                            "intermediate_size"), (("hidden_size", "num_attention_heads"), ("image_size", "patch_size"))),
-                ("audio", ("input_dim", "attention_dim", "attention_heads", "linear_units", "num_blocks", "max_positions",
-                           "llm_embed_dim"), (("attention_dim", "attention_heads"),)))
+                            "intermediate_size"),
+                 (("hidden_size", "num_attention_heads"), ("image_size", "patch_size"))),
+                ("audio", ("input_dim", "attention_dim", "attention_heads", "linear_units", "num_blocks",
+                           "max_positions", "llm_embed_dim"), (("attention_dim", "attention_heads"),)))
 
 
 def check_model(config) -> None:

@@ -173,8 +173,9 @@ def bench_convert(config, shard_mb: int = 256) -> dict:
             m2 = api.from_pretrained(d + "/out")
             jax.block_until_ready(m2.params)
             t_load = time.perf_counter() - t0
-        return dict(params_bytes=n_bytes, largest_leaf_bytes=largest_leaf, largest_shard_bytes=max(shard_sizes.values()),
-                    n_shards=len(shard_sizes), export_s=t_save, export_peak_extra_bytes=w.peak - w.base,
+        return dict(params_bytes=n_bytes, largest_leaf_bytes=largest_leaf,
+                    largest_shard_bytes=max(shard_sizes.values()), n_shards=len(shard_sizes),
+                    export_s=t_save, export_peak_extra_bytes=w.peak - w.base,
                     import_s=t_load, import_peak_extra_bytes=l.peak - l.base)
     finally:
         shutil.rmtree(d, ignore_errors=True)
@@ -232,8 +233,10 @@ def bench_data(config) -> dict:
     b = getattr(it, "budget", None)
     shape = {} if b is None else dict(tile_slots=b.tile_slots, audio_groups=[[g.frames, g.slots] for g in b.groups]
                                       if b.groups else [[b.frame_slots, b.clip_slots]])
-    return dict(**shape, packing=bool(config.data.get("packing", False)), llm_real_fraction=frac("llm_real", "llm_slots"),
-                tile_real_fraction=frac("tiles_real", "tile_slots"), frame_real_fraction=frac("frames_real", "frame_slots"),
+    return dict(**shape, packing=bool(config.data.get("packing", False)),
+                llm_real_fraction=frac("llm_real", "llm_slots"),
+                tile_real_fraction=frac("tiles_real", "tile_slots"),
+                frame_real_fraction=frac("frames_real", "frame_slots"),
                 examples=tot["examples"], skipped=len(getattr(it, "skipped", {}) or {}),
                 host_examples_per_s=tot["examples"] / dt, peak_rss_gib=peak_rss_gib())
 
@@ -270,7 +273,8 @@ def bench_pipeline(config) -> dict:
     on a busy device), with the pipeline's prefetch on and off; reports the median step period,
     the median data wait and what full overlap (the larger delay) and none (their sum) would give."""
     b = config.bench
-    host, dev, steps = float(b.get("host_delay", 0.4)), float(b.get("step_delay", 0.4)), int(b.get("pipeline_steps", 12))
+    host, dev, steps = (float(b.get("host_delay", 0.4)), float(b.get("step_delay", 0.4)),
+                        int(b.get("pipeline_steps", 12)))
     out = dict(host_delay_s=host, step_delay_s=dev, steps=steps)
     for prefetch in (2, 0):
         c = stages.stage_config("2.2", "tiny")
@@ -300,7 +304,8 @@ def format_table(res: dict) -> str:
     rows = [
         ("device", f"{res['device']} x{res['n_devices']}"),
         ("model", f"{res['config']['layers']} layers, hidden {res['config']['hidden']}, "
-                  f"{res['config']['params'] / 1e6:.1f}M params, {res['config']['dtype']}, remat {res['config']['remat']}"),
+                  f"{res['config']['params'] / 1e6:.1f}M params, {res['config']['dtype']}, "
+                  f"remat {res['config']['remat']}"),
         ("train batch x seq", f"{res['batch']} x {res['seq_len']}"),
         ("train step", f"{res['step_time_s'] * 1e3:.1f} ms"),
         ("train tokens/s", f"{res['tokens_per_s']:.0f}"),

@@ -257,7 +257,8 @@ def run(cfg: tt.CodecTrainConfig, batch: int, xla: str = "compile", xla_batch: i
         x = xla_cost(M, state, xb, compile=(xla == "compile"))
         scale = batch / xb
         got = x["compiled" if xla == "compile" else "lowered"]
-        res.update(xla=x, xla_tflops_per_step=got["flops"] * scale / 1e12, xla_tb_accessed_per_step=got["bytes"] * scale / 1e12,
+        res.update(xla=x, xla_tflops_per_step=got["flops"] * scale / 1e12,
+                   xla_tb_accessed_per_step=got["bytes"] * scale / 1e12,
                    xla_scaled_from_batch=xb if xb != batch else None)
         if xb != batch:  # linearity of the lowered count between the two batches
             lo = xla_cost(M, state, batch, compile=False)["lowered"]["flops"]

@@ -113,7 +113,8 @@ def load(path: str, dtype=None, mesh=None):
         else:
             dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
             sh = jax.tree.map(lambda _: dev, nn.unbox(boxed))
-        target[name] = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), sh)
+        target[name] = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                    nn.unbox(boxed), sh)
     ckptr = ocp.StandardCheckpointer()
     where = paths.for_orbax(paths.join(path, "params"))
     try:

@@ -223,22 +223,26 @@ def read_train_yaml(path: str) -> dict:
 
     need(layers == "subsampling-transformer", f"encoder-layer-config {layers!r} is not supported")
     need(sub.get("subsampling_rate", 4) == 4, f"subsampling-rate {sub.get('subsampling_rate')} is not supported (4)")
-    need(tr.get("transformer_pos_enc_class", "rel-enc") == "rel-enc", "only transformer-pos-enc-class rel-enc is supported")
+    need(tr.get("transformer_pos_enc_class", "rel-enc") == "rel-enc",
+         "only transformer-pos-enc-class rel-enc is supported")
     need(tr.get("transformer_input_layer", "linear") == "linear", "only transformer-input-layer linear is supported")
     need(tr.get("transformer_normalize_before", True), "only transformer-normalize-before true is supported")
     need(not tr.get("transformer_concat_after", False), "transformer-concat-after true is not supported")
-    need(model.get("adpter_type", "subsampling") == "subsampling", f"adpter_type {model.get('adpter_type')!r} is not supported")
+    need(model.get("adpter_type", "subsampling") == "subsampling",
+         f"adpter_type {model.get('adpter_type')!r} is not supported")
     need(model.get("norm", "layer") == "layer", f"adapter norm {model.get('norm')!r} is not supported (layer)")
     need(not model.get("add_audio_bos_eos", False), "add_audio_bos_eos true is not supported")
     act = model.get("activation_func", "gelu")
     need(act in ("gelu", "relu"), f"adapter activation_func {act!r} is not supported")
     dim = int(tr.get("transformer_attention_dim", tr.get("transformer_output_dim", 1024)))
-    need(int(sub.get("subsampling_output_dim", dim)) == dim, "subsampling-output-dim must equal transformer-attention-dim")
+    need(int(sub.get("subsampling_output_dim", dim)) == dim,
+         "subsampling-output-dim must equal transformer-attention-dim")
     out = dict(input_dim=int(y.get("input_dim", sub.get("subsampling_input_dim", 80))), attention_dim=dim,
                attention_heads=int(tr.get("transformer_attention_heads", 16)),
                linear_units=int(tr.get("transformer_linear_units", 4096)),
                num_blocks=int(tr.get("transformer_num_blocks", 24)),
-               chunk_size=int(tr.get("transformer_chunk_size", -1)), left_chunks=int(tr.get("transformer_left_chunks", -1)),
+               chunk_size=int(tr.get("transformer_chunk_size", -1)),
+               left_chunks=int(tr.get("transformer_left_chunks", -1)),
                llm_embed_dim=int(model.get("llm_embed_dim", 3584)), kernel_size=int(model.get("kernel_size", 5)),
                activation=act,
                dynamic_chunks=bool(tr.get("transformer_dynamic_chunks", True)),
@@ -281,8 +285,9 @@ def write_audio_folder(config, params, folder: str) -> None:
                           "para_conf": {"subsampling": {"subsampling-rate": 4, "subsampling-input-dim": a.input_dim,
                                                         "subsampling-output-dim": a.attention_dim},
                                         "transformer": tr}},
-         "model_conf": {"enc_out_dim": a.attention_dim, "llm_embed_dim": config.llm.hidden_size, "kernel_size": a.kernel_size,
-                        "adpter_type": "subsampling", "activation_func": a.activation, "norm": "layer",
+         "model_conf": {"enc_out_dim": a.attention_dim, "llm_embed_dim": config.llm.hidden_size,
+                        "kernel_size": a.kernel_size, "adpter_type": "subsampling",
+                        "activation_func": a.activation, "norm": "layer",
                         "add_audio_bos_eos": False},
          "dataset_conf": {"resample_conf": {"resample_rate": 16000},
                           "fbank_conf": {"num_mel_bins": a.input_dim, "frame_length": 25, "frame_shift": 10,
@@ -299,7 +304,8 @@ def write_audio_folder(config, params, folder: str) -> None:
     except ImportError:
         return
     sd = {k: torch.from_numpy(v.astype(np.float32))
-          for k, v in loader.official_tensors(whale.key_table(vita.audio_config(config), prefix=""), params["audio_encoder"])}
+          for k, v in loader.official_tensors(whale.key_table(vita.audio_config(config), prefix=""),
+                                              params["audio_encoder"])}
     torch.save(sd, os.path.join(folder, "final.pt"))
 
 

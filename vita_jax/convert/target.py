@@ -26,8 +26,8 @@ ORBAX_META = "vita_jax.json"  # the mark of a complete vita_jax checkpoint (writ
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "added_tokens.json",
                    "special_tokens_map.json", "generation_config.json")
 # every top-level name a vita_jax checkpoint or release folder is written with (tower folders: config.json's)
-WRITTEN = {"params", ORBAX_META, "vita_tts_ckpt", "ticodec", "config.json", "model.safetensors", "model.safetensors.index.json",
-           *TOKENIZER_FILES}
+WRITTEN = {"params", ORBAX_META, "vita_tts_ckpt", "ticodec", "config.json", "model.safetensors",
+           "model.safetensors.index.json", *TOKENIZER_FILES}
 SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors$")
 
 

@@ -75,7 +75,8 @@ def unflat(sd: dict, template: dict, where: str) -> dict:
             raise ValueError(f"{where}: tensor {key!r} is missing")
         v = np.asarray(sd[key])
         if tuple(v.shape) != tuple(np.shape(t)):
-            raise ValueError(f"{where}: tensor {key!r} has shape {tuple(v.shape)}, the config expects {tuple(np.shape(t))}")
+            raise ValueError(f"{where}: tensor {key!r} has shape {tuple(v.shape)}, "
+                             f"the config expects {tuple(np.shape(t))}")
         out[path] = v
     return traverse_util.unflatten_dict(out)
 
@@ -157,7 +158,8 @@ def optimizer_to_torch(count: int, mu: dict, nu: dict, params: dict, parts, lr: 
 
 def _module_sd(params, buffers, metadata=None):
     import torch  # optional dependency (the [torch] extra)
-    sd = collections.OrderedDict((k, torch.from_numpy(np.array(v, copy=True))) for k, v in state_dict(params, buffers).items())
+    sd = collections.OrderedDict((k, torch.from_numpy(np.array(v, copy=True)))
+                                 for k, v in state_dict(params, buffers).items())
     if metadata is not None:
         sd._metadata = metadata
     return sd

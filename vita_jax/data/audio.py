@@ -224,7 +224,8 @@ def audio_features(waveform_or_path, sample_rate: Optional[int] = None, dither: 
             not 0 < sample_rate < float("inf"):
         raise AudioError(f"{name}: sample_rate {sample_rate!r}: must be a positive number of samples per second")
     elif (max_frames or min_frames) and np.size(waveform_or_path) and np.ndim(waveform_or_path) in (1, 2):
-        check_length(max(np.shape(waveform_or_path)), sample_rate, max_frames, name, min_frames)  # samples: the longer axis
+        # samples: the longer axis
+        check_length(max(np.shape(waveform_or_path)), sample_rate, max_frames, name, min_frames)
     x = prepare_waveform(waveform_or_path, sample_rate, name)
     return fbank(x, num_mel_bins, dither=dither, name=name)
 

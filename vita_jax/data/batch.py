@@ -141,7 +141,8 @@ def plan_splice(input_ids, attention_mask=None, labels=None, *, tokens_per_tile:
                 tile += 1
             elif tok == AUDIO_TOKEN_INDEX:
                 if clip >= len(audio_llm_lengths):
-                    raise ValueError(f"row {b}: more <audio> placeholders than the {len(audio_llm_lengths)} clips given")
+                    raise ValueError(f"row {b}: more <audio> placeholders than the "
+                                     f"{len(audio_llm_lengths)} clips given")
                 n = int(audio_llm_lengths[clip])
                 base = clip * audio_len if audio_bases is None else int(audio_bases[clip])
                 kind += [AUDIO] * n
@@ -195,8 +196,9 @@ def build(input_ids, attention_mask, labels, pixels, clips: Sequence[np.ndarray]
     clips ``[frames_i, mel]`` in placeholder order (``clip_lengths``: real frames of each, when the
     arrays are longer). Slots: tiles (``tile_slots``), clips (``clip_slots``) x frames
     (``frame_slots``) and the spliced length (rounded up to ``pad_to``) are zero-padded to these
-    sizes (empty tile slots are ``image_size``-square); padding clips get length ``frame_slots``. ``tile_offset`` / ``clip_offset`` shift ``src``
-    into global tile / clip arrays (several processes feeding one batch). ``arrays`` holds
+    sizes (empty tile slots are ``image_size``-square); padding clips get length ``frame_slots``.
+    ``tile_offset`` / ``clip_offset`` shift ``src`` into global tile / clip arrays (several processes
+    feeding one batch). ``arrays`` holds
     ``kind``, ``text_ids``, ``src``, ``labels`` (with labels), ``pixels`` and ``audio_feats`` /
     ``audio_lens`` (None when there are no slots of that kind).
 

@@ -76,8 +76,9 @@ def chat_example(prep: batch_lib.Preprocess, tokenizer, messages: Union[str, Seq
                  video=None) -> dict:
     """``input_ids`` (int64, ``-200`` / ``-500`` placeholders), ``pixels`` (uint8 ``[tiles, 3, S, S]``
     or None: the model normalises them) and ``audio`` (a list of fbank clips ``[frames, mel]``) of a
-    generation prompt. ``audio``: a path or ``(waveform, rate)``; typed control strings and placeholders are text. A history turn
-    may be ``(role, text, audio)``: a spoken turn, its clip placed before the question's."""
+    generation prompt. ``audio``: a path or ``(waveform, rate)``; typed control strings and placeholders
+    are text. A history turn may be ``(role, text, audio)``: a spoken turn, its clip placed before the
+    question's."""
     if video is not None and image is not None:
         raise ValueError("image and video: give one of them, not both (the prompt holds one visual input)")
     for value, field in ((image, "image"), (audio, "audio"), (video, "video")):
@@ -102,7 +103,8 @@ def chat_example(prep: batch_lib.Preprocess, tokenizer, messages: Union[str, Seq
         history = []
         for role, content, *spoken in messages:  # a history turn (role, text, audio) was spoken: its clip
             said = bool(spoken) and spoken[0] is not None
-            history.append((role, (text_lib.as_text(content, tokenizer) or "") + (text_lib.AUDIO_TOKEN if said else "")))
+            history.append((role, (text_lib.as_text(content, tokenizer) or "")
+                            + (text_lib.AUDIO_TOKEN if said else "")))
             clips += [fbank(spoken[0])] if said else []
         last = text_lib.generation_messages(history[-1][1], modality, tiles, frames, audio is not None)
         msgs = history[:-1] + last

@@ -58,8 +58,8 @@ def load_wav(path: str, sampling_rate: int) -> np.ndarray:
 
 
 class CodecData:
-    """Iterator of host batches ``{"y", "y_global": [B, segment], "samples": [B]}`` (real samples of a row) with ``get_state`` / ``set_state``
-    (epoch, batch index and the crop RNG) for exact resume."""
+    """Iterator of host batches ``{"y", "y_global": [B, segment], "samples": [B]}`` (real samples of a row)
+    with ``get_state`` / ``set_state`` (epoch, batch index and the crop RNG) for exact resume."""
 
     def __init__(self, files: list, segment_size: int, batch_size: int, sampling_rate: int, seed: int = 1234,
                  lengths: Optional[dict] = None):

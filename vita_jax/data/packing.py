@@ -90,7 +90,8 @@ class Budget:
         tiles, clips = example_tiles(ex), example_clips(ex)
         if problem is None and (tiles > self.tile_slots or self.clip_groups([len(a) for a in clips]) is None):
             slots = self.clip_slots if self.groups is None else [(g.slots, g.frames) for g in self.groups]
-            problem = f"{tiles} tiles / {len(clips)} clips over the batch's {self.tile_slots} tiles / clip slots {slots}"
+            problem = (f"{tiles} tiles / {len(clips)} clips over the batch's {self.tile_slots} tiles / "
+                       f"clip slots {slots}")
         return problem
 
 

@@ -180,7 +180,8 @@ class OfficialExamples:
         sid = sample.get("id", "?")
         if sample.get("_bad"):  # marked unusable when it was stored (e.g. a media file was missing)
             raise ValueError(sample["_bad"])
-        images, videos, audios = _as_list(sample.get("image")), _as_list(sample.get("video")), _as_list(sample.get("audio"))
+        images, videos, audios = (_as_list(sample.get("image")), _as_list(sample.get("video")),
+                                  _as_list(sample.get("audio")))
         pixels, tiles, frames = [], [], 0
         for k, name in enumerate(images):
             px = self.prep.tiles(self._source(sample, "image", k, name, k))
@@ -196,7 +197,8 @@ class OfficialExamples:
         n_img, n_aud = int((ids == text_lib.IMAGE_TOKEN_INDEX).sum()), int((ids == text_lib.AUDIO_TOKEN_INDEX).sum())
         n_tiles = sum(tiles) + (frames if videos else 0)
         if n_img != n_tiles:
-            raise ValueError(f"{n_img} <image> positions for {n_tiles} tiles/frames of {len(images) + len(videos)} media")
+            raise ValueError(f"{n_img} <image> positions for {n_tiles} tiles/frames of "
+                             f"{len(images) + len(videos)} media")
         if n_aud != len(clips):
             raise ValueError(f"{n_aud} <audio> placeholders for {len(clips)} audio files")
         ex = {"id": sid, "input_ids": ids, "labels": labels}

@@ -191,7 +191,8 @@ def preprocess_multimodal(conversations: list[dict], tiles_per_image: Sequence[i
                     v = (tok * n + v.replace(tok * n, "").strip()).strip()
         if IMAGE_TOKEN in v:
             if k_img >= len(tiles_per_image):
-                raise ValueError(f"message {i} has {IMAGE_TOKEN} but only {len(tiles_per_image)} image tile counts were given")
+                raise ValueError(f"message {i} has {IMAGE_TOKEN} but only {len(tiles_per_image)} "
+                                 "image tile counts were given")
             v = v.replace(IMAGE_TOKEN, IMAGE_TOKEN * int(tiles_per_image[k_img]) + "\n")
             k_img += 1
         if VIDEO_TOKEN in v:

@@ -132,8 +132,9 @@ def write_tfds(samples_or_json_path: str | Sequence[dict], out_dir: str, name: s
     the samples' order (no shuffling at write time: grain shuffles at read time).
 
     Written to a temporary folder inside ``out_dir`` and moved into place only when complete: an
-    error (or a refused write) leaves nothing behind, and a killed write's folder is removed by the next. Raises ``FileExistsError`` if that dataset
-    version is already there, ``ValueError`` when no sample is usable."""
+    error (or a refused write) leaves nothing behind, and a killed write's folder is removed by the next.
+    Raises ``FileExistsError`` if that dataset version is already there, ``ValueError`` when no sample
+    is usable."""
     if on_bad not in ("skip", "refuse"):
         raise ValueError(f"on_bad must be 'skip' or 'refuse', got {on_bad!r}")
     src = OfficialJSON(samples_or_json_path, media_root, sets, allow_outside_root)

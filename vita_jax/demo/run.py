@@ -263,7 +263,8 @@ class Demo:
         out = trainer.train(c, wd, log=self._stage_log, progress=self.progress, return_state=False)
         held_rows = [r for r in map(json.loads, open(os.path.join(wd, "metrics.jsonl"))) if "heldout/mel_l1" in r]
         return self._record("3.1", held_rows[0]["heldout/mel_l1"], held_rows[-1]["heldout/mel_l1"], out,
-                            multires=(held_rows[0]["heldout/mel_l1_multires"], held_rows[-1]["heldout/mel_l1_multires"]))
+                            multires=(held_rows[0]["heldout/mel_l1_multires"],
+                                      held_rows[-1]["heldout/mel_l1_multires"]))
 
     def reply_codes(self, text: str) -> np.ndarray:
         """Codec ids of a reply: each word's recording through the codec encoder, concatenated."""
@@ -291,7 +292,8 @@ class Demo:
         row = dict(stage=stage, description=name, metric=metric, before=round(float(before), 4),
                    after=round(float(after), 4), higher_is_better=higher, steps=int(out["steps"]),
                    final_loss=round(float(out["last"].get("loss", float("nan"))), 4),
-                   seconds=round(time.perf_counter() - self._t_stage, 1), checkpoint=os.path.join(self.wd, stage, "ckpt"))
+                   seconds=round(time.perf_counter() - self._t_stage, 1),
+                   checkpoint=os.path.join(self.wd, stage, "ckpt"))
         row.update({(k if k in ("multires", "nll") else f"{k}_accuracy"): [round(float(v), 4) for v in pair]
                     for k, pair in extra.items()})
         self.results.append(row)

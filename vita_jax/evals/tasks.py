@@ -283,7 +283,8 @@ class SpokenQA(Task):
 
 class Loss(Task):
     """Held-out loss (mean over target tokens), perplexity, token accuracy and reply exact match
-    (the fraction of examples whose every target token is the argmax) on official-format JSON; examples come from :mod:`vita_jax.data.sources` and are scored by teacher forcing."""
+    (the fraction of examples whose every target token is the argmax) on official-format JSON;
+    examples come from :mod:`vita_jax.data.sources` and are scored by teacher forcing."""
     name = "loss"
     generative = False
 
@@ -296,7 +297,8 @@ class Loss(Task):
         scored = [r for r in records if r["tokens"]]
         return dict(loss=nll / tokens if tokens else float("nan"),
                     # every target token the argmax given the true prefix = greedy decoding reproduces the reply
-                    reply_exact=float(np.mean([r["correct"] == r["tokens"] for r in scored])) if scored else float("nan"),
+                    reply_exact=(float(np.mean([r["correct"] == r["tokens"] for r in scored])) if scored
+                                 else float("nan")),
                     perplexity=float(np.exp(nll / tokens)) if tokens else float("nan"),
                     token_accuracy=sum(r["correct"] for r in records) / tokens if tokens else float("nan"),
                     tokens=tokens)

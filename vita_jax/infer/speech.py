@@ -134,7 +134,8 @@ class SpeechModel:
         frames, g = self._encode_wave(self.codec_params["encoder"], w)
         codes = self._nearest(frames[0], self.codec_params["codebook"])
         d = g.shape[-1] // self.codec_cfg.global_code_num
-        gt = [int(self._nearest(g[:, j * d:(j + 1) * d], cb)[0]) for j, cb in enumerate(self.codec_params["globaltokens"])]
+        gt = [int(self._nearest(g[:, j * d:(j + 1) * d], cb)[0])
+              for j, cb in enumerate(self.codec_params["globaltokens"])]
         return np.asarray(codes, np.int64), np.asarray(gt, np.int64)
 
     def stream(self, codes_or_x, chunk_size: int = 40, padding_size: int = 10, seg_threshold: float = 0.015,

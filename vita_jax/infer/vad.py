@@ -39,7 +39,8 @@ NAMES = {"stft_conv.weight": "stft.forward_basis_buffer", "lstm_cell.weight_ih":
 
 def weights_path() -> str:
     """The wheel's safetensors file; ``OSError`` naming the fix when the wheel is not installed."""
-    spec = importlib.util.find_spec("silero_vad")  # locates the package without importing it (its __init__ imports torch)
+    # locates the package without importing it (its __init__ imports torch)
+    spec = importlib.util.find_spec("silero_vad")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("Silero VAD weights: the silero-vad wheel is not installed "
                                 "(pip install 'vita_jax[serve]' or pip install silero-vad)")
@@ -153,7 +154,8 @@ class Segmenter:
     window below ``end``. The segment runs from ``pad_ms`` before the start window to ``pad_ms``
     after the start of that first silent window. ``in_speech`` tells the state."""
 
-    def __init__(self, config: VADConfig = VADConfig(), weights: Optional[dict] = None, vad: Optional[SileroVAD] = None):
+    def __init__(self, config: VADConfig = VADConfig(), weights: Optional[dict] = None,
+                 vad: Optional[SileroVAD] = None):
         self.cfg = config
         self.vad = vad if vad is not None else SileroVAD(weights)
         self.reset()

@@ -17,7 +17,8 @@ from vita_jax.models.discriminators import hann_window, stft_frames
 
 @functools.lru_cache(maxsize=None)
 def mel_filters(sr: int, n_fft: int, n_mels: int, fmin: float, fmax: Optional[float]) -> np.ndarray:
-    """``librosa.filters.mel(sr, n_fft, n_mels, fmin, fmax)`` (Slaney scale and norm), float32 ``[n_mels, n_fft/2+1]``."""
+    """``librosa.filters.mel(sr, n_fft, n_mels, fmin, fmax)`` (Slaney scale and norm), float32
+    ``[n_mels, n_fft/2+1]``."""
     import librosa  # slow import; only the codec's mel front-end needs it
     return librosa.filters.mel(sr=sr, n_fft=n_fft, n_mels=n_mels, fmin=fmin, fmax=fmax).astype(np.float32)
 

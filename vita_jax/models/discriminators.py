@@ -209,4 +209,5 @@ class MultiScaleSTFTDiscriminator(nn.Module):
         return [o[0] for o in outs], [o[1] for o in outs]
 
 
-DISCRIMINATORS = {"mpd": MultiPeriodDiscriminator, "msd": MultiScaleDiscriminator, "mstftd": MultiScaleSTFTDiscriminator}
+DISCRIMINATORS = {"mpd": MultiPeriodDiscriminator, "msd": MultiScaleDiscriminator,
+                  "mstftd": MultiScaleSTFTDiscriminator}

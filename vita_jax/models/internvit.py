@@ -163,7 +163,8 @@ class _Attn(nn.Module):
         qkv = nn.DenseGeneral((3, h, d), use_bias=c.qkv_bias, dtype=c.dtype, param_dtype=c.param_dtype,
                               name="qkv",
                               kernel_init=nn.with_logical_partitioning(_init, ("embed", None, "heads", "head_dim")),
-                              bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None, "heads", "head_dim")))(x)
+                              bias_init=nn.with_logical_partitioning(nn.initializers.zeros,
+                                                                     (None, "heads", "head_dim")))(x)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         out = jax.nn.dot_product_attention(q, k, v)
         return nn.DenseGeneral(c.hidden_size, axis=(-2, -1), dtype=c.dtype, param_dtype=c.param_dtype, name="proj",

@@ -78,8 +78,10 @@ class TTSDecoderConfig:
             with open(path) as f:
                 raw = json.load(f)
             args = raw[-1] if isinstance(raw, list) else raw
-            c = cls(idim=int(args["idim"]), odim=int(args["odim"]), attention_heads=int(args["transformer_attention_heads"]),
-                    linear_units=int(args["transformer_linear_units"]), num_blocks=int(args["transformer_num_blocks"]), **kw)
+            c = cls(idim=int(args["idim"]), odim=int(args["odim"]),
+                    attention_heads=int(args["transformer_attention_heads"]),
+                    linear_units=int(args["transformer_linear_units"]),
+                    num_blocks=int(args["transformer_num_blocks"]), **kw)
             width, out = int(args.get("transformer_attention_dim", c.idim)), int(args.get("encoder_output_dim", c.idim))
         except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError, IndexError) as e:
             raise ValueError(f"{path}: not a speech-decoder model.json: {e}") from e
@@ -206,8 +208,11 @@ def key_table(cfg: TTSDecoderConfig) -> list[KeyRule]:
         L, P = f"{stack}.{{i}}.", (stack, "layers")
         rules += [KeyRule(L + f"self_attn.{n}_proj.weight", P + ("self_attn", f"{n}_proj", "kernel"),
                           T.linear_to_heads(h, d)) for n in "qkv"]
-        rules.append(KeyRule(L + "self_attn.o_proj.weight", P + ("self_attn", "o_proj", "kernel"), T.heads_to_linear(h, d)))
-        rules += [KeyRule(L + f"mlp.{n}.weight", P + ("mlp", n, "kernel"), T.linear) for n in ("gate_proj", "up_proj", "down_proj")]
-        rules += [KeyRule(L + f"{n}.weight", P + (n, "weight"), T.same) for n in ("input_layernorm", "post_attention_layernorm")]
+        rules.append(KeyRule(L + "self_attn.o_proj.weight", P + ("self_attn", "o_proj", "kernel"),
+                             T.heads_to_linear(h, d)))
+        rules += [KeyRule(L + f"mlp.{n}.weight", P + ("mlp", n, "kernel"), T.linear)
+                  for n in ("gate_proj", "up_proj", "down_proj")]
+        rules += [KeyRule(L + f"{n}.weight", P + (n, "weight"), T.same)
+                  for n in ("input_layernorm", "post_attention_layernorm")]
     return rules
 

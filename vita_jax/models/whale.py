@@ -119,11 +119,13 @@ class RelEncAttention(nn.Module):
         def lin(name, inp, bias=True):
             return nn.DenseGeneral((h, dk), use_bias=bias, dtype=c.dtype, param_dtype=c.param_dtype, name=name,
                                    kernel_init=nn.with_logical_partitioning(_init, ("embed", "heads", "head_dim")),
-                                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "head_dim")))(inp)
+                                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros,
+                                                                          ("heads", "head_dim")))(inp)
         q, k, v = lin("linear_q", x), lin("linear_k", x), lin("linear_v", x)
         p = lin("linear_pos", pos_emb.astype(c.dtype), bias=False)  # [T, h, dk]
         u = self.param("pos_bias_u", nn.with_logical_partitioning(_init, ("heads", "head_dim")), (h, dk), c.param_dtype)
-        vb = self.param("pos_bias_v", nn.with_logical_partitioning(_init, ("heads", "head_dim")), (h, dk), c.param_dtype)
+        vb = self.param("pos_bias_v", nn.with_logical_partitioning(_init, ("heads", "head_dim")), (h, dk),
+                        c.param_dtype)
         ac = jnp.einsum("bqhd,bkhd->bhqk", q + u.astype(c.dtype), k)
         bd = jnp.einsum("bqhd,khd->bhqk", q + vb.astype(c.dtype), p)
         scores = (ac + bd) / np.sqrt(dk).astype(np.float32)
@@ -265,7 +267,8 @@ def key_table(cfg: WhaleConfig, prefix: str = "model.audio_encoder.") -> list[Ke
 
     rules = [KeyRule(e + "global_cmvn.mean", E + ("cmvn_mean",), T.same),
              KeyRule(e + "global_cmvn.istd", E + ("cmvn_istd",), T.same)]
-    rules += lin(e + "enc.0.core.conv.0", E + ("conv_0",), T.conv2d) + lin(e + "enc.0.core.conv.2", E + ("conv_2",), T.conv2d)
+    rules += (lin(e + "enc.0.core.conv.0", E + ("conv_0",), T.conv2d)
+              + lin(e + "enc.0.core.conv.2", E + ("conv_2",), T.conv2d))
     rules += lin(e + "enc.0.core.out.0", E + ("subsampling_out",))
     rules += lin(e + "enc.1.embed.0", E + ("embed_linear",)) + norm(e + "enc.1.embed.1", E + ("embed_norm",))
     L, LP = e + "enc.1.encoders.{i}.", E + ("encoders",)
@@ -274,13 +277,15 @@ def key_table(cfg: WhaleConfig, prefix: str = "model.audio_encoder.") -> list[Ke
         rules += [KeyRule(key + ".weight", path + ("kernel",), T.linear_to_heads(h, dk)),
                   KeyRule(key + ".bias", path + ("bias",), T.split_heads(h, dk))]
     rules += lin(L + "self_attn.linear_out", LP + ("self_attn", "linear_out"), T.heads_to_linear(h, dk))
-    rules += [KeyRule(L + "self_attn.linear_pos.weight", LP + ("self_attn", "linear_pos", "kernel"), T.linear_to_heads(h, dk)),
+    rules += [KeyRule(L + "self_attn.linear_pos.weight", LP + ("self_attn", "linear_pos", "kernel"),
+                      T.linear_to_heads(h, dk)),
               KeyRule(L + "self_attn.pos_bias_u", LP + ("self_attn", "pos_bias_u"), T.same),
               KeyRule(L + "self_attn.pos_bias_v", LP + ("self_attn", "pos_bias_v"), T.same)]
     rules += lin(L + "feed_forward.w_1", LP + ("w_1",)) + lin(L + "feed_forward.w_2", LP + ("w_2",))
     rules += norm(L + "norm1", LP + ("norm1",)) + norm(L + "norm2", LP + ("norm2",))
     rules += norm(e + "enc.1.after_norm", E + ("after_norm",))
     a, A = f"{prefix}adpter.", ("adpter",)
-    rules += lin(a + "conv1d2", A + ("conv1d2",), T.conv1d) + norm(a + "bn2", A + ("bn2",)) + lin(a + "project", A + ("project",))
+    rules += (lin(a + "conv1d2", A + ("conv1d2",), T.conv1d) + norm(a + "bn2", A + ("bn2",))
+              + lin(a + "project", A + ("project",)))
     return rules
 

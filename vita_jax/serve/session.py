@@ -270,6 +270,7 @@ class Session:
                             "llm_tokens_per_s": round(info.get("tokens", 0) / max(info.get("decode_s", 0.0), 1e-6), 1),
                             "stop": info.get("reason")}, turn)
                 if turn.shown.strip():  # an empty reply would read as an open assistant turn
-                    self.history = [("user", turn.question or "", None if turn.clip is None else (turn.clip, vad_lib.RATE)),
+                    self.history = [("user", turn.question or "",
+                                     None if turn.clip is None else (turn.clip, vad_lib.RATE)),
                                     ("assistant", turn.shown.strip())]
             turn.finished.set()

@@ -82,5 +82,6 @@ class Heldout:
             if tb is not None:
                 for k, v in met.items():
                     tb.add_scalar(f"heldout/{k}", v, step)
-            self.log(f"step {step}: held-out mel L1 {met['mel_l1']:.4f} (multi-resolution {met['mel_l1_multires']:.4f})")
+            self.log(f"step {step}: held-out mel L1 {met['mel_l1']:.4f} "
+                     f"(multi-resolution {met['mel_l1_multires']:.4f})")
         return {"heldout": met}

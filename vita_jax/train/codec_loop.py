@@ -79,7 +79,8 @@ def save_official(folder: str, M: cs.CodecModels, state, epoch: int, info: Optio
     lr = lr_at(M.cfg, epoch)
     betas = (M.cfg.adam_b1, M.cfg.adam_b2)
     opts = {}
-    for key, opt, params, parts in (("optim_g", state["gopt"], gp, io.G_PARTS), ("optim_d", state["dopt"], dp, io.D_OPT_ORDER)):
+    for key, opt, params, parts in (("optim_g", state["gopt"], gp, io.G_PARTS),
+                                    ("optim_d", state["dopt"], dp, io.D_OPT_ORDER)):
         opts[key] = io.optimizer_to_torch(int(opt.count), opt.mu, opt.nu, params, parts, lr, float(M.cfg.learning_rate),
                                           betas, info.get("groups", {}).get(key))
     gpath, dpath = os.path.join(folder, f"g_{steps:08d}"), os.path.join(folder, f"do_{steps:08d}")

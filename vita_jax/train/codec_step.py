@@ -113,8 +113,8 @@ def _adam(grads, opt, params, lr, b1, b2):
 
 def make_step(M: CodecModels, debug: bool = False):
     """``step(state, batch, lr) -> (state, metrics[, aux])``; ``batch``: ``y``, ``y_global`` ``[B, L]``,
-    ``y_mel`` ``[B, num_mels, frames]`` (optional: computed from ``y``). ``debug`` also returns every intermediate, both gradients
-    and the feature maps (parity tests)."""
+    ``y_mel`` ``[B, num_mels, frames]`` (optional: computed from ``y``). ``debug`` also returns every
+    intermediate, both gradients and the feature maps (parity tests)."""
     cfg = M.cfg
     b1, b2 = cfg.adam_b1, cfg.adam_b2
 

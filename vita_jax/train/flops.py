@@ -77,7 +77,8 @@ def step_flops(config, batch_size: int, seq_len: int, tiles: int = 0, audio_fram
     if ac is not None and audio_frames:
         t = audio_frames / 4
         c, ff = ac.attention_dim, ac.linear_units
-        enc = 2 * t * ac.num_blocks * (5 * c * c + 2 * c * ff) + ac.num_blocks * 4 * t * t * c / max(1, audio_frames // 400)
+        enc = (2 * t * ac.num_blocks * (5 * c * c + 2 * c * ff)
+               + ac.num_blocks * 4 * t * t * c / max(1, audio_frames // 400))
         adp = (t / 2) * 2 * (ac.kernel_size * c * 2 * c + 2 * c * e)
         total += enc * (3 if _trained(config, "audio_encoder/encoder/") else 1) + adp * (
             3 if _trained(config, "audio_encoder/adpter/") or _trained(config, "llm/") else 1)

@@ -89,7 +89,8 @@ def check_vocab(config, tok) -> None:
         name = f"config.data.tokenizer = {config.data.tokenizer}" if config.data.tokenizer else \
             f"the tokenizer of config.init_from = {config.init_from}"
         raise ValueError(f"{name} has {len(tok)} tokens, more than config.llm.vocab_size = {config.llm.vocab_size} "
-                         "(ids past the model's vocabulary train to NaN): use the model's tokenizer or a larger vocab_size")
+                         "(ids past the model's vocabulary train to NaN): "
+                         "use the model's tokenizer or a larger vocab_size")
 
 
 def lm_step_size(config, host: dict) -> Optional[tuple]:

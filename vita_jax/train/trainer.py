@@ -100,7 +100,8 @@ def check_config(config) -> None:
             raise ValueError(f"config.{field} = {config[field]!r}: must be float32, bfloat16 or float16")
     for pattern, lr in (config.get("optim") or {}).get("group_lrs", None) or ():
         if not 0 <= float(lr) < float("inf"):
-            raise ValueError(f"config.optim.group_lrs: learning rate {lr!r} of {pattern!r} must be a finite number >= 0")
+            raise ValueError(f"config.optim.group_lrs: learning rate {lr!r} of {pattern!r} "
+                             "must be a finite number >= 0")
 
 
 def _open_checkpoints(config, workdir: str, log: Optional[Callable]) -> ckpt_lib.Checkpointer:

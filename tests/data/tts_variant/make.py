@@ -27,7 +27,8 @@ CONFIG = dict(idim=24, odim=40, transformer_attention_dim=24, transformer_attent
               encoder_input_dim=24, encoder_output_dim=24, encoder_drop_rate=0.1, encoder_criterion="ce",
               kv_cache_prefix_finetune=0, encoder_pre_norm_type="ln", encoder_upsample_rate=9)
 # decoding modes: (name, top_k, penalty window, penalty, torch seed of the draws)
-MODES = [("greedy", 1, -1, 1.1, 0), ("penalty", 1, 5, 1.1, 0), ("topk2", 2, -1, 1.1, 7), ("topk3_penalty", 3, 4, 1.3, 11)]
+MODES = [("greedy", 1, -1, 1.1, 0), ("penalty", 1, 5, 1.1, 0), ("topk2", 2, -1, 1.1, 7),
+         ("topk3_penalty", 3, 4, 1.3, 11)]
 MAX_TOKENS = 40
 
 
