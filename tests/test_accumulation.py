@@ -30,6 +30,7 @@ def packed_config(tmp_path_factory):
     return c
 
 
+@pytest.mark.slow  # a minute or more on 2 cores: outside the quick loop
 def test_packed_micro_batches_accumulate_as_one_by_one(packed_config):
     c = packed_config
     tok = TextTokenizer.from_file(c.data.tokenizer)

@@ -1,6 +1,8 @@
 """The command line and the benchmark entry point run end to end (no timing asserted)."""
 import json
 
+import pytest
+
 from vita_jax import bench, cli
 from vita_jax.models.qwen2 import Qwen2Config
 
@@ -21,6 +23,7 @@ def test_training_flops_formula():
     assert bench.training_flops(cfg, 3, 5) == 6 * 184 * 15 + 3 * attn
 
 
+@pytest.mark.slow  # a minute or more on 2 cores: outside the quick loop
 def test_bench_runs(tmp_path, capsys):
     out = tmp_path / "b.json"
     assert bench.main(["llm", "--config=tiny", "--config.bench.steps=1", "--config.bench.seq_len=32",
@@ -31,6 +34,7 @@ def test_bench_runs(tmp_path, capsys):
     assert "MFU" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # a minute or more on 2 cores: outside the quick loop
 def test_codec_bench_counts(tmp_path, capsys):
     """``bench codec``: parameters per part from the abstract state (real size: spec §2.4's count of the
     released codec), and the analytic forward FLOPs of every part against XLA's count (tiny fixture

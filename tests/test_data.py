@@ -40,6 +40,7 @@ def _dataset(tmp_path):
 
 
 @pytest.mark.parametrize("source", ["json", "tfds", "packed"])
+@pytest.mark.slow  # a minute or more on 2 cores: outside the quick loop
 def test_run_completes_with_bad_samples_counted(tmp_path, source):
     data, media = _dataset(tmp_path)
     c = stages.stage_config("1.3", "tiny")

@@ -117,6 +117,7 @@ def test_librispeech_folder_and_errors(model, data):
         evaluate(eng, dict(type="asr", data=str(empty)))
 
 
+@pytest.mark.slow  # a minute or more on 2 cores: outside the quick loop
 def test_cli_suite_every_task(release, data, tmp_path, capsys):
     """One `vita-jax eval --config=SUITE` over all seven tasks: files, metrics, the closing JSON lines."""
     suite = tmp_path / "eval_suite.py"

@@ -65,6 +65,7 @@ def _with_hits(module, params, labels, args):
     return jnp.asarray(lab)
 
 
+@pytest.mark.slow  # a minute or more on 2 cores: outside the quick loop
 def test_fixture_model_chunked_equals_dense(tiny_model, tiny_dir):
     m = tiny_model
     f = np.load(os.path.join(tiny_dir, "reference/forward.npz"))

@@ -35,6 +35,7 @@ def examples(tiny_model):
             _example(rng, 4, v, s, tiles=1, clips=(90,), text=8)]  # an image and speech
 
 
+@pytest.mark.slow  # a minute or more on 2 cores: outside the quick loop
 def test_packed_loss_and_gradient_equal_one_by_one(tiny_model, examples):
     m = tiny_model
     budget = packing.Budget(rows=2, seq_len=256, tile_slots=8, clip_slots=2, frame_slots=192,

@@ -113,6 +113,7 @@ def test_local_paths_are_plain_files(tmp_path):
     assert os.path.isdir(d)
 
 
+@pytest.mark.slow  # a minute or more on 2 cores: outside the quick loop
 def test_trainer_on_a_url_workdir_and_resume(gs_memory, tmp_path):
     from vita_jax.convert import checkpoint, orbax_io
     from vita_jax.train import checkpoint as ckpt_lib

@@ -2,10 +2,12 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from vita_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
 
 
+@pytest.mark.slow  # a minute or more on 2 cores: outside the quick loop
 def test_remat_policies_same_gradients():
     base = Qwen2Config(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2, intermediate_size=64)

@@ -68,6 +68,7 @@ def _check_frozen_and_optimizer(state, frozen0):
 
 @pytest.mark.parametrize("stage,vit_backward,whale_backward", [
     ("1.1", False, False), ("1.2", True, False), ("1.3", True, False), ("2.1b", False, False), ("2.2", False, False)])
+@pytest.mark.slow  # a minute or more on 2 cores: outside the quick loop
 def test_lm_stages(model, lm_batch, stage, vit_backward, whale_backward):
     c = _stage(model, stage)
     c.optim.update(lr=3e-3, schedule="constant")  # overfitting one batch, not the official schedule
@@ -86,6 +87,7 @@ def test_lm_stages(model, lm_batch, stage, vit_backward, whale_backward):
     assert "trainable" in info["table"]
 
 
+@pytest.mark.slow  # a minute or more on 2 cores: outside the quick loop
 def test_ctc_stage(model):
     from vita_jax import assets
     from vita_jax.data.batch import ctc_batch
@@ -126,6 +128,7 @@ def test_tts_stage(model, tiny_dir):
     assert losses[-1] < 0.5 * losses[0], losses
 
 
+@pytest.mark.slow  # a minute or more on 2 cores: outside the quick loop
 def test_grad_accumulation_equals_one_batch(model, tiny_dir):
     f = np.load(os.path.join(tiny_dir, "reference/forward.npz"))
     ids, mask, lab = f["input_ids"][:1], f["attention_mask"][:1], f["labels"][:1]
