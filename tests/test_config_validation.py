@@ -20,7 +20,7 @@ from conftest import cli_error
     ("tile_budget=-4", "config.data.tile_budget = -4: must be an integer >= 0"),
     ("calibration_examples=0", "config.data.calibration_examples = 0: must be an integer >= 1"),
     ("budgets=atuo", "config.data.budgets = 'atuo': must be 'auto' or 'fixed'"),
-    ("max_tiles_per_sample=0", "config.data.max_tiles_per_sample = 0: must be an integer >= 1"),
+    ("max_tiles_per_sample=-1", "config.data.max_tiles_per_sample = -1: must be an integer >= 0"),
     ("max_clips_per_sample=-1", "config.data.max_clips_per_sample = -1: must be an integer >= 0"),
     ("max_frames=2.5", "--config.data.max_frames=2.5: Could not override field"),
     ("synthetic_size=0", "config.data.synthetic_size = 0: must be an integer >= 1"),
@@ -61,6 +61,21 @@ def test_every_shipped_stage_config_passes():
     for stage in ("1.1", "1.2", "1.3", "2.1a", "2.1b", "2.2", "3.1", "3.2"):
         for variant in ("", "tiny") + (("narrow",) if stage != "3.1" else ()):
             settings.check(stages.stage_config(stage, variant))
+
+
+def test_the_demos_stage_settings_pass():
+    """The demo's text-only stage 0 has no tile slots (``max_tiles_per_sample = 0``): allowed, as 0 clips are."""
+    from vita_jax.data import settings
+    from vita_jax.demo.run import PLAN
+    from vita_jax.train import stages
+    for stage, plan in PLAN.items():
+        if stage in ("2.1a", "3.1", "3.2"):  # their own batches (CTC, codec, TTS), not the LM data path
+            continue
+        c = stages.stage_config("1.3" if stage == "0" else stage, "tiny")
+        tiles, clips = plan[5]
+        c.data.update(max_tiles_per_sample=tiles, max_clips_per_sample=clips)
+        settings.check(c)
+    assert PLAN["0"][5][0] == 0
 
 
 def test_good_buckets_and_entries_pass():

@@ -31,7 +31,7 @@ _STR = (lambda v: isinstance(v, str), "a string")
 
 # field -> (test, what it must be)
 LM_FIELDS = {
-    "seq_len": _int(1), "max_tiles_per_sample": _int(1), "max_clips_per_sample": _int(0), "max_frames": _int(1),
+    "seq_len": _int(1), "max_tiles_per_sample": _int(0), "max_clips_per_sample": _int(0), "max_frames": _int(1),
     "shuffle_seed": _int(0), "synthetic_size": _int(1), "calibration_examples": _int(1), "tile_budget": _int(0),
     "workers": _int(0), "prefetch": _int(0), "packing": _BOOL, "allow_outside_media_root": _BOOL,
     "tokenizer": _STR, "budgets": (lambda v: v in ("auto", "fixed"), "'auto' or 'fixed'"),
