@@ -45,7 +45,7 @@ def test_narrow_batch_has_images_and_clip_groups(mix):
     assert np.shape(b["pixels"])[0] == 2 and np.shape(b["pixels"])[-1] == 448
     assert b["pixels"].dtype == np.uint8  # normalised on the device
     # clips as a list of clip groups (one array per group; these 1-row micro-batches calibrate to one group, the
-    # several-group case is tests/test_accumulation.py's), stacked per micro-batch
+    # several-group case is tests/test_train_step_accumulation.py's), stacked per micro-batch
     feats = b["audio_feats"]
     assert isinstance(feats, list) and feats and all(np.shape(x)[0] == 2 for x in feats), [np.shape(x) for x in feats]
 
