@@ -30,6 +30,13 @@ def cli_error(capsys, *args):
     return lines[0]
 
 
+def one_line(exc_info, *names):
+    """The message of a ``pytest.raises`` error is one line naming each of ``names`` (returned)."""
+    msg = str(exc_info.value)
+    assert "\n" not in msg and all(n in msg for n in names), msg
+    return msg
+
+
 def rel_err(a, ref):
     a, ref = np.asarray(a, np.float64), np.asarray(ref, np.float64)
     return float(np.abs(a - ref).max() / np.abs(ref).max())

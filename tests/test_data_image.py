@@ -2,17 +2,21 @@
 bitwise the host processor's values; calibration keeps sizes, never pixels or features; the
 packer reads about one step ahead."""
 import gc
+import io
 import os
 import weakref
 
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
 from vita_jax.data import batch as batch_lib
 from vita_jax.data import image as I
 from vita_jax.data import packing, pipeline
 from vita_jax.models.internvit import normalise_pixels
+
+from conftest import one_line
 
 
 def test_device_normalisation_is_bitwise_the_host_processors():
@@ -93,3 +97,102 @@ def test_packer_reads_about_one_step_ahead():
     it._workers.shutdown(wait=True)
     # about a step's candidates and a step's read-ahead, not the pool of 64 x rows, and not growing
     assert max(held) < it.pool / 3 and max(held[6:]) <= max(held[:6]), (held, it.pool)
+
+
+# ------------------------------------------------------------------ media that cannot work: one line naming the file
+
+
+U8 = (np.arange(24 * 40) * 37 % 256).astype(np.uint8).reshape(24, 40)  # every grey level 0..255 appears
+
+
+def _rgb(grey):
+    return np.repeat(np.asarray(grey, np.uint8)[..., None], 3, axis=-1)
+
+
+def _saved(tmp_path, im, name):
+    im.save(tmp_path / name)
+    return str(tmp_path / name)
+
+
+@pytest.mark.parametrize("case", ["I;16 png", "I;16 tiff", "I;16B", "I over 255", "I within 0..255", "F tiff"])
+def test_deep_images_convert_as_their_8bit_equivalent(tmp_path, case):
+    v16 = U8.astype(np.uint16) * 257  # 16-bit of the 8-bit image: exact
+    v16[0, :4] = [128, 129, 65535 - 128, 65534]  # and the rounding: round(v / 257) -> 0, 1, 255, 255
+    want16 = U8.copy()
+    want16[0, :4] = [0, 1, 255, 255]
+    im, want = {
+        "I;16 png": (lambda: Image.open(_saved(tmp_path, Image.fromarray(v16), "a.png")), want16),
+        "I;16 tiff": (lambda: Image.open(_saved(tmp_path, Image.fromarray(v16), "a.tif")), want16),
+        "I;16B": (lambda: Image.frombytes("I;16B", (40, 24), v16.astype(">u2").tobytes()), want16),
+        "I over 255": (lambda: Image.fromarray(v16.astype(np.int32)), want16),
+        "I within 0..255": (lambda: Image.fromarray(U8.astype(np.int32)), U8),
+        "F tiff": (lambda: Image.open(_saved(tmp_path, Image.fromarray(U8.astype(np.float32) / 255), "a.tif")), U8),
+    }[case]
+    im = im()
+    assert im.mode in ("I;16", "I;16B", "I", "F")
+    out = I.load_image(im)
+    assert out.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(out), _rgb(want))
+    if case != "I within 0..255":  # what Pillow alone gives: clipped to white / black
+        assert not np.array_equal(np.asarray(im.convert("RGB")), _rgb(want))
+
+
+@pytest.mark.parametrize("values, what", [([0.0, 2.0], "0..2"), ([0.0, np.nan], "NaN"), ([-0.5, 0.5], "-0.5..0.5")])
+def test_float_outside_unit_range_refused(tmp_path, values, what):
+    a = np.zeros((8, 8), np.float32)
+    a[0, :2] = values
+    path = _saved(tmp_path, Image.fromarray(a), "depth.tif")
+    with pytest.raises(I.ImageError) as e:
+        I.preprocess_image(path)
+    one_line(e, "depth.tif", what, "[0, 1]")
+
+
+def test_int_outside_16bit_range_refused(tmp_path):
+    path = _saved(tmp_path, Image.fromarray(np.asarray([[-3, 70000]], np.int32)), "signed.tif")
+    with pytest.raises(I.ImageError) as e:
+        I.load_image(path)
+    one_line(e, "signed.tif", "-3..70000")
+
+
+def test_8bit_modes_as_pil_converts_them(tmp_path):
+    """Palette (with transparency), 1-bit, LA, RGBA, CMYK: the official ``convert("RGB")``, checked
+    against the 8-bit pixels each file holds; RGB and L files stay bit-identical to Pillow's."""
+    rgb = np.stack([U8, U8[::-1], 255 - U8], -1)
+    pal = Image.fromarray(U8 % 4).convert("L").convert("P")
+    pal.putpalette([255, 0, 0, 0, 255, 0, 0, 0, 255, 9, 9, 9] + [0] * 756)
+    pal.info["transparency"] = 0
+    bits = U8 > 127
+    cases = {
+        "p.png": (pal, np.asarray([[255, 0, 0], [0, 255, 0], [0, 0, 255], [9, 9, 9]], np.uint8)[U8 % 4]),
+        "one.png": (Image.fromarray(bits), _rgb(bits * 255)),
+        "la.png": (Image.fromarray(np.stack([U8, 255 - U8], -1), "LA"), _rgb(U8)),
+        "rgba.png": (Image.fromarray(np.concatenate([rgb, U8[..., None]], -1)), rgb),
+        "rgb.png": (Image.fromarray(rgb), rgb),
+        "l.png": (Image.fromarray(U8), _rgb(U8)),
+    }
+    for name, (im, want) in cases.items():
+        path = _saved(tmp_path, im, name)
+        assert Image.open(path).mode == {"p.png": "P", "one.png": "1", "la.png": "LA", "rgba.png": "RGBA",
+                                         "rgb.png": "RGB", "l.png": "L"}[name]
+        out = np.asarray(I.load_image(path))
+        np.testing.assert_array_equal(out, want, err_msg=name)
+        np.testing.assert_array_equal(out, np.asarray(Image.open(path).convert("RGB")), err_msg=name)
+    cmyk = _saved(tmp_path, Image.fromarray(rgb).convert("CMYK"), "cmyk.jpg")
+    assert Image.open(cmyk).mode == "CMYK"
+    np.testing.assert_array_equal(np.asarray(I.load_image(cmyk)), np.asarray(Image.open(cmyk).convert("RGB")))
+
+
+def test_bad_image_files_are_one_line(tmp_path):
+    buf = io.BytesIO()
+    Image.fromarray(np.stack([U8] * 3, -1)).resize((400, 300)).save(buf, "JPEG")
+    files = {"zero.jpg": b"", "cut.jpg": buf.getvalue()[:len(buf.getvalue()) // 2],
+             "notes.png": b"just some text\n" * 9, "garbage.jpg": b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(I.ImageError) as e:
+            I.preprocess_image(str(tmp_path / name))
+        one_line(e, name)
+    (tmp_path / "folder.png").mkdir()
+    with pytest.raises(I.ImageError) as e:
+        I.load_image(str(tmp_path / "folder.png"))
+    one_line(e, "folder.png")

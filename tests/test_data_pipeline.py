@@ -72,3 +72,13 @@ def test_run_completes_with_bad_samples_counted(tmp_path, source):
     assert any(f"skipped {len(out['skipped'])} bad sample(s)" in line for line in logs)
     rows = [json.loads(line) for line in open(tmp_path / "wd" / "metrics.jsonl")]
     assert len(rows) == 4 and all(np.isfinite(r["loss"]) for r in rows)
+
+
+# --------------------------------------------- refused early, nothing lost (slow, as the old test_hardening.py was)
+
+
+@pytest.mark.slow  # as when test_hardening.py was slow as a whole
+def test_weights_and_ids_of_any_kind(tmp_path):
+    from vita_jax.data import pipeline
+    with pytest.raises(ValueError, match=r"config.data.mixture\[0\]: weight -1"):
+        pipeline.mixture([{"json": "x.json", "weight": -1}])
