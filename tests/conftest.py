@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 
 # the tests run on CPU; with libtpu installed (the dev extra, for `vita-jax compile`) JAX would otherwise probe
 # for a TPU in every process (and the subprocesses inherit this); compiling for a TPU topology still works
@@ -15,6 +17,14 @@ TINY = os.path.join(FIXTURES, "vita15-tiny")
 # speed (the slowest guarded run, the demo, takes ~10 min on an idle 2-core machine and ~2x that beside a
 # CPU-heavy process)
 HANG_S = 3600
+QWEN_TOK = os.path.join(FIXTURES, "qwen2.5-tokenizer")  # the real Qwen2.5 tokenizer (vita15-tiny has no tokenizer.json)
+VITA_JAX = [sys.executable, "-m", "vita_jax.cli"]  # `vita-jax` in a subprocess, from this checkout
+
+
+def run_cli(*args, timeout=HANG_S, **kw):
+    """``vita-jax ARGS`` in a subprocess run from the checkout, its output captured as text, bounded by HANG_S
+    (``kw``: ``env`` and other ``subprocess.run`` options)."""
+    return subprocess.run([*VITA_JAX, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, **kw)
 
 
 def cli_error(capsys, *args):
@@ -80,6 +90,13 @@ def hf_qwen2(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def qwen_tokenizer():
+    """The real Qwen2.5 tokenizer (``QWEN_TOK``), loaded once for the session."""
+    from vita_jax.data.text import load_tokenizer
+    return load_tokenizer(QWEN_TOK)
+
+
+@pytest.fixture(scope="session")
 def tts_dir(tiny_dir):
     return os.path.join(tiny_dir, "vita_tts_ckpt")
 
@@ -123,14 +140,21 @@ def demo_mixture(root, n: int, n_text: int | None = None) -> tuple[list, str, in
     import json
 
     import vita_jax.demo.data as demo_data  # the demo's writer: imported by the tests that use it
-    from vita_jax.data.text import TextTokenizer
     d = demo_data.DemoData(str(root), demo_data.Speech("recordings"), n_train=n)
     files = [d.captions("train", n), d.spoken_vqa("train", n), d.text_qa("train", n if n_text is None else n_text)]
     texts = [m["value"].replace("<image>", " ").replace("<audio>", " ") for f in files for s in json.load(open(f))
              for m in s["conversations"]]
     tok = os.path.join(str(root), "tok")
-    demo_data.build_tokenizer(texts + demo_data.reply_texts(), tok)
-    return files, tok, -(-len(TextTokenizer.from_file(tok)) // 64) * 64
+    return files, tok, demo_tokenizer(texts, tok)
+
+
+def demo_tokenizer(texts, tok: str) -> int:
+    """The demo's word-level tokenizer over ``texts`` and the demo's replies, written to ``tok``: its
+    vocabulary size rounded up to 64 (a tiny model's ``config.llm.vocab_size``)."""
+    import vita_jax.demo.data as demo_data
+    from vita_jax.data.text import TextTokenizer
+    demo_data.build_tokenizer(list(texts) + demo_data.reply_texts(), tok)
+    return -(-len(TextTokenizer.from_file(tok)) // 64) * 64
 
 
 

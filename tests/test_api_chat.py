@@ -13,7 +13,7 @@ from vita_jax import config as config_lib
 from vita_jax.data import audio as A
 from vita_jax.data import text as T
 
-from conftest import FIXTURES, one_line
+from conftest import one_line
 
 
 @pytest.fixture(scope="module")
@@ -116,13 +116,12 @@ def test_chat_refuses_image_and_video(tiny_model):
 # ------------------------------------------------------------------ media that cannot work: one line naming the file
 
 
-def test_chat_refuses_a_long_clip_before_decoding(tmp_path, monkeypatch):
+def test_chat_refuses_a_long_clip_before_decoding(tmp_path, monkeypatch, qwen_tokenizer):
     """After loading, the model's own limit (its config) is checked on the header before decoding."""
     from vita_jax import api
-    from vita_jax.data.text import load_tokenizer
     c = config_lib.load_config("tiny")
     c.audio.max_positions = 20  # 83 fbank frames, under a second
-    m = api.VitaModel(c, {}, load_tokenizer(os.path.join(FIXTURES, "qwen2.5-tokenizer")))  # host side only
+    m = api.VitaModel(c, {}, qwen_tokenizer)  # host side only
     sf.write(tmp_path / "q.wav", np.zeros(16000, np.float32), 16000)
     monkeypatch.setattr(A.sf, "read", lambda *a, **k: pytest.fail("decoded"))
     with pytest.raises(A.AudioError) as e:

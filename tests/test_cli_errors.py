@@ -1,8 +1,6 @@
 """The CLI's error boundary: a user mistake is one line ``vita-jax: error: ...`` naming the file,
 option or field, exit code 2, no traceback; ``--debug`` shows the traceback."""
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -10,14 +8,11 @@ import soundfile as sf
 
 from vita_jax import cli
 
-from conftest import FIXTURES, HANG_S, TINY, cli_error
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import QWEN_TOK, TINY, cli_error, run_cli
 
 
 def _run(*args):
-    return subprocess.run([sys.executable, "-m", "vita_jax.cli", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=HANG_S, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    return run_cli(*args, env=dict(os.environ, JAX_PLATFORMS="cpu"))
 
 
 @pytest.mark.parametrize("args, named", [
@@ -62,7 +57,6 @@ def test_error_right_after_opening_the_checkpoints_is_one_line(tmp_path):
 # --------------------------------------------- refused early, nothing lost (slow, as the old test_hardening.py was)
 
 
-QWEN = FIXTURES + "/qwen2.5-tokenizer"
 
 
 @pytest.mark.slow  # as when test_hardening.py was slow as a whole
@@ -104,14 +98,15 @@ def test_train_config_mistakes_are_one_line(tmp_path, capsys, case):
         "variant": (["train", "--config=stage1_1:tinyy", "--workdir", wd], "'tinyy'"),
         "no_value": (base + ["--config.total_steps"], "--config.total_steps"),
         "dtype": (base + ["--config.dtype=float12"], "config.dtype"),
-        "mixture_key": (base + ['--config.data.mixture=[{"weight": 1}]', "--config.data.tokenizer=" + QWEN],
+        "mixture_key": (base + ['--config.data.mixture=[{"weight": 1}]', "--config.data.tokenizer=" + QWEN_TOK],
                         "config.data.mixture[0]"),
         "bad_json": (base + ['--config.data.mixture=[{"json": "%s"}]' % _write(tmp_path / "d.json", "[{"),
-                            "--config.data.tokenizer=" + QWEN], "d.json"),
+                            "--config.data.tokenizer=" + QWEN_TOK], "d.json"),
         # the tiny model's 512 ids cannot hold Qwen2.5's 151,665 (out-of-range ids trained to NaN, exit 0)
         "big_tokenizer": (base + ['--config.data.mixture=[{"json": "%s"}]' % _write(tmp_path / "ok.json", OK_SAMPLE),
-                                 "--config.data.tokenizer=" + QWEN],
-                          f"config.data.tokenizer = {QWEN} has 151665 tokens, more than config.llm.vocab_size = 512"),
+                                 "--config.data.tokenizer=" + QWEN_TOK],
+                          f"config.data.tokenizer = {QWEN_TOK} has 151665 tokens, "
+                          "more than config.llm.vocab_size = 512"),
     }[case]
     line = cli_error(capsys, *args)
     assert named in line

@@ -11,22 +11,17 @@ from vita_jax.data import image as I
 from vita_jax.data import pipeline, sources
 from vita_jax.data.batch import Preprocess
 
-from conftest import FIXTURES, HANG_S
+from conftest import demo_tokenizer, run_cli
 
 # --------------------------------------------- refused early, nothing lost (slow, as the old test_hardening.py was)
 
 
 def _official_setup(root, samples_fn):
     """A tokenizer over DemoData's text QA and one official file: ``samples_fn(good samples)``."""
-    import json
-
-    import vita_jax.demo.data as demo_data
-    from vita_jax.data.text import TextTokenizer
+    import vita_jax.demo.data as demo_data  # the demo's writer: imported by the tests that use it
     d = demo_data.DemoData(str(root), demo_data.Speech("recordings"), n_train=4)
     good = json.load(open(d.text_qa("train", 4)))
-    texts = [m["value"] for s in good for m in s["conversations"]]
-    demo_data.build_tokenizer(texts + demo_data.reply_texts(), str(root / "tok"))
-    vocab = -(-len(TextTokenizer.from_file(str(root / "tok"))) // 64) * 64
+    vocab = demo_tokenizer([m["value"] for s in good for m in s["conversations"]], str(root / "tok"))
     path = root / "mix.json"
     path.write_text(json.dumps(samples_fn(good)))
     return str(path), str(root / "tok"), vocab
@@ -81,14 +76,11 @@ def test_any_exception_in_one_sample_is_a_bad_sample(monkeypatch):
 def test_no_usable_sample_is_one_line(tmp_path):
     """Every sample bad: the file is named with its first problems, exit 2, instead of training on nothing."""
     import json
-    import subprocess
-    import sys
     path, tok, vocab = _official_setup(tmp_path, lambda good: BAD)
-    r = subprocess.run([sys.executable, "-m", "vita_jax.cli", "train", "--config=stage2_2:tiny",
-                        "--config.total_steps=2", f"--config.llm.vocab_size={vocab}", f"--config.data.tokenizer={tok}",
-                        "--config.data.packing=false", "--config.data.mixture=" + json.dumps([{"json": path}]),
-                        "--no-progress", "--workdir", str(tmp_path / "wd")], capture_output=True, text=True,
-                       timeout=HANG_S)
+    r = run_cli("train", "--config=stage2_2:tiny", "--config.total_steps=2", f"--config.llm.vocab_size={vocab}",
+                f"--config.data.tokenizer={tok}", "--config.data.packing=false",
+                "--config.data.mixture=" + json.dumps([{"json": path}]), "--no-progress",
+                "--workdir", str(tmp_path / "wd"))
     assert r.returncode == 2, r.stderr[-3000:]
     assert "Traceback" not in r.stderr
     line = r.stderr.strip().splitlines()[-1]
@@ -152,10 +144,9 @@ def _sample(sid, image, **kw):
 
 
 @pytest.fixture(scope="module")
-def transform():
-    from vita_jax.data.text import load_tokenizer
-    tok = load_tokenizer(os.path.join(FIXTURES, "qwen2.5-tokenizer"))
-    return sources.OfficialExamples(tok, Preprocess(I.ImageProcessorConfig(size=28, crop_size=28), max_tiles=1))
+def transform(qwen_tokenizer):
+    prep = Preprocess(I.ImageProcessorConfig(size=28, crop_size=28), max_tiles=1)
+    return sources.OfficialExamples(qwen_tokenizer, prep)
 
 
 def test_media_paths_stay_inside_the_media_root(tree, transform):

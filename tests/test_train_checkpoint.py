@@ -4,17 +4,14 @@ renamed), leftovers of killed saves and exports are removed with a message, a fi
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import HANG_S
+from conftest import run_cli
 
 pytestmark = pytest.mark.slow  # minutes: outside the quick loop (pytest -m "not slow")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
 
 
@@ -112,10 +109,8 @@ def test_no_restorable_checkpoint_is_one_line_and_changes_nothing(failed_export,
 
 
 def _cli(wd, steps=STEPS, *extra):
-    return subprocess.run([sys.executable, "-m", "vita_jax.cli", "train", "--config=stage1_1:tiny",
-                           f"--config.total_steps={steps}", "--config.checkpoint_every=2", "--no-progress",
-                           "--workdir", wd, *extra], cwd=REPO, capture_output=True, text=True, timeout=HANG_S,
-                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    return run_cli("train", "--config=stage1_1:tiny", f"--config.total_steps={steps}", "--config.checkpoint_every=2",
+                   "--no-progress", "--workdir", wd, *extra, env=dict(os.environ, JAX_PLATFORMS="cpu"))
 
 
 def test_rerun_after_failed_export_writes_the_model(failed_export, tmp_path):
@@ -167,9 +162,8 @@ def test_another_model_or_stage_in_the_same_workdir_is_refused(failed_export, tm
     from vita_jax.train import trainer
     wd = _copy(failed_export, tmp_path)
     before = _tree(wd)
-    r = subprocess.run([sys.executable, "-m", "vita_jax.cli", "train", "--config=stage1_2:tiny",
-                        f"--config.total_steps={STEPS + 2}", "--no-progress", "--workdir", wd], cwd=REPO,
-                       capture_output=True, text=True, timeout=HANG_S, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    r = run_cli("train", "--config=stage1_2:tiny", f"--config.total_steps={STEPS + 2}", "--no-progress",
+                "--workdir", wd, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert r.returncode == 2, r.stderr[-3000:]
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"vita-jax: error: {os.path.join(wd, 'ckpt')} holds checkpoint "
