@@ -1,4 +1,4 @@
-"""ml_collections configs and big_vision-style command-line overrides."""
+"""ml_collections configs and big_vision-style command-line overrides; model sizes that cannot build are named."""
 import pytest
 
 from vita_jax import config as config_lib

@@ -1,4 +1,5 @@
-"""Speech input against the official fixture: Kaldi fbank, CMVN, whale encoder, adapter."""
+"""Speech input against the official fixture: Kaldi fbank, CMVN, whale encoder, adapter; audio length checked on
+the header, bad files and sample rates refused in one line naming the file."""
 import io
 import os
 

@@ -1,6 +1,7 @@
 """Bounded host memory: pixels travel as uint8 tiles and are normalised inside the jitted model to
 bitwise the host processor's values; calibration keeps sizes, never pixels or features; the
-packer reads about one step ahead."""
+packer reads about one step ahead. 16-bit / float / palette / CMYK images become their 8-bit RGB; bad image
+files are one line naming the file."""
 import gc
 import io
 import os

@@ -1,4 +1,5 @@
-"""Video frame sampling (official rule) and decoding with PyAV."""
+"""Video frame sampling (official rule) and decoding with PyAV: only the frames used are kept, whatever the
+header says; bad files are one line naming the file."""
 import numpy as np
 import pytest
 import soundfile as sf

@@ -1,4 +1,5 @@
-"""Cached decoding against repeated full forward passes and transformers' greedy generate."""
+"""Cached decoding against repeated full forward passes and transformers' greedy generate; sampling settings
+and ids are checked, naming the field."""
 import numpy as np
 import pytest
 import torch
