@@ -177,7 +177,6 @@ def test_options_checked_before_loading(capsys, args, named):
 
 
 def test_missing_tokenizer_is_named_before_loading(capsys):
-    from vita_jax import cli
     assert cli.main(["generate", TINY, "--prompt", "hi"]) == 2
     out, err = capsys.readouterr()
     assert err == f"vita-jax: error: {TINY} has no tokenizer.json: give the prompt as --ids\n"

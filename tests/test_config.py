@@ -63,7 +63,6 @@ def test_model_sizes_that_cannot_build_are_named(capsys, tmp_path, override, nam
 
 
 def test_heads_need_an_even_width():
-    from vita_jax import config as config_lib
     from vita_jax.train import stages
     c = stages.stage_config("1.1", "tiny")
     c.llm.hidden_size = 60  # 4 heads of 15: rotary embedding needs an even width

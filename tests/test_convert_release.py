@@ -11,7 +11,7 @@ import vita_jax
 from vita_jax import cli
 from vita_jax.convert.safetensors_io import CheckpointError, SafetensorsReader, read_header, save_file
 
-from conftest import TINY, cli_error
+from conftest import TINY, cli_error, file_tree
 
 
 def _same_tensors(a_dir, b_dir):
@@ -217,50 +217,35 @@ def test_overwrite_killed_between_its_renames_puts_the_old_target_back(tmp_path)
 # --------------------------------------------- refused early, nothing lost (slow, as the old test_hardening.py was)
 
 
-def _tree(root):
-    import os
-    return sorted((os.path.relpath(os.path.join(d, f), root), os.path.getsize(os.path.join(d, f)))
-                  for d, _, fs in os.walk(root) for f in fs)
-
-
 @pytest.mark.slow  # as when test_hardening.py was slow as a whole
 @pytest.mark.parametrize("target", ["SRC", "SRC/inside", "PARENT", "LINK", "LINK/inside"])
 def test_convert_overwrite_never_touches_the_source(tmp_path, capsys, target):
-    import os
-    import shutil
     src = tmp_path / "release"
     shutil.copytree(TINY, src)
     os.symlink(src, tmp_path / "link")
-    before, around = _tree(src), sorted(os.listdir(tmp_path))
+    before, around = file_tree(src), sorted(os.listdir(tmp_path))
     dst = {"SRC": str(src), "SRC/inside": str(src / "vita_tts_ckpt"), "PARENT": str(tmp_path),
            "LINK": str(tmp_path / "link"), "LINK/inside": str(tmp_path / "link" / "sub")}[target]
     for fmt in ("orbax", "pytorch"):
         line = cli_error(capsys, "convert", "--to", fmt, "--overwrite", str(src), dst)
         assert dst in line and str(src) in line
-    assert _tree(src) == before and sorted(os.listdir(tmp_path)) == around  # nothing written, nothing deleted
+    assert file_tree(src) == before and sorted(os.listdir(tmp_path)) == around  # nothing written, nothing deleted
 
 
 @pytest.mark.slow  # as when test_hardening.py was slow as a whole
 def test_save_pretrained_refuses_its_source(tmp_path):
-    import os
-    import shutil
-
-    import vita_jax
     src = tmp_path / "release"
     shutil.copytree(TINY, src)
-    before = _tree(src)
+    before = file_tree(src)
     m = vita_jax.from_pretrained(str(src))
     for dst in (src, tmp_path, src / "sub"):
         with pytest.raises(ValueError, match="source"):
             m.save_pretrained(str(dst), format="orbax", overwrite=True)
-    assert _tree(src) == before and sorted(os.listdir(tmp_path)) == ["release"]
+    assert file_tree(src) == before and sorted(os.listdir(tmp_path)) == ["release"]
 
 
 @pytest.mark.slow  # as when test_hardening.py was slow as a whole
 def test_release_config_json_is_checked(tmp_path):
-    import json
-    import shutil
-
     from vita_jax.convert import release
     d = tmp_path / "rel"
     shutil.copytree(TINY, d)

@@ -56,7 +56,6 @@ def test_damaged_shard_header_names_the_shard(tmp_path, capsys, edit, named):
 @pytest.mark.parametrize("index", ['"a string"', "[1, 2]", '{"weight_map": "model.safetensors"}',
                                    '{"weight_map": {"lm_head.weight": 3}}', '{"weight_map": {"a": "b"'])
 def test_bad_safetensors_index_is_one_line(tmp_path, capsys, index):
-    import os
     d = tmp_path / "release"
     d.mkdir()
     for name in os.listdir(TINY):  # the fixture's files (linked), with a damaged index

@@ -75,7 +75,6 @@ def test_any_exception_in_one_sample_is_a_bad_sample(monkeypatch):
 @pytest.mark.slow  # as when test_hardening.py was slow as a whole
 def test_no_usable_sample_is_one_line(tmp_path):
     """Every sample bad: the file is named with its first problems, exit 2, instead of training on nothing."""
-    import json
     path, tok, vocab = _official_setup(tmp_path, lambda good: BAD)
     r = run_cli("train", "--config=stage2_2:tiny", "--config.total_steps=2", f"--config.llm.vocab_size={vocab}",
                 f"--config.data.tokenizer={tok}", "--config.data.packing=false",
