@@ -1,4 +1,4 @@
-"""Run as a script (by test_codec_stage.py) so that 8 fake CPU devices exist before jax starts: the first two
+"""Run as a script (by test_train_codec_stage.py) so that 8 fake CPU devices exist before jax starts: the first two
 steps of the tiny stage 3.1 run on a (data 2, fsdp 2, tensor 2) mesh against the one-device run of the same
 config (its metrics.jsonl and step-2 checkpoint), so only the sharded program is compiled here."""
 import json

@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 
 # the tests run on CPU; with libtpu installed (the dev extra, for `vita-jax compile`) JAX would otherwise probe
 # for a TPU in every process (and the subprocesses inherit this); compiling for a TPU topology still works
@@ -15,6 +17,14 @@ TINY = os.path.join(FIXTURES, "vita15-tiny")
 # speed (the slowest guarded run, the demo, takes ~10 min on an idle 2-core machine and ~2x that beside a
 # CPU-heavy process)
 HANG_S = 3600
+QWEN_TOK = os.path.join(FIXTURES, "qwen2.5-tokenizer")  # the real Qwen2.5 tokenizer (vita15-tiny has no tokenizer.json)
+VITA_JAX = [sys.executable, "-m", "vita_jax.cli"]  # `vita-jax` in a subprocess, from this checkout
+
+
+def run_cli(*args, timeout=HANG_S, **kw):
+    """``vita-jax ARGS`` in a subprocess run from the checkout, its output captured as text, bounded by HANG_S
+    (``kw``: ``env`` and other ``subprocess.run`` options)."""
+    return subprocess.run([*VITA_JAX, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, **kw)
 
 
 def cli_error(capsys, *args):
@@ -28,6 +38,20 @@ def cli_error(capsys, *args):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("vita-jax: error: "), err
     return lines[0]
+
+
+def one_line(exc_info, *names):
+    """The message of a ``pytest.raises`` error is one line naming each of ``names`` (returned)."""
+    msg = str(exc_info.value)
+    assert "\n" not in msg and all(n in msg for n in names), msg
+    return msg
+
+
+def file_tree(root):
+    """Every file under ``root`` with its size, sorted: equal before and after means nothing was moved, deleted
+    or written."""
+    return sorted((os.path.relpath(os.path.join(d, f), root), os.path.getsize(os.path.join(d, f)))
+                  for d, _, fs in os.walk(root) for f in fs)
 
 
 def rel_err(a, ref):
@@ -70,6 +94,13 @@ def hf_qwen2(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("hf_qwen2"))
     model.save_pretrained(d, safe_serialization=True)
     return model, d
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer():
+    """The real Qwen2.5 tokenizer (``QWEN_TOK``), loaded once for the session."""
+    from vita_jax.data.text import load_tokenizer
+    return load_tokenizer(QWEN_TOK)
 
 
 @pytest.fixture(scope="session")
@@ -116,14 +147,21 @@ def demo_mixture(root, n: int, n_text: int | None = None) -> tuple[list, str, in
     import json
 
     import vita_jax.demo.data as demo_data  # the demo's writer: imported by the tests that use it
-    from vita_jax.data.text import TextTokenizer
     d = demo_data.DemoData(str(root), demo_data.Speech("recordings"), n_train=n)
     files = [d.captions("train", n), d.spoken_vqa("train", n), d.text_qa("train", n if n_text is None else n_text)]
     texts = [m["value"].replace("<image>", " ").replace("<audio>", " ") for f in files for s in json.load(open(f))
              for m in s["conversations"]]
     tok = os.path.join(str(root), "tok")
-    demo_data.build_tokenizer(texts + demo_data.reply_texts(), tok)
-    return files, tok, -(-len(TextTokenizer.from_file(tok)) // 64) * 64
+    return files, tok, demo_tokenizer(texts, tok)
+
+
+def demo_tokenizer(texts, tok: str) -> int:
+    """The demo's word-level tokenizer over ``texts`` and the demo's replies, written to ``tok``: its
+    vocabulary size rounded up to 64 (a tiny model's ``config.llm.vocab_size``)."""
+    import vita_jax.demo.data as demo_data
+    from vita_jax.data.text import TextTokenizer
+    demo_data.build_tokenizer(list(texts) + demo_data.reply_texts(), tok)
+    return -(-len(TextTokenizer.from_file(tok)) // 64) * 64
 
 
 

@@ -1,4 +1,4 @@
-"""Run as a script (by test_sharding.py) so that 8 fake CPU devices exist before jax starts."""
+"""Run as a script (by test_parallel.py) so that 8 fake CPU devices exist before jax starts."""
 import json
 import os
 import sys

@@ -1,8 +1,10 @@
-"""ml_collections configs and big_vision-style command-line overrides."""
+"""ml_collections configs and big_vision-style command-line overrides; model sizes that cannot build are named."""
 import pytest
 
 from vita_jax import config as config_lib
 from vita_jax.models.qwen2 import Qwen2Config
+
+from conftest import cli_error
 
 
 def test_real_dimensions():
@@ -40,3 +42,34 @@ def test_mesh_shape_errors():
         parallel.make_mesh(dict(data=3, fsdp=2, tensor=1))
     with pytest.raises(ValueError, match="unknown axes"):
         parallel.make_mesh(dict(pipeline=1))
+
+
+# ---------------------------------------------------------- refused early, one line naming the file, field or option
+
+
+@pytest.mark.parametrize("override, named", [
+    ("llm.hidden_size=-64", "config.llm.hidden_size = -64: must be an integer >= 1"),
+    ("llm.vocab_size=0", "config.llm.vocab_size = 0"),
+    ("llm.num_attention_heads=3", "config.llm.num_attention_heads = 3 is not a multiple of"),
+    ("vision.patch_size=5", "config.vision.image_size = 56 is not a multiple of config.vision.patch_size = 5"),
+    ("mm_hidden_size=100", "config.mm_hidden_size = 100: must be 4 x config.vision.hidden_size = 256"),
+    ("audio.attention_heads=5", "config.audio.attention_dim = 32 is not a multiple of config.audio.attention_heads"),
+])
+def test_model_sizes_that_cannot_build_are_named(capsys, tmp_path, override, named):
+    line = cli_error(capsys, "train", "--config=stage1_1:tiny", f"--config.{override}", "--workdir",
+                      str(tmp_path / "wd"))
+    assert named in line
+    assert not (tmp_path / "wd").exists()  # refused before the work dir was made
+
+
+def test_heads_need_an_even_width():
+    from vita_jax.train import stages
+    c = stages.stage_config("1.1", "tiny")
+    c.llm.hidden_size = 60  # 4 heads of 15: rotary embedding needs an even width
+    with pytest.raises(ValueError, match="config.llm.hidden_size = 60 / num_attention_heads = 4"):
+        config_lib.check_model(c)
+    c.llm.hidden_size = 72  # 4 heads of 18: fine
+    config_lib.check_model(c)
+    for stage in ("1.1", "1.2", "1.3", "2.1a", "2.1b", "2.2", "3.2"):  # every shipped config passes
+        config_lib.check_model(stages.stage_config(stage))
+        config_lib.check_model(stages.stage_config(stage, "tiny"))

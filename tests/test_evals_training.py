@@ -11,11 +11,10 @@ import soundfile as sf
 
 from vita_jax import assets
 
-from conftest import HANG_S
+from conftest import HANG_S, REPO
 
 pytestmark = pytest.mark.slow  # minutes: outside the quick loop (pytest -m "not slow")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _bench(root):

@@ -12,11 +12,10 @@ import sysconfig
 
 import pytest
 
-from conftest import HANG_S
+from conftest import HANG_S, REPO
 
 pytestmark = pytest.mark.slow  # minutes: outside the quick loop (pytest -m "not slow")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCES = ("setup.py", "README.md", "vita_jax", "configs")  # what the wheel is built from
 
 

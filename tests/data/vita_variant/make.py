@@ -1,6 +1,6 @@
 """Generator of ``tests/data/vita_variant`` (issue #24): a second tiny VITA-1.5, of other dimensions than the
 shared ``vita15-tiny`` fixture, written in the official release layout, and the official PyTorch code's outputs
-on a batch of its own (``tests/test_vita_variant.py`` compares vita_jax with them).
+on a batch of its own (``tests/test_models_vita_variant.py`` compares vita_jax with them).
 
 Not part of the test suite, and the official code is never copied into the project: this script imports it
 from a checkout given by ``--vita`` (github.com/VITA-MLLM/VITA, commit 35d064a). Needs torch,

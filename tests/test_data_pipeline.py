@@ -10,7 +10,7 @@ from PIL import Image
 from vita_jax import assets
 from vita_jax.train import stages, trainer
 
-from conftest import FIXTURES
+from conftest import QWEN_TOK
 
 
 def _dataset(tmp_path):
@@ -52,7 +52,7 @@ def test_run_completes_with_bad_samples_counted(tmp_path, source):
     c.data.max_frames = 320
     c.data.max_tiles_per_sample = 3
     c.image.max_dynamic_patch = 3  # training tiles like inference: at most 3 tiles (2 + thumbnail here)
-    c.data.tokenizer = os.path.join(FIXTURES, "qwen2.5-tokenizer")
+    c.data.tokenizer = QWEN_TOK
     c.data.packing = source == "packed"  # several examples per row
     if source in ("json", "packed"):
         c.data.mixture = [dict(json=data, media_root=media, weight=1.0)]
@@ -72,3 +72,13 @@ def test_run_completes_with_bad_samples_counted(tmp_path, source):
     assert any(f"skipped {len(out['skipped'])} bad sample(s)" in line for line in logs)
     rows = [json.loads(line) for line in open(tmp_path / "wd" / "metrics.jsonl")]
     assert len(rows) == 4 and all(np.isfinite(r["loss"]) for r in rows)
+
+
+# --------------------------------------------- refused early, nothing lost (slow, as the old test_hardening.py was)
+
+
+@pytest.mark.slow  # as when test_hardening.py was slow as a whole
+def test_weights_and_ids_of_any_kind(tmp_path):
+    from vita_jax.data import pipeline
+    with pytest.raises(ValueError, match=r"config.data.mixture\[0\]: weight -1"):
+        pipeline.mixture([{"json": "x.json", "weight": -1}])

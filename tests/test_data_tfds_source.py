@@ -16,7 +16,7 @@ from vita_jax.data import pipeline, sources
 from vita_jax.data.batch import Preprocess
 from vita_jax.data.tfds_source import TFDSSource, write_tfds
 
-from conftest import FIXTURES, write_video
+from conftest import write_video
 
 
 def _conv(q, a):
@@ -53,12 +53,10 @@ def data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def transform():
-    from vita_jax.data.text import load_tokenizer
+def transform(qwen_tokenizer):
     im = config_lib.load_config("tiny").image
     proc = image_lib.ImageProcessorConfig(size=im.size, crop_size=im.crop_size, mean=tuple(im.mean), std=tuple(im.std))
-    tok = load_tokenizer(os.path.join(FIXTURES, "qwen2.5-tokenizer"))  # vita15-tiny has no tokenizer.json
-    return sources.OfficialExamples(tok, Preprocess(proc, max_tiles=3, video_fps=3.0))
+    return sources.OfficialExamples(qwen_tokenizer, Preprocess(proc, max_tiles=3, video_fps=3.0))
 
 
 def _public(s):

@@ -11,11 +11,10 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import FIXTURES, HANG_S, REPO
+from conftest import HANG_S, QWEN_TOK, REPO
 
 pytestmark = pytest.mark.slow  # minutes: outside the quick loop (pytest -m "not slow")
 
-TOKENIZER = os.path.join(FIXTURES, "qwen2.5-tokenizer")
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +27,7 @@ def mix(tmp_path_factory):
 def _overrides(mix, steps):
     return ["--config.batch_size=2", f"--config.total_steps={steps}", "--config.checkpoint_every=1",
             "--config.data.mixture=" + json.dumps([dict(json=mix, media_root=os.path.dirname(mix))]),
-            f"--config.data.tokenizer={TOKENIZER}", "--config.data.calibration_examples=48",
+            f"--config.data.tokenizer={QWEN_TOK}", "--config.data.calibration_examples=48",
             "--config.data.workers=2"]
 
 
@@ -39,13 +38,13 @@ def test_narrow_batch_has_images_and_clip_groups(mix):
     from vita_jax.train import trainer
     c, _ = config_lib.parse_args(["--config=stage2_2:narrow", *_overrides(mix, 1)])
     assert (c.data.seq_len, c.grad_accum, c.llm.vocab_size, c.data.max_frames) == (6200, 2, 152064, 3000)
-    data = pipeline.official_data(c, load_tokenizer(TOKENIZER))
+    data = pipeline.official_data(c, load_tokenizer(QWEN_TOK))
     b = trainer.next_batch(iter(data), c.grad_accum)
     assert np.shape(b["kind"]) == (2, 1, 6200)  # [micro-batches, rows, length]
     assert np.shape(b["pixels"])[0] == 2 and np.shape(b["pixels"])[-1] == 448
     assert b["pixels"].dtype == np.uint8  # normalised on the device
     # clips as a list of clip groups (one array per group; these 1-row micro-batches calibrate to one group, the
-    # several-group case is tests/test_accumulation.py's), stacked per micro-batch
+    # several-group case is tests/test_train_step_accumulation.py's), stacked per micro-batch
     feats = b["audio_feats"]
     assert isinstance(feats, list) and feats and all(np.shape(x)[0] == 2 for x in feats), [np.shape(x) for x in feats]
 

@@ -3,28 +3,24 @@ each stage's held-out metric beats its untrained value, and the official-layout 
 identically (and answers a spoken question in text and speech)."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 import vita_jax
 
-from conftest import HANG_S
+from conftest import run_cli
 
 pytestmark = pytest.mark.slow  # minutes: outside the quick loop (pytest -m "not slow")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ["1.1", "1.2", "1.3", "2.1a", "2.1b", "2.2", "3.1", "3.2"]
 
 
 def test_demo_small_budget(tmp_path):
     wd = tmp_path / "demo"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    r = subprocess.run([sys.executable, "-m", "vita_jax.cli", "demo", "--workdir", str(wd), "--budget-minutes", "5",
-                        "--speech", "recordings", "--no-progress"], cwd=REPO, env=env, capture_output=True, text=True,
-                       timeout=HANG_S)
+    r = run_cli("demo", "--workdir", str(wd), "--budget-minutes", "5", "--speech", "recordings", "--no-progress",
+                env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     s = json.load(open(wd / "summary.json"))
     rows = {row["stage"]: row for row in s["stages"]}

@@ -85,7 +85,7 @@ def test_grid_choice_spec_examples(size, grid):
 
 
 def test_modes_convert_like_official(tmp_path):
-    """8-bit modes: Pillow's convert("RGB"), as the official loader (16-bit / float: test_media_hardening.py)."""
+    """8-bit modes: Pillow's convert("RGB"), as the official loader (16-bit / float: test_data_image.py)."""
     rgb = (np.arange(20 * 30 * 3) % 251).astype(np.uint8).reshape(20, 30, 3)
     for mode in ("L", "RGBA", "P", "CMYK", "LA", "1"):
         im = Image.fromarray(rgb).convert(mode)

@@ -10,14 +10,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import HANG_S
+from conftest import HANG_S, REPO
 
 pytestmark = pytest.mark.slow  # minutes: outside the quick loop (pytest -m "not slow")
 
 STEPS = 12
 CMD = [sys.executable, "-m", "vita_jax.cli", "train", "--config=stage1_1:tiny",
        f"--config.total_steps={STEPS}", "--config.checkpoint_every=3", "--no-progress"]
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(workdir, kill_at=None, cmd=CMD):

@@ -9,11 +9,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import HANG_S
+from conftest import HANG_S, REPO
 
 pytestmark = pytest.mark.slow  # minutes: outside the quick loop (pytest -m "not slow")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 3
 TRAIN = [sys.executable, "-m", "vita_jax.cli", "train", "--config=stage1_2:tiny",
          f"--config.total_steps={STEPS}", "--config.checkpoint_every=100", "--config.optim.schedule=constant",

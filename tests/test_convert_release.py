@@ -11,6 +11,8 @@ import vita_jax
 from vita_jax import cli
 from vita_jax.convert.safetensors_io import CheckpointError, SafetensorsReader, read_header, save_file
 
+from conftest import TINY, cli_error, file_tree
+
 
 def _same_tensors(a_dir, b_dir):
     a, b = SafetensorsReader(a_dir), SafetensorsReader(b_dir)
@@ -210,3 +212,47 @@ def test_overwrite_killed_between_its_renames_puts_the_old_target_back(tmp_path)
     target.clean_leftovers(str(tmp_path / "out"), said.append)
     assert sorted(os.listdir(tmp_path)) == ["out"] and (tmp_path / "out" / "vita_jax.json").exists()
     assert len(said) == 2 and "put back from out.partial-abcd1234.old" in said[0]
+
+
+# --------------------------------------------- refused early, nothing lost (slow, as the old test_hardening.py was)
+
+
+@pytest.mark.slow  # as when test_hardening.py was slow as a whole
+@pytest.mark.parametrize("target", ["SRC", "SRC/inside", "PARENT", "LINK", "LINK/inside"])
+def test_convert_overwrite_never_touches_the_source(tmp_path, capsys, target):
+    src = tmp_path / "release"
+    shutil.copytree(TINY, src)
+    os.symlink(src, tmp_path / "link")
+    before, around = file_tree(src), sorted(os.listdir(tmp_path))
+    dst = {"SRC": str(src), "SRC/inside": str(src / "vita_tts_ckpt"), "PARENT": str(tmp_path),
+           "LINK": str(tmp_path / "link"), "LINK/inside": str(tmp_path / "link" / "sub")}[target]
+    for fmt in ("orbax", "pytorch"):
+        line = cli_error(capsys, "convert", "--to", fmt, "--overwrite", str(src), dst)
+        assert dst in line and str(src) in line
+    assert file_tree(src) == before and sorted(os.listdir(tmp_path)) == around  # nothing written, nothing deleted
+
+
+@pytest.mark.slow  # as when test_hardening.py was slow as a whole
+def test_save_pretrained_refuses_its_source(tmp_path):
+    src = tmp_path / "release"
+    shutil.copytree(TINY, src)
+    before = file_tree(src)
+    m = vita_jax.from_pretrained(str(src))
+    for dst in (src, tmp_path, src / "sub"):
+        with pytest.raises(ValueError, match="source"):
+            m.save_pretrained(str(dst), format="orbax", overwrite=True)
+    assert file_tree(src) == before and sorted(os.listdir(tmp_path)) == ["release"]
+
+
+@pytest.mark.slow  # as when test_hardening.py was slow as a whole
+def test_release_config_json_is_checked(tmp_path):
+    from vita_jax.convert import release
+    d = tmp_path / "rel"
+    shutil.copytree(TINY, d)
+    (d / "config.json").write_text("64")
+    with pytest.raises(ValueError, match="expected a JSON object"):
+        release.read_config(str(d))
+    hf = json.load(open(f"{TINY}/config.json"))
+    (d / "config.json").write_text(json.dumps(dict(hf, hidden_size="sixty-four")))
+    with pytest.raises(ValueError, match="'hidden_size' = 'sixty-four'"):
+        release.read_config(str(d))

@@ -1,4 +1,6 @@
-"""Speech input against the official fixture: Kaldi fbank, CMVN, whale encoder, adapter."""
+"""Speech input against the official fixture: Kaldi fbank, CMVN, whale encoder, adapter; audio length checked on
+the header, bad files and sample rates refused in one line naming the file."""
+import io
 import os
 
 import jax
@@ -6,11 +8,14 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from vita_jax import cli
+from vita_jax import config as config_lib
 from vita_jax.convert import release
 from vita_jax.data import audio as A
+from vita_jax.data.batch import Preprocess, preprocess_settings
 from vita_jax.models import whale as W
 
-from conftest import rel_err
+from conftest import one_line, rel_err
 
 
 @pytest.fixture(scope="module")
@@ -154,3 +159,82 @@ def test_train_yaml(tiny_dir, tmp_path):
                    .replace("transformer-chunk_size: -1", "transformer-chunk_size: 0"))
     with pytest.raises(ValueError, match="chunk_size 0"):
         release.read_train_yaml(str(bad))
+
+
+# ---------------------------------------------------------- refused early, one line naming the file, field or option
+
+
+@pytest.mark.parametrize("rate", [0, -16000, float("nan"), "16k", True])
+def test_waveform_rate_is_checked(rate):
+    from vita_jax.data import audio
+    with pytest.raises(audio.AudioError, match="<waveform>: sample_rate .* must be a positive number"):
+        audio.audio_features(np.zeros(16000, np.float32), rate)
+
+
+# ------------------------------------------------------------------ media that cannot work: one line naming the file
+
+
+def test_audio_length_checked_on_the_header(tmp_path, monkeypatch):
+    """A clip over the encoder's limit is refused naming the file and both lengths, never decoded."""
+    path = tmp_path / "talk.flac"
+    sf.write(path, np.zeros(3 * 22050, np.float32), 22050)  # 3 s at 22.05 kHz = 298 frames at 16 kHz
+    assert A.fbank_frames_for(3 * 22050, 22050) == A.num_frames(48000) == 298
+
+    def no_decoding(*a, **k):
+        raise AssertionError("decoded")
+    monkeypatch.setattr(A.sf, "read", no_decoding)
+    c = config_lib.load_config("tiny")
+    c.audio.max_positions = 50  # the encoder's position table: 4 x 50 + 3 = 203 fbank frames
+    prep = preprocess_settings(c)
+    assert prep.max_audio_frames == 203 and Preprocess().max_audio_frames == 20003  # VITA-1.5: 5000 rows, ~200 s
+    with pytest.raises(A.AudioError) as e:
+        prep.fbank(str(path))
+    one_line(e, "talk.flac", "3.0 s", "298 fbank frames", "203 frames", "config.audio.max_positions")
+    with pytest.raises(A.AudioError) as e:  # a waveform: checked before resampling
+        prep.fbank(np.zeros(3 * 22050, np.float32), 22050)
+    one_line(e, "298 fbank frames", "203 frames")
+    monkeypatch.undo()
+    assert prep.fbank(np.zeros(2 * 16000, np.float32) + 0.01, 16000).shape == (198, 80)  # under the limit: fine
+
+
+def test_bad_audio_files_are_one_line(tmp_path):
+    sf.write(tmp_path / "silent.wav", np.zeros(0, np.float32), 16000)  # a valid header, 0 samples
+    (tmp_path / "zero.wav").write_bytes(b"")
+    (tmp_path / "corrupt.mp3").write_bytes(b"this is not an mp3 file at all " * 20)
+    (tmp_path / "folder.wav").mkdir()
+    for name, what in [("silent.wav", "0 samples"), ("zero.wav", "empty file"), ("corrupt.mp3", "corrupt"),
+                       ("folder.wav", "folder"), ("nothere.wav", "no such audio file")]:
+        for fn in (A.audio_features, A.probe_audio):
+            with pytest.raises(A.AudioError) as e:
+                fn(str(tmp_path / name))
+            msg = one_line(e, name, what)
+            assert "does not exist" not in msg and "System error" not in msg
+    blob = io.BytesIO(b"")
+    blob.name = "upload.wav"
+    with pytest.raises(A.AudioError) as e:
+        A.audio_features(blob)
+    one_line(e, "upload.wav")
+
+
+def test_too_short_audio_is_refused_on_the_header(tmp_path, capsys, monkeypatch):
+    """Under 7 fbank frames (85 ms) the speech encoder gives no token: refused from the header, naming the
+    file, before the model is loaded (the CLI) and before decoding (the library); 7 frames are fine."""
+    sf.write(tmp_path / "blip.wav", np.zeros(1300, np.float32) + 0.01, 16000)  # 6 frames
+    sf.write(tmp_path / "ok.wav", np.zeros(1360, np.float32) + 0.01, 16000)  # 7 frames
+    assert A.fbank_frames_for(1300, 16000) == 6 and A.fbank_frames_for(1360, 16000) == 7
+    rc = cli.main(["generate", "/no/such/model", "--prompt", "hi", "--audio", str(tmp_path / "blip.wav")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and "/no/such/model" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"vita-jax: error: --audio: {tmp_path / 'blip.wav'}: "), err
+    assert "6 fbank frames" in lines[0] and "7 frames" in lines[0]
+    monkeypatch.setattr(A.sf, "read", lambda *a, **k: pytest.fail("decoded"))
+    with pytest.raises(A.AudioError) as e:
+        preprocess_settings(config_lib.load_config("tiny")).fbank(str(tmp_path / "blip.wav"))
+    one_line(e, "blip.wav", "6 fbank frames")
+    monkeypatch.undo()
+    with pytest.raises(A.AudioError) as e:  # a waveform too
+        Preprocess().fbank(np.zeros(1300, np.float32), 16000)
+    one_line(e, "<waveform>", "6 fbank frames")
+    assert Preprocess().fbank(str(tmp_path / "ok.wav")).shape == (7, 80)
+    assert A.load_audio(str(tmp_path / "blip.wav"))[0].shape == (1300,)  # a plain reader keeps no minimum

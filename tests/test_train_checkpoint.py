@@ -4,17 +4,14 @@ renamed), leftovers of killed saves and exports are removed with a message, a fi
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import HANG_S
+from conftest import file_tree, run_cli
 
 pytestmark = pytest.mark.slow  # minutes: outside the quick loop (pytest -m "not slow")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
 
 
@@ -31,11 +28,6 @@ def _steps(wd):
 
 def _metrics(wd):
     return [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
-
-
-def _tree(root):
-    return sorted((os.path.relpath(os.path.join(d, f), root), os.path.getsize(os.path.join(d, f)))
-                  for d, _, fs in os.walk(root) for f in fs)
 
 
 @pytest.fixture(scope="module")
@@ -103,19 +95,17 @@ def test_no_restorable_checkpoint_is_one_line_and_changes_nothing(failed_export,
     wd = _copy(failed_export, tmp_path)
     for step in _steps(wd):
         _truncate_arrays(wd, step)
-    before = _tree(wd)
+    before = file_tree(wd)
     with pytest.raises(ValueError, match="no checkpoint in .* can be restored") as e:
         trainer.train(_config(), wd, log=lambda *_: None, progress=False)
     msg = str(e.value)
     assert os.path.join(wd, "ckpt") in msg and "\n" not in msg and f"checkpoint {STEPS}:" in msg
-    assert _tree(wd) == before  # nothing moved, deleted or written
+    assert file_tree(wd) == before  # nothing moved, deleted or written
 
 
 def _cli(wd, steps=STEPS, *extra):
-    return subprocess.run([sys.executable, "-m", "vita_jax.cli", "train", "--config=stage1_1:tiny",
-                           f"--config.total_steps={steps}", "--config.checkpoint_every=2", "--no-progress",
-                           "--workdir", wd, *extra], cwd=REPO, capture_output=True, text=True, timeout=HANG_S,
-                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    return run_cli("train", "--config=stage1_1:tiny", f"--config.total_steps={steps}", "--config.checkpoint_every=2",
+                   "--no-progress", "--workdir", wd, *extra, env=dict(os.environ, JAX_PLATFORMS="cpu"))
 
 
 def test_rerun_after_failed_export_writes_the_model(failed_export, tmp_path):
@@ -145,20 +135,20 @@ def test_rerun_after_failed_export_writes_the_model(failed_export, tmp_path):
     ck.close()
     np.testing.assert_array_equal(np.asarray(m.params["mm_projector"]["0"]["kernel"]),
                                   np.asarray(raw["train"]["mm_projector/0/kernel"]))
-    before = _tree(wd)
+    before = file_tree(wd)
     r = _cli(wd)
     assert r.returncode == 0 and "already finished" in r.stdout and "nothing to do" in r.stdout, r.stderr[-3000:]
-    assert _tree(wd) == before
+    assert file_tree(wd) == before
 
 
 def test_total_steps_below_the_newest_checkpoint_is_refused(failed_export, tmp_path):
     wd = _copy(failed_export, tmp_path)
-    before = _tree(wd)
+    before = file_tree(wd)
     r = _cli(wd, 3)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     line = r.stderr.strip().splitlines()[-1]
     assert line.startswith("vita-jax: error: config.total_steps = 3") and os.path.join(wd, "ckpt") in line
-    assert _tree(wd) == before
+    assert file_tree(wd) == before
 
 
 def test_another_model_or_stage_in_the_same_workdir_is_refused(failed_export, tmp_path):
@@ -166,22 +156,21 @@ def test_another_model_or_stage_in_the_same_workdir_is_refused(failed_export, tm
     work dir and the differing fields, before any model is built; no orbax or asyncio noise; nothing changed."""
     from vita_jax.train import trainer
     wd = _copy(failed_export, tmp_path)
-    before = _tree(wd)
-    r = subprocess.run([sys.executable, "-m", "vita_jax.cli", "train", "--config=stage1_2:tiny",
-                        f"--config.total_steps={STEPS + 2}", "--no-progress", "--workdir", wd], cwd=REPO,
-                       capture_output=True, text=True, timeout=HANG_S, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    before = file_tree(wd)
+    r = run_cli("train", "--config=stage1_2:tiny", f"--config.total_steps={STEPS + 2}", "--no-progress",
+                "--workdir", wd, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert r.returncode == 2, r.stderr[-3000:]
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"vita-jax: error: {os.path.join(wd, 'ckpt')} holds checkpoint "
                                                    f"{STEPS} of another run ("), r.stderr
     assert "config.stage: '1.1' -> '1.2'" in lines[0] and "config.trainable: " in lines[0]
     assert "processes:" not in r.stdout  # refused before the model was built
-    assert _tree(wd) == before
+    assert file_tree(wd) == before
     c = _config()
     c.llm.intermediate_size = 256
     with pytest.raises(ValueError, match=r"config.llm.intermediate_size: 128 -> 256\)"):
         trainer.train(c, wd, log=lambda *_: None, progress=False)
-    assert _tree(wd) == before
+    assert file_tree(wd) == before
 
 
 def test_run_settings_may_change_between_runs():

@@ -4,26 +4,22 @@ topology backend never meets the other tests' CPU backend."""
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
 from vita_jax.train import compile as compile_lib
 
-from conftest import HANG_S
+from conftest import REPO, run_cli
 
 pytestmark = pytest.mark.slow  # minutes: outside the quick loop (pytest -m "not slow")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason='libtpu is not installed (pip install -e ".[tpu]")')
 
 
 def _compile(*args):
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run([sys.executable, "-m", "vita_jax.cli", "compile", *args], capture_output=True, text=True,
-                       timeout=HANG_S, cwd=REPO, env=env)
+    r = run_cli("compile", *args, env=env)
     lines = [line for line in r.stdout.splitlines() if line.startswith("{")]
     return r, (json.loads(lines[-1]) if lines else None)
 

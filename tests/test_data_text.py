@@ -6,19 +6,18 @@ import pytest
 
 from vita_jax.data import text as T
 
-from conftest import FIXTURES
+from conftest import FIXTURES, QWEN_TOK
 
-TOK_DIR = os.path.join(FIXTURES, "qwen2.5-tokenizer")
 CASES = [json.loads(line) for line in open(os.path.join(FIXTURES, "chat-template/cases.jsonl"))]
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return T.TextTokenizer.from_file(TOK_DIR)
+    return T.TextTokenizer.from_file(QWEN_TOK)
 
 
 def test_tokenizer_encode_cases(tok):
-    cases = [json.loads(line) for line in open(os.path.join(TOK_DIR, "encode_cases.jsonl"))]
+    cases = [json.loads(line) for line in open(os.path.join(QWEN_TOK, "encode_cases.jsonl"))]
     assert len(cases) == 420
     wrong = [c["text"] for c in cases if tok.encode(c["text"]) != c["ids"]]
     assert not wrong, wrong[:5]

@@ -11,23 +11,22 @@ from PIL import Image
 
 from vita_jax import api, assets
 from vita_jax.data import pipeline
-from vita_jax.data.text import load_tokenizer
 from vita_jax.models.vita import AUDIO, IGNORE_INDEX, IMAGE, PAD
 from vita_jax.train import stages
 
-from conftest import FIXTURES, write_video
+from conftest import write_video
 
 QUESTION = "What is shown here?"
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, qwen_tokenizer):
     d = tmp_path_factory.mktemp("parity")
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (70, 150, 3), np.uint8)).save(d / "wide.png")  # 2 x 1 grid + thumbnail
     write_video(d / "clip.mp4", 25, 10)
     shutil.copy(os.path.join(assets.SPEECH, "arctic_a0009.wav"), d / "q.wav")
-    tok = load_tokenizer(os.path.join(FIXTURES, "qwen2.5-tokenizer"))
+    tok = qwen_tokenizer
     c = stages.stage_config("2.2", "tiny")
     c.llm.vocab_size = 152064  # the real tokenizer's ids
     c.data.update(seq_len=512, max_frames=320, max_tiles_per_sample=stages.tiles_per_image(c))  # 6 + thumbnail

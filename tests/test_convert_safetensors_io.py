@@ -48,3 +48,19 @@ def test_damaged_shard_header_names_the_shard(tmp_path, capsys, edit, named):
     line = cli_error(capsys, "convert", "--to", "orbax", str(d), str(tmp_path / "out"))
     assert f"{d / SHARD}: corrupt safetensors header" in line and named in line
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------- refused early, one line naming the file, field or option
+
+
+@pytest.mark.parametrize("index", ['"a string"', "[1, 2]", '{"weight_map": "model.safetensors"}',
+                                   '{"weight_map": {"lm_head.weight": 3}}', '{"weight_map": {"a": "b"'])
+def test_bad_safetensors_index_is_one_line(tmp_path, capsys, index):
+    d = tmp_path / "release"
+    d.mkdir()
+    for name in os.listdir(TINY):  # the fixture's files (linked), with a damaged index
+        if name != "model.safetensors.index.json":
+            os.symlink(os.path.join(TINY, name), d / name)
+    (d / "model.safetensors.index.json").write_text(index)
+    line = cli_error(capsys, "generate", str(d), "--ids", "1,2")
+    assert str(d / "model.safetensors.index.json") in line and "weight_map" in line

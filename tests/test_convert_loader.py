@@ -9,6 +9,8 @@ import pytest
 import vita_jax
 from vita_jax.convert.safetensors_io import CheckpointError, SafetensorsReader, read_header, save_file
 
+from conftest import cli_error
+
 LLM_PREFIXES = ("model.embed_tokens.", "model.layers.", "model.norm.", "lm_head.")
 
 
@@ -220,3 +222,15 @@ def test_kind_check_both_ways():
     with pytest.raises(CheckpointError,
                        match=r"f.pt: k: stored as float32 \(float\), the model's weight is int32 \(integer\)"):
         loader.check_kind(np.float32, np.int32, "f.pt: k")
+
+
+# ---------------------------------------------------------- refused early, one line naming the file, field or option
+
+
+@pytest.mark.parametrize("meta", ["{", '"a string"', "{}", '{"config": 5}', "\xff\xfe", '{"config": {}}'])
+def test_damaged_vita_jax_json_names_the_file(tmp_path, capsys, meta):
+    d = tmp_path / "ck"
+    (d / "params").mkdir(parents=True)
+    (d / "vita_jax.json").write_bytes(meta.encode("latin1"))
+    line = cli_error(capsys, "generate", str(d), "--ids", "1,2")
+    assert str(d / "vita_jax.json") in line and "damaged" in line

@@ -15,9 +15,8 @@ from vita_jax import assets, cli
 from vita_jax import config as config_lib
 from vita_jax.evals import Engine, evaluate
 
-from conftest import FIXTURES, write_video
+from conftest import FIXTURES, QWEN_TOK, write_video
 
-TOK = os.path.join(FIXTURES, "qwen2.5-tokenizer")
 PHOTO = os.path.join(FIXTURES, "vita15-tiny", "reference", "cliponly_coffee_150x90.png")
 FAST = dict(batch_size=2, max_new_tokens=2)
 
@@ -29,9 +28,9 @@ def release(tmp_path_factory):
     c.bos_token_id, c.eos_token_id = 151643, 151645
     d = str(tmp_path_factory.mktemp("rel") / "vita-tiny-random")
     vita_jax.init_model(c, seed=3).save_pretrained(d)
-    for f in os.listdir(TOK):
+    for f in os.listdir(QWEN_TOK):
         if f.endswith((".json", ".txt")) and "cases" not in f and "report" not in f:
-            shutil.copy2(os.path.join(TOK, f), d)
+            shutil.copy2(os.path.join(QWEN_TOK, f), d)
     return d
 
 

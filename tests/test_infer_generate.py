@@ -1,9 +1,11 @@
-"""Cached decoding against repeated full forward passes and transformers' greedy generate."""
+"""Cached decoding against repeated full forward passes and transformers' greedy generate; sampling settings
+and ids are checked, naming the field."""
 import numpy as np
 import pytest
 import torch
 
 import vita_jax
+from vita_jax.infer import generate as gen
 
 NEW = 16
 
@@ -80,3 +82,52 @@ def test_vocab_limit(setup):
     _, m, prompts = setup
     out = m.generate(np.asarray([prompts[0]]), max_new_tokens=8, stop_ids=[], vocab_limit=10)
     assert (out < 10).all()
+
+
+# --------------------------------------------- refused early, nothing lost (slow, as the old test_hardening.py was)
+
+
+@pytest.mark.slow  # as when test_hardening.py was slow as a whole
+def test_greedy_ignores_temperature_zero():
+    gen.check_sampling(8, do_sample=False, temperature=0.0, top_k=0, top_p=1.0)  # greedy: temperature unused
+    gen.check_sampling(1, do_sample=True, temperature=0.7, top_k=0, top_p=1.0)   # top_k 0 = off
+
+
+@pytest.mark.slow  # as when test_hardening.py was slow as a whole
+@pytest.mark.parametrize("field, kw", [("top_p", dict(top_p=0.0)), ("top_k", dict(top_k=-2)),
+                                       ("temperature", dict(temperature=0.0)),
+                                       ("max_new_tokens", dict(max_new_tokens=0))])
+def test_library_names_the_field(tiny_model, field, kw):
+    sampling = dict(max_new_tokens=2, do_sample=True, temperature=1.0, top_k=0, top_p=1.0) | kw
+    with pytest.raises(ValueError, match=field):
+        tiny_model.generate(np.asarray([[1, 2, 3]]), **sampling)
+    with pytest.raises(ValueError, match=field):
+        tiny_model.chat("hi", **sampling)
+
+
+@pytest.mark.slow  # as when test_hardening.py was slow as a whole
+def test_top_p_tiny_keeps_the_top_token():
+    """Even a top_p below every probability keeps the most likely token (never all masked -> id 0)."""
+    import jax
+    logits = np.asarray([[0.0, 1.0, 5.0, 2.0], [3.0, 0.0, 0.0, 9.0]], np.float32)
+    for seed in range(5):
+        ids = gen.sample_logits(logits, jax.random.PRNGKey(seed), True, 1.0, 0, 1e-9)
+        assert list(np.asarray(ids)) == [2, 3]
+
+
+@pytest.mark.slow  # as when test_hardening.py was slow as a whole
+def test_top_k_over_the_vocabulary_is_no_filter():
+    import jax
+    logits = np.asarray([[0.0, 1.0, 5.0, 2.0]], np.float32)
+    key = jax.random.PRNGKey(0)
+    assert np.array_equal(gen.sample_logits(logits, key, True, 1.0, 10 ** 8, 1.0),
+                          gen.sample_logits(logits, key, True, 1.0, 0, 1.0))
+
+
+# ---------------------------------------------------------- refused early, one line naming the file, field or option
+
+
+@pytest.mark.parametrize("ids", [np.zeros((1, 0), np.int64), np.asarray([[1.5, 2.0]]), [[True, False]]])
+def test_generate_needs_integer_ids(tiny_model, ids):
+    with pytest.raises(ValueError, match="input_ids: expected a non-empty array of integer ids"):
+        tiny_model.generate(ids, max_new_tokens=2)

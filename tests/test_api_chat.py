@@ -4,11 +4,16 @@ import os
 
 import numpy as np
 import pytest
+import soundfile as sf
 from PIL import Image
 
 import vita_jax
 from vita_jax import assets, cli
+from vita_jax import config as config_lib
+from vita_jax.data import audio as A
 from vita_jax.data import text as T
+
+from conftest import one_line
 
 
 @pytest.fixture(scope="module")
@@ -97,3 +102,28 @@ def test_over_long_prompt_is_refused_not_cut(model):
             model.chat("hi " * 40, max_new_tokens=2)
     finally:
         model.config.tokenizer_model_max_length = limit
+
+
+# --------------------------------------------- refused early, nothing lost (slow, as the old test_hardening.py was)
+
+
+@pytest.mark.slow  # as when test_hardening.py was slow as a whole
+def test_chat_refuses_image_and_video(tiny_model):
+    with pytest.raises(ValueError, match="image and video"):
+        tiny_model.chat_inputs("hi", image="a.png", video="b.mp4")
+
+
+# ------------------------------------------------------------------ media that cannot work: one line naming the file
+
+
+def test_chat_refuses_a_long_clip_before_decoding(tmp_path, monkeypatch, qwen_tokenizer):
+    """After loading, the model's own limit (its config) is checked on the header before decoding."""
+    from vita_jax import api
+    c = config_lib.load_config("tiny")
+    c.audio.max_positions = 20  # 83 fbank frames, under a second
+    m = api.VitaModel(c, {}, qwen_tokenizer)  # host side only
+    sf.write(tmp_path / "q.wav", np.zeros(16000, np.float32), 16000)
+    monkeypatch.setattr(A.sf, "read", lambda *a, **k: pytest.fail("decoded"))
+    with pytest.raises(A.AudioError) as e:
+        m.chat_inputs("hi", audio=str(tmp_path / "q.wav"))
+    one_line(e, "q.wav", "98 fbank frames", "83 frames")
