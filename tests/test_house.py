@@ -17,9 +17,9 @@ import pytest
 from conftest import HANG_S
 
 PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "vita_jax")
-RANK = {"config": 0, "paths": 0, "assets": 0, "parallel": 1, "layers": 2, "models": 3, "data": 4, "convert": 5,
-        "infer": 6, "evals": 7, "train": 8, "api": 9, "serve": 10, "bench": 11, "demo": 11, "cli_args": 12, "cli": 13,
-        "": 14}
+RANK = {"config": 0, "paths": 0, "assets": 0, "sizes": 0, "parallel": 1, "layers": 2, "models": 3, "data": 4,
+        "convert": 5, "infer": 6, "evals": 7, "train": 8, "api": 9, "serve": 10, "bench": 11, "demo": 11,
+        "cli_args": 12, "cli": 13, "": 14}
 MAX_LINES = 400
 
 

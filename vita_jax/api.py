@@ -58,7 +58,7 @@ class VitaModel:
     # ----------------------------------------------------------------------------- helpers
     @property
     def dp(self) -> int:
-        return 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        return parallel.data_parallel_size(self.mesh)
 
     def _place(self, x):
         if x is None:

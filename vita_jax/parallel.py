@@ -202,3 +202,11 @@ def data_sharding(mesh: Mesh, ndim: int, rules=DEFAULT_RULES, shape=None) -> Nam
     """Sharding of a ``[batch, ...]`` host batch: batch over the data-parallel axes."""
     names = ("batch",) + (None,) * (ndim - 1)
     return NamedSharding(mesh, logical_to_spec(names, shape, mesh, rules))
+
+
+def data_parallel_size(mesh: Mesh | None, rules=DEFAULT_RULES) -> int:
+    """How many ways a batch is split: the product of the mesh axes the rules table gives the ``batch``
+    axis (``data`` x ``fsdp`` by default); 1 without a mesh."""
+    if mesh is None:
+        return 1
+    return math.prod(int(mesh.shape.get(a, 1)) for a in _as_tuple(dict(rules).get("batch")))

@@ -33,6 +33,7 @@ from vita_jax.data.text import load_tokenizer
 from vita_jax.infer import generate as gen
 from vita_jax.models import qwen2, vita
 from vita_jax.models.vita import AUDIO, IMAGE, PAD
+from vita_jax.sizes import ceil_div
 from vita_jax.train import stages, trainer
 from vita_jax.train.flops import device_peaks, training_flops
 
@@ -219,7 +220,7 @@ def bench_data(config) -> dict:
     t0 = time.perf_counter()
     feed = pipeline.Prefetch(lambda: trainer.next_batch(it, accum), depth=int(config.data.get("prefetch", 2)))
     try:
-        for _ in range(-(-int(config.bench.get("data_steps", 20)) // accum)):
+        for _ in range(ceil_div(int(config.bench.get("data_steps", 20)), accum)):
             step, _ = feed.next()
             for i in range(accum):
                 mb = step if accum == 1 else jax.tree.map(lambda x: x[i], step)  # noqa: B023 (used at once)

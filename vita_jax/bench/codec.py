@@ -38,6 +38,7 @@ import numpy as np
 
 from vita_jax.models import discriminators as dm
 from vita_jax.models import ticodec_train as tt
+from vita_jax.sizes import ceil_div
 from vita_jax.train import codec_step as cs
 
 # H100 SXM dense peaks (vendor figures, FLOP/s): TF32 tensor cores, plain FP32; HBM bytes/s
@@ -107,7 +108,7 @@ def mpd_flops(length: int) -> float:
     f = 0.0
     chans = (1, 32, 128, 512, 1024, 1024)
     for p in dm.PERIODS:
-        h = -(-length // p)
+        h = ceil_div(length, p)
         for j in range(5):
             h, taps = _conv(h, 5, 3 if j < 4 else 1, 2)
             f += 2.0 * p * chans[j + 1] * chans[j] * taps

@@ -17,6 +17,7 @@ import numpy as np
 import soundfile as sf
 
 from vita_jax.models.whale import encoder_length, llm_length  # noqa: F401  (re-exported: frames -> LLM tokens)
+from vita_jax.sizes import ceil_div
 
 SAMPLE_RATE = 16000
 FRAME_LENGTH = 400   # 25 ms
@@ -137,7 +138,7 @@ def _name(src) -> str:
 def fbank_frames_for(n_samples: int, sample_rate: int) -> int:
     """fbank frames of ``n_samples`` at ``sample_rate`` once resampled to 16 kHz (the resampler's
     output length ``ceil(n * 16000 / rate)``)."""
-    return num_frames(-(-int(n_samples) * SAMPLE_RATE // int(sample_rate)))
+    return num_frames(ceil_div(int(n_samples) * SAMPLE_RATE, int(sample_rate)))
 
 
 def check_length(n_samples: int, sample_rate: int, max_frames: Optional[int], name: str, min_frames: int = 0) -> None:

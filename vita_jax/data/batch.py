@@ -28,6 +28,7 @@ from vita_jax.data import image as image_lib
 from vita_jax.data import video as video_lib
 from vita_jax.models.vita import AUDIO, AUDIO_TOKEN_INDEX, IGNORE_INDEX, IMAGE, IMAGE_TOKEN_INDEX, PAD, TEXT
 from vita_jax.models.whale import WhaleConfig, llm_length
+from vita_jax.sizes import round_up
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +166,7 @@ def plan_splice(input_ids, attention_mask=None, labels=None, *, tokens_per_tile:
     lengths = np.asarray([len(r[0]) for r in rows], np.int32)
     L = int(lengths.max()) if len(rows) else 0
     if pad_to:
-        L = -(-max(L, 1) // pad_to) * pad_to
+        L = round_up(max(L, 1), pad_to)
     out = [np.full((len(rows), L), fill, dtype) for fill, dtype in ((PAD, np.int8), (0, np.int32), (0, np.int32),
                                                                       (IGNORE_INDEX, np.int32))]
     for b, r in enumerate(rows):
@@ -179,7 +180,7 @@ def plan_splice(input_ids, attention_mask=None, labels=None, *, tokens_per_tile:
 def bucket(n: int, multiple: int = 1) -> int:
     """Next power of two >= n, rounded up to a multiple (the data-parallel size)."""
     b = max(1 << max(n - 1, 0).bit_length(), multiple)
-    return -(-b // multiple) * multiple
+    return round_up(b, multiple)
 
 
 def build(input_ids, attention_mask, labels, pixels, clips: Sequence[np.ndarray], *, tokens_per_tile: int,
@@ -376,7 +377,7 @@ def ctc_batch(waves: Sequence[np.ndarray], texts: Sequence[str], vocab, frame_bu
     ``frame_bucket``), ``lengths``, ``labels [B, W]`` (unit ids) and ``label_mask`` (W =
     ``label_width`` or the longest transcript)."""
     feats, lengths = audio_lib.pad_batch([audio_lib.audio_features(w, 16000) for w in waves])
-    t = -(-feats.shape[1] // frame_bucket) * frame_bucket
+    t = round_up(feats.shape[1], frame_bucket)
     feats = np.pad(feats, ((0, 0), (0, t - feats.shape[1]), (0, 0)))
     ids = [vocab.encode(s) for s in texts]
     width = max(len(i) for i in ids) if label_width is None else int(label_width)

@@ -17,6 +17,7 @@ import numpy as np
 
 from vita_jax.data import batch as batch_lib
 from vita_jax.data import text as text_lib
+from vita_jax.sizes import round_up
 
 
 def _check_text(text, where: str) -> None:
@@ -127,7 +128,7 @@ def inference_batch(module, config, input_ids, attention_mask=None, labels=None,
     lens = [len(c) for c in clips] if clip_lengths is None else [int(n) for n in clip_lengths]
     if frame_slots is None:
         fb = int(config.get("frame_bucket", 64))
-        frame_slots = min(-(-max(len(c) for c in clips) // fb) * fb, whale_cfg.max_frames) if n_clips else 0
+        frame_slots = min(round_up(max(len(c) for c in clips), fb), whale_cfg.max_frames) if n_clips else 0
     if tile_slots is None:
         tile_slots = batch_lib.bucket(n_tiles, dp) if n_tiles else 0
     if clip_slots is None:

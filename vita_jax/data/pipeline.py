@@ -21,6 +21,7 @@ import numpy as np
 from vita_jax.data import batch as batch_lib
 from vita_jax.data import packing, sources
 from vita_jax.models import vita
+from vita_jax.sizes import round_up
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ def group_lengths(lens: np.ndarray, k: int, multiple: int = 16) -> list[int]:
     """Up to ``k`` slot lengths (multiples of ``multiple``, the longest >= every clip) that minimise
     the padding of ``lens`` (sorted clip lengths), each clip in the shortest slot that holds it:
     a dynamic programme over the sorted lengths (a group = a run of them, its slot = its longest)."""
-    w = -(-np.asarray(lens, np.int64) // multiple) * multiple
+    w = round_up(np.asarray(lens, np.int64), multiple)
     n = len(w)
     pre = np.concatenate([[0], np.cumsum(lens)])
     # cost[i, j]: clips i..j (inclusive) in one slot length w[j]

@@ -34,6 +34,7 @@ from vita_jax.demo.evaluate import format_summary
 from vita_jax.infer import speech as speech_lib
 from vita_jax.infer.speech import SpeechModel
 from vita_jax.models.tts_decoder import TTSDecoderConfig
+from vita_jax.sizes import round_up
 from vita_jax.train import program, stages, trainer
 
 # stage -> (what it trains, metric, higher_is_better, steps at the 15-minute budget, learning rate,
@@ -130,13 +131,13 @@ class Demo:
                     n_img = int((ids == text_lib.IMAGE_TOKEN_INDEX).sum())
                     n_aud = int((ids == text_lib.AUDIO_TOKEN_INDEX).sum())
                     longest = max(longest, len(ids) + n_img * (tpt - 1) + n_aud * (aud - 1))
-        return -(-longest // 16) * 16
+        return round_up(longest, 16)
 
     def config(self, stage: str, init_from: str = ""):
         c = stages.stage_config("1.3" if stage == "0" else stage, "tiny")
         if stage == "0":
             c.stage, c.description, c.trainable, c.optim.group_lrs = "0", PLAN["0"][0], ["llm/.*"], []
-        c.llm.vocab_size = -(-len(self.tok) // 64) * 64
+        c.llm.vocab_size = round_up(len(self.tok), 64)
         # a 128-wide LLM: a fresh projector / adapter steers it far more readily than the 64-wide one
         c.llm.update(hidden_size=128, intermediate_size=256)
         c.batch_size = BATCH

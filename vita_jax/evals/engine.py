@@ -28,6 +28,7 @@ from vita_jax.evals import readers
 from vita_jax.infer import generate as gen
 from vita_jax.models import lm_loss, qwen2
 from vita_jax.models.vita import IGNORE_INDEX, VITA, lm_row_terms
+from vita_jax.sizes import round_up
 
 MODEL_PARTS = ("llm", "vision_tower", "mm_projector", "audio_encoder")
 STATES = (text_lib.STATE_SPEECH, text_lib.STATE_TEXT, text_lib.STATE_NEGATIVE)
@@ -68,7 +69,7 @@ class Engine:
         self._embed = functools.partial(_embed, module)
         self._loss = functools.partial(_row_loss, module)
         self.n_proc, self.proc = jax.process_count(), jax.process_index()
-        dp = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+        dp = parallel.data_parallel_size(mesh)
         self.dp_local = max(dp // self.n_proc, 1)  # slots of each process: a multiple of its data-parallel share
 
     @classmethod
@@ -80,7 +81,7 @@ class Engine:
     def rows(self, batch_size: int) -> int:
         """Rows of this process per global batch (``batch_size`` rounded up to the data-parallel size)."""
         unit = self.n_proc * self.dp_local
-        return -(-max(int(batch_size), 1) // unit) * unit // self.n_proc
+        return round_up(max(int(batch_size), 1), unit) // self.n_proc
 
     def _place(self, x):
         if x is None:
@@ -125,11 +126,11 @@ class Engine:
         longest = max(min(batch_lib.spliced_length(e, self.module.tokens_per_tile), limit) for e in exs)
         bucket = int(self.config.get("seq_bucket", 64))
         n_tiles, frames = (0 if px is None else len(px)), max([len(c) for c in clips] + [0])
-        tiles, n_clips, frames, length = self._agree([n_tiles, len(clips), frames, -(-longest // bucket) * bucket])
+        tiles, n_clips, frames, length = self._agree([n_tiles, len(clips), frames, round_up(longest, bucket)])
         tile_slots = batch_lib.bucket(int(tiles), self.dp_local) if tiles else 0
         clip_slots = batch_lib.bucket(int(n_clips), self.dp_local) if n_clips else 0
         fb = int(self.config.get("frame_bucket", 64))
-        frame_slots = min(-(-int(frames) // fb) * fb, self.module.whale_cfg.max_frames) if n_clips else 0
+        frame_slots = min(round_up(int(frames), fb), self.module.whale_cfg.max_frames) if n_clips else 0
         arrays, plan = chat_lib.inference_batch(
             self.module, self.config, ids, mask, labels if with_labels else None, px, clips, dp=self.dp_local,
             max_length=limit, tile_slots=tile_slots, clip_slots=clip_slots, frame_slots=frame_slots,

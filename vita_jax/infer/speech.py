@@ -14,6 +14,7 @@ import numpy as np
 from vita_jax.convert import tts as tts_io
 from vita_jax.models import ticodec
 from vita_jax.models import tts_decoder as dec
+from vita_jax.sizes import round_up
 
 
 class SpeechModel:
@@ -49,7 +50,7 @@ class SpeechModel:
 
     def _cache(self, length: int, max_tokens: int):
         c = self.decoder_cfg
-        slots = -(-(length + 2 + max_tokens) // 64) * 64
+        slots = round_up(length + 2 + max_tokens, 64)
         shape = (c.num_blocks, 1, slots, c.attention_heads, c.idim // c.attention_heads)
         return jnp.zeros(shape, c.dtype), jnp.zeros(shape, c.dtype)
 

@@ -21,6 +21,8 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
+from vita_jax.sizes import ceil_div
+
 
 def _chunk_terms(logits, targets, ignore_index: int):
     """``logits [rows, c, vocab]`` (any float dtype), ``targets [rows, c]`` -> per row
@@ -45,7 +47,7 @@ def row_terms(hidden, labels, head: Optional[Callable] = None, chunk: int = 0, i
     h, tgt = hidden[:, :-1], labels[:, 1:]
     rows, n = tgt.shape
     c = n if chunk <= 0 else min(int(chunk), n)
-    k = -(-n // c)
+    k = ceil_div(n, c)
     if k == 1:  # one chunk: no loop (nothing to save, and XLA:CPU runs a backward inside a loop slower)
         return _chunk_terms(head(h), tgt, ignore_index)
     pad = k * c - n

@@ -22,6 +22,7 @@ import numpy as np
 from vita_jax import parallel
 from vita_jax.infer import generate as gen
 from vita_jax.models.qwen2 import KVCache
+from vita_jax.sizes import round_up
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ class Engine:
             model.speech.x_bucket, model.speech.codes_bucket = 32, 10
         self.max_new_tokens = int(max_new_tokens)
         self.max_prompt = int(max_prompt or min(int(model.config.tokenizer_model_max_length), 2048))
-        self.cache_len = -(-(self.max_prompt + self.max_new_tokens) // 64) * 64
+        self.cache_len = round_up(self.max_prompt + self.max_new_tokens, 64)
         self.static = dict(do_sample=do_sample, top_k=int(top_k),
                            vocab_limit=len(model.tokenizer) if model.tokenizer is not None else None)
         self.dyn = dict(temperature=jnp.float32(temperature), top_p=jnp.float32(top_p))

@@ -103,7 +103,7 @@ def compile_step(config, topology: str, per_chip_batch: int | None = None, hbm_g
     if cap is None:
         raise ValueError(f"no HBM size known for device kind {kind!r}: give --hbm-gib")
     mesh = parallel.make_mesh(dict(config.mesh_shape), devices=devices)
-    shards = math.prod(mesh.shape[a] for a in ("data", "fsdp"))
+    shards = parallel.data_parallel_size(mesh)
     accum = int(config.grad_accum)
     if per_chip_batch is not None:
         config.batch_size = int(per_chip_batch) * shards * accum
