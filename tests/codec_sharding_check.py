@@ -12,7 +12,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from vita_jax import parallel  # noqa: E402
-from vita_jax.train import checkpoint, codec_setup, stages  # noqa: E402
+from vita_jax.train import codec_setup, run_checkpoint, stages  # noqa: E402
 
 
 def main(train, held, ref_dir):
@@ -34,7 +34,7 @@ def main(train, held, ref_dir):
     for i, (m, r) in enumerate(zip(mets, ref_mets)):
         out[f"metric_err{i + 1}"] = max(abs(m[k] - r[k]) / max(abs(r[k]), 1.0) for k in r
                                         if k.startswith(("loss", "gen_", "disc_", "mel_", "compare")))
-    ck = checkpoint.Checkpointer(os.path.join(ref_dir, "ckpt"))
+    ck = run_checkpoint.Checkpointer(os.path.join(ref_dir, "ckpt"))
     ref_state, _ = ck.restore(2, jax.device_get(state))
     ck.close()
     got = {jax.tree_util.keystr(p): np.asarray(x, np.float64) for p, x in

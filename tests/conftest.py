@@ -160,8 +160,9 @@ def demo_tokenizer(texts, tok: str) -> int:
     vocabulary size rounded up to 64 (a tiny model's ``config.llm.vocab_size``)."""
     import vita_jax.demo.data as demo_data
     from vita_jax.data.text import TextTokenizer
+    from vita_jax.sizes import round_up
     demo_data.build_tokenizer(list(texts) + demo_data.reply_texts(), tok)
-    return -(-len(TextTokenizer.from_file(tok)) // 64) * 64
+    return round_up(len(TextTokenizer.from_file(tok)), 64)
 
 
 

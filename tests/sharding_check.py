@@ -106,7 +106,7 @@ def main(tiny):
     # a checkpoint saved on mesh (fsdp 8) restores onto mesh (data 2, fsdp 4) with the same values
     import tempfile
 
-    from vita_jax.train.checkpoint import Checkpointer
+    from vita_jax.train.run_checkpoint import Checkpointer
     mesh_a = parallel.make_mesh(dict(data=1, fsdp=8, tensor=1))
     mesh_b = parallel.make_mesh(dict(data=2, fsdp=4, tensor=1))
     sa, run_a, _ = setup.build(c, m1.params, mesh=mesh_a, total_steps=10)

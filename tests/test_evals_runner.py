@@ -13,7 +13,7 @@ import soundfile as sf
 import vita_jax
 from vita_jax import assets, cli
 from vita_jax import config as config_lib
-from vita_jax.evals import Engine, evaluate
+from vita_jax.evals import EvalEngine, evaluate
 
 from conftest import FIXTURES, QWEN_TOK, write_video
 
@@ -90,7 +90,7 @@ def _jsonl(path):
 def test_batched_equals_one_chat_per_example(model, data):
     """The batched engine (device decode loop, right-padded rows of different lengths and media)
     gives each row exactly the reply of its own chat() call."""
-    eng = Engine.from_model(model)
+    eng = EvalEngine.from_model(model)
     manifest = data / "asr.jsonl"
     wavs = sorted(p for p in os.listdir(data) if p.endswith(".wav"))[:2]  # 3.5 s and 2.9 s: different lengths
     manifest.write_text("".join(json.dumps(dict(audio=w, text="x")) + "\n" for w in wavs))
@@ -103,7 +103,7 @@ def test_batched_equals_one_chat_per_example(model, data):
 
 
 def test_librispeech_folder_and_errors(model, data):
-    eng = Engine.from_model(model)
+    eng = EvalEngine.from_model(model)
     metrics, recs = evaluate(eng, dict(type="asr", data=str(data / "LibriSpeech" / "test-other"), **FAST))
     assert [r["id"] for r in recs] == ["61-70968-0000", "61-70968-0001"]
     assert metrics["wer_units"] == sum(len(r["normalized_reference"].split()) for r in recs)

@@ -115,8 +115,8 @@ def test_local_paths_are_plain_files(tmp_path):
 
 @pytest.mark.slow  # a minute or more on 2 cores: outside the quick loop
 def test_trainer_on_a_url_workdir_and_resume(gs_memory, tmp_path):
-    from vita_jax.convert import checkpoint, orbax_io
-    from vita_jax.train import checkpoint as ckpt_lib
+    from vita_jax.convert import model_checkpoint, orbax_io
+    from vita_jax.train import run_checkpoint as ckpt_lib
     from vita_jax.train import stages, trainer
     c = stages.stage_config("1.1", "tiny")
     c.total_steps, c.checkpoint_every = 4, 2
@@ -139,7 +139,7 @@ def test_trainer_on_a_url_workdir_and_resume(gs_memory, tmp_path):
     assert events and all(b"train/loss" in paths.open(paths.join(wd, "tb", e), "rb").read() for e in events)
     model = paths.join(wd, "model")
     assert "/bucket/run/model/vita_jax.json" in gs_memory and orbax_io.is_orbax_checkpoint(model)
-    ck = checkpoint.load(model)
+    ck = model_checkpoint.load(model)
     np.testing.assert_array_equal(np.asarray(ck.params["mm_projector"]["0"]["kernel"]),
                                   np.asarray(out["state"].train["mm_projector/0/kernel"]))
     assert not any(k.startswith("/bucket/run/ckpt") for k in gs_memory)  # orbax's arrays: the local map

@@ -24,7 +24,7 @@ def model(chat_release_dir):
 
 @pytest.fixture(scope="module")
 def engine(model):
-    e = engine_lib.Engine(model, slots=3, max_new_tokens=12, max_prompt=512)
+    e = engine_lib.ServeEngine(model, slots=3, max_new_tokens=12, max_prompt=512)
     yield e
     e.close()
 

@@ -29,7 +29,7 @@ OPTS = TurnOptions(max_new_tokens=6, tts_max_tokens=24, first=(8, 1.01), later=(
 @pytest.fixture(scope="module")
 def server(chat_release_dir):
     model = vita_jax.from_pretrained(chat_release_dir)
-    engine = engine_lib.Engine(model, slots=2, max_new_tokens=6, max_prompt=512)
+    engine = engine_lib.ServeEngine(model, slots=2, max_new_tokens=6, max_prompt=512)
     with server_lib.in_thread(engine, max_sessions=2, opts=OPTS, max_message=200_000, rate_limit=100) as srv:
         yield srv
     engine.close()

@@ -37,7 +37,7 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 @pytest.fixture(scope="module")
 def server(chat_release_dir):
     model = vita_jax.from_pretrained(chat_release_dir)
-    engine = engine_lib.Engine(model, slots=1, max_new_tokens=8, max_prompt=512)
+    engine = engine_lib.ServeEngine(model, slots=1, max_new_tokens=8, max_prompt=512)
     opts = TurnOptions(max_new_tokens=8, tts_max_tokens=40, first=(8, 1.01), later=(8, 1.01), padding_size=2)
     # compiled before the page connects: the looped microphone file leaves 300 s of silence for both turns,
     # which must not depend on how fast this machine compiles

@@ -69,7 +69,7 @@ def test_unrestorable_newest_checkpoint_falls_back(failed_export, tmp_path):
     """Checkpoint 4 truncated: one line says so, the run resumes from 2 (same losses as the first time),
     checkpoint 4 is kept as 4.unusable-<time> and a new step 4 is saved and exported."""
     from vita_jax.train import trainer
-    from vita_jax.train.checkpoint import Checkpointer
+    from vita_jax.train.run_checkpoint import Checkpointer
     wd = _copy(failed_export, tmp_path)
     before = _metrics(wd)
     _truncate_arrays(wd, STEPS)
@@ -128,9 +128,9 @@ def test_rerun_after_failed_export_writes_the_model(failed_export, tmp_path):
     assert os.path.isfile(os.path.join(wd, "model", "vita_jax.json"))
     assert open(os.path.join(wd, "metrics.jsonl")).read() == metrics  # nothing trained again
     import vita_jax
-    from vita_jax.train import checkpoint
+    from vita_jax.train import run_checkpoint
     m = vita_jax.from_pretrained(os.path.join(wd, "model"))
-    ck = checkpoint.Checkpointer(os.path.join(wd, "ckpt"))
+    ck = run_checkpoint.Checkpointer(os.path.join(wd, "ckpt"))
     raw = ck.mgr.restore(STEPS)["state"]
     ck.close()
     np.testing.assert_array_equal(np.asarray(m.params["mm_projector"]["0"]["kernel"]),
@@ -175,7 +175,7 @@ def test_another_model_or_stage_in_the_same_workdir_is_refused(failed_export, tm
 
 def test_run_settings_may_change_between_runs():
     """Only what shapes the train state is compared: steps, checkpoints, data, evals, mesh and dither may change."""
-    from vita_jax.train.checkpoint import config_changes
+    from vita_jax.train.run_checkpoint import config_changes
     c = _config()
     saved = json.loads(c.to_json())
     c.total_steps, c.checkpoint_every, c.data.seq_len, c.audio.dither, c.optim.lr = 9, 3, 64, 0.1, 1e-3

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vita_jax import parallel
-from vita_jax.convert import checkpoint, orbax_io, pytorch, release
+from vita_jax.convert import model_checkpoint, orbax_io, pytorch, release
 from vita_jax.data import batch as batch_lib
 from vita_jax.data import chat as chat_lib
 from vita_jax.data import text as text_lib
@@ -369,6 +369,6 @@ def from_pretrained(path: str, dtype=jnp.float32, mesh=None, config_overrides: O
     Parameters are stored and computed in ``dtype``; with a ``mesh`` every tensor is read once and
     placed straight into its shards. ``config_overrides`` maps dotted config fields to values
     (e.g. ``{"remat_policy": "full"}``). ``strict``: unknown tensors in the shards are an error."""
-    ck = checkpoint.load(path, dtype, mesh, config_overrides, strict)
+    ck = model_checkpoint.load(path, dtype, mesh, config_overrides, strict)
     speech = None if ck.tts is None else SpeechModel(*ck.tts, path=os.path.join(path, "vita_tts_ckpt"))
     return VitaModel(ck.config, ck.params, ck.tokenizer, mesh, ck.keys_read, ck.source_dtypes, ck.path, speech)

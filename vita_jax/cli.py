@@ -220,7 +220,7 @@ def cmd_eval(a, rest) -> int:
     data = evals.runner.read_suite(suite)  # every task's data read and checked before the model is loaded
     parallel.maybe_initialize_distributed()
     mesh = parallel.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}) if jax.device_count() > 1 else None
-    engine = evals.Engine.from_model(api.from_pretrained(a.checkpoint, dtype=jnp.dtype(a.dtype), mesh=mesh))
+    engine = evals.EvalEngine.from_model(api.from_pretrained(a.checkpoint, dtype=jnp.dtype(a.dtype), mesh=mesh))
     main = jax.process_index() == 0
     for name, s in suite.items():
         metrics, records = evals.evaluate(engine, s, name, progress=main and not a.no_progress, data=data[name])

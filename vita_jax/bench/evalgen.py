@@ -13,7 +13,7 @@ import time
 import soundfile as sf
 
 from vita_jax import api, assets
-from vita_jax.evals import Engine, evaluate
+from vita_jax.evals import EvalEngine, evaluate
 from vita_jax.evals.tasks import ASR_PROMPT
 
 
@@ -32,7 +32,7 @@ def bench_eval(checkpoint: str, n: int = 24, batch: int = 8, tokens: int = 16) -
         manifest = os.path.join(d, "asr.jsonl")
         with open(manifest, "w") as f:
             f.write("\n".join(rows) + "\n")
-        eng = Engine.from_model(m)
+        eng = EvalEngine.from_model(m)
         settings = dict(type="asr", data=manifest, batch_size=batch, max_new_tokens=tokens)
         evaluate(eng, settings)  # compile every batch shape
         t0 = time.perf_counter()

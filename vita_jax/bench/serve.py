@@ -125,7 +125,7 @@ def run(model, clients=(1, 2, 4, 8), turns: int = 3, max_new_tokens: int = 24, t
     wave = assets.speech_clips()[0][1]
     rows = []
     for n in clients:
-        engine = engine_lib.Engine(model, slots=n, max_new_tokens=max_new_tokens, max_prompt=512)
+        engine = engine_lib.ServeEngine(model, slots=n, max_new_tokens=max_new_tokens, max_prompt=512)
         opts = TurnOptions(max_new_tokens=max_new_tokens, tts_max_tokens=tts_max_tokens)
         server_lib.warm_up(engine, opts, clip_seconds=[len(wave) / 16000 - d for d in (1.0, 0.5, 0.0)])
         out, start = [], threading.Event()

@@ -41,7 +41,7 @@ def row_loss_terms(logits, labels):
     return lm_loss.row_terms(logits, labels, ignore_index=IGNORE_INDEX)
 
 
-# module-level jits keyed by the (hashable) module: a new Engine on the same model (each in-training
+# module-level jits keyed by the (hashable) module: a new EvalEngine on the same model (each in-training
 # evaluation builds one) reuses the compiled functions
 @functools.partial(jax.jit, static_argnums=0)
 def _embed(module, params, *args):
@@ -53,7 +53,7 @@ def _row_loss(module, params, labels, *args):
     return lm_row_terms(module, params, labels, *args)
 
 
-class Engine:
+class EvalEngine:
     """What the evaluators run on: ``module`` (:class:`~vita_jax.models.vita.VITA`), its ``params``
     (``{llm, vision_tower, mm_projector, audio_encoder}``; other heads ignored), ``config``,
     ``tokenizer`` and an optional ``mesh``."""
@@ -73,7 +73,7 @@ class Engine:
         self.dp_local = max(dp // self.n_proc, 1)  # slots of each process: a multiple of its data-parallel share
 
     @classmethod
-    def from_model(cls, m) -> "Engine":
+    def from_model(cls, m) -> "EvalEngine":
         """From a :class:`vita_jax.api.VitaModel`."""
         return cls(m.module, m.params, m.config, m.tokenizer, m.mesh)
 

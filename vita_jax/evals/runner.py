@@ -23,7 +23,7 @@ from vita_jax import config as config_lib
 from vita_jax.data import batch as batch_lib
 from vita_jax.data import sources
 from vita_jax.evals import readers, tasks
-from vita_jax.evals.engine import Engine
+from vita_jax.evals.engine import EvalEngine
 from vita_jax.infer import generate as gen_lib
 
 DEFAULTS = dict(type="", data="", every=0, max_examples=0, batch_size=8, max_new_tokens=64, do_sample=False,
@@ -120,7 +120,7 @@ def read_suite(suite: Mapping) -> dict:
     return {name: read_data(s, name) for name, s in suite.items()}
 
 
-def evaluate(engine: Engine, settings: Mapping, name: str = "eval", progress: bool = False,
+def evaluate(engine: EvalEngine, settings: Mapping, name: str = "eval", progress: bool = False,
              data=None) -> tuple[dict, list]:
     """Runs one evaluator -> ``(metrics, per-example records)``; every process returns the same.
     ``metrics`` holds the task's numbers plus ``n`` (examples) and ``examples_per_s``. ``data``: what

@@ -17,7 +17,7 @@ import jax
 from vita_jax import paths
 from vita_jax.data.text import load_tokenizer
 from vita_jax.evals import runner
-from vita_jax.evals.engine import Engine
+from vita_jax.evals.engine import EvalEngine
 from vita_jax.models.vita import VITA
 
 
@@ -49,7 +49,7 @@ class TrainingEvals:
         names = self.due(step, total)
         if not names:
             return None
-        engine = Engine(self.module, params_fn(), self.config, self.tokenizer, self.mesh)
+        engine = EvalEngine(self.module, params_fn(), self.config, self.tokenizer, self.mesh)
         main = jax.process_index() == 0
         out = {}
         for name in names:

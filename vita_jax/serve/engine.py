@@ -50,7 +50,7 @@ def _insert(slots: KVCache, row: KVCache, r):
                    slots.next_pos.at[r].set(row.next_pos[0]))
 
 
-class Engine:
+class ServeEngine:
     """Runs the LLM of ``model`` (a :class:`vita_jax.api.VitaModel`) for up to ``slots`` concurrent
     turns. ``max_prompt`` (spliced positions, default ``min(tokenizer_model_max_length, 2048)``) and
     ``max_new_tokens`` fix the cache length ``S``; sampling is greedy unless ``do_sample``."""

@@ -1,5 +1,5 @@
 """``vita-jax serve``: the asyncio WebSocket server (``websockets``) with the page at ``/`` and the
-protocol at ``/ws`` (docs/serving.md). One :class:`~vita_jax.serve.engine.Engine`
+protocol at ``/ws`` (docs/serving.md). One :class:`~vita_jax.serve.engine.ServeEngine`
 holds the model; each connection is a :class:`~vita_jax.serve.session.Session`.
 
 Safety: loopback unless ``host`` says otherwise; the ``Origin`` header must be this server's own
@@ -25,7 +25,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from vita_jax.infer import vad as vad_lib
-from vita_jax.serve.engine import Engine
+from vita_jax.serve.engine import ServeEngine
 from vita_jax.serve.session import Session, TurnOptions
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class Server:
     """The live server around one engine. ``await start(host, port)`` binds (port 0: any free port,
     then ``self.port``); ``await stop()`` closes it."""
 
-    def __init__(self, engine: Engine, max_sessions: int = 4, opts: TurnOptions = TurnOptions(),
+    def __init__(self, engine: ServeEngine, max_sessions: int = 4, opts: TurnOptions = TurnOptions(),
                  vad: vad_lib.VADConfig = vad_lib.VADConfig(), allow_origins: Sequence[str] = (),
                  max_message: int = 4 * 2 ** 20, rate_limit: float = 200.0):
         self.engine, self.max_sessions, self.opts, self.vad = engine, int(max_sessions), opts, vad
@@ -185,7 +185,7 @@ class Server:
 
 
 @contextlib.contextmanager
-def in_thread(engine: Engine, host: str = "127.0.0.1", port: int = 0, **kw):
+def in_thread(engine: ServeEngine, host: str = "127.0.0.1", port: int = 0, **kw):
     """A :class:`Server` on an event loop of its own thread (tests, the bench): ``with in_thread(engine,
     max_sessions=2) as srv: ... srv.port``; stopped (connections closed) on leaving."""
     loop = asyncio.new_event_loop()
@@ -200,7 +200,7 @@ def in_thread(engine: Engine, host: str = "127.0.0.1", port: int = 0, **kw):
         thread.join(10)
 
 
-def warm_up(engine: Engine, opts: TurnOptions, clip_seconds: Sequence[float] = (2, 4, 6, 8)) -> float:
+def warm_up(engine: ServeEngine, opts: TurnOptions, clip_seconds: Sequence[float] = (2, 4, 6, 8)) -> float:
     """Compiles before serving: a typed turn, then one spoken turn (real speech, looped or cut) per
     length in ``clip_seconds`` (each fbank frame / prompt bucket compiles the audio encoder and the
     prefill once); returns the seconds it took. Later turns with new shapes (long history, other
@@ -242,7 +242,7 @@ def main(checkpoint: str, host: str = "127.0.0.1", port: int = 8765, max_session
         raise ValueError(f"{checkpoint}: no tokenizer.json, the server needs one")
     if model.speech is None:
         log.warning("%s has no vita_tts_ckpt/: answers are text only", checkpoint)
-    engine = Engine(model, slots=max_sessions, max_new_tokens=max_new_tokens, max_prompt=max_prompt)
+    engine = ServeEngine(model, slots=max_sessions, max_new_tokens=max_new_tokens, max_prompt=max_prompt)
     opts = TurnOptions(max_new_tokens=max_new_tokens, image_tiles=image_tiles)
     print(f"loaded {checkpoint} in {time.perf_counter() - t0:.1f} s", flush=True)
     if warmup:

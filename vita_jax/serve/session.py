@@ -4,7 +4,7 @@ A :class:`Session` takes 16 kHz int16 PCM (any chunk length), video frames and t
 client and emits the protocol's messages through ``sink(item)``: ``item`` is a dict (a JSON
 message) or ``bytes`` (24 kHz mono int16 PCM of the answer). At ``speech_end`` the segment (with
 the latest video frame as an image, and the previous turn as history) becomes a :class:`Turn`: its
-prompt is built and run by the shared :class:`~vita_jax.serve.engine.Engine`, text is sent as it
+prompt is built and run by the shared :class:`~vita_jax.serve.engine.ServeEngine`, text is sent as it
 is decoded, and the speech decoder starts on a thread of its own as soon as the first text piece
 is complete (the release's cut rules, :class:`~vita_jax.infer.speech.ReplySplitter`), so audio is
 sent while the LLM still writes. A new ``speech_start`` (or typed text) during an answer cancels
@@ -30,7 +30,7 @@ from PIL import Image
 from vita_jax.data import image as image_lib
 from vita_jax.infer import vad as vad_lib
 from vita_jax.infer.speech import ReplySplitter
-from vita_jax.serve.engine import Engine, Request
+from vita_jax.serve.engine import Request, ServeEngine
 
 log = logging.getLogger(__name__)
 STATE_SYMBOLS = ("☞", "☟", "☜")
@@ -85,7 +85,7 @@ class Session:
     ``vad_weights`` the loaded Silero weights (shared by sessions); ``sink`` is called with each
     outgoing item from the caller's, the engine's or a speech thread, always under the session lock."""
 
-    def __init__(self, engine: Engine, sink: Callable, opts: TurnOptions = TurnOptions(),
+    def __init__(self, engine: ServeEngine, sink: Callable, opts: TurnOptions = TurnOptions(),
                  vad: vad_lib.VADConfig = vad_lib.VADConfig(), vad_weights: Optional[dict] = None):
         self.engine, self.model, self.sink, self.opts = engine, engine.model, sink, opts
         self.segmenter = vad_lib.Segmenter(vad, vad_weights)

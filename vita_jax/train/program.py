@@ -15,7 +15,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from vita_jax import paths
-from vita_jax.convert import checkpoint, orbax_io
+from vita_jax.convert import model_checkpoint, orbax_io
 from vita_jax.convert import tts as tts_io
 from vita_jax.data import pipeline, synthetic
 from vita_jax.data.text import load_tokenizer
@@ -44,11 +44,11 @@ def export_complete(config, model_dir: str) -> bool:
 
 
 # ------------------------------------------------------------------------------------ the LM stages
-def initial_params(config, ck: Optional[checkpoint.Checkpoint] = None) -> dict:
+def initial_params(config, ck: Optional[model_checkpoint.Checkpoint] = None) -> dict:
     """``config.init_from`` (a release directory or vita_jax checkpoint, parameters only; ``ck`` if
     already opened) or a random model; plus the stage's extra heads (CTC head, speech decoder)."""
     if config.init_from:
-        ck = ck or checkpoint.load(config.init_from)
+        ck = ck or model_checkpoint.load(config.init_from)
         params = dict(ck.params)
         want = jax.eval_shape(lambda: vita.init_params(config, seed=0))
         for path, leaf in jax.tree_util.tree_leaves_with_path(want):
@@ -132,7 +132,7 @@ def lm_program(config, data, mesh, log, evals=None, ck=None, done: int = 0) -> S
     data = lm_data(config, data, evals)
     if done:  # a checkpoint of another model or stage is refused before the model is built
         ck.check_same_run(done, config)
-    ck_in = checkpoint.load(config.init_from) if config.init_from else None
+    ck_in = model_checkpoint.load(config.init_from) if config.init_from else None
     params = initial_params(config, ck_in)
     state, step_fn, info = setup.build(config, params, mesh=mesh)
     del params, ck_in

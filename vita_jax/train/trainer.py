@@ -1,5 +1,5 @@
 """The training loop. It asks :mod:`vita_jax.train.program` for the stage's program (state, jitted step,
-placement, data, evaluator, export: the same contract for every stage), ``train/checkpoint`` for
+placement, data, evaluator, export: the same contract for every stage), ``train/run_checkpoint`` for
 checkpoints, and runs: step, metrics, checkpoint, resume, export. It never branches on the stage.
 
 Every logged step is appended to ``WORKDIR/metrics.jsonl``; checkpoints live in ``WORKDIR/ckpt``.
@@ -25,8 +25,8 @@ from vita_jax.convert import target
 from vita_jax.data import pipeline
 from vita_jax.data import settings as data_settings
 from vita_jax.evals.training import TrainingEvals
-from vita_jax.train import checkpoint as ckpt_lib
 from vita_jax.train import flops, program, tensorboard
+from vita_jax.train import run_checkpoint as ckpt_lib
 
 
 def next_batch(data, accum: int) -> dict:
