@@ -71,3 +71,14 @@ def test_codec_bench_counts(tmp_path, capsys):
     a = codec.analytic(cfg, 2)["parts"]
     for k, f in x2.items():  # the cost of 2 more samples (XLA's count includes weight-norm work on the parameters)
         assert 0.975 < a[k][0] / (x4[k] - f) < 1.0, (k, a[k][0], x4[k] - f)
+
+
+def test_cli_and_module_offer_the_same_benchmarks():
+    """``vita-jax bench NAME`` and ``python -m vita_jax.bench NAME`` accept the same names (the CLI keeps its own
+    list so that ``--help`` never imports JAX)."""
+    import argparse
+
+    from vita_jax import cli_args
+    sub = next(a for a in cli_args.parser()._actions if isinstance(a, argparse._SubParsersAction))
+    what = next(a for a in sub.choices["bench"]._actions if a.dest == "what")
+    assert tuple(what.choices) == bench.WHAT
