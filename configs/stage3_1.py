@@ -9,11 +9,11 @@ demo). No ``:narrow``: the codec has no LLM, vocabulary or token shapes to keep;
 import ml_collections
 
 from vita_jax import config as config_lib
-from vita_jax.models import ticodec_train
+from vita_jax.models import ticodec
 
 # model.json's fields: the architecture and the upstream recipe (learning_rate, adam_b1/b2, lr_decay per epoch);
-# one source: ticodec_train.real_size_config
-RELEASE = dict(ticodec_train.real_size_config().to_model_json(), num_gpus=8)
+# one source: ticodec.real_size_config
+RELEASE = dict(ticodec.real_size_config().to_model_json(), num_gpus=8)
 
 
 def get_config(arg=None):

@@ -166,7 +166,7 @@ def test_mel_front_end_and_batches():
     import jax.numpy as jnp
 
     from vita_jax.models import codec_losses, discriminators
-    from vita_jax.models.ticodec_train import CodecTrainConfig
+    from vita_jax.models.ticodec import CodecTrainConfig
     cfg = CodecTrainConfig.from_model_json(os.path.join(FIX, "model.json"))
     mb = _npz("mel_basis")
     sr = cfg.sampling_rate
@@ -448,7 +448,7 @@ def jax_abs(tree):
 def test_data_crops_as_official():
     """File order, random draws and crops of both batches, as MelDataset with random.seed(1234)."""
     from vita_jax.data.codec_data import CodecData, read_file_list
-    from vita_jax.models.ticodec_train import CodecTrainConfig
+    from vita_jax.models.ticodec import CodecTrainConfig
     cfg = CodecTrainConfig.from_model_json(os.path.join(FIX, "model.json"))
     data = CodecData(read_file_list(os.path.join(FIX, "train.lst")), cfg.segment_size, cfg.batch_size,
                      cfg.sampling_rate)

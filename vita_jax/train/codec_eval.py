@@ -18,7 +18,7 @@ import numpy as np
 
 from vita_jax.data import codec_data
 from vita_jax.models import codec_losses as L
-from vita_jax.models import ticodec_train as tt
+from vita_jax.models import ticodec as tt
 from vita_jax.train import codec_step as cs
 
 RESOLUTIONS = (512, 256, 128)

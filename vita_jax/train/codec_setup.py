@@ -28,7 +28,7 @@ from jax.sharding import NamedSharding
 
 from vita_jax import parallel, paths
 from vita_jax.data import codec_data
-from vita_jax.models import ticodec_train as tt
+from vita_jax.models import ticodec as tt
 from vita_jax.train import codec_eval, codec_loop
 from vita_jax.train import codec_step as cs
 from vita_jax.train.setup import StageProgram

@@ -22,7 +22,7 @@ import optax
 
 from vita_jax.models import codec_losses as L
 from vita_jax.models import discriminators as dm
-from vita_jax.models import ticodec_train as tt
+from vita_jax.models import ticodec as tt
 
 FAMILIES = ("mpd", "msd", "stft")  # reference names; the stft family is the mstftd module
 
