@@ -1,6 +1,6 @@
 """Stage 3.1 of the VITA-1.5 curriculum: the TiCodec speech codec (generator + encoder + quantizer against MPD /
 MSD / MS-STFT discriminators), trained as upstream TiCodec's ``train.py`` trains it (the trainer's side:
-vita_jax/train/codec_setup.py). Data: ``--config.data.train='["wavs/"]' --config.data.heldout='["dev/"]'``
+vita_jax/train/codec/setup.py). Data: ``--config.data.train='["wavs/"]' --config.data.heldout='["dev/"]'``
 (24 kHz wavs: folders, .lst file lists or .wav files).
 
 ``get_config()``: VITA-1.5's codec (``vita_tts_ckpt/codec/model.json``) with the upstream recipe: batches of 160

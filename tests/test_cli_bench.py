@@ -44,7 +44,7 @@ def test_codec_bench_counts(tmp_path, capsys):
 
     from vita_jax.bench import codec
     from vita_jax.models import ticodec as tt
-    from vita_jax.train import codec_step as cs
+    from vita_jax.train.codec import step as cs
 
     from conftest import FIXTURES
 
