@@ -1,6 +1,6 @@
 """Stage 3.1 of the VITA-1.5 curriculum: the TiCodec speech codec (generator + encoder + quantizer against MPD /
 MSD / MS-STFT discriminators), trained as upstream TiCodec's ``train.py`` trains it (the trainer's side:
-vita_jax/train/codec_setup.py). Data: ``--config.data.train='["wavs/"]' --config.data.heldout='["dev/"]'``
+vita_jax/train/codec/setup.py). Data: ``--config.data.train='["wavs/"]' --config.data.heldout='["dev/"]'``
 (24 kHz wavs: folders, .lst file lists or .wav files).
 
 ``get_config()``: VITA-1.5's codec (``vita_tts_ckpt/codec/model.json``) with the upstream recipe: batches of 160
@@ -9,11 +9,11 @@ demo). No ``:narrow``: the codec has no LLM, vocabulary or token shapes to keep;
 import ml_collections
 
 from vita_jax import config as config_lib
-from vita_jax.models import ticodec_train
+from vita_jax.models import ticodec
 
 # model.json's fields: the architecture and the upstream recipe (learning_rate, adam_b1/b2, lr_decay per epoch);
-# one source: ticodec_train.real_size_config
-RELEASE = dict(ticodec_train.real_size_config().to_model_json(), num_gpus=8)
+# one source: ticodec.real_size_config
+RELEASE = dict(ticodec.real_size_config().to_model_json(), num_gpus=8)
 
 
 def get_config(arg=None):

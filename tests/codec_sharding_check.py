@@ -12,7 +12,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from vita_jax import parallel  # noqa: E402
-from vita_jax.train import codec_setup, run_checkpoint, stages  # noqa: E402
+from vita_jax.train import run_checkpoint, stages  # noqa: E402
+from vita_jax.train.codec import setup as codec_setup  # noqa: E402
 
 
 def main(train, held, ref_dir):

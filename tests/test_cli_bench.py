@@ -43,8 +43,8 @@ def test_codec_bench_counts(tmp_path, capsys):
     import pytest
 
     from vita_jax.bench import codec
-    from vita_jax.models import ticodec_train as tt
-    from vita_jax.train import codec_step as cs
+    from vita_jax.models import ticodec as tt
+    from vita_jax.train.codec import step as cs
 
     from conftest import FIXTURES
 

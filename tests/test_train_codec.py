@@ -45,9 +45,9 @@ def run():
     import jax
     import jax.numpy as jnp
 
-    from vita_jax.train import codec_loop
-    from vita_jax.train import codec_step as cs
-    M, state, _ = codec_loop.load_official(FIX, FIX + "/g_00000000", FIX + "/do_00000000")
+    from vita_jax.train.codec import files as codec_files
+    from vita_jax.train.codec import step as cs
+    M, state, _ = codec_files.load_official(FIX, FIX + "/g_00000000", FIX + "/do_00000000")
     inp = _npz("inputs")
     step = jax.jit(cs.make_step(M, debug=True))
     before, out = [jax.device_get(state)], []
@@ -165,8 +165,9 @@ def test_mel_front_end_and_batches():
     """Mel filterbanks / windows as meldataset builds them; the dataset's mels of the stored crops."""
     import jax.numpy as jnp
 
-    from vita_jax.models import codec_losses, discriminators
-    from vita_jax.models.ticodec_train import CodecTrainConfig
+    from vita_jax.models import discriminators
+    from vita_jax.models.ticodec import CodecTrainConfig
+    from vita_jax.train.codec import losses as codec_losses
     cfg = CodecTrainConfig.from_model_json(os.path.join(FIX, "model.json"))
     mb = _npz("mel_basis")
     sr = cfg.sampling_rate
@@ -402,14 +403,14 @@ def test_official_files_roundtrip(tmp_path):
     import torch
 
     from vita_jax.convert import ticodec_ckpt as io
-    from vita_jax.train import codec_loop
-    M, state, info = codec_loop.load_official(FIX, FIX + "/g_00000000", FIX + "/do_00000000")
+    from vita_jax.train.codec import files as codec_files
+    M, state, info = codec_files.load_official(FIX, FIX + "/g_00000000", FIX + "/do_00000000")
     assert (info["steps"], info["epoch"], int(state["step"])) == (-1, -1, 0)
     # moments from the parameters themselves (distinct values per element, no extra memory for random draws)
     state["gopt"] = state["gopt"]._replace(count=np.int32(3), mu=state["gp"], nu=jax_abs(state["gp"]))
     state["dopt"] = state["dopt"]._replace(count=np.int32(3), mu=state["dp"], nu=jax_abs(state["dp"]))
     state["step"] = np.int32(3)
-    gpath, dpath = codec_loop.save_official(str(tmp_path), M, state, epoch=0, info=info)
+    gpath, dpath = codec_files.save_official(str(tmp_path), M, state, epoch=0, info=info)
     assert os.path.basename(gpath) == "g_00000002"
     for orig, new in ((FIX + "/g_00000000", gpath), (FIX + "/do_00000000", dpath)):
         a, b = torch.load(orig, weights_only=True), torch.load(new, weights_only=True)
@@ -429,7 +430,7 @@ def test_official_files_roundtrip(tmp_path):
         assert len(d[opt]["state"]) == expect and float(d[opt]["state"][0]["step"]) == 3.0
         torch.optim.Adam([torch.zeros(0) for _ in range(n)], lr=1.0).load_state_dict(d[opt])
     assert (d["steps"], d["epoch"]) == (2, 0)
-    _, back, _ = codec_loop.load_official(FIX, gpath, dpath)
+    _, back, _ = codec_files.load_official(FIX, gpath, dpath)
     assert int(back["step"]) == 3 and int(back["gopt"].count) == 3
     for side in ("g", "d"):
         for t in ("mu", "nu"):
@@ -447,8 +448,8 @@ def jax_abs(tree):
 
 def test_data_crops_as_official():
     """File order, random draws and crops of both batches, as MelDataset with random.seed(1234)."""
-    from vita_jax.data.codec_data import CodecData, read_file_list
-    from vita_jax.models.ticodec_train import CodecTrainConfig
+    from vita_jax.models.ticodec import CodecTrainConfig
+    from vita_jax.train.codec.data import CodecData, read_file_list
     cfg = CodecTrainConfig.from_model_json(os.path.join(FIX, "model.json"))
     data = CodecData(read_file_list(os.path.join(FIX, "train.lst")), cfg.segment_size, cfg.batch_size,
                      cfg.sampling_rate)

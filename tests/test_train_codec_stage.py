@@ -63,9 +63,9 @@ def _rows(workdir):
 def _official(folder):
     import glob
 
-    from vita_jax.train import codec_loop
+    from vita_jax.train.codec import files as codec_files
     g = sorted(glob.glob(os.path.join(folder, "g_*")))[-1]
-    _, state, info = codec_loop.load_official(folder, g, os.path.join(folder, "do_" + os.path.basename(g)[2:]))
+    _, state, info = codec_files.load_official(folder, g, os.path.join(folder, "do_" + os.path.basename(g)[2:]))
     return state, info
 
 

@@ -1,7 +1,7 @@
 """``python -m vita_jax.bench codec [--batch 160] [--seconds 1] [--measure N]``: the cost of one stage 3.1
-step (TiCodec GAN training, :mod:`vita_jax.train.codec_step`) at real size.
+step (TiCodec GAN training, :mod:`vita_jax.train.codec.step`) at real size.
 
-The model is VITA-1.5's released codec (:func:`vita_jax.models.ticodec_train.real_size_config`;
+The model is VITA-1.5's released codec (:func:`vita_jax.models.ticodec.real_size_config`;
 ``--model-json`` for another) with the three discriminator families. Reported:
 
 * parameters per part, from the abstract state (``jax.eval_shape``: nothing allocated);
@@ -37,9 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from vita_jax.models import discriminators as dm
-from vita_jax.models import ticodec_train as tt
+from vita_jax.models import ticodec as tt
 from vita_jax.sizes import ceil_div
-from vita_jax.train import codec_step as cs
+from vita_jax.train.codec import step as cs
 
 # H100 SXM dense peaks (vendor figures, FLOP/s): TF32 tensor cores, plain FP32; HBM bytes/s
 H100_TF32, H100_FP32, H100_HBM = 494.7e12, 66.9e12, 3.35e12

@@ -7,7 +7,7 @@
   each module), state only for parameters that received a gradient (never ``encoder.linear.0``).
 
 The key table is structural: a leaf's official key is its Flax path joined by ``.``
-(:mod:`vita_jax.models.ticodec_train`); ``params`` and ``buffers`` of a module together make its
+(:mod:`vita_jax.models.ticodec`); ``params`` and ``buffers`` of a module together make its
 state dict, written in PyTorch's state-dict order (:func:`torch_order`).
 """
 from __future__ import annotations

@@ -17,6 +17,7 @@ import numpy as np
 
 from vita_jax import paths
 from vita_jax.convert import loader
+from vita_jax.convert import ticodec_ckpt as codec_io
 from vita_jax.convert.safetensors_io import CheckpointError
 from vita_jax.convert.torch_io import TorchReader
 from vita_jax.models import ticodec
@@ -45,7 +46,8 @@ def load_decoder(folder: str):
 
 
 def load_codec(folder: str):
-    """``(config, raw state dicts {generator, quantizer, encoder} as numpy, folded Flax params)``."""
+    """``(config, raw state dicts {generator, quantizer, encoder} as numpy, params)``: ``params`` holds the
+    variables of the ``folded`` generator / encoder (weight norm folded here, once) and the codebooks."""
     cfg = ticodec.TiCodecConfig.from_model_json(os.path.join(folder, "model.json"))
     path = os.path.join(folder, "final.pt")
     raw = TorchReader.load_nested(path)
@@ -56,14 +58,15 @@ def load_codec(folder: str):
         for k, v in sd.items():
             if not k.endswith("num_batches_tracked"):
                 loader.check_kind(v.dtype, np.float32, f"tensor {part}.{k!r} in {path}")
-    ups = [f"ups.{i}" for i in range(len(cfg.upsample_rates))]
     q = raw["quantizer"]
-    params = {"generator": ticodec.fold_state_dict(raw["generator"], transposed=ups),
-              "codebook": jnp.asarray(q["quantizer_modules.0.embedding.weight"]),
+    params = {"codebook": jnp.asarray(q["quantizer_modules.0.embedding.weight"]),
               "globaltokens": [jnp.asarray(q[f"quantizer_modules_globaltokens.{j}.embedding.weight"])
                                for j in range(cfg.global_code_num)]}
-    if "encoder" in raw:
-        params["encoder"] = ticodec.fold_state_dict(raw["encoder"])
+    templates = ticodec.folded_templates(cfg)
+    for part in ("generator", "encoder"):
+        if part in raw:
+            sd = ticodec.fold_state_dict(raw[part])
+            params[part] = {c: codec_io.unflat(sd, t, f"{path} [{part}]") for c, t in templates[part].items()}
     return cfg, raw, params
 
 

@@ -39,8 +39,9 @@ def random_codec(seed: int = 0):
     """A TiCodec of a small shape with random weights: ``(config, None, params)``."""
     cfg = ticodec.TiCodecConfig(upsample_initial_channel=64, n_codes=64)
     k = jax.random.split(jax.random.PRNGKey(seed), 4)
-    gen = nn.unbox(ticodec.Generator(cfg).init(k[0], jnp.zeros((1, 4, cfg.code_dim)), jnp.zeros((1, 128)))["params"])
-    enc = nn.unbox(ticodec.Encoder(cfg).init(k[1], jnp.zeros((1, cfg.hop * 4)))["params"])
+    gen = nn.unbox(ticodec.Generator(cfg, folded=True).init(k[0], jnp.zeros((1, cfg.code_dim, 4)),
+                                                              jnp.zeros((1, 128))))
+    enc = nn.unbox(ticodec.Encoder(cfg, folded=True).init(k[1], jnp.zeros((1, 1, cfg.hop * 4))))
     d = cfg.global_feature_conv[2] // cfg.global_code_num
     params = {"generator": gen, "encoder": enc, "codebook": jax.random.normal(k[2], (cfg.n_codes, cfg.code_dim)),
               "globaltokens": [jax.random.normal(jax.random.fold_in(k[3], j), (1024, d))

@@ -17,18 +17,25 @@ from vita_jax.models import tts_decoder as dec
 from vita_jax.sizes import round_up
 
 
+def _frames_last(out):
+    """The encoder's ``(c [B, 512, T], g1, g2)`` -> ``(frames [B, T, 512], g1)``."""
+    return out[0].transpose(0, 2, 1), out[1]
+
+
 class SpeechModel:
     """The speech decoder (``decoder_cfg``, ``decoder_params``) and the TiCodec (``codec_cfg``,
-    ``codec_raw``: the official state dicts, kept for export; ``codec_params``: folded for use)."""
+    ``codec_raw``: the official state dicts, kept for export; ``codec_params``: the variables of the
+    ``folded`` generator / encoder, weight norm folded at load, and the codebooks)."""
 
     def __init__(self, decoder_cfg: dec.TTSDecoderConfig, decoder_params, codec=None, path: Optional[str] = None):
         self.decoder_cfg, self.decoder_params, self.path = decoder_cfg, decoder_params, path
         self.codec_cfg, self.codec_raw, self.codec_params = codec if codec is not None else (None, None, None)
         self.decoder = dec.TTSDecoder(decoder_cfg)
         if self.codec_cfg is not None:
-            gen, enc = ticodec.Generator(self.codec_cfg), ticodec.Encoder(self.codec_cfg)
-            self._generate_wave = jax.jit(lambda p, x, g: gen.apply({"params": p}, x, g))
-            self._encode_wave = jax.jit(lambda p, w: enc.apply({"params": p}, w))
+            gen, enc = ticodec.Generator(self.codec_cfg, folded=True), ticodec.Encoder(self.codec_cfg, folded=True)
+            # [B, T, 512] frames -> [B, hop·T] waveform; [B, L] waveform -> ([B, L // hop, 512] frames, [B, 128])
+            self._generate_wave = jax.jit(lambda v, x, g: gen.apply(v, x.transpose(0, 2, 1), g)[:, 0])
+            self._encode_wave = jax.jit(lambda v, w: _frames_last(enc.apply(v, w[:, None])))
             self._nearest = jax.jit(ticodec.nearest)
         m = self.decoder
         self._forward = jax.jit(lambda p, *a: m.apply({"params": p}, *a)[:2])

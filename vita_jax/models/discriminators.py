@@ -1,5 +1,5 @@
 """The three discriminators of TiCodec training (HiFi-GAN's multi-period and multi-scale ones, EnCodec's
-multi-scale STFT one), in PyTorch layout with official names (see :mod:`vita_jax.models.ticodec_train`).
+multi-scale STFT one), in PyTorch layout with official names (layers of :mod:`vita_jax.models.codec_layers`).
 
 Each family returns ``(logits, fmaps)``: a list per sub-discriminator of its output (MPD / MSD
 flattened to ``[B, n]``, MS-STFT ``[B, 1, frames, freq']``) and of its feature maps (MPD / MSD:
@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vita_jax.models.ticodec_train import LRELU, PlainConv, WNConv, conv
+from vita_jax.models.codec_layers import LRELU, PlainConv, WNConv, conv
 
 PERIODS = (2, 3, 5, 7, 11)
 STFT_NFFTS = (1024, 2048, 512, 256, 128)  # hop n_fft/4, window n_fft (MultiScaleSTFTDiscriminator(32))

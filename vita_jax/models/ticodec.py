@@ -1,29 +1,37 @@
-"""TiCodec, the speech tokenizer / vocoder of VITA-1.5 (``VQVAE`` in the official code).
+"""TiCodec, the speech tokenizer / vocoder of VITA-1.5 (``VQVAE`` in the official code), defined once for
+training and inference (upstream TiCodec ``models.py``).
 
-Generator: codes (40 Hz) + 8 fixed global tokens -> 24 kHz waveform (HiFi-GAN style: conv_pre,
-4 transposed-conv stages each followed by the mean of 3 ResBlock1s, the 128-d global vector added
+Generator: quantized frames (40 Hz) + the 128-d global vector -> 24 kHz waveform (HiFi-GAN style:
+conv_pre, 4 transposed-conv stages each followed by the mean of 3 ResBlock1s, the global vector added
 where the channel count is 128, conv_post, tanh). Encoder + quantizer: waveform -> codes and global
-tokens (for tokenising stage-3 training audio). Layout inside: ``[batch, time, channels]``.
+tokens (8 fixed ones are VITA's voice).
 
-The official ``final.pt`` stores old-style weight norm (``weight_g``, ``weight_v``); it is folded
-into plain kernels once at load time (:func:`fold_state_dict`), exactly as ``remove_weight_norm``:
-``W = g · v / ‖v‖`` with the norm over every axis but 0 (per output channel of a Conv1d, per
-*input* channel of a ConvTranspose1d). Flax module names are the official ones with list indices
-joined by ``_`` (``ups.0`` -> ``ups_0``).
+* Layout is PyTorch's (``[B, C, T]``, :mod:`vita_jax.models.codec_layers`) so the official state dicts
+  map 1:1: every Flax module / variable is named by its official key part (``ups.0``, ``resblocks.3``,
+  ``conv_pre`` ...) and the official key of a leaf is its Flax path joined by ``.``. Collections:
+  ``params`` (what the optimisers own) and ``buffers`` (BatchNorm running statistics).
+* ``folded=False`` (training): weight norm live (``weight_g``, ``weight_v``). ``folded=True``
+  (inference): one ``weight`` per weight-normed conv, folded once at load from the official
+  ``weight_g`` / ``weight_v`` by :func:`fold_state_dict` (as ``remove_weight_norm``).
+* The global branch ends in BatchNorm1d in batch-statistics mode when ``buffers`` is mutable (running
+  mean / unbiased running variance updated with momentum 0.1, ``num_batches_tracked`` + 1 per call),
+  in eval mode otherwise.
+* The quantizer is straight-through with codebook + commitment terms and no EMA (:func:`quantize`);
+  inference assigns codes with :func:`nearest`.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Sequence
+from typing import Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
-LRELU = 0.1
+from vita_jax.models import codec_layers
+from vita_jax.models.codec_layers import LRELU, BatchNorm1d, GroupNorm, Linear, PlainConv, WNConv, WNConvTranspose1d
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,126 +85,235 @@ class TiCodecConfig:
                    global_tokens=tuple(h.get("global_tokens", ())), sampling_rate=int(h.get("sampling_rate", 24000)))
 
 
-def _pad(k: int, d: int = 1) -> int:
-    return (k * d - d) // 2
+@dataclasses.dataclass(frozen=True)
+class CodecTrainConfig:
+    """The hyper-parameters ``train.py`` reads from ``model.json`` (same names)."""
+    codec: TiCodecConfig
+    segment_size: int = 24000
+    num_mels: int = 80
+    n_fft: int = 1024
+    hop_size: int = 240
+    win_size: int = 1024
+    fmin: float = 0
+    fmax: Optional[float] = 8000
+    fmax_for_loss: Optional[float] = None
+    learning_rate: float = 2e-4
+    adam_b1: float = 0.5
+    adam_b2: float = 0.9
+    lr_decay: float = 0.98
+    batch_size: int = 160
+    seed: int = 1234
+    codebook_loss_lambda: float = 1.0
+    commitment_loss_lambda: float = 0.25
+    disc_div: int = 1  # discriminator channel divisor (1, 2, 4 or 8): not upstream's; only tiny configs change it
+
+    @property
+    def sampling_rate(self) -> int:
+        return self.codec.sampling_rate
+
+    @classmethod
+    def from_model_json(cls, path: str) -> "CodecTrainConfig":
+        try:
+            with open(path) as f:
+                h = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: not a TiCodec model.json: {e}") from e
+        return cls.from_dict(h, path)
+
+    @classmethod
+    def from_dict(cls, h: dict, where: str = "config.codec") -> "CodecTrainConfig":
+        """From ``model.json``'s fields; ``where`` names the source in the one-line error."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"codec"}
+        try:
+            return cls(codec=TiCodecConfig.from_dict(h), **{k: h[k] for k in names if k in h})
+        except KeyError as e:
+            raise ValueError(f"{where}: missing TiCodec field {e}") from e
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: bad TiCodec training field: {e}") from e
+
+    def to_model_json(self) -> dict:
+        out = self.codec.to_model_json()
+        out.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                    if f.name != "codec" and not (f.name == "disc_div" and self.disc_div == 1)})
+        out.update(num_gpus=1, num_freq=self.n_fft // 2 + 1, num_workers=0)
+        return out
 
 
-class Conv1d(nn.Module):
-    """PyTorch-style Conv1d on ``[B, T, C]``: kernel ``[k, in, out]``, symmetric padding."""
-    features: int
-    kernel: int
-    stride: int = 1
-    dilation: int = 1
-    padding: int = 0
-    use_bias: bool = True
-
-    @nn.compact
-    def __call__(self, x):
-        return nn.Conv(self.features, (self.kernel,), strides=(self.stride,), kernel_dilation=(self.dilation,),
-                       padding=[(self.padding, self.padding)], use_bias=self.use_bias, name="conv")(x)
-
-
-class ConvTranspose1d(nn.Module):
-    """PyTorch ConvTranspose1d on ``[B, T, C]`` (kernel stored ``[k, in, out]``): zero-stuffing by
-    ``stride``, padding ``k - 1 - padding`` each side, correlation with the flipped kernel."""
-    features: int
-    kernel: int
-    stride: int
-    padding: int
-
-    @nn.compact
-    def __call__(self, x):
-        w = self.param("kernel", nn.initializers.lecun_normal(), (self.kernel, x.shape[-1], self.features))
-        b = self.param("bias", nn.initializers.zeros, (self.features,))
-        p = self.kernel - 1 - self.padding
-        y = jax.lax.conv_general_dilated(x, w[::-1], (1,), [(p, p)], lhs_dilation=(self.stride,),
-                                         dimension_numbers=("NWC", "WIO", "NWC"))
-        return y + b
+def real_size_config() -> CodecTrainConfig:
+    """VITA-1.5's released codec (``vita_tts_ckpt/codec/model.json``, = Freeze-Omni's; spec
+    VITA15_SPEECH_OUTPUT §2.1) with its training fields (upstream TiCodec's recipe: batch 160 of 1 s
+    at 24 kHz over 8 GPUs, Adam 2e-4 (0.5, 0.9), decay 0.98 per epoch): stage 3.1 at full size."""
+    codec = TiCodecConfig(upsample_rates=(8, 5, 5, 3), upsample_kernel_sizes=(16, 11, 11, 5),
+                          upsample_initial_channel=512, resblock_kernel_sizes=(3, 7, 11),
+                          resblock_dilation_sizes=((1, 3, 5), (1, 3, 5), (1, 3, 5)), n_codes=1024, global_code_num=8,
+                          global_feature_conv=(128, 64, 128, 3, 1),
+                          global_tokens=(473, 975, 419, 219, 565, 121, 550, 616), sampling_rate=24000)
+    return CodecTrainConfig(codec=codec, segment_size=24000, num_mels=80, n_fft=1024, hop_size=240, win_size=1024,
+                            fmin=0, fmax=8000, fmax_for_loss=None, learning_rate=2e-4, adam_b1=0.5, adam_b2=0.9,
+                            lr_decay=0.98, batch_size=160, seed=1234, codebook_loss_lambda=1.0,
+                            commitment_loss_lambda=0.25)
 
 
+# ------------------------------------------------------------------------------ modules
 class ResBlock1(nn.Module):
     channels: int
     kernel: int
-    dilations: Sequence[int]
+    dilations: tuple
+    folded: bool = False
 
     @nn.compact
     def __call__(self, x):
+        c, k = self.channels, self.kernel
         for m, d in enumerate(self.dilations):
-            t = Conv1d(self.channels, self.kernel, dilation=d, padding=_pad(self.kernel, d), name=f"convs1_{m}")(
-                jax.nn.leaky_relu(x, LRELU))
-            t = Conv1d(self.channels, self.kernel, padding=_pad(self.kernel), name=f"convs2_{m}")(
+            t = WNConv(c, c, (k,), padding=(k * d - d) // 2, dilation=d, folded=self.folded,
+                       name=f"convs1.{m}")(jax.nn.leaky_relu(x, LRELU))
+            t = WNConv(c, c, (k,), padding=(k - 1) // 2, folded=self.folded, name=f"convs2.{m}")(
                 jax.nn.leaky_relu(t, LRELU))
-            x = x + t
+            x = t + x
         return x
 
 
 class Generator(nn.Module):
-    """``[B, T, 512]`` code embeddings + global vector ``[B, 128]`` -> waveform ``[B, hop·T]``."""
+    """Quantized frames ``[B, 512, T]`` + global vector ``[B, 128]`` -> waveform ``[B, 1, hop·T]``."""
     cfg: TiCodecConfig
+    folded: bool = False
 
     @nn.compact
     def __call__(self, x, g):
         c = self.cfg
-        nk = len(c.resblock_kernel_sizes)
-        ch = c.upsample_initial_channel
-        x = Conv1d(ch, 7, padding=3, name="conv_pre")(x)
+        nk, ch = len(c.resblock_kernel_sizes), c.upsample_initial_channel
+        x = WNConv(ch, c.code_dim, (7,), padding=3, folded=self.folded, name="conv_pre")(x)
+        self.sow("intermediates", "conv_pre_out", x)
         for i, (u, k) in enumerate(zip(c.upsample_rates, c.upsample_kernel_sizes)):
+            x = WNConvTranspose1d(ch // 2, ch, k, u, (k - u) // 2, folded=self.folded, name=f"ups.{i}")(
+                jax.nn.leaky_relu(x, LRELU))
+            self.sow("intermediates", f"ups{i}_out", x)
             ch //= 2
-            x = ConvTranspose1d(ch, k, u, (k - u) // 2, name=f"ups_{i}")(jax.nn.leaky_relu(x, LRELU))
-            xs = sum(ResBlock1(ch, kk, dd, name=f"resblocks_{i * nk + j}")(x)
-                     for j, (kk, dd) in enumerate(zip(c.resblock_kernel_sizes, c.resblock_dilation_sizes)))
+            xs = None
+            for j, (kk, dd) in enumerate(zip(c.resblock_kernel_sizes, c.resblock_dilation_sizes)):
+                r = ResBlock1(ch, kk, tuple(dd), self.folded, name=f"resblocks.{i * nk + j}")(x)
+                xs = r if xs is None else xs + r
             x = xs / nk
             if ch == g.shape[-1]:
-                x = x + g[:, None, :]
-        x = Conv1d(1, 7, padding=3, name="conv_post")(jax.nn.leaky_relu(x, LRELU))
-        return jnp.tanh(x)[..., 0]
+                x = x + g[:, :, None]
+        x = jax.nn.leaky_relu(x, LRELU)
+        self.sow("intermediates", "conv_post_in", x)
+        return jnp.tanh(WNConv(1, ch, (7,), padding=3, folded=self.folded, name="conv_post")(x))
 
 
 class GlobalTokenEncoder(nn.Module):
-    """3 x (conv, lrelu) -> time mean -> Linear -> lrelu -> BatchNorm (eval). ``[B, T, in] -> [B, out]``."""
+    """3 x (conv no bias, lrelu 0.1) -> time mean -> Linear -> lrelu 0.1 -> BatchNorm1d. ``[B, in, T] -> [B, out]``."""
     cfg: TiCodecConfig
 
     @nn.compact
     def __call__(self, x):
         cin, hid, cout, k, s = self.cfg.global_feature_conv
-        for n, feats in zip((0, 2, 4), (hid, hid, cout)):
-            x = jax.nn.leaky_relu(Conv1d(feats, k, stride=s, padding=(k - s) // 2, use_bias=False,
-                                         name=f"conv_{n}")(x), LRELU)
-        x = jnp.mean(x, axis=1)
-        x = jax.nn.leaky_relu(nn.Dense(cout, name="fn_0")(x), LRELU)
-        mean = self.param("bn_mean", nn.initializers.zeros, (cout,))
-        var = self.param("bn_var", nn.initializers.ones, (cout,))
-        scale = self.param("bn_scale", nn.initializers.ones, (cout,))
-        bias = self.param("bn_bias", nn.initializers.zeros, (cout,))
-        return (x - mean) / jnp.sqrt(var + 1e-5) * scale + bias
+        for n, (i, o) in zip((0, 2, 4), ((cin, hid), (hid, hid), (hid, cout))):
+            x = jax.nn.leaky_relu(PlainConv(o, i, (k,), s, (k - s) // 2, use_bias=False, name=f"conv.{n}")(x), LRELU)
+        x = Linear(cout, cout, name="fn.0")(jnp.mean(x, axis=2))
+        self.sow("intermediates", "linear", x)
+        x = jax.nn.leaky_relu(x, LRELU)
+        self.sow("intermediates", "prebn", x)
+        return BatchNorm1d(cout, name="fn.2")(x)
 
 
 class Encoder(nn.Module):
-    """Waveform ``[B, L]`` -> ``(frames [B, L // hop, 512], global feature [B, 128])``."""
+    """Crop 1 ``[B, 1, L]`` (and the global crop) -> ``(c [B, 512, L/hop], g1 [B, 128], g2 or None)``;
+    ``g2`` (stages 1-2 + the global branch on the second crop) is detached as upstream."""
     cfg: TiCodecConfig
+    folded: bool = False
 
     @nn.compact
-    def __call__(self, wav):
+    def __call__(self, y, y_global=None):
         c = self.cfg
-        kernels = tuple(reversed(c.resblock_kernel_sizes))
-        dilations = tuple(reversed(c.resblock_dilation_sizes))
-        nk = len(kernels)
-        x = Conv1d(32, 7, padding=3, name="conv_pre")(wav[..., None])
-        ch, g = 32, None
-        stages = list(zip(reversed(c.upsample_rates), reversed(c.upsample_kernel_sizes)))
+        stages = list(reversed(list(zip(c.upsample_rates, c.upsample_kernel_sizes))))
+        kernels, dils = list(reversed(c.resblock_kernel_sizes)), list(reversed(c.resblock_dilation_sizes))
+        nk, half = len(kernels), len(stages) // 2
+        conv_pre = WNConv(32, 1, (7,), padding=3, folded=self.folded, name="conv_pre")
+        norms, ups, rbs = [], [], []
         for i, (u, k) in enumerate(stages):
-            ch *= 2
-            x = Conv1d(ch, k, stride=u, padding=(k - u) // 2, name=f"ups_{i}")(jax.nn.leaky_relu(x, LRELU))
-            xs = None
-            for j in range(nk):
-                r = ResBlock1(ch, kernels[j], dilations[j], name=f"resblocks_{i * nk + j}")(x)
-                xs = r if xs is None else xs + r
-                xs = nn.GroupNorm(num_groups=ch // 16, epsilon=1e-6, name=f"normalize_{i * nk + j}")(xs)
-            x = xs / nk
-            if i == len(stages) // 2 - 1:
-                g = GlobalTokenEncoder(c, name="GlobalTokenEncoder")(x)
-        x = Conv1d(c.code_dim, 3, padding=1, name="conv_post")(jax.nn.leaky_relu(x, 0.01))
-        return x, g
+            ch = 32 * 2 ** (i + 1)
+            for j in range(nk):  # upstream registers normalize before ups / resblocks (state-dict order)
+                norms.append(GroupNorm(ch // 16, ch, name=f"normalize.{i * nk + j}"))
+        for i, (u, k) in enumerate(stages):
+            ch = 32 * 2 ** (i + 1)
+            ups.append(WNConv(ch, ch // 2, (k,), stride=u, padding=(k - u) // 2, folded=self.folded,
+                              name=f"ups.{i}"))
+        for i in range(len(stages)):
+            ch = 32 * 2 ** (i + 1)
+            rbs += [ResBlock1(ch, kernels[j], tuple(dils[j]), self.folded, name=f"resblocks.{i * nk + j}")
+                    for j in range(nk)]
+        conv_post = PlainConv(c.code_dim, c.code_dim, (3,), padding=1, name="conv_post")
+        linear = Linear(128, 128, name="linear.0")  # defined upstream, never used by forward
+        gte = GlobalTokenEncoder(c, name="GlobalTokenEncoder")
+        if self.is_initializing():
+            linear(jnp.zeros((1, 128)))
+
+        def run(x, lo, hi):
+            for i in range(lo, hi):
+                x = ups[i](jax.nn.leaky_relu(x, LRELU))
+                xs = None
+                for j in range(nk):
+                    r = rbs[i * nk + j](x)
+                    xs = norms[i * nk + j](r if xs is None else xs + r)
+                x = xs / nk
+            return x
+
+        x = conv_pre(y)
+        self.sow("intermediates", "conv_pre_out1", x)
+        mid = run(x, 0, half)
+        self.sow("intermediates", "mid1", mid)
+        g1 = gte(mid)
+        out = conv_post(jax.nn.leaky_relu(run(mid, half, len(stages)), 0.01))
+        g2 = None
+        if y_global is not None:
+            x2 = conv_pre(y_global)
+            self.sow("intermediates", "conv_pre_out2", x2)
+            mid2 = run(x2, 0, half)
+            self.sow("intermediates", "mid2", mid2)
+            g2 = jax.lax.stop_gradient(gte(mid2))
+        return out, g1, g2
+
+
+# ------------------------------------------------------------------------------ quantizer
+def quantizer_init(cfg: TiCodecConfig, key) -> dict:
+    """Official codebook init: uniform(-1/n_codes, 1/n_codes); keys as in the ``quantizer`` state dict."""
+    n, gd = cfg.n_codes, 128 // cfg.global_code_num
+    keys = jax.random.split(key, cfg.global_code_num + 1)
+    u = lambda k, s: jax.random.uniform(k, s, jnp.float32, -1.0 / n, 1.0 / n)  # noqa: E731
+    out = {"quantizer_modules.0.embedding.weight": u(keys[0], (n, cfg.code_dim))}
+    for j in range(cfg.global_code_num):
+        out[f"quantizer_modules_globaltokens.{j}.embedding.weight"] = u(keys[j + 1], (n, gd))
+    return out
+
+
+def _vq(x, book):
+    """``x [N, d]`` -> (nearest rows, codes); distance ``Σx² + Σe² − 2x·e`` as upstream."""
+    d = jnp.sum(x * x, 1, keepdims=True) + jnp.sum(book * book, 1) - 2.0 * x @ book.T
+    idx = jnp.argmin(d, 1)
+    return book[idx], idx
+
+
+def quantize(qparams: dict, c, g, cfg: TiCodecConfig, lam_book: float = 1.0, lam_commit: float = 0.25):
+    """Upstream ``Quantizer.forward`` (one residual level, one code group): ``c [B, 512, T]``,
+    ``g [B, 128]`` -> ``(q [B, 512, T], loss, codes [B, T], g_q [B, 128], tokens [B, G])``."""
+    sg = jax.lax.stop_gradient
+    B, D, T = c.shape
+    x = c.transpose(0, 2, 1).reshape(-1, D)
+    z, codes = _vq(x, qparams["quantizer_modules.0.embedding.weight"])
+    z = z.reshape(B, T, D)
+    xin = c.transpose(0, 2, 1)
+    loss_local = lam_book * jnp.mean(jnp.square(z - sg(xin))) + lam_commit * jnp.mean(jnp.square(sg(z) - xin))
+    q = (xin + sg(z - xin)).transpose(0, 2, 1)
+    G = cfg.global_code_num
+    chunks = jnp.split(g.reshape(-1, 128), G, axis=-1)
+    zs, toks = zip(*[_vq(ch, qparams[f"quantizer_modules_globaltokens.{j}.embedding.weight"])
+                     for j, ch in enumerate(chunks)])
+    zg = jnp.concatenate(zs, -1).reshape(g.shape)
+    loss_global = lam_book * jnp.mean(jnp.square(zg - sg(g))) + lam_commit * jnp.mean(jnp.square(sg(zg) - g))
+    gq = g + sg(zg - g)
+    aux = dict(local_loss=loss_local, global_loss=loss_global)
+    return q, loss_local + loss_global, codes.reshape(B, T), gq, jnp.stack(toks, -1), aux
 
 
 def nearest(x, codebook):
@@ -210,60 +327,23 @@ def global_vector(quantizer, tokens):
     return jnp.concatenate([quantizer["globaltokens"][j][t] for j, t in enumerate(tokens)])
 
 
-# ------------------------------------------------------------------------------ weight folding
-def _fold(g: np.ndarray, v: np.ndarray) -> np.ndarray:
-    norm = np.sqrt(np.sum(v.astype(np.float64) ** 2, axis=tuple(range(1, v.ndim)), keepdims=True))
-    return (g * (v / norm)).astype(np.float32)
-
-
-def _module_path(torch_path: str) -> tuple:
-    """``resblocks.3.convs1.2`` -> ``("resblocks_3", "convs1_2")``."""
-    out = []
-    for part in torch_path.split("."):
-        if part.isdigit() and out:
-            out[-1] = f"{out[-1]}_{part}"
-        else:
-            out.append(part)
-    return tuple(out)
-
-
-def fold_state_dict(sd: dict, transposed: Sequence[str] = ()) -> dict:
-    """Official generator / encoder state dict (numpy) -> Flax params with weight norm folded.
-    ``transposed``: module paths that are ConvTranspose1d."""
-    flat, seen = {}, set()
-    for key in sd:
+# ------------------------------------------------------------------------------ inference form
+def fold_state_dict(sd: dict) -> dict:
+    """An official generator / encoder state dict -> the same keys (numpy) with every ``weight_g`` /
+    ``weight_v`` pair folded into ``weight`` (:func:`fold_weight_norm`): the ``folded`` modules' state dict."""
+    out = {}
+    for key, v in sd.items():
         mod, _, leaf = key.rpartition(".")
-        if mod in seen or leaf == "num_batches_tracked":
-            continue
-        if mod.startswith("GlobalTokenEncoder.fn.2"):
-            names = {"running_mean": "bn_mean", "running_var": "bn_var", "weight": "bn_scale", "bias": "bn_bias"}
-            flat[("GlobalTokenEncoder", names[leaf])] = np.asarray(sd[key], np.float32)
-            continue
-        path = _module_path(mod)
-        if leaf in ("weight_g", "weight_v"):
-            seen.add(mod)
-            w = _fold(np.asarray(sd[mod + ".weight_g"]), np.asarray(sd[mod + ".weight_v"]))
-            leaf = "weight"
-        else:
-            w = np.asarray(sd[key], np.float32)
-        if mod.startswith("linear."):
-            continue  # the encoder's linear.0 is never used by the official forward
-        if leaf == "bias":
-            target = path + ("bias",) if mod in transposed else path + ("conv", "bias") if _is_conv(sd, mod) \
-                else path + ("bias",)
-            flat[target] = w
-        elif w.ndim == 3 and mod in transposed:
-            flat[path + ("kernel",)] = w.transpose(2, 0, 1)      # torch [in, out, k] -> [k, in, out]
-        elif w.ndim == 3:
-            flat[path + ("conv", "kernel")] = w.transpose(2, 1, 0)  # torch [out, in, k] -> [k, in, out]
-        elif w.ndim == 2:
-            flat[path + ("kernel",)] = w.T
-        else:
-            flat[path + ("scale",)] = w                             # GroupNorm gain
-    return traverse_util.unflatten_dict(flat)
+        if leaf == "weight_g":
+            out[mod + ".weight"] = codec_layers.fold_weight_norm(v, sd[mod + ".weight_v"])
+        elif leaf != "weight_v":
+            out[key] = np.asarray(v)
+    return out
 
 
-def _is_conv(sd: dict, mod: str) -> bool:
-    w = sd.get(mod + ".weight", sd.get(mod + ".weight_v"))
-    return w is not None and np.ndim(w) == 3
-
+def folded_templates(cfg: TiCodecConfig) -> dict:
+    """``{"generator", "encoder"}``: the abstract variables (``params``, ``buffers``) of the folded modules."""
+    gen, enc = Generator(cfg, folded=True), Encoder(cfg, folded=True)
+    x, g, w = jnp.zeros((1, cfg.code_dim, 2)), jnp.zeros((1, 128)), jnp.zeros((1, 1, cfg.hop * 2))
+    return {"generator": jax.eval_shape(lambda: gen.init(jax.random.PRNGKey(0), x, g)),
+            "encoder": jax.eval_shape(lambda: enc.init(jax.random.PRNGKey(0), w))}

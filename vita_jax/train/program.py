@@ -2,7 +2,7 @@
 step, placement, data, evaluator, export), built by the stage's own builder. The loop (:mod:`vita_jax.train.trainer`)
 runs any program the same way; which builder makes it is decided here, once, from ``config.loss``:
 the LM stages (``lm``, ``ctc``, ``tts``: :func:`lm_program`) and stage 3.1 (``codec``:
-:func:`vita_jax.train.codec_setup.program`).
+:func:`vita_jax.train.codec.setup.program`).
 """
 from __future__ import annotations
 
@@ -20,7 +20,9 @@ from vita_jax.convert import tts as tts_io
 from vita_jax.data import pipeline, synthetic
 from vita_jax.data.text import load_tokenizer
 from vita_jax.models import vita
-from vita_jax.train import codec_loop, codec_setup, setup, stages
+from vita_jax.train import setup, stages
+from vita_jax.train.codec import files as codec_files
+from vita_jax.train.codec import setup as codec_setup
 from vita_jax.train.setup import StageProgram
 
 
@@ -39,7 +41,7 @@ def build(config, data, mesh, log, evals=None, ck=None, done: int = 0) -> StageP
 def export_complete(config, model_dir: str) -> bool:
     """Whether the stage's ``WORKDIR/model`` export is finished (asked before any program is built)."""
     if config.get("loss") == "codec":
-        return paths.is_local(model_dir) and codec_loop.export_complete(model_dir)
+        return paths.is_local(model_dir) and codec_files.export_complete(model_dir)
     return orbax_io.is_complete(model_dir)
 
 

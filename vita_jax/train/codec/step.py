@@ -20,9 +20,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vita_jax.models import codec_losses as L
 from vita_jax.models import discriminators as dm
-from vita_jax.models import ticodec_train as tt
+from vita_jax.models import ticodec as tt
+from vita_jax.train.codec import losses as L
 
 FAMILIES = ("mpd", "msd", "stft")  # reference names; the stft family is the mstftd module
 

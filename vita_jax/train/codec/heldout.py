@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vita_jax.data import codec_data
-from vita_jax.models import codec_losses as L
-from vita_jax.models import ticodec_train as tt
-from vita_jax.train import codec_step as cs
+from vita_jax.models import ticodec as tt
+from vita_jax.train.codec import data as codec_data
+from vita_jax.train.codec import losses as L
+from vita_jax.train.codec import step as cs
 
 RESOLUTIONS = (512, 256, 128)
 

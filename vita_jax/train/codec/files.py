@@ -20,8 +20,8 @@ from jax.experimental import multihost_utils
 
 from vita_jax.convert import target
 from vita_jax.convert import ticodec_ckpt as io
-from vita_jax.models import ticodec_train as tt
-from vita_jax.train import codec_step as cs
+from vita_jax.models import ticodec as tt
+from vita_jax.train.codec import step as cs
 
 
 def lr_at(cfg: tt.CodecTrainConfig, epoch: int) -> float:

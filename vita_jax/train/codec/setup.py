@@ -5,8 +5,8 @@ data and export.
 the state (a dict: generator side ``gp`` / ``gb``, discriminators ``dp`` / ``db``, both Adam states,
 the step count and a non-finite counter), the jitted step ``(state, batch) -> (state, metrics)``
 with explicit in / out shardings, ``place`` for the host batches, and the stage's data; plus
-``params_of`` and ``export`` (:mod:`vita_jax.train.codec_loop`'s official formats) and the held-out
-mel evaluator (:mod:`vita_jax.train.codec_eval`).
+``params_of`` and ``export`` (:mod:`vita_jax.train.codec.files`'s official formats) and the held-out
+mel evaluator (:mod:`vita_jax.train.codec.heldout`).
 
 Sharding: every state leaf's first dimension (conv output channels; ConvTranspose input channels)
 is the logical axis ``codec_rows`` (-> ``fsdp``) and the rows of a batch are ``batch`` (-> ``data`` x
@@ -27,10 +27,11 @@ import soundfile as sf
 from jax.sharding import NamedSharding
 
 from vita_jax import parallel, paths
-from vita_jax.data import codec_data
-from vita_jax.models import ticodec_train as tt
-from vita_jax.train import codec_eval, codec_loop
-from vita_jax.train import codec_step as cs
+from vita_jax.models import ticodec as tt
+from vita_jax.train.codec import data as codec_data
+from vita_jax.train.codec import files as codec_files
+from vita_jax.train.codec import heldout as codec_heldout
+from vita_jax.train.codec import step as cs
 from vita_jax.train.setup import StageProgram
 
 
@@ -92,7 +93,7 @@ def batch_shardings(batch, mesh):
 
 
 def train_step(M: cs.CodecModels):
-    """The trainer's step: upstream's step (:func:`codec_step.make_step`) with the batch's learning rate,
+    """The trainer's step: upstream's step (:func:`step.make_step`) with the batch's learning rate,
     the update skipped on a non-finite loss (the trainer stops after ``max_nonfinite_steps`` in a row), and
     the metrics the trainer logs (``loss`` = the generator's total, ``tokens`` = real audio samples)."""
     inner = cs.make_step(M)
@@ -123,7 +124,7 @@ class Batches:
 
     def __next__(self) -> dict:
         b = next(self.data)
-        b["lr"] = np.float32(codec_loop.lr_at(self.cfg, self.epoch))
+        b["lr"] = np.float32(codec_files.lr_at(self.cfg, self.epoch))
         b["epoch"] = np.int32(self.epoch)
         return b
 
@@ -168,7 +169,7 @@ def initial_state(config, M: cs.CodecModels, log):
         if diff:
             raise ValueError(f"config.init_from = {folder}: model.json's {', '.join(diff)} differ from config.codec's")
     g_path, do_path = _official_pair(folder)
-    _, state, info = codec_loop.load_official(mj, g_path, do_path)
+    _, state, info = codec_files.load_official(mj, g_path, do_path)
     if do_path is None:  # a codec folder or a lone g_ file: fresh discriminators and optimisers
         _, _, dp, db = fresh()
         state = cs.new_state(state["gp"], state["gb"], dp, db)
@@ -191,7 +192,7 @@ def program(config, mesh, log) -> StageProgram:
     held = list_wavs(config.data.heldout, "heldout", origin)
     held_lens = check_wavs(held, cfg.sampling_rate, "heldout", origin)
     data = codec_data.CodecData(train_files, cfg.segment_size, cfg.batch_size, cfg.sampling_rate, lengths=lens)
-    heldout = codec_eval.Heldout(M, held, held_lens, config, log)  # checked before the model is built
+    heldout = codec_heldout.Heldout(M, held, held_lens, config, log)  # checked before the model is built
     state, epoch0 = initial_state(config, M, log)
     state = dict(state, nonfinite=jnp.zeros((), jnp.int32), epoch=jnp.asarray(epoch0, jnp.int32))
     step = train_step(M)
@@ -225,7 +226,7 @@ def program(config, mesh, log) -> StageProgram:
                 return jitted["f"](s, b)
 
     def export(s, folder: str) -> None:
-        codec_loop.export_run(folder, M, s, int(s["epoch"]), heldout)
+        codec_files.export_run(folder, M, s, int(s["epoch"]), heldout)
     return StageProgram(state=state, step=step_fn, place=place, data=Batches(data, cfg, epoch0), table=table,
                         params_of=lambda s: s, export=export, evals=heldout, shardings=shard,
-                        complete=lambda folder: paths.is_local(folder) and codec_loop.export_complete(folder))
+                        complete=lambda folder: paths.is_local(folder) and codec_files.export_complete(folder))
