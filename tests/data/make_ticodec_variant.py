@@ -35,7 +35,8 @@ VARIANTS = {
               upsample_kernel_sizes=[16, 11, 8, 4], hop_size=256,
               # (source wav of the shared fixture, first sample, length): two shorter than the segment
               pieces=[("utt0.wav", 0, 12000), ("utt1.wav", 0, 13200), ("utt2.wav", 0, 3700), ("utt3.wav", 0, 11000),
-                      ("utt4.wav", 0, 12000), ("utt5.wav", 0, 12500), ("utt2.wav", 6000, 4900), ("utt3.wav", 2000, 7000)]),
+                      ("utt4.wav", 0, 12000), ("utt5.wav", 0, 12500), ("utt2.wav", 6000, 4900),
+                      ("utt3.wav", 2000, 7000)]),
 }
 BASE = {"resblock": "1", "num_gpus": 1, "learning_rate": 0.0002, "adam_b1": 0.5, "adam_b2": 0.9, "lr_decay": 0.98,
         "upsample_initial_channel": 256, "resblock_kernel_sizes": [3, 7],
