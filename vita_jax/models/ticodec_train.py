@@ -29,6 +29,15 @@ from vita_jax.models.ticodec import TiCodecConfig
 LRELU = 0.1
 
 
+def leaky_relu(x, negative_slope: float = 0.01):
+    """``F.leaky_relu`` exactly, value and gradient: torch computes ``x > 0 ? x : x·slope`` and its
+    backward ``x > 0 ? g : g·slope``, so at ``x == 0`` the gradient is the slope. ``jax.nn.leaky_relu``
+    (``where(x >= 0, ...)``) gives 1 there. Same values everywhere; only an exact-zero pre-activation's
+    gradient differs. (Issue #24: the stage-3.1 MSD[0] gradient gap was *not* this, see docs/parity.md,
+    but the training side keeps torch's convention so that such a zero can never be a difference.)"""
+    return jnp.where(x > 0, x, negative_slope * x)
+
+
 @dataclasses.dataclass(frozen=True)
 class CodecTrainConfig:
     """The hyper-parameters ``train.py`` reads from ``model.json`` (same names)."""
@@ -242,8 +251,8 @@ class ResBlock1(nn.Module):
         c, k = self.channels, self.kernel
         for m, d in enumerate(self.dilations):
             t = WNConv(c, c, (k,), padding=(k * d - d) // 2, dilation=d, name=f"convs1.{m}")(
-                jax.nn.leaky_relu(x, LRELU))
-            t = WNConv(c, c, (k,), padding=(k - 1) // 2, name=f"convs2.{m}")(jax.nn.leaky_relu(t, LRELU))
+                leaky_relu(x, LRELU))
+            t = WNConv(c, c, (k,), padding=(k - 1) // 2, name=f"convs2.{m}")(leaky_relu(t, LRELU))
             x = t + x
         return x
 
@@ -259,7 +268,7 @@ class Generator(nn.Module):
         x = WNConv(ch, c.code_dim, (7,), padding=3, name="conv_pre")(x)
         self.sow("intermediates", "conv_pre_out", x)
         for i, (u, k) in enumerate(zip(c.upsample_rates, c.upsample_kernel_sizes)):
-            x = WNConvTranspose1d(ch // 2, ch, k, u, (k - u) // 2, name=f"ups.{i}")(jax.nn.leaky_relu(x, LRELU))
+            x = WNConvTranspose1d(ch // 2, ch, k, u, (k - u) // 2, name=f"ups.{i}")(leaky_relu(x, LRELU))
             self.sow("intermediates", f"ups{i}_out", x)
             ch //= 2
             xs = None
@@ -269,7 +278,7 @@ class Generator(nn.Module):
             x = xs / nk
             if ch == g.shape[-1]:
                 x = x + g[:, :, None]
-        x = jax.nn.leaky_relu(x, LRELU)
+        x = leaky_relu(x, LRELU)
         self.sow("intermediates", "conv_post_in", x)
         return jnp.tanh(WNConv(1, ch, (7,), padding=3, name="conv_post")(x))
 
@@ -282,10 +291,10 @@ class GlobalTokenEncoder(nn.Module):
     def __call__(self, x):
         cin, hid, cout, k, s = self.cfg.global_feature_conv
         for n, (i, o) in zip((0, 2, 4), ((cin, hid), (hid, hid), (hid, cout))):
-            x = jax.nn.leaky_relu(PlainConv(o, i, (k,), s, (k - s) // 2, use_bias=False, name=f"conv.{n}")(x), LRELU)
+            x = leaky_relu(PlainConv(o, i, (k,), s, (k - s) // 2, use_bias=False, name=f"conv.{n}")(x), LRELU)
         x = Linear(cout, cout, name="fn.0")(jnp.mean(x, axis=2))
         self.sow("intermediates", "linear", x)
-        x = jax.nn.leaky_relu(x, LRELU)
+        x = leaky_relu(x, LRELU)
         self.sow("intermediates", "prebn", x)
         return BatchNorm1d(cout, name="fn.2")(x)
 
@@ -321,7 +330,7 @@ class Encoder(nn.Module):
 
         def run(x, lo, hi):
             for i in range(lo, hi):
-                x = ups[i](jax.nn.leaky_relu(x, LRELU))
+                x = ups[i](leaky_relu(x, LRELU))
                 xs = None
                 for j in range(nk):
                     r = rbs[i * nk + j](x)
@@ -334,7 +343,7 @@ class Encoder(nn.Module):
         mid = run(x, 0, half)
         self.sow("intermediates", "mid1", mid)
         g1 = gte(mid)
-        out = conv_post(jax.nn.leaky_relu(run(mid, half, len(stages)), 0.01))
+        out = conv_post(leaky_relu(run(mid, half, len(stages)), 0.01))
         g2 = None
         if y_global is not None:
             x2 = conv_pre(y_global)
