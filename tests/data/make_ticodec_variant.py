@@ -25,8 +25,6 @@ import subprocess
 import sys
 import types
 
-import numpy as np
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED_WAVS = os.path.join(HERE, "..", "..", "..", "shared", "fixtures", "ticodec-train", "wavs")
 

@@ -5,7 +5,6 @@ import os
 import sys
 
 import numpy as np
-
 from make_ticodec_variant import Recorder, shims
 
 SEL_GRADS = ("msd.discriminators.0.convs.0.weight_orig", "msd.discriminators.0.convs.0.bias",
@@ -28,8 +27,8 @@ def init_checkpoint(ticodec, out, h, nbuf):
     import torch
     torch.manual_seed(h["seed"])
     mods = _modules(ticodec, h)
-    from academicodec.utils import save_checkpoint
     import soundfile as sf
+    from academicodec.utils import save_checkpoint
     for part in ("g", "d"):
         buf = torch.randn(nbuf) / np.sqrt(1536.0)
         off = 0
@@ -213,7 +212,11 @@ def spread(out):
         tol[r] = {}
         for k, v in ref.items():
             a, b = np.asarray(v, np.float64), np.asarray(runs[r][k], np.float64)
-            m = np.abs(a).max() if a.size else 0.0
-            tol[r][k] = float(np.abs(a - b).max() / m) if m > 0 else float(np.abs(b).max() if b.size else 0.0)
+            cols = [(k, a, b)]
+            if k.endswith("grad_stats"):  # rows: parameters; columns: sum, Σ|g|, Σg², max|g| (size: exact)
+                cols += [(f"{k}.col{c}", a[:, c], b[:, c]) for c in range(4)]
+            for name, a, b in cols:
+                m = np.abs(a).max() if a.size else 0.0
+                tol[r][name] = float(np.abs(a - b).max() / m) if m > 0 else float(np.abs(b).max() if b.size else 0.0)
     with open(os.path.join(out, "reference", "tolerance.json"), "w") as f:
         json.dump(tol, f, indent=0, sort_keys=True)
