@@ -462,3 +462,22 @@ def test_data_crops_as_official():
         assert np.array_equal(np.array(data.draws), inp[f"s{k}.rand_draws"])
         assert (np.array_equal(b["y"], inp[f"s{k}.batch.y"])
                 and np.array_equal(b["y_global"], inp[f"s{k}.batch.y_global"]))
+
+
+def test_leaky_relu_as_torch():
+    """``codec_layers.leaky_relu`` (TiCodec and its discriminators) is ``F.leaky_relu`` in value and gradient,
+    also at exactly 0 (torch: ``x > 0 ? g : g·slope``; ``jax.nn.leaky_relu``'s gradient there is 1)."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    from vita_jax.models.codec_layers import leaky_relu
+    x = np.array([-2.5, -1e-30, -0.0, 0.0, 1e-30, 3.0], np.float32)
+    for slope in (0.1, 0.2, 0.01):
+        t = torch.tensor(x, requires_grad=True)
+        out = torch.nn.functional.leaky_relu(t, slope)
+        out.backward(torch.ones_like(t))
+        grad = jax.grad(lambda v: leaky_relu(v, slope).sum())(jnp.asarray(x))
+        assert np.array_equal(np.asarray(leaky_relu(jnp.asarray(x), slope)), out.detach().numpy())
+        assert np.array_equal(np.asarray(grad), t.grad.numpy()), (slope, grad, t.grad)
+        assert float(grad[3]) == np.float32(slope)

@@ -17,6 +17,15 @@ import numpy as np
 LRELU = 0.1
 
 
+def leaky_relu(x, negative_slope: float = 0.01):
+    """``F.leaky_relu`` exactly, value and gradient: torch computes ``x > 0 ? x : x·slope`` and its
+    backward ``x > 0 ? g : g·slope``, so at ``x == 0`` the gradient is the slope; ``jax.nn.leaky_relu``
+    (``where(x >= 0, ...)``) gives 1 there. Same values everywhere; only an exact-zero pre-activation's
+    gradient differs. (Issue #24: the stage-3.1 MSD[0] gradient gap was *not* this, see docs/parity.md,
+    but TiCodec and its discriminators keep torch's convention so that such a zero is never a difference.)"""
+    return jnp.where(x > 0, x, negative_slope * x)
+
+
 def conv(x, w, b=None, stride=1, padding=0, dilation=1, groups=1, lhs_dilation=None):
     """PyTorch ``Conv1d`` / ``Conv2d`` (``x [B, C, *spatial]``, ``w [out, in/groups, *k]``)."""
     nd = w.ndim - 2

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vita_jax.models.codec_layers import LRELU, PlainConv, WNConv, conv
+from vita_jax.models.codec_layers import LRELU, PlainConv, WNConv, conv, leaky_relu
 
 PERIODS = (2, 3, 5, 7, 11)
 STFT_NFFTS = (1024, 2048, 512, 256, 128)  # hop n_fft/4, window n_fft (MultiScaleSTFTDiscriminator(32))
@@ -79,7 +79,7 @@ class DiscriminatorP(nn.Module):
         for j in range(5):
             x = WNConv(chans[j + 1], chans[j], (5, 1), stride=(3 if j < 4 else 1, 1), padding=(2, 0),
                        name=f"convs.{j}")(x)
-            x = jax.nn.leaky_relu(x, LRELU)
+            x = leaky_relu(x, LRELU)
             fmap.append(x)
         x = WNConv(1, chans[-1], (3, 1), padding=(1, 0), name="conv_post")(x)
         fmap.append(x)
@@ -116,7 +116,7 @@ class DiscriminatorS(nn.Module):
                 WNConv(o, i, (k,), stride=s, padding=p, groups=g, name=name)
             x = layer(x)
             if j < len(_S_CONVS):
-                x = jax.nn.leaky_relu(x, LRELU)
+                x = leaky_relu(x, LRELU)
             fmap.append(x)
         return x.reshape(x.shape[0], -1), fmap
 
@@ -170,14 +170,14 @@ class DiscriminatorSTFT(nn.Module):
         f = self.filters
         fmap = []
         z = NormConv2d(f, 2, (3, 9), padding=(1, 4), plain=True, name="convs.0")(z)
-        z = jax.nn.leaky_relu(z, 0.2)
+        z = leaky_relu(z, 0.2)
         fmap.append(z)
         for i, d in enumerate((1, 2, 4)):
             z = NormConv2d(f, f, (3, 9), (1, 2), (d, 4), (d, 1), name=f"convs.{i + 1}")(z)
-            z = jax.nn.leaky_relu(z, 0.2)
+            z = leaky_relu(z, 0.2)
             fmap.append(z)
         z = NormConv2d(f, f, (3, 3), padding=(1, 1), name="convs.4")(z)
-        z = jax.nn.leaky_relu(z, 0.2)
+        z = leaky_relu(z, 0.2)
         fmap.append(z)
         z = NormConv2d(1, f, (3, 3), padding=(1, 1), name="conv_post")(z)
         return z, fmap

@@ -31,7 +31,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from vita_jax.models import codec_layers
-from vita_jax.models.codec_layers import LRELU, BatchNorm1d, GroupNorm, Linear, PlainConv, WNConv, WNConvTranspose1d
+from vita_jax.models.codec_layers import (
+    LRELU,
+    BatchNorm1d,
+    GroupNorm,
+    Linear,
+    PlainConv,
+    WNConv,
+    WNConvTranspose1d,
+    leaky_relu,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,9 +175,9 @@ class ResBlock1(nn.Module):
         c, k = self.channels, self.kernel
         for m, d in enumerate(self.dilations):
             t = WNConv(c, c, (k,), padding=(k * d - d) // 2, dilation=d, folded=self.folded,
-                       name=f"convs1.{m}")(jax.nn.leaky_relu(x, LRELU))
+                       name=f"convs1.{m}")(leaky_relu(x, LRELU))
             t = WNConv(c, c, (k,), padding=(k - 1) // 2, folded=self.folded, name=f"convs2.{m}")(
-                jax.nn.leaky_relu(t, LRELU))
+                leaky_relu(t, LRELU))
             x = t + x
         return x
 
@@ -186,7 +195,7 @@ class Generator(nn.Module):
         self.sow("intermediates", "conv_pre_out", x)
         for i, (u, k) in enumerate(zip(c.upsample_rates, c.upsample_kernel_sizes)):
             x = WNConvTranspose1d(ch // 2, ch, k, u, (k - u) // 2, folded=self.folded, name=f"ups.{i}")(
-                jax.nn.leaky_relu(x, LRELU))
+                leaky_relu(x, LRELU))
             self.sow("intermediates", f"ups{i}_out", x)
             ch //= 2
             xs = None
@@ -196,7 +205,7 @@ class Generator(nn.Module):
             x = xs / nk
             if ch == g.shape[-1]:
                 x = x + g[:, :, None]
-        x = jax.nn.leaky_relu(x, LRELU)
+        x = leaky_relu(x, LRELU)
         self.sow("intermediates", "conv_post_in", x)
         return jnp.tanh(WNConv(1, ch, (7,), padding=3, folded=self.folded, name="conv_post")(x))
 
@@ -209,10 +218,10 @@ class GlobalTokenEncoder(nn.Module):
     def __call__(self, x):
         cin, hid, cout, k, s = self.cfg.global_feature_conv
         for n, (i, o) in zip((0, 2, 4), ((cin, hid), (hid, hid), (hid, cout))):
-            x = jax.nn.leaky_relu(PlainConv(o, i, (k,), s, (k - s) // 2, use_bias=False, name=f"conv.{n}")(x), LRELU)
+            x = leaky_relu(PlainConv(o, i, (k,), s, (k - s) // 2, use_bias=False, name=f"conv.{n}")(x), LRELU)
         x = Linear(cout, cout, name="fn.0")(jnp.mean(x, axis=2))
         self.sow("intermediates", "linear", x)
-        x = jax.nn.leaky_relu(x, LRELU)
+        x = leaky_relu(x, LRELU)
         self.sow("intermediates", "prebn", x)
         return BatchNorm1d(cout, name="fn.2")(x)
 
@@ -251,7 +260,7 @@ class Encoder(nn.Module):
 
         def run(x, lo, hi):
             for i in range(lo, hi):
-                x = ups[i](jax.nn.leaky_relu(x, LRELU))
+                x = ups[i](leaky_relu(x, LRELU))
                 xs = None
                 for j in range(nk):
                     r = rbs[i * nk + j](x)
@@ -264,7 +273,7 @@ class Encoder(nn.Module):
         mid = run(x, 0, half)
         self.sow("intermediates", "mid1", mid)
         g1 = gte(mid)
-        out = conv_post(jax.nn.leaky_relu(run(mid, half, len(stages)), 0.01))
+        out = conv_post(leaky_relu(run(mid, half, len(stages)), 0.01))
         g2 = None
         if y_global is not None:
             x2 = conv_pre(y_global)
