@@ -4,11 +4,16 @@ exit code and the bitwise resume: tests/test_train_trainer.py."""
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
+import time
 
 import pytest
 
 from vita_jax.train import preemption
+
+from conftest import HANG_S, REPO
 
 
 def test_handlers_installed_inside_and_restored_after():
@@ -89,3 +94,39 @@ def test_train_stops_after_the_step_saves_it_and_restores_handlers(tmp_path, sig
     assert "resumed from step 2" in lines and out["steps"] == 4
     assert {s: signal.getsignal(s) for s in preemption.SIGNALS} == before
 
+
+def _process(launcher_pid: int, index: int) -> int:
+    """The pid of process ``index`` (JAX_PROCESS_ID) among launch/local.py's children."""
+    with open(f"/proc/{launcher_pid}/task/{launcher_pid}/children") as f:
+        for pid in f.read().split():
+            with open(f"/proc/{pid}/environ", "rb") as e:
+                if f"JAX_PROCESS_ID={index}".encode() in e.read().split(b"\0"):
+                    return int(pid)
+    raise LookupError(index)
+
+
+@pytest.mark.slow  # two runs of 2 processes (~3 min)
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the launcher's children in /proc")
+def test_two_processes_stop_after_the_same_step(tmp_path):
+    """SIGTERM to process 1 only: both processes stop after the same step (process 0 names it, the checkpoint
+    and the metrics end there); the rerun resumes from it and finishes."""
+    steps = 12
+    cmd = [sys.executable, "launch/local.py", "--num-processes", "2", "--cpu-devices", "1", "--timeout", str(HANG_S),
+           "--", sys.executable, "-m", "vita_jax.cli", "train", "--config=stage1_1:tiny",
+           f"--config.total_steps={steps}", "--config.checkpoint_every=5", "--no-progress", "--workdir", str(tmp_path)]
+    p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics, deadline = tmp_path / "metrics.jsonl", time.time() + HANG_S
+    while p.poll() is None and time.time() < deadline and not (metrics.exists() and metrics.read_text()):
+        time.sleep(0.05)
+    os.kill(_process(p.pid, 1), signal.SIGTERM)
+    out, _ = p.communicate(timeout=HANG_S)
+    assert p.returncode == 143 and "Traceback" not in out, out[-4000:]
+    said = [line for line in out.splitlines() if "vita-jax: stopped by SIGTERM after step " in line]
+    assert len(said) == 1 and said[0].startswith("[p0] "), out[-4000:]
+    step = int(said[0].split(" after step ")[1].split(":")[0])
+    assert 1 <= step < steps
+    assert max(int(n) for n in os.listdir(tmp_path / "ckpt") if n.isdigit()) == step
+    assert [json.loads(r)["step"] for r in open(metrics)] == list(range(1, step + 1))
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=HANG_S + 60)
+    assert r.returncode == 0 and f"[p0] resumed from step {step}" in r.stdout, r.stdout[-4000:]
+    assert [json.loads(r)["step"] for r in open(metrics)] == list(range(1, steps + 1))
