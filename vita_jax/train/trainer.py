@@ -5,7 +5,10 @@ checkpoints, and runs: step, metrics, checkpoint, resume, export. It never branc
 Every logged step is appended to ``WORKDIR/metrics.jsonl``; checkpoints live in ``WORKDIR/ckpt``.
 WORKDIR may be a URL (``gs://bucket/run``): every file goes through :mod:`vita_jax.paths`.
 Re-running on the same work dir resumes from the newest complete checkpoint (state, data-iterator
-position) and drops metric lines past it, so an interrupted run continues exactly where it was.
+position) and drops metric lines past it, so an interrupted run continues exactly where it was. SIGTERM and
+SIGINT stop the loop after the step in flight, checkpointed (:mod:`vita_jax.train.preemption`); scalars go to
+TensorBoard and W&B (:mod:`vita_jax.train.loggers`); ``config.profile_steps`` traces a window of steps
+(:mod:`vita_jax.train.profiling`).
 """
 from __future__ import annotations
 
