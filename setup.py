@@ -6,6 +6,8 @@ TPU = ["libtpu==0.0.42.*"]
 # Silero VAD's weights as the silero-vad wheel ships them, read from its ONNX file with onnx (the wheel
 # depends on torch, which pip installs but the server never imports); the tests use them too
 SERVE = ["websockets>=13", "silero-vad>=5.1", "onnx>=1.16"]
+# config.wandb: the run's scalars mirrored to Weights & Biases (vita_jax/train/loggers.py); the tests run it offline
+WANDB = ["wandb>=0.19"]
 
 setup(
     name="vita_jax",
@@ -53,9 +55,10 @@ setup(
         # for a TPU topology (libtpu)
         "dev": SERVE + ["pytest>=8", "pytest-xdist>=3", "ruff>=0.6", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6",
                         "matplotlib>=3.7"]
-        + TPU,
+        + TPU + WANDB,
         "notebooks": ["jupyter", "nbclient", "matplotlib"],
         "serve": SERVE,
+        "wandb": WANDB,
         # gs:// work dirs: etils.epath reaches Google Cloud Storage through fsspec's gcsfs
         "gcs": ["gcsfs"],
     },

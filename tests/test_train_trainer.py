@@ -1,4 +1,4 @@
-"""The training loop: metrics.jsonl, checkpoints, and exact resume after SIGKILL."""
+"""The training loop: metrics.jsonl, checkpoints, and exact resume after SIGKILL, SIGTERM and SIGINT."""
 import json
 import os
 import signal
@@ -19,22 +19,25 @@ CMD = [sys.executable, "-m", "vita_jax.cli", "train", "--config=stage1_1:tiny",
        f"--config.total_steps={STEPS}", "--config.checkpoint_every=3", "--no-progress"]
 
 
-def _run(workdir, kill_at=None, cmd=CMD):
+def _run(workdir, kill_at=None, cmd=CMD, sig=signal.SIGKILL):
+    """Runs the CLI to the end (exit 0 asserted), or sends ``sig`` once ``metrics.jsonl`` has ``kill_at`` lines;
+    returns ``(exit code, output)``."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     p = subprocess.Popen(cmd + ["--workdir", str(workdir)], cwd=REPO, env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True)
     if kill_at is None:
         out, _ = p.communicate(timeout=HANG_S)
         assert p.returncode == 0, out[-3000:]
-        return
+        return p.returncode, out
     metrics = os.path.join(workdir, "metrics.jsonl")
     deadline = time.time() + HANG_S
     while time.time() < deadline and p.poll() is None:
         if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= kill_at:
             break
         time.sleep(0.05)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
+    p.send_signal(sig)
+    out, _ = p.communicate(timeout=HANG_S)
+    return p.returncode, out
 
 
 def _losses(workdir, steps=STEPS):
@@ -70,6 +73,28 @@ def test_sigkill_resume_bitwise(reference, tmp_path, kill_points):
     assert got.keys() == ref_params.keys()
     for k in got:
         assert np.array_equal(got[k], ref_params[k]), k
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_the_step_and_resume_is_bitwise(reference, tmp_path, sig):
+    """SIGTERM (a preemption notice) or SIGINT (Ctrl-C): the step in flight is finished and checkpointed, one
+    line says so, the exit code is 128 + the signal's number; the rerun resumes from that step and equals the
+    run that was never interrupted."""
+    rc, out = _run(tmp_path, kill_at=1, sig=sig)
+    assert rc == 128 + sig and "Traceback" not in out, out[-3000:]
+    line = out.strip().splitlines()[-1]
+    ckdir = os.path.join(tmp_path, "ckpt")
+    assert line.startswith(f"vita-jax: stopped by {sig.name} after step ") and ckdir in line, out[-3000:]
+    step = int(line.split(" after step ")[1].split(":")[0])
+    assert 1 <= step < STEPS and line.endswith("; rerun the same command to resume")
+    assert max(int(n) for n in os.listdir(ckdir) if n.isdigit()) == step  # saved though not a multiple of 3
+    assert [json.loads(r)["step"] for r in open(tmp_path / "metrics.jsonl")] == list(range(1, step + 1))
+    _, out = _run(tmp_path)
+    assert f"resumed from step {step}" in out
+    ref_losses, ref_params = reference
+    assert _losses(tmp_path) == ref_losses  # bitwise: floats equal exactly
+    got = _final(tmp_path)
+    assert got.keys() == ref_params.keys() and all(np.array_equal(got[k], ref_params[k]) for k in got)
 
 
 def test_sigkill_resume_bitwise_packed(tmp_path_factory):

@@ -175,11 +175,16 @@ def cmd_train(a, rest) -> int:
 
     from vita_jax import config as config_lib  # (late, as above)
     from vita_jax import parallel  # (late, as above)
-    from vita_jax.train import trainer  # (late, as above)
+    from vita_jax.train import preemption, trainer  # (late, as above)
     config = _stage_config("train", config_lib.parse_args(rest))
     parallel.maybe_initialize_distributed()
     mesh = parallel.make_mesh(dict(config.mesh_shape)) if jax.device_count() > 1 else None
-    out = trainer.train(config, a.workdir, mesh=mesh, progress=not a.no_progress, return_state=False)
+    try:
+        out = trainer.train(config, a.workdir, mesh=mesh, progress=not a.no_progress, return_state=False)
+    except preemption.Preempted as e:  # SIGTERM / SIGINT: saved; 128 + the signal's number, so retry loops rerun it
+        if jax.process_index() == 0:
+            print(f"vita-jax: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
     print(f"stage {config.stage}: {out['steps']} steps, last loss {out['last'].get('loss', float('nan')):.4f}")
     return 0
 

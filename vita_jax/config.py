@@ -61,6 +61,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.frame_bucket = 64          # fbank frames of an audio batch likewise
     c.loss_chunk = 512           # positions the LM loss makes logits for at once: [rows, 512, vocab] each
     c.seed = 0
+    # training's extras (vita_jax/train): a profiler trace of steps "FIRST:LAST" (from 1) in WORKDIR/profile ("": none);
+    # W&B, dict(project=..., name=..., mode=...) (empty: none; on the command line as JSON, like evals)
+    c.profile_steps = ""
+    c.wandb = ml_collections.ConfigDict()
     c.bench = ml_collections.ConfigDict(dict(batch=1, seq_len=128, steps=3, decode_tokens=32,
                                              decode_batch=1, prompt_len=16, peak_tflops=0.0, hbm_gbps=0.0,
                                              data_steps=20))

@@ -5,7 +5,10 @@ checkpoints, and runs: step, metrics, checkpoint, resume, export. It never branc
 Every logged step is appended to ``WORKDIR/metrics.jsonl``; checkpoints live in ``WORKDIR/ckpt``.
 WORKDIR may be a URL (``gs://bucket/run``): every file goes through :mod:`vita_jax.paths`.
 Re-running on the same work dir resumes from the newest complete checkpoint (state, data-iterator
-position) and drops metric lines past it, so an interrupted run continues exactly where it was.
+position) and drops metric lines past it, so an interrupted run continues exactly where it was. SIGTERM and
+SIGINT stop the loop after the step in flight, checkpointed (:mod:`vita_jax.train.preemption`); scalars go to
+TensorBoard and W&B (:mod:`vita_jax.train.loggers`); ``config.profile_steps`` traces a window of steps
+(:mod:`vita_jax.train.profiling`).
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from vita_jax.convert import target
 from vita_jax.data import pipeline
 from vita_jax.data import settings as data_settings
 from vita_jax.evals.training import TrainingEvals
-from vita_jax.train import flops, program, tensorboard
+from vita_jax.train import flops, loggers, preemption, profiling, program
 from vita_jax.train import run_checkpoint as ckpt_lib
 
 
@@ -95,6 +98,8 @@ def check_config(config) -> None:
             raise ValueError(f"config.{field} = {value!r}: must be {what}")
     data_settings.check(config)  # every config.data field the data path reads: type, range, allowed values
     config_lib.check_model(config)
+    profiling.parse(config.get("profile_steps"))  # "FIRST:LAST" or empty
+    loggers.wandb_settings(config)  # config.wandb's keys, and wandb installed when it is set
     for field in ("dtype", "param_dtype", "frozen_dtype"):
         if config.get(field) is not None and str(config[field]) not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"config.{field} = {config[field]!r}: must be float32, bfloat16 or float16")
@@ -214,10 +219,12 @@ def _start(config, data, mesh, wrap_step, log, evals, ck, done: int, metrics_pat
     return prog, start
 
 
-def _loop(config, prog, ck, evals, rec: Recorder, start: int, stop_after: Optional[int]) -> int:
+def _loop(config, prog, ck, evals, rec: Recorder, start: int, stop_after: Optional[int],
+          stop: preemption.StopOnSignal, prof: profiling.Window) -> int:
     """Steps ``start`` .. ``total_steps`` (or ``stop_after``); returns the last step done. The next batches
     are made and placed while the device runs, and a step's metrics are read once the next step is
-    dispatched, so neither the host pipeline nor the metrics read stalls the device."""
+    dispatched, so neither the host pipeline nor the metrics read stalls the device. A signal (``stop``)
+    ends the loop after the step in flight, saved, with :class:`~vita_jax.train.preemption.Preempted`."""
     total, accum, done = int(config.total_steps), int(config.grad_accum), start
 
     def produce():
@@ -229,6 +236,7 @@ def _loop(config, prog, ck, evals, rec: Recorder, start: int, stop_after: Option
         if start == 0 and getattr(evals, "at_start", False):  # stage 3.1's held-out mel of the untrained codec
             evals.run(0, total, lambda: prog.params_of(prog.state), rec.out, rec.tb)
         for i in range(start, total):
+            prof.before(i + 1)
             (batch, data_state, size), wait = feed.next()
             prog.state, met = prog.step(prog.state, batch)  # dispatched: runs while the last metrics are read
             if pending is not None:
@@ -237,8 +245,9 @@ def _loop(config, prog, ck, evals, rec: Recorder, start: int, stop_after: Option
             if (i + 1) % ck.every == 0 or i + 1 == total:  # a checkpoint never gets ahead of its metrics line
                 rec(pending)
                 pending = None
-            ck.save(i + 1, prog.state, data_state, config, force=(i + 1 == total))
+            saved = ck.save(i + 1, prog.state, data_state, config, force=(i + 1 == total))
             done = i + 1
+            prof.after(i + 1, prog.state)
             if evals and evals.due(i + 1, total) and pending is not None:  # after the step's own metrics line
                 rec(pending)
                 pending = None
@@ -246,10 +255,19 @@ def _loop(config, prog, ck, evals, rec: Recorder, start: int, stop_after: Option
                 evals.run(i + 1, total, lambda: prog.params_of(prog.state), rec.out, rec.tb)
             if stop_after is not None and i + 1 >= stop_after:
                 break
+            if i + 1 < total and stop.requested():  # every process answers the same
+                if pending is not None:
+                    rec(pending)  # the checkpoint never gets ahead of its metrics line
+                    pending = None
+                if not saved:
+                    ck.save(i + 1, prog.state, data_state, config, force=True)
+                raise preemption.Preempted(f"stopped by {stop.name()} after step {i + 1}: checkpoint {i + 1} saved "
+                                           f"in {ck.path}; rerun the same command to resume", stop.signum, i + 1)
         if pending is not None:
             rec(pending)
     finally:
         feed.close()
+        prof.close()
     return done
 
 
@@ -297,12 +315,14 @@ def train(config, workdir: str, mesh=None, data=None, log: Callable = print, pro
         return dict(last=(_rows(metrics_path) or [{}])[-1], state=None, steps=total, skipped={})
     prog, start = _start(config, data, mesh, wrap_step, log, evals, ck, done, metrics_path if main else None)
     bar = tqdm(total=total, initial=start, desc=f"stage {config.stage}", leave=False) if progress else None
-    tb = tensorboard.writer(workdir)
-    try:
-        with paths.appender(metrics_path if main else os.devnull) as out:
+    tb = None
+    try:  # SIGTERM / SIGINT: the step in flight is finished and saved (handlers restored on the way out)
+        tb = loggers.writer(config, workdir)  # TensorBoard, and W&B with config.wandb
+        with paths.appender(metrics_path if main else os.devnull) as out, preemption.StopOnSignal() as stop:
             rec = Recorder(config, out, tb, bar, log)
             rec.last = (_rows(metrics_path) or [{}])[-1] if start == total else {}
-            done = _loop(config, prog, ck, prog.evals or evals, rec, start, stop_after)
+            done = _loop(config, prog, ck, prog.evals or evals, rec, start, stop_after, stop,
+                         profiling.Window(config, workdir, log))
     finally:  # the checkpoint manager's threads end before an error is reported
         for closing in (bar, tb, ck):
             if closing is not None:
