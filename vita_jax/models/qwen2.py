@@ -136,7 +136,8 @@ class Qwen2Model(nn.Module):
         if cache is None:
             if positions is None:
                 positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-            if impl == "splash":  # segment ids instead of a dense mask (padding: an id no real token has)
+            if impl in ("splash", "tokamax"):  # segment ids, no dense mask (padding: an id no real token has;
+                # tokamax: each id one contiguous run, as the packer and right/left padding lay them out)
                 kernel_ids = kernel_segment_ids(valid, segment_ids)
             elif impl == "cudnn" and segment_ids is None:
                 kv_lengths = valid.sum(-1).astype(jnp.int32)
