@@ -40,9 +40,10 @@ class Qwen2Config:
     dtype: Any = jnp.float32          # compute dtype
     param_dtype: Any = jnp.float32
     remat_policy: str = "none"
-    # None (XLA), "xla", "cudnn", "splash" or "auto" (per platform: vita_jax.layers.attention.resolve_implementation).
-    # Default None: "auto" on GPU means cuDNN, which assumes right padding in cache-free forwards (the
-    # VITA splice layout guarantees it; VITA configs set "auto"), while a direct caller may left-pad.
+    # None (XLA), "xla", "cudnn", "splash", "tokamax" or "auto" (per platform:
+    # vita_jax.layers.attention.resolve_implementation). Default None: "auto" on GPU means cuDNN, which
+    # assumes right padding in cache-free forwards (the VITA splice layout guarantees it; VITA configs set
+    # "auto"), while a direct caller may left-pad (tokamax takes left padding: padding is one run of its own).
     attention_impl: Optional[str] = None
     attention_interpret: bool = False  # run the splash kernel in the Pallas interpreter (CPU tests)
     attention_bias: bool = True  # q/k/v biases (False gives a Llama layer)
