@@ -1,9 +1,12 @@
 """The GPU attention path (tokamax, ``vita_jax.layers.flash``) on CPU: its XLA chunked kernel against the
 XLA masked path, forward and gradients in float32 on packed rows with several segments and padding and
-grouped-query heads; no float ``[.., L, L]`` value in its jaxpr; the model's logits through it.
+grouped-query heads, and the tiny Qwen2's logits, loss and gradients through it; no float ``[.., L, L]``
+value in its jaxpr.
 
-tokamax's Triton and Mosaic GPU kernels do not run here: tokamax has no interpreter switch for them
-(``Op.__call__`` refuses a device its ``supported_on`` rejects), so they await a GPU."""
+tokamax's Triton and Mosaic GPU kernels cannot run here (no interpreter switch: ``Op.__call__`` refuses a
+device its ``supported_on`` rejects), but with tokamax's ``cross_compile`` option they trace: their
+jaxprs, and that of the packed Qwen2 step as ``auto`` builds it on an sm90 GPU, are checked for square
+values. Their numbers await a GPU."""
 import os
 import subprocess
 import sys
@@ -15,7 +18,8 @@ import numpy as np
 import pytest
 from test_layers_attention import TOL, _packed_batch, _packed_segments, _qkv, _tiny, _xla_reference
 
-from vita_jax.layers.flash import flash_attention, segment_starts
+from vita_jax.layers import attention
+from vita_jax.layers.flash import MULTIPLE, flash_attention, segment_starts
 from vita_jax.layers.splash import kernel_segment_ids
 from vita_jax.models.qwen2 import Qwen2ForCausalLM
 
@@ -84,18 +88,23 @@ def _avals(jaxpr):
                     yield from _avals(sub)
 
 
+def _squares(jaxpr, t):
+    """The ``[.., n, n]`` values of a jaxpr, ``n`` the row length ``t`` or the kernels' padded length."""
+    n = {t, -(-t // MULTIPLE) * MULTIPLE}
+    return [a for a in _avals(jaxpr) if len(getattr(a, "shape", ())) >= 2 and a.shape[-1] == a.shape[-2] in n]
+
+
 def _square(fn, q, k, v, valid, t):
     """Dtypes of the ``[.., t, t]`` values of ``fn``'s forward and gradient."""
     step = lambda q, k, v: jax.value_and_grad(_loss(fn, valid), (0, 1, 2))(q, k, v)
-    avals = [a for a in _avals(jax.make_jaxpr(step)(q, k, v)) if len(getattr(a, "shape", ())) >= 2]
-    return {str(a.dtype) for a in avals if a.shape[-2:] == (t, t)}
+    return {str(a.dtype) for a in _squares(jax.make_jaxpr(step)(q, k, v), t)}
 
 
 def test_flash_holds_no_float_square_value():
     """With chunks smaller than the row, forward and backward hold no float ``[.., L, L]`` value (scores,
     probabilities or their cotangents); the XLA path holds them. tokamax's xla_chunked kernel does expand
     the segment starts to a boolean ``[batch, 1, L, L]`` mask (1 byte an entry): the only square value."""
-    t = 96  # appears in no other dimension: heads 4 / 2 of 16, chunks of 32
+    t = 200  # neither it nor 256 (padded) appears in another dimension: heads 4 / 2 of 16, chunks of 32
     q, k, v = _qkv(2, t, 4, 2, 16)
     seg = _packed_segments(2, t)
     valid, ids = jnp.asarray(seg > 0), _ids(seg)
@@ -106,11 +115,71 @@ def test_flash_holds_no_float_square_value():
     assert "float32" in xla  # the check can fail
 
 
-def test_qwen2_tokamax_logits_and_gradients_match_xla_on_packed_batch():
+KERNELS = ("pallas_call", "mpmd_map")  # Pallas Triton; Pallas Mosaic GPU (plgpu.kernel)
+
+
+def _has_kernel(jaxpr):
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    return any(e.primitive.name in KERNELS or any(
+        _has_kernel(sub) for p in e.params.values() for sub in (p if isinstance(p, (list, tuple)) else (p,))
+        if isinstance(sub, (jex_core.Jaxpr, jex_core.ClosedJaxpr))) for e in jaxpr.eqns)
+
+
+@pytest.fixture
+def gpu_kernels_traceable(monkeypatch):
+    """tokamax's ``cross_compile`` option lets its GPU kernels trace on a CPU host (``make_jaxpr`` only:
+    nothing is lowered or run); Mosaic GPU also asks for an sm90 device: say there is one."""
+    import tokamax
+    from tokamax._src import gpu_utils
+    monkeypatch.setattr(gpu_utils, "is_sm90", lambda device=None: True)
+    with tokamax.config.cross_compile(True):
+        yield
+
+
+@pytest.mark.parametrize("kernel, dtype, square_in_backward", [
+    ("mosaic_gpu", jnp.bfloat16, set()),  # forward and backward take the segment starts as an array
+    ("triton", jnp.float32, {"bool"}),    # its backward expands them to a boolean [b, 1, L, L] mask
+])
+def test_gpu_kernels_hold_no_float_square_value(gpu_kernels_traceable, kernel, dtype, square_in_backward):
+    t = 200
+    q, k, v = (x.astype(dtype) for x in _qkv(2, t, 4, 2, 16))
+    seg = _packed_segments(2, t)
+    valid, ids = jnp.asarray(seg > 0), _ids(seg)
+    fn = lambda q, k, v: flash_attention(q, k, v, ids, kernels=(kernel,))
+    forward = jax.make_jaxpr(fn)(q, k, v)
+    assert _has_kernel(forward)
+    assert not _squares(forward, t)
+    assert _square(fn, q, k, v, valid, t) == square_in_backward
+
+
+def test_auto_on_gpu_sends_packed_qwen2_to_tokamax_with_no_square_value(gpu_kernels_traceable, monkeypatch):
+    """The packed Qwen2 loss and gradient as ``auto`` builds them on an sm90 GPU (bf16): Mosaic GPU
+    kernels, and no ``[.., L, L]`` value anywhere (no mask, no scores)."""
+    monkeypatch.setattr(attention.parallel, "current_platform", lambda: "gpu")
+    t = 200  # neither it nor 256 (padded) appears in another dimension of the tiny model
+    ids, mask, positions, seg = _packed_batch(t)
+
+    params = Qwen2ForCausalLM(_tiny(attention_impl="xla")).init(jax.random.PRNGKey(0), ids[:, :8])["params"]
+
+    def squares(impl):
+        model = Qwen2ForCausalLM(_tiny(attention_impl=impl, dtype=jnp.bfloat16))
+        loss = lambda p: model.apply({"params": p}, ids, mask, positions, segment_ids=seg)[0].astype(
+            jnp.float32).sum()
+        jaxpr = jax.make_jaxpr(jax.value_and_grad(loss))(params)
+        return _has_kernel(jaxpr), {a.shape for a in _squares(jaxpr, t)}
+
+    assert attention.resolve_implementation("auto", jnp.bfloat16, 16, packed=True, cached=False) == "tokamax"
+    assert squares("auto") == (True, set())
+    kernel, xla = squares("xla")
+    assert not kernel and xla  # the check can fail
+
+
+@pytest.mark.parametrize("remat", ["none", "dots_no_batch"])  # the stage configs' policy: the kernel under remat
+def test_qwen2_tokamax_logits_and_gradients_match_xla_on_packed_batch(remat):
     ids, mask, positions, seg = _packed_batch()
-    xla = Qwen2ForCausalLM(_tiny(attention_impl="xla"))
+    xla = Qwen2ForCausalLM(_tiny(attention_impl="xla", remat_policy=remat))
     params = xla.init(jax.random.PRNGKey(0), ids[:, :8])["params"]
-    flash = Qwen2ForCausalLM(_tiny(attention_impl="tokamax"))
+    flash = Qwen2ForCausalLM(_tiny(attention_impl="tokamax", remat_policy=remat))
     valid = np.asarray(mask, bool)
 
     def run(model):

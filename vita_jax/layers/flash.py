@@ -26,8 +26,10 @@ version). tokamax is imported only when this path runs (``pip install -e .[gpu]`
 options as absl flags, parsing ``sys.argv`` if no one has: this module marks absl's flags parsed first
 (defaults; our command line is not absl's).
 
-Inside a :func:`vita_jax.parallel.use_mesh` block on more than one device the call is wrapped in
-``shard_map`` over the batch and heads axes (never the sequence), as the splash path is.
+Rows are padded to a multiple of 128 (Mosaic GPU's query tile must divide them; tokamax raises a
+``ValueError``, not a fallback, otherwise). Inside a :func:`vita_jax.parallel.use_mesh` block on more
+than one device the call is wrapped in ``shard_map`` over the batch and heads axes (never the
+sequence), as the splash path is.
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ from vita_jax import parallel
 GPU_KERNELS = ("mosaic_gpu", "triton", "xla_chunked")
 OTHER_KERNELS = ("xla_chunked",)
 CHUNK = (512, 1024)  # tokamax's own default (query, key) chunk for xla_chunked
+MULTIPLE = 128  # rows are padded to a multiple of this: Mosaic GPU's query tile (2 x 64) must divide them
 
 
 def segment_starts(segment_ids):
@@ -104,16 +107,22 @@ def flash_attention(q, k, v, segment_ids, *, scale=None, kernels=None, chunk=CHU
         raise ValueError(f"query heads ({n}) must be a multiple of key/value heads ({kv})")
     scale = float(1.0 / np.sqrt(q.shape[-1]) if scale is None else scale)
     kernels = tuple(kernels or default_kernels(parallel.current_platform()))
+    t = q.shape[1]
     starts = segment_starts(segment_ids.astype(jnp.int32))
+    pad = (-t) % MULTIPLE
+    if pad:  # the padded positions are one run of their own, after every real key: no one sees them
+        q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
+        starts = jnp.pad(starts, ((0, 0), (0, pad)), constant_values=t)
     local = functools.partial(_local, scale=scale, kernels=kernels, chunk=chunk)
     ctx = parallel.current_mesh()
     if ctx is None or ctx[0].size == 1:
-        return local(q, k, v, starts)
+        return local(q, k, v, starts)[:, :t]
     mesh, rules = ctx
     q_spec = parallel.logical_to_spec(("batch", None, "act_heads", None), q.shape, mesh, rules)
     kv_spec = parallel.logical_to_spec(("batch", None, "act_kv_heads", None), k.shape, mesh, rules)
     if _pick(q_spec, 2) != _pick(kv_spec, 2) and kv != n:  # heads split unlike kv heads: one kv per head
         k, v = jnp.repeat(k, n // kv, axis=2), jnp.repeat(v, n // kv, axis=2)
         kv_spec = q_spec
-    return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, P(_pick(q_spec, 0))),
-                         out_specs=q_spec, check_vma=False)(q, k, v, starts)
+    out = jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, P(_pick(q_spec, 0))),
+                        out_specs=q_spec, check_vma=False)(q, k, v, starts)
+    return out[:, :t]
