@@ -8,6 +8,10 @@ TPU = ["libtpu==0.0.42.*"]
 SERVE = ["websockets>=13", "silero-vad>=5.1", "onnx>=1.16"]
 # config.wandb: the run's scalars mirrored to Weights & Biases (vita_jax/train/loggers.py); the tests run it offline
 WANDB = ["wandb>=0.19"]
+# GPU attention (vita_jax/layers/flash.py): tokamax's flash kernels with segment starts, reached through its
+# private modules (its public dot_product_attention takes no k_start), hence one pinned version; imported only
+# when attention_impl resolves to "tokamax" (auto on GPU), so CPU/TPU installs do without it
+GPU = ["tokamax==0.0.12"]
 
 setup(
     name="vita_jax",
@@ -51,11 +55,12 @@ setup(
         # conversion from/to the official PyTorch files and parity tests against transformers
         "torch": ["torch==2.13.0", "transformers==4.57.6"],
         "tpu": TPU,
+        "gpu": GPU,
         # the tests run the notebooks, the live server (nbclient + a kernel), the demo (scikit-image photos) and compile
         # for a TPU topology (libtpu)
         "dev": SERVE + ["pytest>=8", "pytest-xdist>=3", "ruff>=0.6", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6",
                         "matplotlib>=3.7"]
-        + TPU + WANDB,
+        + TPU + WANDB + GPU,
         "notebooks": ["jupyter", "nbclient", "matplotlib"],
         "serve": SERVE,
         "wandb": WANDB,

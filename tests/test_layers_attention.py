@@ -124,9 +124,12 @@ def test_auto_per_platform(monkeypatch):
     assert pick("tpu") == "splash" and pick("tpu", packed=True) == "splash"
     assert pick("tpu", cached=True) == "xla"
     assert pick("gpu") == "cudnn"
-    assert pick("gpu", packed=True) == "xla"        # cuDNN via jax.nn takes lengths, not segment ids
-    assert pick("gpu", dtype=jnp.float32) == "xla"  # cuDNN flash attention is 16-bit only
+    assert pick("gpu", packed=True) == "tokamax"        # cuDNN via jax.nn takes lengths, not segment ids
+    assert pick("gpu", dtype=jnp.float32) == "tokamax"  # cuDNN flash attention is 16-bit only
+    assert pick("gpu", head_dim=256) == "tokamax"       # ... and head_dim <= 128
     assert pick("gpu", cached=True) == "xla"
+    monkeypatch.setattr(attention, "have_tokamax", lambda: False)  # no "gpu" extra: the old masked path
+    assert pick("gpu", packed=True) == "xla" and pick("gpu") == "cudnn"
     assert resolve_implementation("cudnn", jnp.float32, 64, True, False) == "cudnn"  # explicit: unchanged
     with pytest.raises(ValueError, match="attention_impl"):
         resolve_implementation("flash", jnp.float32, 64, False, False)

@@ -52,7 +52,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.dtype = "float32"          # compute dtype
     c.param_dtype = "float32"    # storage dtype of parameters
     c.remat_policy = "none"      # none | full | dots | dots_no_batch | qkv_proj
-    c.attention_impl = "auto"    # auto (TPU: splash, GPU: cuDNN when unpacked, else XLA) | xla | cudnn | splash
+    # attention: auto (TPU: splash; GPU: cuDNN unpacked 16-bit, else tokamax) | xla | cudnn | splash | tokamax
+    c.attention_impl = "auto"
     c.mesh_shape = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     c.bos_token_id = -1
     c.eos_token_id = -1

@@ -6,17 +6,23 @@ platform, at trace time):
 * ``"splash"`` (TPU, the ``auto`` choice there for training/scoring forwards): the Pallas splash
   attention kernel (:mod:`vita_jax.layers.splash`), causal with segment ids, so packed rows and
   padding cost no dense mask. The model passes ``segment_ids`` instead of a mask.
+* ``"tokamax"`` (GPU, the ``auto`` choice there for packed rows, and for unpacked rows cuDNN does not
+  take: 32-bit compute, head_dim not a multiple of 8 or over 128): flash attention from the tokamax
+  kernel library (:mod:`vita_jax.layers.flash`; Mosaic GPU on sm90/sm100, else Triton, else XLA
+  chunked), causal with the same segment ids as splash, as a per-query start of its segment: no
+  ``[L, L]`` float scores. tokamax is imported only when this path runs.
 * ``"cudnn"`` (GPU, the ``auto`` choice there for unpacked 16-bit forwards): cuDNN flash attention
   through ``jax.nn.dot_product_attention(implementation="cudnn")``, causal with
   ``key_value_seq_lengths`` (right padding only). jax 0.10.2's public ``dot_product_attention`` takes
-  sequence lengths, not segment ids, so **packed rows do not use cuDNN**: they (and cached decoding,
-  and 32-bit compute) take the XLA masked path. (The private ``jax._src.cudnn`` entry point has a
-  packed layout with per-segment offsets, Hopper only; not used here.)
+  sequence lengths, not segment ids, so an explicit ``"cudnn"`` sends packed rows (and cached
+  decoding, and 32-bit compute) to the XLA masked path. (The private ``jax._src.cudnn`` entry point
+  has a packed layout with per-segment offsets, Hopper only; not used here.)
 * ``"xla"`` / ``None`` (CPU and everything else): ``jax.nn.dot_product_attention`` with the dense
   boolean mask ``[batch, 1, q, k]`` (causal & padding & same segment).
 """
 from __future__ import annotations
 
+import importlib.util
 from typing import Optional
 
 import flax.linen as nn
@@ -25,10 +31,11 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from vita_jax import parallel
+from vita_jax.layers.flash import flash_attention
 from vita_jax.layers.rope import apply_rope
 from vita_jax.layers.splash import splash_attention
 
-IMPLEMENTATIONS = (None, "auto", "xla", "cudnn", "splash")
+IMPLEMENTATIONS = (None, "auto", "xla", "cudnn", "splash", "tokamax")
 
 _init = nn.initializers.normal(0.02)
 
@@ -44,10 +51,13 @@ def causal_padding_mask(key_valid, q_slots, k_slots):
 
 
 def resolve_implementation(impl: Optional[str], dtype, head_dim: int, packed: bool, cached: bool) -> Optional[str]:
-    """The kernel a forward uses. ``"auto"``: ``"splash"`` on TPU (no cache), ``"cudnn"`` on GPU
-    (no cache, no packing, 16-bit compute, head_dim a multiple of 8 up to 128), else ``"xla"``.
+    """The kernel a forward uses. ``"auto"``: ``"splash"`` on TPU (no cache); on GPU (no cache)
+    ``"cudnn"`` for unpacked rows it takes (16-bit compute, head_dim a multiple of 8 up to 128) and
+    ``"tokamax"`` for packed rows and the other unpacked ones (``"xla"`` when tokamax is not
+    installed); else ``"xla"``.
     An explicit ``"cudnn"`` keeps its old meaning (packed or cached forwards take the mask path);
-    ``"splash"`` applies to every cache-free forward, on any platform (with ``interpret`` off TPU)."""
+    ``"splash"`` and ``"tokamax"`` apply to every cache-free forward, on any platform (splash with
+    ``interpret`` off TPU, tokamax with its XLA chunked kernel off GPU)."""
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"attention_impl {impl!r}: expected one of {IMPLEMENTATIONS}")
     if impl != "auto":
@@ -57,10 +67,17 @@ def resolve_implementation(impl: Optional[str], dtype, head_dim: int, packed: bo
         return "xla"
     if platform == "tpu":
         return "splash"
-    if (platform == "gpu" and not packed and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-            and head_dim % 8 == 0 and head_dim <= 128):
-        return "cudnn"
+    if platform == "gpu":
+        cudnn = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128
+        if cudnn and not packed:
+            return "cudnn"
+        return "tokamax" if have_tokamax() else "xla"  # without the "gpu" extra: the old masked path
     return "xla"
+
+
+def have_tokamax() -> bool:
+    """Whether tokamax is installed (found, not imported: its import loads every kernel module)."""
+    return importlib.util.find_spec("tokamax") is not None
 
 
 class Attention(nn.Module):
@@ -68,8 +85,9 @@ class Attention(nn.Module):
 
     ``x [batch, q, embed]``, ``cos/sin [batch, q, head_dim]``; ``mask [batch, 1, q, k]`` (bool) or,
     for ``implementation="cudnn"``, ``kv_lengths [batch]`` (right padding, causal), or, for the
-    splash kernel, ``segment_ids [batch, q]`` (kernel ids, :func:`vita_jax.layers.splash.kernel_segment_ids`;
-    causal). ``interpret`` runs splash in the Pallas interpreter (tests on CPU).
+    splash and tokamax kernels, ``segment_ids [batch, q]`` (kernel ids,
+    :func:`vita_jax.layers.splash.kernel_segment_ids`; causal). ``interpret`` runs splash in the Pallas
+    interpreter (tests on CPU).
     With ``cache=(k, v)`` of shape ``[batch, S, kv_heads, head_dim]`` the new keys/values are written
     at slot ``cache_index`` (a scalar, or ``[batch]``: one slot per row) and attention runs over all
     ``S`` slots; the updated cache is returned.
@@ -119,7 +137,10 @@ class Attention(nn.Module):
             k, v = ck.astype(self.dtype), cv.astype(self.dtype)
 
         if segment_ids is not None and cache is None and mask is None:
-            out = splash_attention(q, k, v, segment_ids, interpret=self.interpret)
+            if resolve_implementation(self.implementation, self.dtype, self.head_dim, True, False) == "tokamax":
+                out = flash_attention(q, k, v, segment_ids)
+            else:
+                out = splash_attention(q, k, v, segment_ids, interpret=self.interpret)
         elif (self.implementation == "cudnn" or kv_lengths is not None) and cache is None and mask is None:
             out = jax.nn.dot_product_attention(q, k, v, is_causal=True, key_value_seq_lengths=kv_lengths,
                                                implementation="cudnn")

@@ -40,9 +40,10 @@ class Qwen2Config:
     dtype: Any = jnp.float32          # compute dtype
     param_dtype: Any = jnp.float32
     remat_policy: str = "none"
-    # None (XLA), "xla", "cudnn", "splash" or "auto" (per platform: vita_jax.layers.attention.resolve_implementation).
-    # Default None: "auto" on GPU means cuDNN, which assumes right padding in cache-free forwards (the
-    # VITA splice layout guarantees it; VITA configs set "auto"), while a direct caller may left-pad.
+    # None (XLA), "xla", "cudnn", "splash", "tokamax" or "auto" (per platform:
+    # vita_jax.layers.attention.resolve_implementation). Default None: "auto" on GPU means cuDNN, which
+    # assumes right padding in cache-free forwards (the VITA splice layout guarantees it; VITA configs set
+    # "auto"), while a direct caller may left-pad (tokamax takes left padding: padding is one run of its own).
     attention_impl: Optional[str] = None
     attention_interpret: bool = False  # run the splash kernel in the Pallas interpreter (CPU tests)
     attention_bias: bool = True  # q/k/v biases (False gives a Llama layer)
@@ -136,7 +137,8 @@ class Qwen2Model(nn.Module):
         if cache is None:
             if positions is None:
                 positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-            if impl == "splash":  # segment ids instead of a dense mask (padding: an id no real token has)
+            if impl in ("splash", "tokamax"):  # segment ids, no dense mask (padding: an id no real token has;
+                # tokamax: each id one contiguous run, as the packer and right/left padding lay them out)
                 kernel_ids = kernel_segment_ids(valid, segment_ids)
             elif impl == "cudnn" and segment_ids is None:
                 kv_lengths = valid.sum(-1).astype(jnp.int32)
