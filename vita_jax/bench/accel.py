@@ -50,8 +50,8 @@ QWEN_7B = dict(vocab_size=152064, hidden_size=3584, num_hidden_layers=28, num_at
 SMALL_LLM = dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=128, tie_word_embeddings=False)
 # seconds a part needs at least (compile included) before it is started: (full size, small)
-ESTIMATE_S = dict(train=150, decode=90)
-ESTIMATE_SMALL_S = dict(train=5, decode=5)
+ESTIMATE_S = dict(train=150, decode=90, serve=150)
+ESTIMATE_SMALL_S = dict(train=5, decode=5, serve=10)
 
 
 # ------------------------------------------------------------------------------------------------ train
@@ -219,7 +219,14 @@ def _parts(a) -> list:
     return [(name, fn) for name, fn in (
         ("train", lambda: bench_train(a.small, a.seq_len, a.rows, a.steps)),
         ("decode", lambda: bench_decode(a.small, a.decode_layers, b, a.prompt_len, a.decode_tokens)),
+        ("serve", lambda: _serve(a)),
     ) if name in a.parts.split(",")]
+
+
+def _serve(a) -> dict:
+    from vita_jax.bench import accel_serve  # the server (websockets): imported when this part runs
+    return accel_serve.bench_serve(a.small, a.decode_layers, a.tokenizer or accel_serve.default_tokenizer(),
+                                   a.serve_turns)
 
 
 def run(a) -> dict:
@@ -251,15 +258,18 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m vita_jax.bench accel", description=__doc__.split("\n\n")[0])
     p.add_argument("--small", action=argparse.BooleanOptionalAction, default=None,
                    help="tiny shapes (default: on when the platform is cpu)")
-    p.add_argument("--parts", default="train,decode", help="which parts, comma-separated (train, decode)")
+    p.add_argument("--parts", default="train,decode,serve", help="which parts, comma-separated (train, decode, serve)")
     p.add_argument("--budget-s", type=float, default=420.0, help="skip a part that would not fit in what is left")
     p.add_argument("--seq-len", type=int, default=None, help="packed row length (default 4096; small: 256)")
     p.add_argument("--rows", type=int, default=None, help="rows a train step (default 2; small: 2)")
     p.add_argument("--steps", type=int, default=None, help="timed train steps after the first (default 5; small: 1)")
-    p.add_argument("--decode-layers", type=int, default=0, help="LLM layers of the decode part (0: all 28)")
+    p.add_argument("--decode-layers", type=int, default=0, help="LLM layers of the decode and serve parts (0: all)")
     p.add_argument("--decode-batches", default="1,8")
     p.add_argument("--prompt-len", type=int, default=None, help="decode prompt (default 512; small: 16)")
     p.add_argument("--decode-tokens", type=int, default=None, help="timed decode steps (default 64; small: 4)")
+    p.add_argument("--serve-turns", type=int, default=2, help="measured turns of the serve part (the last interrupted)")
+    p.add_argument("--tokenizer", default=None, help="Qwen2.5 tokenizer folder of the serve part (default: the "
+                   "fixtures' one, $VITA_SHARED/fixtures/qwen2.5-tokenizer or ../shared/fixtures beside the checkout)")
     p.add_argument("--json", default=None, help="also write the JSON to this file")
     return p
 
