@@ -235,7 +235,7 @@ def run(a) -> dict:
     res = dict(bench="accel", device=dev.device_kind, platform=dev.platform, n_devices=jax.device_count(),
                jax=jax.__version__, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                small=a.small, budget_s=a.budget_s, peak_tflops=peak / 1e12 if peak else None,
-               hbm_gbps=bw / 1e9 if bw else None)
+               hbm_gbps=bw / 1e9 if bw else None, options={k: v for k, v in vars(a).items() if k != "json"})
     t_start = time.perf_counter()
     est = ESTIMATE_SMALL_S if a.small else ESTIMATE_S
     for name, fn in _parts(a):
