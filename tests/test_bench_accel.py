@@ -62,3 +62,46 @@ def test_accel_serve(capsys):
     s = _run(capsys, "--parts=serve", f"--tokenizer={QWEN_TOK}")["serve"]
     assert "error" not in s, s
     assert s["turns"] >= 1 and s["failed"] == 0 and s["first_audio_p50_ms"] > 0 and s["first_text_p50_ms"] > 0
+
+
+def test_accel_full_size_traces_with_the_gpu_choices(monkeypatch):
+    """What a GPU session runs, traced on CPU (nothing compiled): the full-size train step (1.5B LLM, real towers,
+    2 packed rows of 4096) as ``auto`` builds it on an sm90 GPU (tokamax's kernels through its ``cross_compile``)
+    holds no ``[.., 4096, 4096]`` value; the 7B-shaped decode (prefill and a step at batch 8) traces."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from vita_jax import parallel
+    from vita_jax.bench import accel
+    from vita_jax.infer import generate as gen
+    from vita_jax.layers import attention
+    from vita_jax.models import qwen2, vita
+    from vita_jax.train import setup
+    tokamax = pytest.importorskip("tokamax")
+    from tokamax._src import gpu_utils
+
+    cfg = vita.llm_config(accel.decode_config(False, 0))
+    module = qwen2.Qwen2ForCausalLM(cfg)
+    params = jax.eval_shape(lambda: vita.init_module(module))
+    assert 7.6e9 < sum(x.size for x in jax.tree.leaves(params)) < 7.7e9
+    kw = dict(do_sample=False, top_k=0, vocab_limit=None, temperature=jnp.float32(1), top_p=jnp.float32(1))
+    cache = jax.eval_shape(lambda: qwen2.KVCache.init(cfg, 8, 578))
+    ids, key = jax.ShapeDtypeStruct((8, 512), jnp.int32), jax.random.PRNGKey(0)
+    tok, cache, _ = jax.eval_shape(lambda p, i, c: gen.prefill(module, p, i, jnp.ones_like(i), c, key, **kw),
+                                   params, ids, cache)
+    tok, _, _ = jax.eval_shape(lambda p, t, c: gen.decode_step(module, p, t, c, key, **kw), params, tok, cache)
+    assert tok.shape == (8,)
+
+    c = accel.train_config(False, 4096, 2)
+    mesh = parallel.make_mesh(dict(c.mesh_shape))
+    host = accel.packed_batch(c, 2)
+    state, fn, _ = setup.abstract_state(c, mesh)  # the parameters' shapes before the GPU choices
+    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), host)
+    monkeypatch.setattr(gpu_utils, "is_sm90", lambda device=None: True)
+    monkeypatch.setattr(attention.parallel, "current_platform", lambda: "gpu")
+    with tokamax.config.cross_compile(True), parallel.use_mesh(mesh):
+        jaxpr = jax.make_jaxpr(fn)(state, batch)
+    assert "4096,4096]" not in str(jaxpr).replace(" ", "")  # with attention_impl="xla" the mask is there
+    u, a = accel.useful_flops(c, host)
+    assert 0.85 * a < u < a  # rows filled to ~94 %
