@@ -56,12 +56,13 @@ def test_accel_reports_a_failing_part_and_skips_what_does_not_fit(capsys, tmp_pa
     assert all("skipped" in res[p] for p in ("train", "decode", "serve")), res
 
 
-@pytest.mark.slow  # ~3 min on 2 busy cores: the serve loop's warm-up compiles, speech streamed at real time
+@pytest.mark.slow  # ~65 s on 2 busy cores: the serve loop's warm-up compiles, speech streamed at real time
 @pytest.mark.skipif(not os.path.exists(os.path.join(QWEN_TOK, "tokenizer.json")), reason="no fixtures tokenizer")
 def test_accel_serve(capsys):
     s = _run(capsys, "--parts=serve", f"--tokenizer={QWEN_TOK}")["serve"]
     assert "error" not in s, s
-    assert s["turns"] >= 1 and s["failed"] == 0 and s["first_audio_p50_ms"] > 0 and s["first_text_p50_ms"] > 0
+    assert s["turns"] >= 1 and s["failed"] == 0 and s["audio_s_per_turn"] > 0, s  # the random codec is audible
+    assert s["first_audio_p50_ms"] > 0 and s["first_text_p50_ms"] > 0
 
 
 def test_accel_full_size_traces_with_the_gpu_choices(monkeypatch):

@@ -12,6 +12,7 @@ import sys
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vita_jax import api, parallel
 from vita_jax import config as config_lib
@@ -28,16 +29,29 @@ def default_tokenizer() -> str:
 
 def random_codec(small: bool, seed: int = 0):
     """A TiCodec with random weights, ``(config, None, params)``: the release's shape (1024 codes, 512 channels),
-    or a small one of 64 codes (``small``)."""
+    or a small one of 64 codes (``small``). Every leaf is drawn from its shape (``eval_shape``: initialising the
+    modules runs their forward, which takes minutes on a CPU); a speed benchmark needs no trained values."""
     cfg = ticodec.TiCodecConfig(upsample_initial_channel=64, n_codes=64) if small else ticodec.TiCodecConfig()
-    k = jax.random.split(jax.random.PRNGKey(seed), 4)
-    gen = nn.unbox(ticodec.Generator(cfg, folded=True).init(k[0], jnp.zeros((1, cfg.code_dim, 4)),
-                                                              jnp.zeros((1, 128))))
-    enc = nn.unbox(ticodec.Encoder(cfg, folded=True).init(k[1], jnp.zeros((1, 1, cfg.hop * 4))))
+    g, e = ticodec.Generator(cfg, folded=True), ticodec.Encoder(cfg, folded=True)
+    shapes = {"generator": jax.eval_shape(lambda: g.init(jax.random.PRNGKey(0), jnp.zeros((1, cfg.code_dim, 4)),
+                                                         jnp.zeros((1, 128)))),
+              "encoder": jax.eval_shape(lambda: e.init(jax.random.PRNGKey(0), jnp.zeros((1, 1, cfg.hop * 4))))}
+    rng = np.random.default_rng(seed)
+
+    def draw(path, x):  # PyTorch layouts: kernels [out, in, k] ~ N(0, 1 / fan-in); norms at identity, biases 0
+        name = str(getattr(path[-1], "key", path[-1])) if path else ""
+        if not jnp.issubdtype(x.dtype, jnp.floating) or name in ("bias", "running_mean"):
+            return jnp.zeros(x.shape, x.dtype)
+        if len(x.shape) < 2:
+            return jnp.ones(x.shape, x.dtype)
+        return jnp.asarray(rng.normal(0, 1 / np.sqrt(np.prod(x.shape[1:])), x.shape).astype(x.dtype))
+    params = jax.tree_util.tree_map_with_path(draw, nn.unbox(shapes))
+    post = params["generator"]["params"]["conv_post"]  # louder: the server drops a reply's samples below 0.03 first
+    post["weight"] = post["weight"] * 30
     d = cfg.global_feature_conv[2] // cfg.global_code_num
-    params = {"generator": gen, "encoder": enc, "codebook": jax.random.normal(k[2], (cfg.n_codes, cfg.code_dim)),
-              "globaltokens": [jax.random.normal(jax.random.fold_in(k[3], j), (1024, d))
-                               for j in range(cfg.global_code_num)]}
+    params.update(codebook=draw((), jax.ShapeDtypeStruct((cfg.n_codes, cfg.code_dim), jnp.float32)),
+                  globaltokens=[draw((), jax.ShapeDtypeStruct((1024, d), jnp.float32))
+                                for _ in range(cfg.global_code_num)])
     return cfg, None, params
 
 
@@ -55,7 +69,7 @@ def serve_model(small: bool, layers: int, tokenizer: str) -> api.VitaModel:
         c.dtype = c.param_dtype = "bfloat16"
     mesh = parallel.make_mesh(dict(c.mesh_shape)) if jax.device_count() > 1 else None
     params = vita.init_params(c, seed=3, mesh=mesh)
-    tts = vita.init_heads(c, {}, seed=3)["tts_decoder"]
+    tts = jax.jit(lambda: vita.init_heads(c, {}, seed=3)["tts_decoder"])()  # jitted: eager runs its forward op by op
     speech = SpeechModel(vita.tts_config(c), tts, codec=random_codec(small))
     return api.VitaModel(c, params, tok, mesh, speech=speech)
 
