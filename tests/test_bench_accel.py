@@ -106,3 +106,16 @@ def test_accel_full_size_traces_with_the_gpu_choices(monkeypatch):
     assert "4096,4096]" not in str(jaxpr).replace(" ", "")  # with attention_impl="xla" the mask is there
     u, a = accel.useful_flops(c, host)
     assert 0.85 * a < u < a  # rows filled to ~94 %
+
+
+def test_accel_watchdog_writes_what_was_measured_and_exits(tmp_path):
+    """A part still running at ``--hard-s``: the JSON line comes anyway (that part timed out), exit status 3."""
+    import subprocess
+    import sys
+    out = tmp_path / "a.json"
+    r = subprocess.run([sys.executable, "-m", "vita_jax.bench", "accel", "--small", "--parts=decode", "--hard-s=2",
+                        f"--json={out}"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 3, r.stderr[-2000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert json.loads(out.read_text()) == res
+    assert "timed out" in res["decode"]["error"] and "running" not in res

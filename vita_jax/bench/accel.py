@@ -25,6 +25,8 @@ import argparse
 import datetime
 import gc
 import json
+import os
+import threading
 import time
 
 import jax
@@ -229,7 +231,42 @@ def _serve(a) -> dict:
                                    a.serve_turns)
 
 
-def run(a) -> dict:
+class _Report:
+    """Writes the JSON line (stdout, ``--json``) once: at the end, or from the watchdog when the run passes
+    ``--hard-s`` (a part that hangs or overruns: what was measured so far, the running part marked as timed out;
+    then the process exits with status 3, so that a device session's time limit never loses the figures)."""
+
+    def __init__(self, a):
+        self.a, self.lock, self.done = a, threading.Lock(), False
+
+    def write(self, res: dict) -> bool:
+        with self.lock:
+            if self.done:
+                return False
+            self.done = True
+        line = json.dumps(res)
+        print(line, flush=True)
+        if self.a.json:
+            with open(self.a.json, "w") as fh:
+                fh.write(line + "\n")
+        return True
+
+    def watch(self, res: dict, t_start: float) -> threading.Timer:
+        def fire():
+            out = dict(res)
+            part = out.pop("running", None)
+            if part is not None:
+                out[part] = dict(error=f"timed out: the run passed --hard-s={self.a.hard_s} while this part ran")
+            out["wall_s"] = round(time.perf_counter() - t_start, 1)
+            if self.write(out):
+                os._exit(3)
+        t = threading.Timer(self.a.hard_s, fire)
+        t.daemon = True
+        t.start()
+        return t
+
+
+def run(a, report: _Report) -> dict:
     dev = jax.devices()[0]
     peak, bw = device_peaks(dev.device_kind)
     res = dict(bench="accel", device=dev.device_kind, platform=dev.platform, n_devices=jax.device_count(),
@@ -237,6 +274,7 @@ def run(a) -> dict:
                small=a.small, budget_s=a.budget_s, peak_tflops=peak / 1e12 if peak else None,
                hbm_gbps=bw / 1e9 if bw else None, options={k: v for k, v in vars(a).items() if k != "json"})
     t_start = time.perf_counter()
+    timer = report.watch(res, t_start)
     est = ESTIMATE_SMALL_S if a.small else ESTIMATE_S
     for name, fn in _parts(a):
         left = a.budget_s - (time.perf_counter() - t_start)
@@ -244,12 +282,16 @@ def run(a) -> dict:
             res[name] = dict(skipped=f"{left:.0f} s left of --budget-s={a.budget_s}, the part needs about {est[name]}")
             continue
         t0 = time.perf_counter()
+        res["running"] = name
         try:
-            res[name] = fn()
+            out = fn()
         except Exception as e:  # noqa: BLE001 (one part's failure is reported, the next part runs)
-            res[name] = dict(error=f"{type(e).__name__}: {str(e)[:2000]}")
-        res[name]["wall_s"] = round(time.perf_counter() - t0, 1)
+            out = dict(error=f"{type(e).__name__}: {str(e)[:2000]}")
+        out["wall_s"] = round(time.perf_counter() - t0, 1)
+        res[name] = out
+        del res["running"]
         gc.collect()
+    timer.cancel()
     res["wall_s"] = round(time.perf_counter() - t_start, 1)
     return res
 
@@ -260,6 +302,8 @@ def parser() -> argparse.ArgumentParser:
                    help="tiny shapes (default: on when the platform is cpu)")
     p.add_argument("--parts", default="train,decode,serve", help="which parts, comma-separated (train, decode, serve)")
     p.add_argument("--budget-s", type=float, default=420.0, help="skip a part that would not fit in what is left")
+    p.add_argument("--hard-s", type=float, default=None, help="past this, write what was measured and exit with "
+                   "status 3 (default --budget-s + 150)")
     p.add_argument("--seq-len", type=int, default=None, help="packed row length (default 4096; small: 256)")
     p.add_argument("--rows", type=int, default=None, help="rows a train step (default 2; small: 2)")
     p.add_argument("--steps", type=int, default=None, help="timed train steps after the first (default 5; small: 1)")
@@ -286,10 +330,7 @@ def main(argv) -> int:
     bad = sorted(set(a.parts.split(",")) - set(ESTIMATE_S))
     if bad:
         parser().error(f"--parts: unknown {bad}; parts: {', '.join(ESTIMATE_S)}")
-    res = run(a)
-    line = json.dumps(res)
-    print(line, flush=True)
-    if a.json:
-        with open(a.json, "w") as fh:
-            fh.write(line + "\n")
+    a.hard_s = a.budget_s + 150 if a.hard_s is None else a.hard_s
+    report = _Report(a)
+    report.write(run(a, report))
     return 0
