@@ -31,7 +31,7 @@ def _run(capsys, *args) -> dict:
     return res
 
 
-@pytest.mark.slow  # ~55 s on 2 busy cores (two tiny models compile)
+@pytest.mark.slow  # 30-80 s on 2 cores, as busy as they are (two tiny models compile)
 def test_accel_train_and_decode(tmp_path, capsys):
     out = tmp_path / "accel.json"
     res = _run(capsys, "--parts=train,decode", f"--json={out}")

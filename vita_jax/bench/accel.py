@@ -311,7 +311,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-batches", default="1,8")
     p.add_argument("--prompt-len", type=int, default=None, help="decode prompt (default 512; small: 16)")
     p.add_argument("--decode-tokens", type=int, default=None, help="timed decode steps (default 64; small: 4)")
-    p.add_argument("--serve-turns", type=int, default=2, help="measured turns of the serve part (the last interrupted)")
+    p.add_argument("--serve-turns", type=int, default=None,
+                   help="turns of the serve part after its warm-up, the last interrupted (default 3; small: 2)")
     p.add_argument("--tokenizer", default=None, help="Qwen2.5 tokenizer folder of the serve part (default: the "
                    "fixtures' one, $VITA_SHARED/fixtures/qwen2.5-tokenizer or ../shared/fixtures beside the checkout)")
     p.add_argument("--json", default=None, help="also write the JSON to this file")
@@ -322,8 +323,8 @@ def main(argv) -> int:
     a = parser().parse_args(argv)
     if a.small is None:
         a.small = jax.devices()[0].platform == "cpu"
-    small = dict(seq_len=256, rows=2, steps=1, prompt_len=16, decode_tokens=4)
-    full = dict(seq_len=4096, rows=2, steps=5, prompt_len=512, decode_tokens=64)
+    small = dict(seq_len=256, rows=2, steps=1, prompt_len=16, decode_tokens=4, serve_turns=2)
+    full = dict(seq_len=4096, rows=2, steps=5, prompt_len=512, decode_tokens=64, serve_turns=3)
     for k, v in (small if a.small else full).items():
         if getattr(a, k) is None:
             setattr(a, k, v)
