@@ -7,7 +7,7 @@ when the time left under ``--budget-s`` is below its estimate:
 * ``train``: the stage 2.2 train step (projector, speech adapter and LLM train; ViT and whale encoder frozen,
   forward only) of a VITA with the Qwen2.5-1.5B LLM and the real tower sizes (InternViT-300M at 448 px, the
   24-block whale encoder), random weights, bf16 compute, on packed rows of 4096 positions made of synthetic
-  examples (text, 1-4 tiles, half of them a speech clip). Reports step time, useful tokens/s (positions that
+  examples (text, 1-2 tiles, half of them a speech clip). Reports step time, useful tokens/s (positions that
   hold an example, not padding) and MFU counting only useful work: the LLM per example segment (causal attention
   within it), the towers on the real tiles and frames (:mod:`vita_jax.train.flops`' accounting); and the
   same over every allocated slot (``mfu_allocated``).
@@ -15,7 +15,10 @@ when the time left under ``--budget-s`` is below its estimate:
   vocabulary 152064; ``--decode-layers`` cuts layers when memory is short) with random bf16 weights at batch 1
   and 8: ms per step against the HBM roofline = (weight bytes + KV cache bytes) / HBM bandwidth, both for the
   layers that ran.
+* ``serve``: the live serve loop on a random VITA of the 7B shape with its speech decoder and codec: speech end ->
+  first text / first audio (:mod:`vita_jax.bench.accel_serve`; needs the Qwen2.5 tokenizer, ``--tokenizer``).
 
+A watchdog at ``--hard-s`` writes what was measured if a part hangs (exit status 3).
 ``--small`` (the default on CPU): tiny shapes that finish in well under a minute on 2 cores (the test's mode).
 Peaks: :data:`vita_jax.train.flops.PEAKS` by ``device_kind``; unknown kinds report raw figures, MFU null.
 """
