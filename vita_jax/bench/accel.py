@@ -19,7 +19,7 @@ when the time left under ``--budget-s`` is below its estimate:
   first text / first audio (:mod:`vita_jax.bench.accel_serve`; needs the Qwen2.5 tokenizer, ``--tokenizer``).
 
 A watchdog at ``--hard-s`` writes what was measured if a part hangs (exit status 3).
-``--small`` (the default on CPU): tiny shapes that finish in well under a minute on 2 cores (the test's mode).
+``--small`` (the default on CPU): tiny shapes (the tests' mode): train and decode in 30-80 s on 2 cores, serve ~1 min.
 Peaks: :data:`vita_jax.train.flops.PEAKS` by ``device_kind``; unknown kinds report raw figures, MFU null.
 """
 from __future__ import annotations
