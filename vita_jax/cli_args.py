@@ -95,17 +95,18 @@ def _convert(sub) -> None:
 
 def _bench(sub) -> None:
     b = sub.add_parser("bench", help="benchmarks: vita-jax bench NAME (llm, convert, data, pipeline, mixture, eval, "
-                                     "serve, codec, narrow)",
+                                     "serve, codec, narrow, accel)",
                        description="Train-step and decode speed (llm), conversion memory (convert), what the input "
                                    "pipeline fills with real data (data) for a config, or whether the trainer overlaps "
                                    "its input pipeline with the step (pipeline: tiny stage 2.2, slowed source and "
                                    "step); mixture --out=DIR [--n=400] writes a VITA-like official-format mixture "
                                    "(real photos, speech); eval --checkpoint=DIR [--n=24] [--batch=8] [--tokens=16]: "
                                    "batched evaluation generation against one chat call per example; serve, codec, "
-                                   "narrow (every stage's :narrow): their own --help.",
+                                   "narrow (every stage's :narrow), accel (train step and decode on the device "
+                                   "present): their own --help.",
                        epilog=CONFIG_HELP)
     b.add_argument("what", choices=["llm", "convert", "data", "pipeline", "mixture", "eval", "serve", "codec",
-                                    "narrow"])
+                                    "narrow", "accel"])
     b.add_argument("--json", help="also write the results to this JSON file")
 
 

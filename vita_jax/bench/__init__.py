@@ -320,7 +320,7 @@ def format_table(res: dict) -> str:
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
 
 
-WHAT = ("llm", "convert", "data", "pipeline", "mixture", "eval", "serve", "codec", "narrow")
+WHAT = ("llm", "convert", "data", "pipeline", "mixture", "eval", "serve", "codec", "narrow", "accel")
 
 
 def main(argv=None):
@@ -337,6 +337,9 @@ def main(argv=None):
         return codec.main(rest)
     if what == "narrow":  # its own options: python -m vita_jax.bench narrow --help
         return narrow.main(rest)
+    if what == "accel":  # its own options: python -m vita_jax.bench accel --help
+        from vita_jax.bench import accel  # imports this module's helpers: loaded after them
+        return accel.main(rest)
     config, rest = config_lib.parse_args(rest, default="tiny")
     out, opts = None, {}
     for a in rest:

@@ -11,10 +11,17 @@ import re
 from vita_jax.models import qwen2, vita
 
 # dense bf16 peak FLOP/s and HBM bytes/s per device (vendor figures); matched by substring of
-# jax's device_kind, first match wins
+# jax's device_kind, first match wins. Sources, the vendors' spec sheets (NVIDIA quotes bf16 "with sparsity":
+# dense is half): NVIDIA H100 Tensor Core GPU datasheet (SXM 989 TFLOP/s dense, 3.35 TB/s; PCIe 756, 2.0 TB/s);
+# NVIDIA H200 datasheet (989, 4.8 TB/s); NVIDIA A100 datasheet (312; 80 GB SXM 2.039 TB/s, 40 GB 1.555 TB/s);
+# NVIDIA L4 datasheet (121, 300 GB/s); Google Cloud TPU system architecture pages, per chip: v6e 918 TFLOP/s,
+# 1640 GB/s; v5e ("TPU v5 lite") 197, 819 GB/s; v5p 459, 2765 GB/s; v4 275, 1200 GB/s.
 PEAKS = (
     ("H200", 989e12, 4.8e12),
+    ("H100 PCIe", 756e12, 2.0e12),
     ("H100", 989e12, 3.35e12),
+    ("A100-SXM4-40GB", 312e12, 1.555e12),
+    ("A100-PCIE-40GB", 312e12, 1.555e12),
     ("A100", 312e12, 2.039e12),
     ("L4", 121e12, 0.3e12),
     ("TPU v6", 918e12, 1.64e12),
