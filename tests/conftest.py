@@ -169,3 +169,18 @@ def demo_tokenizer(texts, tok: str) -> int:
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes minutes (training runs, subprocesses, the demo); the quick loop is "
                                        "pytest -m \"not slow\" (README's command runs everything)")
+
+
+def jaxpr_avals(jaxpr):
+    """Every value (inputs and outputs of every equation) of a jaxpr and of the jaxprs inside it."""
+    from jax.extend import core as jex_core
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    for v in jaxpr.invars:
+        yield v.aval
+    for eqn in jaxpr.eqns:
+        for v in eqn.outvars:
+            yield v.aval
+        for p in eqn.params.values():
+            for sub in (p if isinstance(p, (list, tuple)) else (p,)):
+                if isinstance(sub, (jex_core.Jaxpr, jex_core.ClosedJaxpr)):
+                    yield from jaxpr_avals(sub)

@@ -23,7 +23,7 @@ from vita_jax.layers.flash import MULTIPLE, flash_attention, segment_starts
 from vita_jax.layers.splash import kernel_segment_ids
 from vita_jax.models.qwen2 import Qwen2ForCausalLM
 
-from conftest import HANG_S, rel_err
+from conftest import HANG_S, jaxpr_avals, rel_err
 
 CPU_KERNELS = ("xla_chunked",)
 
@@ -74,24 +74,10 @@ def test_flash_forward_and_gradient_match_xla():
         assert rel_err(a, b) <= TOL
 
 
-def _avals(jaxpr):
-    """Every value (inputs and outputs of every equation) of a jaxpr and of the jaxprs inside it."""
-    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
-    for v in jaxpr.invars:
-        yield v.aval
-    for eqn in jaxpr.eqns:
-        for v in eqn.outvars:
-            yield v.aval
-        for p in eqn.params.values():
-            for sub in (p if isinstance(p, (list, tuple)) else (p,)):
-                if isinstance(sub, (jex_core.Jaxpr, jex_core.ClosedJaxpr)):
-                    yield from _avals(sub)
-
-
 def _squares(jaxpr, t):
     """The ``[.., n, n]`` values of a jaxpr, ``n`` the row length ``t`` or the kernels' padded length."""
     n = {t, -(-t // MULTIPLE) * MULTIPLE}
-    return [a for a in _avals(jaxpr) if len(getattr(a, "shape", ())) >= 2 and a.shape[-1] == a.shape[-2] in n]
+    return [a for a in jaxpr_avals(jaxpr) if len(getattr(a, "shape", ())) >= 2 and a.shape[-1] == a.shape[-2] in n]
 
 
 def _square(fn, q, k, v, valid, t):

@@ -7,13 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.extend import core as jex_core
 
 from vita_jax.models import vita
 from vita_jax.models.vita import IGNORE_INDEX, TEXT
 from vita_jax.train import setup, stages
 
-from conftest import rel_err
+from conftest import jaxpr_avals, rel_err
 
 
 def dense_row_terms(logits, labels):
@@ -107,24 +106,10 @@ def test_tiny_config_chunked_equals_dense(tie, chunk):
     _compare(module, params, labels, args, chunks=(chunk,))
 
 
-def _avals(jaxpr):
-    """Every value (inputs and outputs of every equation) of a jaxpr and of the jaxprs inside it."""
-    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
-    for v in jaxpr.invars:
-        yield v.aval
-    for eqn in jaxpr.eqns:
-        for v in eqn.outvars:
-            yield v.aval
-        for p in eqn.params.values():
-            for sub in (p if isinstance(p, (list, tuple)) else (p,)):
-                if isinstance(sub, (jex_core.Jaxpr, jex_core.ClosedJaxpr)):
-                    yield from _avals(sub)
-
-
 def _full_logits(step, state, batch, length, vocab, most) -> list:
     """Shapes of the step's values that hold the whole sequence's logits: ``[..., L (or L - 1), vocab]``,
     or over ``most`` entries along a vocab axis (the chunks' logits stacked, e.g. as saved residuals)."""
-    avals = [a for a in _avals(jax.make_jaxpr(step)(state, batch)) if getattr(a, "shape", ())]
+    avals = [a for a in jaxpr_avals(jax.make_jaxpr(step)(state, batch)) if getattr(a, "shape", ())]
     return [a.shape for a in avals if a.shape[-2:] in ((length, vocab), (length - 1, vocab))
             or (a.shape[-1] == vocab and np.prod(a.shape) > most)]
 
