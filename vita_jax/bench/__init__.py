@@ -48,6 +48,22 @@ def _timeit(fn, steps):
     return (time.perf_counter() - t0) / steps
 
 
+def time_decode(module, params, cfg, prompt, ntok: int):
+    """Greedy cached decoding of ``ntok`` steps after ``prompt [batch, length]`` (ids): ``(seconds per step, the
+    KV cache)``; the prefill and one step run first, so compilation is not timed."""
+    cache = qwen2.KVCache.init(cfg, prompt.shape[0], prompt.shape[1] + ntok + 2)
+    kw = dict(do_sample=False, top_k=0, vocab_limit=None, temperature=jnp.float32(1), top_p=jnp.float32(1))
+    key = jax.random.PRNGKey(0)
+    tok, cache, _ = gen.prefill(module, params, prompt, jnp.ones_like(prompt), cache, key, **kw)
+    tok, cache, _ = gen.decode_step(module, params, tok, cache, key, **kw)  # compile
+    jax.block_until_ready(tok)
+    t0 = time.perf_counter()
+    for _ in range(ntok):
+        tok, cache, _ = gen.decode_step(module, params, tok, cache, key, **kw)
+    jax.block_until_ready(tok)
+    return (time.perf_counter() - t0) / ntok, cache
+
+
 def bench_llm(config) -> dict:
     cfg = vita.llm_config(config)
     b = config.bench
@@ -99,17 +115,7 @@ def bench_llm(config) -> dict:
     db, plen, ntok = b.decode_batch, b.prompt_len, b.decode_tokens
     prompt = jnp.asarray(rng.integers(0, cfg.vocab_size, (db, plen)), jnp.int32)
     with parallel.use_mesh(mesh):
-        cache = qwen2.KVCache.init(cfg, db, plen + ntok + 1)
-        kw = dict(do_sample=False, top_k=0, vocab_limit=None, temperature=jnp.float32(1), top_p=jnp.float32(1))
-        key = jax.random.PRNGKey(0)
-        tok, cache, _ = gen.prefill(module, params, prompt, jnp.ones_like(prompt), cache, key, **kw)
-        tok, cache, _ = gen.decode_step(module, params, tok, cache, key, **kw)  # compile
-        jax.block_until_ready(tok)
-        t0 = time.perf_counter()
-        for _ in range(ntok):
-            tok, cache, _ = gen.decode_step(module, params, tok, cache, key, **kw)
-        jax.block_until_ready(tok)
-        dt = (time.perf_counter() - t0) / ntok
+        dt, _ = time_decode(module, params, cfg, prompt, ntok)
     param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
     kv_bytes = 2 * cfg.num_hidden_layers * db * (plen + ntok // 2) * cfg.num_key_value_heads * cfg.dim_head \
         * jnp.dtype(cfg.dtype).itemsize

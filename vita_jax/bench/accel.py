@@ -38,9 +38,8 @@ import numpy as np
 
 from vita_jax import config as config_lib
 from vita_jax import parallel
-from vita_jax.bench import batch_usage
+from vita_jax.bench import batch_usage, time_decode
 from vita_jax.data import packing
-from vita_jax.infer import generate as gen
 from vita_jax.models import qwen2, vita
 from vita_jax.models.vita import AUDIO_TOKEN_INDEX, IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from vita_jax.models.whale import llm_length
@@ -178,18 +177,9 @@ def _decode_ms(module, params, cfg, batch: int, prompt: int, ntok: int) -> tuple
     """``(ms per decode step, KV cache bytes)`` of greedy cached decoding at ``batch`` rows."""
     rng = np.random.default_rng(batch)
     ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, prompt)), jnp.int32)
-    cache = qwen2.KVCache.init(cfg, batch, prompt + ntok + 2)
-    kw = dict(do_sample=False, top_k=0, vocab_limit=None, temperature=jnp.float32(1), top_p=jnp.float32(1))
-    key = jax.random.PRNGKey(0)
-    tok, cache, _ = gen.prefill(module, params, ids, jnp.ones_like(ids), cache, key, **kw)
-    tok, cache, _ = gen.decode_step(module, params, tok, cache, key, **kw)  # compile
-    jax.block_until_ready(tok)
-    t0 = time.perf_counter()
-    for _ in range(ntok):
-        tok, cache, _ = gen.decode_step(module, params, tok, cache, key, **kw)
-    jax.block_until_ready(tok)
+    dt, cache = time_decode(module, params, cfg, ids, ntok)
     kv = sum(x.size * x.dtype.itemsize for x in (cache.k, cache.v))
-    return (time.perf_counter() - t0) / ntok * 1e3, int(kv)
+    return dt * 1e3, int(kv)
 
 
 def bench_decode(small: bool, layers: int, batches, prompt: int, ntok: int) -> dict:
