@@ -169,6 +169,9 @@ def demo_tokenizer(texts, tok: str) -> int:
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes minutes (training runs, subprocesses, the demo); the quick loop is "
                                        "pytest -m \"not slow\" (README's command runs everything)")
+    # qwix 0.1.8 (LoRA) checks for flax's removed nnx.VariableState alias on every intercepted call: its
+    # deprecation, not ours (vita_jax/models/lora.py filters it the same way outside pytest)
+    config.addinivalue_line("filterwarnings", "ignore:'VariableState' was removed:DeprecationWarning")
 
 
 def jaxpr_avals(jaxpr):

@@ -361,14 +361,16 @@ def init_model(config, seed: int = 0, mesh=None, tokenizer=None) -> VitaModel:
 
 
 def from_pretrained(path: str, dtype=jnp.float32, mesh=None, config_overrides: Optional[dict] = None,
-                    strict: bool = True) -> VitaModel:
+                    strict: bool = True, adapters: Optional[str] = None) -> VitaModel:
     """Loads an official-layout release folder (``config.json`` + safetensors index + shards, the
     vision and audio-encoder folders, tokenizer files, ``vita_tts_ckpt``) or a vita_jax orbax
     checkpoint.
 
     Parameters are stored and computed in ``dtype``; with a ``mesh`` every tensor is read once and
     placed straight into its shards. ``config_overrides`` maps dotted config fields to values
-    (e.g. ``{"remat_policy": "full"}``). ``strict``: unknown tensors in the shards are an error."""
-    ck = model_checkpoint.load(path, dtype, mesh, config_overrides, strict)
+    (e.g. ``{"remat_policy": "full"}``). ``strict``: unknown tensors in the shards are an error.
+    ``adapters``: a LoRA adapter-only checkpoint (a LoRA stage's export with ``config.lora.merge = False``),
+    merged into the weights; ``path`` may also be such a checkpoint, which names its base."""
+    ck = model_checkpoint.load(path, dtype, mesh, config_overrides, strict, adapters=adapters)
     speech = None if ck.tts is None else SpeechModel(*ck.tts, path=os.path.join(path, "vita_tts_ckpt"))
     return VitaModel(ck.config, ck.params, ck.tokenizer, mesh, ck.keys_read, ck.source_dtypes, ck.path, speech)

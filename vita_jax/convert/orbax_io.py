@@ -38,7 +38,7 @@ def is_complete(path: str) -> bool:
 
 
 def save(dst: str, config, params: dict, source_dtypes: Optional[dict] = None, tokenizer_dirs: Sequence = (),
-         write_extra=None, overwrite: bool = False) -> None:
+         write_extra=None, overwrite: bool = False, meta_extra: Optional[dict] = None) -> None:
     """``dst/params`` (orbax, sharded arrays written in parallel by every process), ``dst/vita_jax.json``
     (config and source dtypes), the tokenizer files of the first of ``tokenizer_dirs`` that has
     them, and whatever ``write_extra(folder)`` adds into a local folder (``vita_tts_ckpt``; process 0 only)."""
@@ -65,7 +65,7 @@ def save(dst: str, config, params: dict, source_dtypes: Optional[dict] = None, t
             multihost_utils.sync_global_devices("vita_jax.save_orbax:committed")
             return
         meta = {"format": "vita_jax", "version": 1, "config": json.loads(config.to_json()),
-                "source_dtypes": {k: np.dtype(v).name for k, v in (source_dtypes or {}).items()}}
+                "source_dtypes": {k: np.dtype(v).name for k, v in (source_dtypes or {}).items()}, **(meta_extra or {})}
         local = tempfile.mkdtemp(prefix="vita_jax-export-") if remote else tmp
         try:
             release.copy_tokenizer(local, *tokenizer_dirs)

@@ -39,12 +39,13 @@ def lm_loss_terms(logits, labels):
     return total, count
 
 
-def lm_row_terms(module: "VITA", params, labels, *args):
+def lm_row_terms(module: "VITA", params, labels, *args, rngs=None):
     """Per row ``(sum of CE, target count, argmax hits)`` of ``module`` on spliced inputs ``args``
     (those of :meth:`VITA.__call__`) against ``labels [batch, L]``; the LM head runs
-    ``module.loss_chunk`` positions at a time (:mod:`vita_jax.models.lm_loss`), no full logits."""
-    h = module.apply({"params": params}, *args, method=VITA.hidden)
-    head = lambda x: module.apply({"params": params}, x, method=VITA.head)  # noqa: E731
+    ``module.loss_chunk`` positions at a time (:mod:`vita_jax.models.lm_loss`), no full logits. ``rngs``:
+    ``{"dropout": key}`` for LoRA adapters with dropout."""
+    h = module.apply({"params": params}, *args, method="hidden", rngs=rngs)
+    head = lambda x: module.apply({"params": params}, x, method="head", rngs=rngs)  # noqa: E731
     return lm_loss.row_terms(h, labels, head, module.loss_chunk, IGNORE_INDEX)
 
 

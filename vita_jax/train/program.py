@@ -15,11 +15,11 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from vita_jax import paths
-from vita_jax.convert import model_checkpoint, orbax_io
+from vita_jax.convert import lora_io, model_checkpoint, orbax_io
 from vita_jax.convert import tts as tts_io
 from vita_jax.data import pipeline, synthetic
 from vita_jax.data.text import load_tokenizer
-from vita_jax.models import vita
+from vita_jax.models import lora, vita
 from vita_jax.train import setup, stages
 from vita_jax.train.codec import files as codec_files
 from vita_jax.train.codec import setup as codec_setup
@@ -68,10 +68,21 @@ def initial_params(config, ck: Optional[model_checkpoint.Checkpoint] = None) -> 
     return vita.init_heads(config, params, seed=int(config.seed))
 
 
+def model_params_of(config, state) -> dict:
+    """The whole-model parameters of a train state: LoRA adapters folded into their kernels (float32)."""
+    params = stages.merge(state.train, state.frozen)
+    spec = lora.spec_of(config)
+    return params if spec is None else lora.merge(params, spec, dtype=jnp.float32)
+
+
 def export_model(config, state, path: str) -> None:
     """The stage's final parameters as a vita_jax checkpoint (the model parts; a trained speech
-    decoder also goes to ``path/vita_tts_ckpt`` in the official format)."""
-    params = stages.merge(state.train, state.frozen)
+    decoder also goes to ``path/vita_tts_ckpt`` in the official format). A LoRA stage with
+    ``config.lora.merge = False`` writes its adapters alone (:mod:`vita_jax.convert.lora_io`)."""
+    if lora.spec_of(config) is not None and not config.lora.get("merge", True):
+        lora_io.save(path, config, stages.merge(state.train, {}))
+        return
+    params = model_params_of(config, state)
     pdt = jnp.dtype(config.param_dtype)
     model_params = {k: jax.tree.map(lambda x: x.astype(pdt) if jnp.issubdtype(x.dtype, jnp.floating) else x, params[k])
                     for k in vita.parts(config) if k in params}
@@ -140,7 +151,31 @@ def lm_program(config, data, mesh, log, evals=None, ck=None, done: int = 0) -> S
     del params, ck_in
     log(f"processes: {jax.process_count()}, devices: {jax.device_count()} ({jax.local_device_count()} local), "
         f"mesh: {dict(mesh.shape) if mesh is not None else 'none'}")
-    return StageProgram(state=state, step=step_fn, place=info["place"], data=data, table=info["table"],
-                        params_of=lambda s: stages.merge(s.train, s.frozen),
+    prog = StageProgram(state=state, step=step_fn, place=info["place"], data=data, table=info["table"],
+                        params_of=lambda s: model_params_of(config, s),
                         export=lambda s, path: export_model(config, s, path), complete=orbax_io.is_complete,
                         step_size=lambda host: lm_step_size(config, host), shardings=info.get("shardings"))
+    if lora.spec_of(config) is not None:
+        prog.to_checkpoint, prog.from_checkpoint = adapter_checkpoints(config, state, mesh)
+    return prog
+
+
+def adapter_checkpoints(config, state, mesh):
+    """``(to_checkpoint, from_checkpoint)`` of a LoRA run: a run checkpoint holds the adapters, their optimizer
+    state and the step, plus the frozen base's fingerprint (the base itself is ``config.init_from``, read again
+    on resume); resuming onto another base is a one-line error."""
+    base = lora.fingerprint(state.frozen)
+    if mesh is not None:
+        base = jax.device_put(base, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+    def to_checkpoint(s):
+        return dict(step=s.step, train=s.train, opt_state=s.opt_state, nonfinite=s.nonfinite, base=base)
+
+    def from_checkpoint(saved, s):
+        if not lora.same_base(saved["base"], base):
+            raise ValueError(f"config.init_from = {config.init_from or '(none: a random base)'} is not the base "
+                             "model the checkpoint's LoRA adapters were trained on: use that base, or another "
+                             "--workdir")
+        return s.replace(step=saved["step"], train=saved["train"], opt_state=saved["opt_state"],
+                         nonfinite=saved["nonfinite"])
+    return to_checkpoint, from_checkpoint

@@ -127,7 +127,9 @@ class Checkpointer:
 # the fields that shape the train state (parameters, trained / frozen split, optimizer groups): a checkpoint
 # saved under other values cannot be resumed; everything else (total_steps, data, evals, ...) may change
 SHAPING = ("stage", "loss", "trainable", "llm", "vision", "audio", "has_vision", "has_audio", "mm_projector_type",
-           "mm_hidden_size", "ctc_units", "param_dtype", "frozen_dtype", "tts", "optim.group_lrs", "codec")
+           "mm_hidden_size", "ctc_units", "param_dtype", "frozen_dtype", "tts", "optim.group_lrs", "codec",
+           "lora.rank", "lora.targets")
+NO_LORA = ("lora.rank", "lora.targets")  # without adapters on either side (rank 0, or a config from before LoRA)
 NOT_SHAPING = ("audio.dither",)  # preprocessing settings kept in the model blocks
 
 
@@ -144,7 +146,10 @@ def config_changes(saved: dict, current: dict) -> list:
             tree = tree.get(k) if isinstance(tree, dict) else None
         return tree
     out = []
+    off = not get(saved, "lora.rank") and not get(current, "lora.rank")
     for field in SHAPING:
+        if off and field in NO_LORA:
+            continue
         a, b = _leaves(get(saved, field), field), _leaves(get(current, field), field)
         for k in sorted(set(a) | set(b)):
             if k not in NOT_SHAPING and _norm(a.get(k)) != _norm(b.get(k)):

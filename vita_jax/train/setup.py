@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vita_jax import parallel
-from vita_jax.models import vita
+from vita_jax.models import lora, vita
 from vita_jax.train import stages
 from vita_jax.train import step as step_lib
 
@@ -32,7 +32,9 @@ class StageProgram:
     ``export(state, folder)``: writes ``WORKDIR/model``; ``complete(folder)``: whether that export is
     finished; ``evals``: the stage's own evaluator or None (the trainer's ``config.evals``);
     ``step_size(host batch)``: ``(rows, length, tiles, frames)`` of the global step for the FLOPs
-    count, or None; ``shardings``: the state's shardings (None without a mesh)."""
+    count, or None; ``shardings``: the state's shardings (None without a mesh); ``to_checkpoint(state)``: what
+    a run checkpoint holds of the state (all of it, or with LoRA the adapters' part and the frozen base's
+    fingerprint), ``from_checkpoint(saved, state)``: the state back from it (``state``: the program's own)."""
     state: Any
     step: Callable
     place: Callable
@@ -44,6 +46,8 @@ class StageProgram:
     evals: Any = None
     step_size: Callable[[dict], Optional[tuple]] = lambda host: None
     shardings: Any = None
+    to_checkpoint: Callable = lambda state: state
+    from_checkpoint: Callable = lambda saved, state: saved
 
 
 def state_shardings(state: step_lib.TrainState, param_shardings: dict, mesh):
@@ -68,12 +72,39 @@ def flat_param_shardings(boxed_tree, mesh) -> dict:
 
 
 def model_param_shardings(config, mesh) -> dict:
-    """``{"part/a/b": (NamedSharding, shape)}`` for every model part, from its logical names."""
-    out = {}
-    for name, (module, example, _) in vita.parts(config).items():
-        boxed = vita.abstract_part(module, example)
-        out.update({f"{name}/{k}": v for k, v in flat_param_shardings(boxed, mesh).items()})
+    """``{"part/a/b": (NamedSharding, shape)}`` for every model part (and its LoRA adapters), from its
+    logical names."""
+    out, parts = {}, vita.parts(config)
+    boxed = {name: vita.abstract_part(module, example) for name, (module, example, _) in parts.items()}
+    spec = lora.spec_of(config)
+    if spec is not None:
+        boxed = _deep_update(boxed, lora.abstract_adapters(spec, parts, lora.target_modules(spec, boxed)))
+    for name, tree in boxed.items():
+        out.update({f"{name}/{k}": v for k, v in flat_param_shardings(tree, mesh).items()})
     return out
+
+
+def _deep_update(tree: dict, extra: dict) -> dict:
+    flat = traverse_util.flatten_dict(tree, sep="/")
+    flat.update(traverse_util.flatten_dict(extra, sep="/"))
+    return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def with_adapters(config, params: dict) -> tuple[dict, list]:
+    """``(params, adapted module paths)``: ``params`` plus new LoRA adapters when ``config.lora`` asks for them
+    and ``params`` has none yet (abstract ones for an abstract tree); unchanged without LoRA."""
+    spec = lora.spec_of(config)
+    if spec is None:
+        return params, []
+    modules = lora.target_modules(spec, params)
+    if lora.adapters_of(params):
+        return params, modules
+    parts = vita.parts(config)
+    if all(isinstance(v, jax.ShapeDtypeStruct) for v in jax.tree.leaves(params)):
+        extra = nn.unbox(lora.abstract_adapters(spec, parts, modules))
+    else:
+        extra = lora.init_adapters(spec, parts, modules, seed=int(config.seed))
+    return _deep_update(params, extra), modules
 
 
 def abstract_params(config) -> dict:
@@ -83,7 +114,7 @@ def abstract_params(config) -> dict:
         raise ValueError("config.ctc_units = 0 (sized from the data): give it, e.g. --config.ctc_units=5000")
     params = {name: nn.unbox(vita.abstract_part(p.module, p.example)) for name, p in vita.parts(config).items()}
     heads = jax.eval_shape(lambda: vita.init_heads(config, {}, seed=int(config.seed)))
-    return {**params, **heads}
+    return with_adapters(config, {**params, **heads})[0]
 
 
 def make_state_and_step(config, params, total_steps: int | None = None):
@@ -91,7 +122,10 @@ def make_state_and_step(config, params, total_steps: int | None = None):
     trainable leaves in fp32, frozen ones in ``config.frozen_dtype``, the optimizer over the
     trainable ones. With ``jax.ShapeDtypeStruct`` leaves the state is abstract too."""
     total = int(total_steps or config.total_steps)
-    lab = stages.labels(params, config.trainable, config.optim.group_lrs)
+    params, modules = with_adapters(config, params)
+    # with LoRA the adapters are the trainable partition: the base is frozen (no optimizer state, no gradient)
+    trainable = [".*(" + "|".join(lora.SUFFIXES) + ")"] if modules else config.trainable
+    lab = stages.labels(params, trainable, config.optim.group_lrs if not modules else ())
     flat_lab = traverse_util.flatten_dict(lab, sep="/")
     train, frozen = stages.split(params, lab)
     if not train:
@@ -108,8 +142,10 @@ def make_state_and_step(config, params, total_steps: int | None = None):
         frozen = {k: jnp.array(v, dtype=fdt_of(v), copy=True) for k, v in frozen.items()}
         train = {k: jnp.array(v, dtype=jnp.float32, copy=True) for k, v in train.items()}
         state = step_lib.init_state(train, frozen, opt)
-    fn = step_lib.make_step(step_lib.make_loss(config), opt, stages.schedule_fn(config.optim, config.optim.lr, total),
-                            accum=int(config.grad_accum), compute_dtype=jnp.dtype(config.dtype))
+    lr_fn = stages.schedule_fn(config.optim, config.optim.lr, total)
+    fn = step_lib.make_step(step_lib.make_loss(config, modules), opt, lr_fn,
+                            accum=int(config.grad_accum), compute_dtype=jnp.dtype(config.dtype),
+                            dropout_seed=int(config.seed) if modules and lora.spec_of(config).dropout > 0 else None)
     return state, fn, lab
 
 
@@ -140,7 +176,7 @@ def build(config, params, mesh=None, total_steps: int | None = None):
     Frozen leaves are cast to ``config.frozen_dtype``; with a mesh, the step has explicit in/out
     shardings and donates the state."""
     state, fn, lab = make_state_and_step(config, params, total_steps)
-    info = dict(table=stages.count_table(params, lab), labels=lab)
+    info = dict(table=stages.count_table(stages.merge(state.train, state.frozen), lab), labels=lab)
     if mesh is None:
         # placement (``info["place"]``) may run ahead in the input pipeline's thread; the step takes either
         info["place"] = lambda batch: jax.tree.map(jnp.asarray, batch)

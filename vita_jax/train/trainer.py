@@ -208,7 +208,8 @@ def _start(config, data, mesh, wrap_step, log, evals, ck, done: int, metrics_pat
         log(f"stage {config.stage}: {config.description}\n{prog.table}")
         start = 0
         if done:
-            start, prog.state, data_state = ck.restore_latest(prog.state, log)
+            start, saved, data_state = ck.restore_latest(prog.to_checkpoint(prog.state), log)
+            prog.state = prog.from_checkpoint(saved, prog.state)
             prog.data.set_state(data_state)
             log(f"resumed from step {start}")
         if metrics_path is not None:
@@ -245,7 +246,7 @@ def _loop(config, prog, ck, evals, rec: Recorder, start: int, stop_after: Option
             if (i + 1) % ck.every == 0 or i + 1 == total:  # a checkpoint never gets ahead of its metrics line
                 rec(pending)
                 pending = None
-            saved = ck.save(i + 1, prog.state, data_state, config, force=(i + 1 == total))
+            saved = ck.save(i + 1, prog.to_checkpoint(prog.state), data_state, config, force=(i + 1 == total))
             done = i + 1
             prof.after(i + 1, prog.state)
             if evals and evals.due(i + 1, total) and pending is not None:  # after the step's own metrics line
@@ -260,7 +261,7 @@ def _loop(config, prog, ck, evals, rec: Recorder, start: int, stop_after: Option
                     rec(pending)  # the checkpoint never gets ahead of its metrics line
                     pending = None
                 if not saved:
-                    ck.save(i + 1, prog.state, data_state, config, force=True)
+                    ck.save(i + 1, prog.to_checkpoint(prog.state), data_state, config, force=True)
                 raise preemption.Preempted(f"stopped by {stop.name()} after step {i + 1}: checkpoint {i + 1} saved "
                                            f"in {ck.path}; rerun the same command to resume", stop.signum, i + 1)
         if pending is not None:
