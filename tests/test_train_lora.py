@@ -87,7 +87,8 @@ def test_resume_is_exact_and_another_base_is_refused(run, tmp_path):
 
 def test_export_merged_and_adapters_only(run, tmp_path):
     """The default export is the merged model; ``merge = False`` writes the adapters alone, which
-    ``from_pretrained(base, adapters=...)`` and ``from_pretrained(adapters)`` merge into the same weights."""
+    ``from_pretrained(base, adapters=...)``, ``from_pretrained(adapters)`` and ``vita-jax convert --to pytorch``
+    merge into the same weights."""
     import vita_jax
     from vita_jax.models import lora
     from vita_jax.train import program
@@ -108,3 +109,8 @@ def test_export_merged_and_adapters_only(run, tmp_path):
         x = traverse_util.flatten_dict(m.params, sep="/")[q]
         assert np.abs(np.asarray(x) - np.asarray(b)).max() < 1e-6
     assert not lora.adapters_of(m.params)
+    # vita-jax convert --to pytorch of the adapters folder: the official layout of the merged model, read back equal
+    from vita_jax import cli
+    assert cli.main(["convert", "--to", "pytorch", str(adapters_dir), str(tmp_path / "pt")]) == 0
+    back = traverse_util.flatten_dict(vita_jax.from_pretrained(str(tmp_path / "pt")).params, sep="/")[q]
+    assert np.abs(np.asarray(back) - np.asarray(b)).max() < 1e-6
