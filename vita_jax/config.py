@@ -52,6 +52,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.dtype = "float32"          # compute dtype
     c.param_dtype = "float32"    # storage dtype of parameters
     c.remat_policy = "none"      # none | full | dots | dots_no_batch | qkv_proj
+    # the towers' own policies ("": remat_policy's): InternViT's 1025-position tiles may want "full" where the LLM
+    # keeps dots_no_batch
+    c.vision_remat_policy = ""
+    c.audio_remat_policy = ""
     # attention: auto (TPU: splash; GPU: cuDNN unpacked 16-bit, else tokamax) | xla | cudnn | splash | tokamax
     c.attention_impl = "auto"
     c.mesh_shape = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))

@@ -59,7 +59,7 @@ def vision_config(config) -> Optional[internvit.InternViTConfig]:
     if not config.has_vision:
         return None
     return internvit.InternViTConfig.from_config(config.vision, dtype=config.dtype, param_dtype=config.param_dtype,
-                                                 remat_policy=config.remat_policy)
+                                                 remat_policy=config.get("vision_remat_policy") or config.remat_policy)
 
 
 def audio_config(config) -> Optional[whale.WhaleConfig]:
@@ -67,7 +67,8 @@ def audio_config(config) -> Optional[whale.WhaleConfig]:
         return None
     # the adapter always projects to the LLM width (a train.yaml that disagrees is rejected on load)
     return whale.WhaleConfig.from_config(config.audio, dtype=config.dtype, param_dtype=config.param_dtype,
-                                         remat_policy=config.remat_policy, llm_embed_dim=config.llm.hidden_size)
+                                         remat_policy=config.get("audio_remat_policy") or config.remat_policy,
+                                         llm_embed_dim=config.llm.hidden_size)
 
 
 def tts_config(config) -> tts_decoder.TTSDecoderConfig:

@@ -113,7 +113,7 @@ def compile_step(config, topology: str, per_chip_batch: int | None = None, hbm_g
                          f"not divisible by the {shards} data x fsdp devices of mesh {dict(mesh.shape)}")
     log(f"stage {config.stage}: {topology}, {len(devices)} x {kind}, mesh {dict(mesh.shape)}, "
         f"{rows // shards} rows x {config.data.seq_len} per chip per micro-batch, grad_accum {accum}, "
-        f"remat {config.remat_policy}")
+        f"remat {_remat(config)}")
     t0 = time.perf_counter()
     state, fn, shard = setup.abstract_state(config, mesh)
     batch = abstract_batch(config, mesh, rows)
@@ -123,7 +123,7 @@ def compile_step(config, topology: str, per_chip_batch: int | None = None, hbm_g
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves((state.train, state.frozen)))
     r = dict(topology=topology, chips=len(devices), device_kind=kind, mesh=dict(mesh.shape),
              stage=str(config.stage), params=int(n_params), per_chip_batch=rows // shards, global_batch=rows * accum,
-             grad_accum=accum, seq_len=int(config.data.seq_len), remat=str(config.remat_policy),
+             grad_accum=accum, seq_len=int(config.data.seq_len), remat=_remat(config),
              tiles_per_sample=int(config.data.max_tiles_per_sample) if config.loss == "lm" else 0,
              hbm_capacity_gib=cap, lower_s=round(t1 - t0, 2))
     try:
@@ -180,3 +180,13 @@ def not_fitting_message(r: dict) -> str:
             f"{' (temporaries alone, the compiler ran out of HBM)' if r.get('compiler_out_of_memory') else ''} > "
             f"{r['hbm_capacity_gib']:.1f} GiB HBM (per-chip batch {r['per_chip_batch']} x {r['seq_len']}, "
             f"remat {r['remat']})")
+
+
+def _remat(config) -> str:
+    """The remat policy, with the towers' own where they differ (``dots_no_batch, vision full``)."""
+    out = str(config.remat_policy)
+    for tower in ("vision", "audio"):
+        own = config.get(f"{tower}_remat_policy") or ""
+        if own and own != out:
+            out += f", {tower} {own}"
+    return out
