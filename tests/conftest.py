@@ -166,12 +166,67 @@ def demo_tokenizer(texts, tok: str) -> int:
 
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_memory_after_module():
+    """After each test module: JAX's compiled programs and traces dropped, garbage collected, freed heap returned
+    to the OS. A worker otherwise keeps every program it compiled (4+ GB by the end of the suite), and two
+    workers plus a test's training subprocess share the machine's 24 GB."""
+    yield
+    import ctypes
+    import gc
+
+    import jax
+    jax.clear_caches()
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+# the suite's longest items (minutes each on 2 cores), started first under -n 2 so that no worker picks one up near
+# the end while the other has run dry. xdist hands each worker two items at a time (pytest_configure): worker 0 takes
+# the official codec steps, then the demo; worker 1 stage 3.1, then the :narrow runs (the three holding
+# `big_memory` never overlap)
+LONG_FIRST = ("test_train_codec.py::test_official_steps", "test_demo_run.py::", "test_train_codec_stage.py::",
+              "test_train_stages_narrow.py::")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        name = item.nodeid.rsplit("/", 1)[-1]
+        return next((i for i, p in enumerate(LONG_FIRST) if name.startswith(p)), len(LONG_FIRST))
+    items.sort(key=rank)  # stable: the rest as collected
+
+
+@pytest.fixture(scope="module")
+def big_memory(tmp_path_factory):
+    """Held for a whole module by the fixtures of the suite's biggest runs (test_train_codec's official steps,
+    test_train_stages_narrow's :narrow runs, the demo: ~8-12 GB each with their worker), so that under -n 2 no two
+    of them share the 24 GB machine: an exclusive lock on a file in the session's temporary folder, which every
+    xdist worker shares (a plain run holds it alone)."""
+    import fcntl
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # pytest-of-USER/pytest-N/popen-gwK -> the session's folder
+    with open(root / "big_memory.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes minutes (training runs, subprocesses, the demo); the quick loop is "
                                        "pytest -m \"not slow\" (README's command runs everything)")
     # qwix 0.1.8 (LoRA) checks for flax's removed nnx.VariableState alias on every intercepted call: its
     # deprecation, not ours (vita_jax/models/lora.py filters it the same way outside pytest)
     config.addinivalue_line("filterwarnings", "ignore:'VariableState' was removed:DeprecationWarning")
+    # under -n N, xdist's first hand-out would give each worker a quarter of its share in one contiguous chunk (all of
+    # LONG_FIRST to one worker); two items at a time keeps them apart and the workers evenly fed
+    if getattr(config.option, "dist", "no") == "load" and getattr(config.option, "maxschedchunk", 0) is None:
+        config.option.maxschedchunk = 2
 
 
 def jaxpr_avals(jaxpr):

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow  # minutes: outside the quick loop (pytest -m "not
 STAGES = ["1.1", "1.2", "1.3", "2.1a", "2.1b", "2.2", "3.1", "3.2"]
 
 
-def test_demo_small_budget(tmp_path):
+def test_demo_small_budget(tmp_path, big_memory):
     wd = tmp_path / "demo"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     r = run_cli("demo", "--workdir", str(wd), "--budget-minutes", "5", "--speech", "recordings", "--no-progress",

@@ -30,7 +30,7 @@ def test_remat_policies_same_gradients():
         assert max(diffs) < 1e-6, policy
 
 
-@pytest.mark.slow  # three gradients of the tiny whole model (~1 min)
+@pytest.mark.slow  # two gradients of the tiny whole model (~1 min)
 def test_towers_take_their_own_remat_policy():
     """config.vision_remat_policy / audio_remat_policy override remat_policy for that tower only ("": follow it),
     and the whole model's LM loss gradients are the same under them as without remat."""
@@ -50,7 +50,7 @@ def test_towers_take_their_own_remat_policy():
         return jax.grad(lambda p: step.make_loss(cfg)(p, batch)[0])(params)
     plain = c.copy_and_resolve_references()
     plain.remat_policy, plain.vision_remat_policy = "none", ""
-    g0, g1 = grads(plain), grads(c)
+    g0, g1 = grads(plain), grads(c)  # (gradients of the policies themselves: test_remat_policies_same_gradients)
     # against each tower's largest gradient (the key biases' gradients are 0 up to rounding: no per-leaf ratio)
     for part in g0:
         scale = max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g0[part]))

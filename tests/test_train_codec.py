@@ -40,7 +40,7 @@ def check(errs):
 
 
 @pytest.fixture(scope="module")
-def run():
+def run(big_memory):  # the debug step's program and both steps' intermediates: ~7 GB in this process
     """Both official steps, from g_00000000 / do_00000000, with every intermediate."""
     import jax
     import jax.numpy as jnp

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow  # minutes: outside the quick loop (pytest -m "not
 
 
 @pytest.fixture(scope="module")
-def mix(tmp_path_factory):
+def mix(tmp_path_factory, big_memory):  # a 6200-token batch here, ~5 GB training runs beside
     from vita_jax.bench import mixture
     root = tmp_path_factory.mktemp("narrow_mix")
     return mixture.write_mixture(str(root), 24, 0)
@@ -51,7 +51,10 @@ def test_narrow_batch_has_images_and_clip_groups(mix):
 
 def test_narrow_stage_trains_and_resumes(mix, tmp_path):
     wd = tmp_path / "run"
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    # the two runs share one persistent compilation cache in the test's folder: the resumed run loads the step the
+    # first one compiled (minutes on CPU) instead of compiling it again
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla-cache"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
 
     def run(steps):
         cmd = [sys.executable, "-m", "vita_jax.cli", "train", "--config=stage2_2:narrow", *_overrides(mix, steps),
