@@ -33,6 +33,7 @@ def test_release_layout_written(release_dir):
         assert os.path.exists(os.path.join(release_dir, f)), f
 
 
+@pytest.mark.slow  # 10-25 s on 2 cores: outside the quick loop (pytest -m "not slow")
 def test_chat_text_image_audio(model, tmp_path):
     assert len(model.tokenizer) == 151665
     img = tmp_path / "img.png"
@@ -46,6 +47,7 @@ def test_chat_text_image_audio(model, tmp_path):
     assert (ids == -200).sum() == 3 and (ids == -500).sum() == 1
 
 
+@pytest.mark.slow  # 10-25 s on 2 cores: outside the quick loop (pytest -m "not slow")
 def test_generation_respects_vocab_limit_and_stops(model):
     ids = T.encode_prompt(model.tokenizer, "Hello")
     out = model.generate(ids, max_new_tokens=12)
@@ -55,6 +57,7 @@ def test_generation_respects_vocab_limit_and_stops(model):
     assert not any(t in stops for t in real[:-1])  # only the last token may be a stop token
 
 
+@pytest.mark.slow  # 10-25 s on 2 cores: outside the quick loop (pytest -m "not slow")
 def test_cli_generate_with_media_and_speech(release_dir, capsys, tmp_path):
     import soundfile as sf
     img = tmp_path / "img.png"

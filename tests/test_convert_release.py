@@ -72,6 +72,7 @@ def test_roundtrip_bf16_bitwise(tiny_dir, tmp_path):
     _same_tensors(src, str(tmp_path / "out16"))
 
 
+@pytest.mark.slow  # 10-25 s on 2 cores: outside the quick loop (pytest -m "not slow")
 def test_orbax_roundtrip(tiny_dir, tmp_path):
     m = vita_jax.from_pretrained(tiny_dir)
     m.save_pretrained(str(tmp_path / "ckpt"), format="orbax")

@@ -87,6 +87,7 @@ def _jsonl(path):
     return [json.loads(line) for line in open(path)]
 
 
+@pytest.mark.slow  # 10-25 s on 2 cores: outside the quick loop (pytest -m "not slow")
 def test_batched_equals_one_chat_per_example(model, data):
     """The batched engine (device decode loop, right-padded rows of different lengths and media)
     gives each row exactly the reply of its own chat() call."""

@@ -63,6 +63,7 @@ def test_stop_token_and_padding(setup):
     np.testing.assert_array_equal(out[0], free[0, :first + 1])
 
 
+@pytest.mark.slow  # 10-25 s on 2 cores: outside the quick loop (pytest -m "not slow")
 def test_sampling_is_seeded_and_respects_top_k(setup):
     _, m, prompts = setup
     ids = np.asarray([prompts[0]])

@@ -28,6 +28,7 @@ def test_codec_encode(speech, tts_dir):
     np.testing.assert_array_equal(gt, r["global_tokens"].ravel())
 
 
+@pytest.mark.slow  # 10-25 s on 2 cores: outside the quick loop (pytest -m "not slow")
 def test_streaming_equals_official(speech, tts_dir):
     st = tts_ref(tts_dir, "streaming")
     with open(os.path.join(tts_dir, "reference/cases.json")) as f:

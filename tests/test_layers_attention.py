@@ -92,6 +92,7 @@ def _packed_batch(t=128):
     return jnp.asarray(ids), jnp.asarray((seg > 0).astype(np.int32)), jnp.asarray(positions), jnp.asarray(seg)
 
 
+@pytest.mark.slow  # 10-25 s on 2 cores: outside the quick loop (pytest -m "not slow")
 def test_qwen2_splash_forward_matches_xla_on_packed_batch():
     ids, mask, positions, seg = _packed_batch()
     xla = Qwen2ForCausalLM(_tiny(attention_impl="xla"))
@@ -156,6 +157,7 @@ print("ERRS", max(errs))
 """
 
 
+@pytest.mark.slow  # 10-25 s on 2 cores: outside the quick loop (pytest -m "not slow")
 def test_splash_under_a_mesh_shards_batch_and_heads():
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)

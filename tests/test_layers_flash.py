@@ -203,6 +203,7 @@ print("ERRS", max(errs))
 """
 
 
+@pytest.mark.slow  # 10-25 s on 2 cores: outside the quick loop (pytest -m "not slow")
 def test_flash_under_a_mesh_shards_batch_and_heads():
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)

@@ -93,6 +93,7 @@ def _tiny_config(vocab, tie=False, chunk=64):
     return c
 
 
+@pytest.mark.slow  # 10-25 s on 2 cores: outside the quick loop (pytest -m "not slow")
 @pytest.mark.parametrize("tie,chunk", [(False, 33), (True, 64)])  # 99 targets: 3 whole chunks / 2, one padded
 def test_tiny_config_chunked_equals_dense(tie, chunk):
     c = _tiny_config(vocab=512, tie=tie)

@@ -159,6 +159,7 @@ def test_barge_in_cancels_without_stale_output(engine):
     assert old.llm_info.get("reason") in ("cancelled", "stop", "length")
 
 
+@pytest.mark.slow  # 10-25 s on 2 cores: outside the quick loop (pytest -m "not slow")
 def test_concurrent_sessions_share_steps_and_bad_prompts_fail_alone(engine):
     recs = [Recorder() for _ in range(3)]
     sessions = [session_lib.Session(engine, r, OPTS) for r in recs]

@@ -77,6 +77,7 @@ def test_origin_check(server):
         assert json.loads(ws.recv(timeout=120))["type"] == "error"  # reset is silent, the unknown type is not
 
 
+@pytest.mark.slow  # 10-25 s on 2 cores: outside the quick loop (pytest -m "not slow")
 def test_typed_and_spoken_turns(server):
     with connect(_url(server)) as ws:
         ws.send(json.dumps({"type": "text", "text": "Hello there, who are you?"}))
@@ -133,6 +134,7 @@ def test_bad_frames_get_an_error_and_the_session_goes_on(server, frame, match):
         assert json.loads(ws.recv(timeout=120))["type"] == "error"
 
 
+@pytest.mark.slow  # 10-25 s on 2 cores: outside the quick loop (pytest -m "not slow")
 def test_oversized_message_and_flood_close_only_that_connection(server):
     with connect(_url(server)) as other:
         with connect(_url(server), max_size=None) as ws:

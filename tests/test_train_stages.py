@@ -75,6 +75,7 @@ def test_variant_and_stage_errors():
         stages.stage_config("4.1")
 
 
+@pytest.mark.slow  # 10-25 s on 2 cores: outside the quick loop (pytest -m "not slow")
 @pytest.mark.parametrize("stage", NARROW)
 def test_narrow_model_builds(stage):
     """Every ``:narrow`` passes the trainer's checks and has a model (shapes only); 2.2's (every tower) initialises

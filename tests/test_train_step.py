@@ -111,6 +111,7 @@ def test_ctc_stage(model):
     assert losses[-1] < 0.5 * losses[0], losses
 
 
+@pytest.mark.slow  # 10-25 s on 2 cores: outside the quick loop (pytest -m "not slow")
 def test_tts_stage(model, tiny_dir):
     s = load_speech(os.path.join(tiny_dir, "vita_tts_ckpt"))
     c = _stage(model, "3.2")

@@ -19,6 +19,7 @@ from typing import Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import qwix
 from flax import traverse_util
 
@@ -179,6 +180,5 @@ def fingerprint(tree) -> jax.Array:
 def same_base(saved, current, rtol: float = 1e-4) -> bool:
     """Whether two :func:`fingerprint` s are of the same base (float32 sums in another reduction order, e.g. on
     another mesh, differ by rounding only)."""
-    import numpy as np
     a, b = np.asarray(saved, np.float64), np.asarray(current, np.float64)
     return a.shape == b.shape and bool(np.all(np.abs(a - b) <= rtol * np.maximum(np.abs(b), 1e-6)))
