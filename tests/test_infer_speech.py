@@ -107,6 +107,7 @@ def test_speak(tiny_dir):
     np.testing.assert_array_equal(m.speak("hello there", top_k=1, max_tokens=30, first=(8, 1.01), padding_size=2), wav)
 
 
+@pytest.mark.slow  # ~10 s on 2 cores: outside the quick loop (pytest -m "not slow")
 def test_stream_skips_special_ids(speech, tts_dir):
     """``stream`` drops the decoder's special ids (they carry no sound) and goes on; another id
     outside the codebook is an error."""

@@ -104,6 +104,7 @@ def test_qwen2_splash_forward_matches_xla_on_packed_batch():
     assert rel_err(out[valid], ref[valid]) <= TOL
 
 
+@pytest.mark.slow  # ~10 s on 2 cores: outside the quick loop (pytest -m "not slow")
 def test_auto_is_xla_on_cpu_and_bitwise_the_old_default():
     assert jax.default_backend() == "cpu"
     assert resolve_implementation("auto", jnp.bfloat16, 128, packed=True, cached=False) == "xla"

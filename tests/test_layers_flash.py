@@ -138,6 +138,7 @@ def test_gpu_kernels_hold_no_float_square_value(gpu_kernels_traceable, kernel, d
     assert _square(fn, q, k, v, valid, t) == square_in_backward
 
 
+@pytest.mark.slow  # ~10 s on 2 cores: outside the quick loop (pytest -m "not slow")
 def test_auto_on_gpu_sends_packed_qwen2_to_tokamax_with_no_square_value(gpu_kernels_traceable, monkeypatch):
     """The packed Qwen2 loss and gradient as ``auto`` builds them on an sm90 GPU (bf16): Mosaic GPU
     kernels, and no ``[.., L, L]`` value anywhere (no mask, no scores)."""
@@ -160,6 +161,7 @@ def test_auto_on_gpu_sends_packed_qwen2_to_tokamax_with_no_square_value(gpu_kern
     assert not kernel and xla  # the check can fail
 
 
+@pytest.mark.slow  # ~10 s on 2 cores: outside the quick loop (pytest -m "not slow")
 @pytest.mark.parametrize("remat", ["none", "dots_no_batch"])  # the stage configs' policy: the kernel under remat
 def test_qwen2_tokamax_logits_and_gradients_match_xla_on_packed_batch(remat):
     ids, mask, positions, seg = _packed_batch()

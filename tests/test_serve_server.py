@@ -153,6 +153,7 @@ def test_oversized_message_and_flood_close_only_that_connection(server):
         assert _until(other)[-1]["type"] == "turn_metrics"
 
 
+@pytest.mark.slow  # ~10 s on 2 cores: outside the quick loop (pytest -m "not slow")
 def test_busy_disconnect_mid_answer_and_cycles_leak_nothing(server):
     threads = threading.active_count()
     with connect(_url(server)) as a, connect(_url(server)) as b:
