@@ -29,9 +29,10 @@ setup(
         "jax>=0.10.2",
         "flax>=0.12.8",
         "optax>=0.2.8",
-        # LoRA (vita_jax/models/lora.py): Google's JAX quantization library, whose LoRA / QLoRA providers intercept
-        # flax linen's dot_general (light: absl, opt_einsum beside jax and flax)
-        "qwix>=0.1.8",
+        # LoRA / QLoRA (vita_jax/models/lora.py): Google's JAX quantization library, whose providers intercept flax
+        # linen's dot_general (light: absl, opt_einsum beside jax and flax); pinned: QLoRA reaches its quantized
+        # weight wrapper and per-layer quantizer in private modules
+        "qwix==0.1.8",
         "orbax-checkpoint>=0.12",
         "etils[epath]>=1.5",  # vita_jax/paths.py: work dirs at object-storage URLs (orbax uses it too)
         "grain>=0.2.18",

@@ -127,3 +127,37 @@ def test_adapters_shard_like_their_kernel_and_alone_train(tiny):
     assert not any(lora.is_adapter(k) for k in state.frozen) and len(state.train) == 2 * len(modules)
     assert all(state.frozen[k].dtype == jnp.dtype(c.frozen_dtype) for k in state.frozen)
     assert all(state.train[k].dtype == jnp.float32 for k in state.train)
+
+
+@pytest.mark.slow  # ~25 s each: outside the quick loop
+@pytest.mark.parametrize("qtype", ["int8", "int4"])
+def test_qlora_base_is_quantized_per_layer_and_close(qtype):
+    """QLoRA (config.lora.base_dtype): the adapted kernels are stored quantized in the frozen state, with one scale
+    per layer and output channel (qwix's per-layer layout, under nn.scan too); the adapters stay float32 and alone
+    trainable; with new adapters the loss stays within the quantization's error of the float model's."""
+    from vita_jax.data import synthetic
+    from vita_jax.models import lora, vita
+    from vita_jax.train import setup, stages, step
+    c = _config()
+    c.lora.targets = [QKV, r"llm/model/layers/mlp/.*_proj/kernel"]
+    c.lora.base_dtype = qtype
+    params = vita.init_params(c, seed=0)
+    state, _, _ = setup.make_state_and_step(c, params)
+    q = {k: v for k, v in state.frozen.items() if lora.is_quantized(v)}
+    assert len(q) == 7 and all(k.startswith("llm/model/layers/") for k in q)
+    layers, e = int(c.llm.num_hidden_layers), int(c.llm.hidden_size)
+    up = q["llm/model/layers/mlp/up_proj/kernel"].array
+    assert up.qvalue.dtype == jnp.dtype(qtype) and up.scale.shape == (layers, 1, int(c.llm.intermediate_size))
+    assert up.qvalue.shape == (layers, e, int(c.llm.intermediate_size))
+    assert all(lora.is_adapter(k) and v.dtype == jnp.float32 for k, v in state.train.items())
+    batch = jax.tree.map(jnp.asarray, next(iter(synthetic.synthetic_data(c)[0])))
+    modules = lora.target_modules(lora.spec_of(c), params)
+    base = float(jax.jit(step.make_loss(c))(params, batch)[0])
+    quant = float(jax.jit(step.make_loss(c, modules))(stages.merge(state.train, state.frozen), batch)[0])
+    assert base != quant and abs(quant - base) < {"int8": 1e-3, "int4": 3e-2}[qtype] * abs(base)
+    # merged: dequantized kernel + delta, float32
+    merged = traverse_util.flatten_dict(lora.merge(stages.merge(state.train, state.frozen), lora.spec_of(c)), sep="/")
+    w = merged["llm/model/layers/mlp/up_proj/kernel"]
+    ref = np.asarray(params["llm"]["model"]["layers"]["mlp"]["up_proj"]["kernel"])
+    bound = {"int8": 0.01, "int4": 0.2}[qtype] * np.abs(ref).max()
+    assert w.dtype == jnp.float32 and np.abs(np.asarray(w) - ref).max() < bound

@@ -100,9 +100,10 @@ def stage_defaults(variant: str = "") -> ml_collections.ConfigDict:
     c.init_from = ""  # previous stage's checkpoint (parameters only, fresh optimizer)
     # LoRA (vita_jax/models/lora.py): rank > 0 trains adapters on the kernels `targets` match (regular expressions
     # over parameter paths) and nothing else; the delta is scaled by alpha / rank; run checkpoints hold the adapters
-    # and their optimizer state only; merge: the stage's export folds them into the weights (else adapters only)
+    # and their optimizer state only; merge: the stage's export folds them into the weights (else adapters only);
+    # base_dtype "int8" / "int4": the adapted kernels stored quantized (QLoRA)
     c.lora = ml_collections.ConfigDict(dict(
-        rank=0, alpha=16.0, dropout=0.0, merge=True,
+        rank=0, alpha=16.0, dropout=0.0, merge=True, base_dtype="",
         targets=[r"llm/model/layers/self_attn/(q|k|v|o)_proj/kernel",
                  r"llm/model/layers/mlp/(gate|up|down)_proj/kernel"]))
     # evaluators during training, {name: dict(type=..., data=..., every=N, ...)} (vita_jax/evals); on the command

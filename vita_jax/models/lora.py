@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 import qwix
 from flax import traverse_util
+from qwix._src.core import qarray  # qwix keeps its PTQ weight wrapper and its quantizer in private modules:
+from qwix._src.providers.ptq import WithAux  # setup.py pins the qwix version this was written against
 
 # qwix 0.1.8 checks for flax's removed nnx.VariableState alias on every intercepted call (its deprecation, not ours)
 warnings.filterwarnings("ignore", message="'VariableState' was removed", category=DeprecationWarning)
@@ -37,6 +39,7 @@ class LoraSpec:
     alpha: float
     targets: tuple[str, ...]
     dropout: float = 0.0
+    base_dtype: str = ""  # "": the frozen base as it is; "int8" / "int4": the adapted kernels stored quantized (QLoRA)
 
     @property
     def scale(self) -> float:
@@ -50,6 +53,9 @@ def spec_of(config) -> Optional[LoraSpec]:
         return None
     rank, alpha, dropout = int(lc.rank), float(lc.alpha), float(lc.get("dropout", 0.0))
     targets = tuple(lc.targets)
+    base_dtype = str(lc.get("base_dtype", "") or "")
+    if base_dtype not in ("", "int8", "int4"):
+        raise ValueError(f"config.lora.base_dtype = {base_dtype!r}: '' (as stored), 'int8' or 'int4'")
     if rank < 0:
         raise ValueError(f"config.lora.rank = {rank}: must be >= 1 (0: no LoRA)")
     if alpha <= 0:
@@ -64,7 +70,7 @@ def spec_of(config) -> Optional[LoraSpec]:
             re.compile(t)
         except re.error as e:
             raise ValueError(f"config.lora.targets: {t!r} is not a regular expression ({e})") from None
-    return LoraSpec(rank, alpha, targets, dropout)
+    return LoraSpec(rank, alpha, targets, dropout, base_dtype)
 
 
 def is_adapter(path: str) -> bool:
@@ -98,8 +104,9 @@ def provider(spec: LoraSpec, modules: list[str], prefix: str = "") -> Optional[q
     mine = [m[len(prefix):] for m in modules if m.startswith(prefix)]
     if not mine:
         return None
-    return qwix.LoraProvider(module_path="|".join(re.escape(m) for m in mine), rank=spec.rank, alpha=spec.alpha,
-                             dropout=spec.dropout)
+    rule = qwix.LoraRule(module_path="|".join(re.escape(m) for m in mine), rank=spec.rank, alpha=spec.alpha,
+                         dropout=spec.dropout, weight_qtype=spec.base_dtype or None)
+    return qwix.LoraProvider([rule])
 
 
 def wrap(module: nn.Module, spec: Optional[LoraSpec], modules: list[str], prefix: str = "",
@@ -122,6 +129,7 @@ def adapters_of(tree) -> dict:
 def abstract_adapters(spec: LoraSpec, parts: dict, modules: list[str]) -> dict:
     """The boxed (logically partitioned) abstract adapters ``{part: {...}}`` of every part with targets
     (``parts``: :func:`vita_jax.models.vita.parts`)."""
+    spec = dataclasses.replace(spec, base_dtype="")  # (qwix's PTQ init creates no adapter on a DenseGeneral)
     out = {}
     for name, p in parts.items():
         m = wrap(p.module, spec, modules, name + "/")
@@ -136,6 +144,7 @@ def abstract_adapters(spec: LoraSpec, parts: dict, modules: list[str]) -> dict:
 def init_adapters(spec: LoraSpec, parts: dict, modules: list[str], seed: int = 0) -> dict:
     """New adapters ``{part: {...}}`` (A He-uniform, B zeros), part ``i`` of ``parts`` drawn from ``seed + i``
     as its base parameters are. Only the adapters are computed (XLA drops the base initialisers)."""
+    spec = dataclasses.replace(spec, base_dtype="")  # the same adapters as without QLoRA (see abstract_adapters)
     out = {}
     for i, (name, p) in enumerate(parts.items()):
         m = wrap(p.module, spec, modules, name + "/")
@@ -149,6 +158,46 @@ def init_adapters(spec: LoraSpec, parts: dict, modules: list[str], seed: int = 0
     return out
 
 
+def is_quantized(x) -> bool:
+    return isinstance(x, WithAux)
+
+
+def dequantize(x):
+    """A QLoRA base kernel back in float32 (anything else as it is)."""
+    return qwix.dequantize(x.array).astype(jnp.float32) if is_quantized(x) else x
+
+
+def _quantize_like(w, abstract: WithAux) -> WithAux:
+    """``w`` quantized as ``abstract`` (the adapted model's abstract kernel) says. Under ``nn.scan`` qwix works out
+    how to quantize one layer (its channel axes) while the tree holds all layers stacked: each layer is then
+    quantized on its own (vmap over the leading axis), which gives the abstract tree's per-layer scales."""
+    want = tuple(nn.unbox(abstract.array.scale).shape)
+    q = qarray.quantize(w, abstract.how)
+    if tuple(q.scale.shape) != want:
+        q = jax.vmap(lambda x: qarray.quantize(x, abstract.how))(w)
+    if tuple(q.scale.shape) != want:
+        raise ValueError(f"LoRA base quantization: scale {tuple(q.scale.shape)} for a kernel {tuple(w.shape)}, "
+                         f"the model wants {want}")
+    return abstract.replace(array=q)
+
+
+def quantize_base(spec: LoraSpec, parts: dict, modules: list[str], params: dict) -> dict:
+    """``params`` with the adapted kernels stored as ``spec.base_dtype`` (QLoRA; qwix ``WithAux`` leaves: int
+    values and float32 scales, per output channel); unchanged without a ``base_dtype``."""
+    if not spec.base_dtype:
+        return params
+    flat = traverse_util.flatten_dict(params, sep="/")
+    for name, p in parts.items():
+        m = wrap(p.module, spec, modules, name + "/")
+        if m is p.module:
+            continue
+        abstract = jax.eval_shape(lambda m=m, p=p: m.init(jax.random.PRNGKey(0), *p.example)["params"])
+        for k, a in traverse_util.flatten_dict(abstract, sep="/").items():
+            if is_quantized(a) and f"{name}/{k}" in flat and not is_quantized(flat[f"{name}/{k}"]):
+                flat[f"{name}/{k}"] = _quantize_like(jnp.asarray(flat[f"{name}/{k}"], jnp.float32), a)
+    return traverse_util.unflatten_dict(flat, sep="/")
+
+
 def merge(params: dict, spec: LoraSpec, dtype=None) -> dict:
     """``params`` (with adapter leaves) -> the same tree without them, each adapted kernel replaced by
     ``W + alpha / rank * (A @ B)`` reshaped to ``W`` (computed in float32, stored in ``W``'s dtype or
@@ -158,9 +207,11 @@ def merge(params: dict, spec: LoraSpec, dtype=None) -> dict:
     for k in [k for k in flat if k.endswith("_lora_a")]:
         w_key = k[:-len("_lora_a")]
         w, a, b = flat[w_key], flat[k], flat[w_key + "_lora_b"]
+        dt = dtype or (jnp.float32 if is_quantized(w) else w.dtype)
+        w = dequantize(w)
         delta = jnp.einsum("...ir,...ro->...io", jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32))
         merged = jnp.asarray(w, jnp.float32) + spec.scale * delta.reshape(w.shape)
-        out[w_key] = merged.astype(dtype or w.dtype)
+        out[w_key] = merged.astype(dt)
     return traverse_util.unflatten_dict(out, sep="/")
 
 
@@ -168,7 +219,7 @@ def fingerprint(tree) -> jax.Array:
     """``[leaves, 2]`` float32: the sum and the sum of squares of every leaf of ``tree`` (sorted by path): what
     a LoRA run checkpoint keeps of its frozen base, to refuse resuming onto another one."""
     flat = traverse_util.flatten_dict(tree, sep="/") if isinstance(tree, dict) else dict(enumerate(tree))
-    leaves = [flat[k] for k in sorted(flat)]
+    leaves = [leaf for k in sorted(flat) for leaf in jax.tree.leaves(flat[k])]  # a QLoRA kernel: values and scales
 
     @jax.jit
     def sums(xs):

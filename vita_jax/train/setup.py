@@ -97,14 +97,18 @@ def with_adapters(config, params: dict) -> tuple[dict, list]:
     if spec is None:
         return params, []
     modules = lora.target_modules(spec, params)
-    if lora.adapters_of(params):
-        return params, modules
     parts = vita.parts(config)
-    if all(isinstance(v, jax.ShapeDtypeStruct) for v in jax.tree.leaves(params)):
-        extra = nn.unbox(lora.abstract_adapters(spec, parts, modules))
-    else:
-        extra = lora.init_adapters(spec, parts, modules, seed=int(config.seed))
-    return _deep_update(params, extra), modules
+    abstract = all(isinstance(v, jax.ShapeDtypeStruct) for v in jax.tree.leaves(params))
+    if not lora.adapters_of(params):
+        if abstract:
+            extra = nn.unbox(lora.abstract_adapters(spec, parts, modules))
+        else:
+            extra = lora.init_adapters(spec, parts, modules, seed=int(config.seed))
+        params = _deep_update(params, extra)
+    if spec.base_dtype:  # QLoRA: the adapted kernels stored quantized (abstract: their shapes)
+        quantize = lambda p: lora.quantize_base(spec, parts, modules, p)  # noqa: E731
+        params = jax.eval_shape(quantize, params) if abstract else quantize(params)
+    return params, modules
 
 
 def abstract_params(config) -> dict:
@@ -133,13 +137,15 @@ def make_state_and_step(config, params, total_steps: int | None = None):
     fdt = jnp.dtype(config.frozen_dtype)
     fdt_of = lambda v: fdt if jnp.issubdtype(v.dtype, jnp.floating) else v.dtype  # noqa: E731
     opt = stages.make_optimizer(config.optim, total, {k: flat_lab[k] for k in train})
-    if all(isinstance(v, jax.ShapeDtypeStruct) for v in [*train.values(), *frozen.values()]):
-        frozen = {k: jax.ShapeDtypeStruct(v.shape, fdt_of(v)) for k, v in frozen.items()}
+    if all(isinstance(v, jax.ShapeDtypeStruct) for v in jax.tree.leaves([train, frozen])):
+        # (a QLoRA kernel keeps its int values and float32 scales)
+        frozen = {k: v if lora.is_quantized(v) else jax.ShapeDtypeStruct(v.shape, fdt_of(v)) for k, v in frozen.items()}
         train = {k: jax.ShapeDtypeStruct(v.shape, jnp.float32) for k, v in train.items()}
         state = jax.eval_shape(lambda t, f: step_lib.init_state(t, f, opt), train, frozen)
     else:
         # copies: the step donates its state, which must not take the caller's arrays with it
-        frozen = {k: jnp.array(v, dtype=fdt_of(v), copy=True) for k, v in frozen.items()}
+        frozen = {k: jax.tree.map(lambda x: jnp.array(x, copy=True), v) if lora.is_quantized(v)
+                  else jnp.array(v, dtype=fdt_of(v), copy=True) for k, v in frozen.items()}
         train = {k: jnp.array(v, dtype=jnp.float32, copy=True) for k, v in train.items()}
         state = step_lib.init_state(train, frozen, opt)
     lr_fn = stages.schedule_fn(config.optim, config.optim.lr, total)

@@ -11,6 +11,7 @@ get no optimizer state.
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Iterable
 
@@ -59,7 +60,8 @@ def labels(params, trainable: Iterable[str], group_lrs=()):
             if rx.fullmatch(s):
                 return f"train:{g}"
         return "train"
-    return jax.tree_util.tree_map_with_path(one, params)
+    # one label per parameter: a QLoRA kernel (qwix's quantized wrapper, a pytree itself) is one parameter
+    return jax.tree_util.tree_map_with_path(one, params, is_leaf=lambda x: not isinstance(x, dict))
 
 
 def split(tree, lab):
@@ -102,7 +104,8 @@ def count_table(params, lab) -> str:
     for k, v in flat.items():
         mod = k[0] if k[0] != "audio_encoder" else f"audio_encoder/{k[1]}"
         t, f = rows.get(mod, (0, 0))
-        rows[mod] = (t + v.size, f) if flat_l[k] != "frozen" else (t, f + v.size)
+        n = math.prod(v.shape)  # (a QLoRA kernel counts its values, not its scales)
+        rows[mod] = (t + n, f) if flat_l[k] != "frozen" else (t, f + n)
     w = max(len(m) for m in rows)
     lines = [f"{'module':<{w}}  {'trainable':>14}  {'frozen':>14}"]
     for m, (t, f) in rows.items():
