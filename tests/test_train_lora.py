@@ -117,12 +117,14 @@ def test_export_merged_and_adapters_only(run, tmp_path):
 
 
 def test_qlora_trains_and_exports_the_merged_model(tmp_path):
-    """An int8 base (QLoRA): the loss falls, the run checkpoint holds no base kernel, and the export is the
-    dequantized base plus the adapters' delta."""
+    """An int8 base (QLoRA) under bfloat16 compute (the full-size configs' dtype: the float32 adapters meet bfloat16
+    activations): the loss falls, the run checkpoint holds no base kernel, and the export is the dequantized base
+    plus the adapters' delta."""
     import vita_jax
     from vita_jax.models import lora
     from vita_jax.train import program
     c = _config(base_dtype="int8")
+    c.dtype = c.frozen_dtype = "bfloat16"
     out, _ = _train(c, tmp_path / "run")
     losses = [r["loss"] for r in _rows(tmp_path / "run")]
     assert np.mean(losses[-2:]) < np.mean(losses[:2]) - 0.1, losses

@@ -60,7 +60,7 @@ def load(path: str, mesh=None):
         parts = vita.parts(config)
         boxed = {n: vita.abstract_part(p.module, p.example) for n, p in parts.items()}
         modules = lora.target_modules(spec, boxed)
-        abstract = lora.abstract_adapters(spec, parts, modules)
+        abstract = lora.abstract_adapters(spec, lora.init_parts(config), modules)
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}/{ORBAX_META}: not a LoRA adapter checkpoint ({type(e).__name__}: "
                               f"{(str(e).splitlines() or [''])[0]})") from e

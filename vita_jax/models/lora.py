@@ -25,6 +25,8 @@ from flax import traverse_util
 from qwix._src.core import qarray  # qwix keeps its PTQ weight wrapper and its quantizer in private modules:
 from qwix._src.providers.ptq import WithAux  # setup.py pins the qwix version this was written against
 
+from vita_jax.models import vita
+
 # qwix 0.1.8 checks for flax's removed nnx.VariableState alias on every intercepted call (its deprecation, not ours)
 warnings.filterwarnings("ignore", message="'VariableState' was removed", category=DeprecationWarning)
 
@@ -119,6 +121,15 @@ def wrap(module: nn.Module, spec: Optional[LoraSpec], modules: list[str], prefix
     if p is None:
         return module
     return qwix.apply_lora_to_model(module, p, methods=[m for m in METHODS if hasattr(module, m)])
+
+
+def init_parts(config) -> dict:
+    """:func:`vita_jax.models.vita.parts` computing in float32, whatever ``config.dtype``: what adapters are created
+    (and a QLoRA base quantized) from. Their ``init`` runs the forward, where a float32 adapter beside bfloat16
+    activations would turn a scanned layer's carry into float32; the parameters' dtypes are ``param_dtype``'s."""
+    c = config.copy_and_resolve_references()
+    c.dtype = "float32"
+    return vita.parts(c)
 
 
 def adapters_of(tree) -> dict:

@@ -78,7 +78,8 @@ def model_param_shardings(config, mesh) -> dict:
     boxed = {name: vita.abstract_part(module, example) for name, (module, example, _) in parts.items()}
     spec = lora.spec_of(config)
     if spec is not None:
-        boxed = _deep_update(boxed, lora.abstract_adapters(spec, parts, lora.target_modules(spec, boxed)))
+        boxed = _deep_update(boxed, lora.abstract_adapters(spec, lora.init_parts(config),
+                                                           lora.target_modules(spec, boxed)))
     for name, tree in boxed.items():
         out.update({f"{name}/{k}": v for k, v in flat_param_shardings(tree, mesh).items()})
     return out
@@ -97,7 +98,7 @@ def with_adapters(config, params: dict) -> tuple[dict, list]:
     if spec is None:
         return params, []
     modules = lora.target_modules(spec, params)
-    parts = vita.parts(config)
+    parts = lora.init_parts(config)
     abstract = all(isinstance(v, jax.ShapeDtypeStruct) for v in jax.tree.leaves(params))
     if not lora.adapters_of(params):
         if abstract:

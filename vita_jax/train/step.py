@@ -99,6 +99,9 @@ def make_step(loss_fn: Callable, opt: optax.GradientTransformation, lr_fn: Calla
 
     def loss_of(train, frozen, mb, key):
         frozen = jax.tree.map(lambda x: x.astype(compute_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, frozen)
+        # LoRA adapters meet the activations in the compute dtype (flax layers cast their own parameters; qwix's
+        # adapter product does not, and float32 adapters would make a bfloat16 layer's output float32)
+        train = {k: v.astype(compute_dtype) if lora.is_adapter(k) else v for k, v in train.items()}
         return loss_fn(stages.merge(train, frozen), mb, None if key is None else {"dropout": key})
 
     grad_fn = jax.value_and_grad(loss_of, has_aux=True)
