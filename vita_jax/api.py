@@ -23,6 +23,7 @@ from vita_jax.data import chat as chat_lib
 from vita_jax.data import text as text_lib
 from vita_jax.infer import generate as gen
 from vita_jax.infer.speech import SpeechModel, split_reply, trim_leading
+from vita_jax.infer.speech_engine import SlotOptions
 from vita_jax.models import qwen2
 from vita_jax.models import vita as vita_lib
 from vita_jax.models.vita import VITA, lm_row_terms
@@ -257,14 +258,17 @@ class VitaModel:
         return rows.reshape(-1, idim)
 
     def speak_stream(self, text: str, top_k: int = 2, seed: int = 0, max_tokens: int = 1000,
-                     first: tuple = (20, 0.1), later: tuple = (40, 0.015), padding_size: int = 10, stop=None):
+                     first: tuple = (20, 0.1), later: tuple = (40, 0.015), padding_size: int = 10, stop=None,
+                     engine=None):
         """Yields waveform segments (float32 at ``self.speech.sample_rate``) as they are produced,
         as the release server does it: the reply is cut into pieces at punctuation
         (:func:`~vita_jax.infer.speech.split_reply`), each piece is a fresh decoder run; the first
         piece uses ``first = (chunk, threshold)`` = (20, 0.1) and has its leading near-silence
         trimmed, later pieces ``later`` = (40, 0.015). ``text`` may also be an iterable of pieces
         already cut (the live server feeds them as the LLM writes them); ``stop()`` returning True
-        ends it between two decoder steps."""
+        ends it between two decoder steps. ``engine``: a
+        :class:`~vita_jax.infer.speech_scheduler.SpeechScheduler` that decodes the pieces on the device,
+        batched with its other callers' (a piece longer than its ``max_input`` is decoded here)."""
         pieces = split_reply(text) if isinstance(text, str) else text
         for k, piece in enumerate(pieces):
             x = self.speech_input(piece)
@@ -272,7 +276,10 @@ class VitaModel:
                 continue
             chunk, thr = first if k == 0 else later
             trimming = k == 0
-            for seg in self.speech.stream(x, chunk_size=chunk, padding_size=padding_size, seg_threshold=thr,
+            source = x
+            if engine is not None and engine.takes(x.shape[0], max_tokens):
+                source = engine.submit(x, SlotOptions(top_k=top_k, seed=seed + k, max_tokens=max_tokens), stop=stop)
+            for seg in self.speech.stream(source, chunk_size=chunk, padding_size=padding_size, seg_threshold=thr,
                                           top_k=top_k, seed=seed + k, max_tokens=max_tokens, stop=stop):
                 if trimming:
                     seg = trim_leading(seg)

@@ -120,12 +120,23 @@ def _client(url: str, wave: np.ndarray, turns: int, out: list, start: threading.
             ws.send(json.dumps({"type": "reset"}))  # no history: every turn has the shapes the warm round compiled
 
 
+def _speech_stats(engine, before) -> dict:
+    """The speech engine's rows per dispatch over the measured turns, and its compilations after warm-up."""
+    sp = engine.speech
+    if sp is None:
+        return {}
+    n = sp.dispatches - before[0]
+    return dict(tts_rows_per_dispatch=round((sp.rows_dispatched - before[1]) / max(n, 1), 2),
+                tts_dispatches=n, compiles_after_warmup=sp.stats()["compiles_after_warmup"])
+
+
 def run(model, clients=(1, 2, 4, 8), turns: int = 3, max_new_tokens: int = 24, tts_max_tokens: int = 80) -> list:
     """One row of numbers per client count (see the module docstring)."""
     wave = assets.speech_clips()[0][1]
     rows = []
     for n in clients:
-        engine = engine_lib.ServeEngine(model, slots=n, max_new_tokens=max_new_tokens, max_prompt=512)
+        engine = engine_lib.ServeEngine(model, slots=n, max_new_tokens=max_new_tokens, max_prompt=512,
+                                        speech_max_tokens=tts_max_tokens)
         opts = TurnOptions(max_new_tokens=max_new_tokens, tts_max_tokens=tts_max_tokens)
         server_lib.warm_up(engine, opts, clip_seconds=[len(wave) / 16000 - d for d in (1.0, 0.5, 0.0)])
         out, start = [], threading.Event()
@@ -138,6 +149,7 @@ def run(model, clients=(1, 2, 4, 8), turns: int = 3, max_new_tokens: int = 24, t
             for t in threads:
                 t.start()
             s0 = dict(engine.stats)
+            sp0 = (engine.speech.dispatches, engine.speech.rows_dispatched) if engine.speech else (0, 0)
             start.set()
             for t in threads:
                 t.join()
@@ -156,7 +168,8 @@ def run(model, clients=(1, 2, 4, 8), turns: int = 3, max_new_tokens: int = 24, t
                          barge_in_p50_ms=pct("barge_in_ms", 50), barge_in_p95_ms=pct("barge_in_ms", 95),
                          rtf_p50=None if pct("rtf", 50) is None else round(pct("rtf", 50), 2),
                          audio_s_per_turn=round(float(np.mean([r["audio"] for r in done])), 2) if done else None,
-                         rows_per_step=round((engine.stats["row_steps"] - s0["row_steps"]) / max(steps, 1), 2)))
+                         rows_per_step=round((engine.stats["row_steps"] - s0["row_steps"]) / max(steps, 1), 2),
+                         **_speech_stats(engine, sp0)))
         print(json.dumps(rows[-1]), flush=True)
     return rows
 

@@ -149,8 +149,9 @@ class SpeechModel:
     def stream(self, codes_or_x, chunk_size: int = 40, padding_size: int = 10, seg_threshold: float = 0.015,
                window: int = 2401, top_k: int = 2, seed: int = 0, max_tokens: int = 1000, global_tokens=None,
                stop=None):
-        """The official chunked decode (``llm2TTS.run``): ids come from ``codes_or_x`` (codec ids, or
-        decoder input vectors that are decoded on the fly); every ``chunk_size`` new ids (+
+        """The official chunked decode (``llm2TTS.run``): ids come from ``codes_or_x`` (codec ids, decoder
+        input vectors that are decoded on the fly, or any other iterable of ids, e.g. a
+        :class:`~vita_jax.infer.speech_scheduler.CodeStream`); every ``chunk_size`` new ids (+
         ``padding_size`` look-ahead, ``padding_size`` left context) a chunk is synthesised and cut at
         a quiet point; yields float32 waveform segments as soon as they exist. ``stop()`` returning
         True ends the stream between two decoder steps, with nothing more yielded.
@@ -159,8 +160,9 @@ class SpeechModel:
         would index out of range on it and crash) carries no sound: it is skipped and the stream goes on
         with the codes after it. Any other id outside the codebook is an error."""
         self._need_codec()
-        arr = np.asarray(codes_or_x)
-        if np.issubdtype(arr.dtype, np.integer):
+        if not isinstance(codes_or_x, (np.ndarray, jax.Array, list, tuple)):  # codes as they come (an engine's)
+            source = iter(codes_or_x)
+        elif np.issubdtype((arr := np.asarray(codes_or_x)).dtype, np.integer):
             source = iter(arr.reshape(-1).tolist())
         else:
             source = self.iter_codes(arr, top_k=top_k, max_tokens=max_tokens, seed=seed)

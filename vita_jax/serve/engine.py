@@ -21,6 +21,7 @@ import numpy as np
 
 from vita_jax import parallel
 from vita_jax.infer import generate as gen
+from vita_jax.infer.speech_scheduler import SpeechScheduler
 from vita_jax.models.qwen2 import KVCache
 from vita_jax.sizes import round_up
 
@@ -57,14 +58,19 @@ class ServeEngine:
 
     def __init__(self, model, slots: int = 4, max_new_tokens: int = 128, max_prompt: Optional[int] = None,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 seed: int = 0):
+                 seed: int = 0, speech_max_tokens: int = 500, speech_steps: int = 10):
         gen.check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p)
         if slots < 1:
             raise ValueError(f"slots (--max-sessions) must be >= 1, got {slots}")
         self.model, self.n = model, int(slots)
+        self.max_new_tokens = int(max_new_tokens)
+        self.speech = None
         if model.speech is not None:  # replies of any length reuse a few speech compilations (infer/speech.py)
             model.speech.x_bucket, model.speech.codes_bucket = 32, 10
-        self.max_new_tokens = int(max_new_tokens)
+            # every session's speech-decoder rows in one batch of slots on the device; a text piece is at
+            # most the reply (4 decoder rows a token)
+            self.speech = SpeechScheduler(model.speech, slots=self.n, steps=speech_steps,
+                                          max_input=4 * self.max_new_tokens, max_tokens=speech_max_tokens)
         self.max_prompt = int(max_prompt or min(int(model.config.tokenizer_model_max_length), 2048))
         self.cache_len = round_up(self.max_prompt + self.max_new_tokens, 64)
         self.static = dict(do_sample=do_sample, top_k=int(top_k),
@@ -98,6 +104,8 @@ class ServeEngine:
             self.closed = True
             self.cv.notify()
         self.thread.join(timeout=30)
+        if self.speech is not None:
+            self.speech.close()
 
     @property
     def active(self) -> int:

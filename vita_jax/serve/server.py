@@ -242,8 +242,9 @@ def main(checkpoint: str, host: str = "127.0.0.1", port: int = 8765, max_session
         raise ValueError(f"{checkpoint}: no tokenizer.json, the server needs one")
     if model.speech is None:
         log.warning("%s has no vita_tts_ckpt/: answers are text only", checkpoint)
-    engine = ServeEngine(model, slots=max_sessions, max_new_tokens=max_new_tokens, max_prompt=max_prompt)
     opts = TurnOptions(max_new_tokens=max_new_tokens, image_tiles=image_tiles)
+    engine = ServeEngine(model, slots=max_sessions, max_new_tokens=max_new_tokens, max_prompt=max_prompt,
+                         speech_max_tokens=opts.tts_max_tokens)
     print(f"loaded {checkpoint} in {time.perf_counter() - t0:.1f} s", flush=True)
     if warmup:
         print(f"warmed up (compiled) in {warm_up(engine, opts):.1f} s", flush=True)

@@ -243,7 +243,7 @@ class Session:
         try:
             for seg in self.model.speak_stream(pieces(), top_k=o.tts_top_k, seed=o.seed, max_tokens=o.tts_max_tokens,
                                                first=o.first, later=o.later, padding_size=o.padding_size,
-                                               stop=turn.cancelled.is_set):
+                                               stop=turn.cancelled.is_set, engine=self.engine.speech):
                 pcm = (np.clip(seg, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
                 with self.lock:
                     if self._send(pcm, turn):
