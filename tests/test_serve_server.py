@@ -87,6 +87,11 @@ def test_typed_and_spoken_turns(server):
         assert [m for m in msgs if isinstance(m, dict) and m["type"] == "response_text"][-1]["final"]
         m = msgs[-1]
         assert m["speech_end_to_first_text_ms"] > 0 and m["audio_seconds"] >= 0
+        # the same turn again (no history): its shapes are warm, so nothing compiles (speech decoder included)
+        ws.send(json.dumps({"type": "reset"}))
+        ws.send(json.dumps({"type": "text", "text": "Hello there, who are you?"}))
+        again = _until(ws)[-1]
+        assert again["compiles"] == 0 and again["audio_seconds"] == m["audio_seconds"] > 0, (m, again)
         # a frame from the camera, then a spoken question (real speech, 100 ms chunks, then silence)
         ws.send(json.dumps({"type": "video_frame", "image": _png_b64()}))
         wave = np.concatenate([assets.speech_clips()[0][1], np.zeros(12000, np.float32)])

@@ -210,3 +210,13 @@ def data_parallel_size(mesh: Mesh | None, rules=DEFAULT_RULES) -> int:
     if mesh is None:
         return 1
     return math.prod(int(mesh.shape.get(a, 1)) for a in _as_tuple(dict(rules).get("batch")))
+
+
+def commit_like(tree, params):
+    """``tree`` placed (committed) on the device of ``params`` when they sit on one device, else unchanged.
+    A jitted function's outputs are committed arrays and freshly made ones are not, and jit keys its cache on
+    that: state that a serving loop feeds back would compile every program a second time without this."""
+    leaf = jax.tree.leaves(params)[0]
+    if isinstance(leaf, jax.Array) and isinstance(leaf.sharding, jax.sharding.SingleDeviceSharding):
+        return jax.device_put(tree, leaf.sharding)
+    return tree

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vita_jax import parallel
 from vita_jax.models import tts_decoder as dec
 from vita_jax.sizes import round_up
 
@@ -59,9 +60,7 @@ class DecodeSlots:
         self.ladder = tuple(n for n in LADDER if n < max_input) + (round_up(max_input, 32),)
         self.cache_len = round_up(self.ladder[-1] + 2 + max_tokens, 64)
         m = dec.TTSDecoder(c)
-        # committed to the parameters' device like every later state (a jit output): else the first join
-        # of each length would compile twice (committed and uncommitted arguments are different keys)
-        self.state = jax.device_put(self._empty(), jax.tree.leaves(self.params)[0].sharding)
+        self.state = parallel.commit_like(self._empty(), self.params)  # else each join length compiles twice
 
         def prefill(p, x, n):
             shape = (c.num_blocks, 1, self.cache_len, c.attention_heads, c.idim // c.attention_heads)

@@ -78,8 +78,7 @@ class ServeEngine:
         self.dyn = dict(temperature=jnp.float32(temperature), top_p=jnp.float32(top_p))
         self.stops = set(model.stop_ids)
         self.key = jax.random.PRNGKey(seed)
-        cache = KVCache.init(model.llm_cfg, self.n, self.cache_len)
-        self.cache = dataclasses.replace(cache, index=jnp.zeros((self.n,), jnp.int32))
+        self.cache = self._fresh_cache()
         self.rows: list[Optional[Request]] = [None] * self.n
         self.tokens = np.zeros(self.n, np.int32)
         self.pending: list[Request] = []
@@ -89,6 +88,12 @@ class ServeEngine:
         self._insert = jax.jit(_insert, donate_argnums=0)
         self.thread = threading.Thread(target=self._run, name="vita-serve-engine", daemon=True)
         self.thread.start()
+
+    def _fresh_cache(self) -> KVCache:
+        """An empty slot cache with a per-row write index, on the parameters' device (see commit_like)."""
+        cache = KVCache.init(self.model.llm_cfg, self.n, self.cache_len)
+        return parallel.commit_like(dataclasses.replace(cache, index=jnp.zeros((self.n,), jnp.int32)),
+                                    self.model.params)
 
     # ------------------------------------------------------------------ public
     def submit(self, req: Request) -> None:
@@ -210,8 +215,7 @@ class ServeEngine:
             for r, req in enumerate(self.rows):
                 if req is not None:
                     self._finish(r, "error", message=f"internal error: {e!r}")
-            cache = KVCache.init(m.llm_cfg, self.n, self.cache_len)
-            self.cache = dataclasses.replace(cache, index=jnp.zeros((self.n,), jnp.int32))
+            self.cache = self._fresh_cache()
             return
         self.stats["steps"] += 1
         self.stats["row_steps"] += self.active

@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from vita_jax.data import image as image_lib
+from vita_jax.infer import compiles
 from vita_jax.infer import vad as vad_lib
 from vita_jax.infer.speech import ReplySplitter
 from vita_jax.serve.engine import Request, ServeEngine
@@ -59,6 +60,7 @@ class Turn:
     def __init__(self, session: "Session", question: Optional[str], clip: Optional[np.ndarray], image, history, t0):
         self.id, self.session = next(_ids), session
         self.question, self.clip, self.image, self.history, self.t0 = question, clip, image, history, t0
+        self.compiles0 = compiles.count()  # XLA compilations in the process while the turn runs (0 when warm)
         self.cancelled = threading.Event()
         self.ids: list[int] = []
         self.raw, self.shown = "", ""
@@ -268,7 +270,7 @@ class Session:
                             "llm_tokens": info.get("tokens", 0), "prefill_ms": round(info.get("prefill_ms", 0.0), 1),
                             "queue_ms": round(info.get("queue_ms", 0.0), 1),
                             "llm_tokens_per_s": round(info.get("tokens", 0) / max(info.get("decode_s", 0.0), 1e-6), 1),
-                            "stop": info.get("reason")}, turn)
+                            "stop": info.get("reason"), "compiles": compiles.count() - turn.compiles0}, turn)
                 if turn.shown.strip():  # an empty reply would read as an open assistant turn
                     self.history = [("user", turn.question or "",
                                      None if turn.clip is None else (turn.clip, vad_lib.RATE)),
