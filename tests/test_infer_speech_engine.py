@@ -8,6 +8,8 @@ import pytest
 
 from vita_jax.infer.speech_engine import DecodeSlots, SlotOptions
 
+pytestmark = pytest.mark.slow  # compiles for minutes in all: outside the quick loop (pytest -m "not slow")
+
 VARIANT = os.path.join(os.path.dirname(__file__), "data", "tts_variant")
 
 

@@ -24,6 +24,7 @@ from vita_jax.data import text as text_lib
 from vita_jax.infer import generate as gen
 from vita_jax.infer.speech import SpeechModel, split_reply, trim_leading
 from vita_jax.infer.speech_engine import SlotOptions
+from vita_jax.models import quantize as quantize_lib
 from vita_jax.models import qwen2
 from vita_jax.models import vita as vita_lib
 from vita_jax.models.vita import VITA, lm_row_terms
@@ -48,6 +49,11 @@ class VitaModel:
         self.llm = qwen2.Qwen2ForCausalLM(self.llm_cfg)
         self.prep = batch_lib.preprocess_settings(config)  # exactly the preprocessing training uses
         self.image_processor = self.prep.image
+        self.quantized = None
+        self._jit()
+
+    def _jit(self) -> None:
+        """The jitted entry points over ``self.module`` (rebuilt when :meth:`quantize` wraps it)."""
         m = self.module
         self._logits = jax.jit(lambda p, *a: m.apply({"params": p}, *a).astype(jnp.float32))
         self._loss = jax.jit(lambda p, labels, *a: tuple(jnp.sum(t) for t in lm_row_terms(m, p, labels, *a)[:2]))
@@ -55,6 +61,21 @@ class VitaModel:
         self._images = jax.jit(lambda p, x: m.apply({"params": p}, x, method=VITA.encode_images).astype(jnp.float32))
         self._audio = jax.jit(
             lambda p, f, n: m.apply({"params": p}, f, n, method=VITA.encode_audio).astype(jnp.float32))
+
+    def quantize(self, qtype: str = "int8", targets=quantize_lib.LLM_LINEAR) -> "VitaModel":
+        """Weight-only ``qtype`` ("int8" or "int4") for the dense kernels ``targets`` matches (default: every
+        linear layer of the LLM), through qwix (:mod:`vita_jax.models.quantize`): they are stored quantized and
+        dequantized in each matmul, for every entry point (generate, chat, eval, serve). In place; returns self."""
+        quantize_lib.check(qtype)
+        if self.quantized is not None:
+            raise ValueError(f"the model is already quantized ({self.quantized})")
+        modules = quantize_lib.modules_of(self.params, targets)
+        self.params = quantize_lib.quantize_params(self.config, self.params, modules, qtype)
+        self.module = quantize_lib.wrap(self.module, modules, qtype)
+        self.llm = quantize_lib.wrap(self.llm, modules, qtype, "llm/")
+        self.quantized = qtype
+        self._jit()
+        return self
 
     # ----------------------------------------------------------------------------- helpers
     @property

@@ -52,6 +52,8 @@ def cmd_generate(a) -> int:
     _check_generate_options(a, gen)
     t0 = time.perf_counter()
     m = api.from_pretrained(path, dtype=jnp.dtype(a.dtype))
+    if a.quantize:
+        m.quantize(a.quantize)
     print(f"loaded {path}: {len(m.keys_read)} tensors, {m.config.llm.num_hidden_layers} layers, "
           f"hidden {m.config.llm.hidden_size}, vocab {m.config.llm.vocab_size} ({time.perf_counter() - t0:.1f} s)")
     sampling = dict(max_new_tokens=a.max_new_tokens, do_sample=a.sample, temperature=a.temperature, top_k=a.top_k,
@@ -225,7 +227,8 @@ def cmd_eval(a, rest) -> int:
     data = evals.runner.read_suite(suite)  # every task's data read and checked before the model is loaded
     parallel.maybe_initialize_distributed()
     mesh = parallel.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}) if jax.device_count() > 1 else None
-    engine = evals.EvalEngine.from_model(api.from_pretrained(a.checkpoint, dtype=jnp.dtype(a.dtype), mesh=mesh))
+    model = api.from_pretrained(a.checkpoint, dtype=jnp.dtype(a.dtype), mesh=mesh)
+    engine = evals.EvalEngine.from_model(model.quantize(a.quantize) if a.quantize else model)
     main = jax.process_index() == 0
     for name, s in suite.items():
         metrics, records = evals.evaluate(engine, s, name, progress=main and not a.no_progress, data=data[name])
@@ -251,7 +254,7 @@ def cmd_bench(a, rest) -> int:
 def cmd_serve(a) -> int:
     from vita_jax.serve import server  # subcommands import late: --help stays fast
     return server.main(a.checkpoint, a.host, a.port, a.max_sessions, a.dtype, a.max_new_tokens, a.max_prompt,
-                       a.image_tiles, a.allow_origin, warmup=not a.no_warmup)
+                       a.image_tiles, a.allow_origin, warmup=not a.no_warmup, quantize=a.quantize)
 
 
 def main(argv=None) -> int:

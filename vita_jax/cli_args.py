@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+QUANTIZE_HELP = "weight-only int8 | int4 for the LLM's linear layers (qwix; int8 halves bf16 weight bytes)"
+
 
 def _dtype(text: str) -> str:
     """``--dtype``: one of the floating dtypes the model runs in."""
@@ -57,6 +59,7 @@ def _generate(sub) -> None:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--dtype", default="float32", type=_dtype, help="float32 | bfloat16 | float16")
+    g.add_argument("--quantize", choices=("int8", "int4"), default=None, help=QUANTIZE_HELP)
     g.add_argument("--speak", metavar="OUT.wav", help="also speak the reply (needs vita_tts_ckpt/) into a wav file")
     g.add_argument("--speech-max-tokens", type=int, default=1000, help="codec ids at most (40 per second)")
 
@@ -80,6 +83,7 @@ def _eval(sub) -> None:
     ev.add_argument("--batch-size", type=int, default=None, help="rows per batch (default 8)")
     ev.add_argument("--max-new-tokens", type=int, default=None, help="reply length limit (default 64)")
     ev.add_argument("--dtype", default="float32", type=_dtype, help="float32 | bfloat16 | float16")
+    ev.add_argument("--quantize", choices=("int8", "int4"), default=None, help=QUANTIZE_HELP)
     ev.add_argument("--no-progress", action="store_true")
 
 
@@ -124,6 +128,7 @@ def _serve(sub) -> None:
                     help="spliced prompt positions at most (default min(tokenizer_model_max_length, 2048))")
     sv.add_argument("--image-tiles", type=int, default=1, help="tiles of a camera frame (1 = one 448 px tile)")
     sv.add_argument("--dtype", default="float32", type=_dtype, help="float32 | bfloat16 | float16")
+    sv.add_argument("--quantize", choices=("int8", "int4"), default=None, help=QUANTIZE_HELP)
     sv.add_argument("--allow-origin", action="append", default=[],
                     help="another page origin allowed to connect, e.g. https://example.org (repeatable)")
     sv.add_argument("--no-warmup", action="store_true", help="skip compiling before serving")

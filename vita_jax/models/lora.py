@@ -178,7 +178,7 @@ def dequantize(x):
     return qwix.dequantize(x.array).astype(jnp.float32) if is_quantized(x) else x
 
 
-def _quantize_like(w, abstract: WithAux) -> WithAux:
+def quantize_like(w, abstract: WithAux) -> WithAux:
     """``w`` quantized as ``abstract`` (the adapted model's abstract kernel) says. Under ``nn.scan`` qwix works out
     how to quantize one layer (its channel axes) while the tree holds all layers stacked: each layer is then
     quantized on its own (vmap over the leading axis), which gives the abstract tree's per-layer scales."""
@@ -205,7 +205,7 @@ def quantize_base(spec: LoraSpec, parts: dict, modules: list[str], params: dict)
         abstract = jax.eval_shape(lambda m=m, p=p: m.init(jax.random.PRNGKey(0), *p.example)["params"])
         for k, a in traverse_util.flatten_dict(abstract, sep="/").items():
             if is_quantized(a) and f"{name}/{k}" in flat and not is_quantized(flat[f"{name}/{k}"]):
-                flat[f"{name}/{k}"] = _quantize_like(jnp.asarray(flat[f"{name}/{k}"], jnp.float32), a)
+                flat[f"{name}/{k}"] = quantize_like(jnp.asarray(flat[f"{name}/{k}"], jnp.float32), a)
     return traverse_util.unflatten_dict(flat, sep="/")
 
 

@@ -222,7 +222,7 @@ def warm_up(engine: ServeEngine, opts: TurnOptions, clip_seconds: Sequence[float
 
 def main(checkpoint: str, host: str = "127.0.0.1", port: int = 8765, max_sessions: int = 4, dtype: str = "float32",
          max_new_tokens: int = 128, max_prompt: Optional[int] = None, image_tiles: int = 1,
-         allow_origins: Sequence[str] = (), warmup: bool = True) -> int:
+         allow_origins: Sequence[str] = (), warmup: bool = True, quantize: Optional[str] = None) -> int:
     """Loads the model, warms it up and serves until interrupted (``vita-jax serve``)."""
     import jax.numpy as jnp  # the model's dtype; jax is loaded by the engine anyway
 
@@ -238,6 +238,8 @@ def main(checkpoint: str, host: str = "127.0.0.1", port: int = 8765, max_session
     vad_lib.weights_path()  # a missing serve extra fails before the model is loaded
     t0 = time.perf_counter()
     model = api.from_pretrained(checkpoint, dtype=jnp.dtype(dtype))
+    if quantize:
+        model.quantize(quantize)
     if model.tokenizer is None:
         raise ValueError(f"{checkpoint}: no tokenizer.json, the server needs one")
     if model.speech is None:
@@ -245,7 +247,8 @@ def main(checkpoint: str, host: str = "127.0.0.1", port: int = 8765, max_session
     opts = TurnOptions(max_new_tokens=max_new_tokens, image_tiles=image_tiles)
     engine = ServeEngine(model, slots=max_sessions, max_new_tokens=max_new_tokens, max_prompt=max_prompt,
                          speech_max_tokens=opts.tts_max_tokens)
-    print(f"loaded {checkpoint} in {time.perf_counter() - t0:.1f} s", flush=True)
+    print(f"loaded {checkpoint} in {time.perf_counter() - t0:.1f} s ({dtype}"
+          f"{', LLM weights ' + quantize if quantize else ''})", flush=True)
     if warmup:
         print(f"warmed up (compiled) in {warm_up(engine, opts):.1f} s", flush=True)
 
