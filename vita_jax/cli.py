@@ -195,6 +195,8 @@ def cmd_compile(a, rest) -> int:
     """``vita-jax compile --config=stage2_2 --topology=v5p:4x4x2``: AOT, from a CPU host."""
     from vita_jax import config as config_lib  # subcommands import late: --help stays fast
     from vita_jax.train import compile as compile_lib  # (late, as above)
+    if a.serve:
+        return _compile_serve(a, rest)
     config = _stage_config("compile", config_lib.parse_args(rest))
     r = compile_lib.compile_step(config, a.topology, per_chip_batch=a.per_chip_batch, hbm_gib=a.hbm_gib)
     print(compile_lib.report(r), flush=True)
@@ -203,6 +205,33 @@ def cmd_compile(a, rest) -> int:
             json.dump(r, f, indent=1)
     if not r["fits"]:
         raise compile_lib.DoesNotFit(compile_lib.not_fitting_message(r))
+    return 0
+
+
+def _compile_serve(a, rest) -> int:
+    """``vita-jax compile --serve --config=vita15 --topology=v5e:2x2 [--quantize int8]``."""
+    from vita_jax import config as config_lib  # subcommands import late: --help stays fast
+    from vita_jax.serve import compile as serve_compile  # (late, as above)
+    from vita_jax.train import compile as compile_lib  # (late, as above)
+    config, left = config_lib.parse_args(rest)
+    if left:
+        raise UsageError(f"vita-jax compile: unrecognized arguments: {' '.join(left)}")
+    mesh = None
+    if a.mesh:
+        try:
+            mesh = {k: int(v) for k, v in (kv.split("=") for kv in a.mesh.split(","))}
+        except ValueError:
+            raise UsageError(f"--mesh {a.mesh}: expected AXIS=N[,AXIS=N], e.g. tensor=2") from None
+    r = serve_compile.compile_serve(config, a.topology, a.max_sessions, a.max_len, a.max_prompt, a.quantize, mesh,
+                                    a.hbm_gib)
+    print(serve_compile.report(r), flush=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(r, f, indent=1)
+    if not r["fits"]:
+        raise compile_lib.DoesNotFit(f"serving does not fit {r['topology']}: {r['hbm_per_chip_gib']:.2f} GiB per chip "
+                                     f"> {r['hbm_capacity_gib']:g} GiB HBM ({r['max_sessions']} sessions x "
+                                     f"{r['max_len']}, {r['dtype']}{', ' + r['quantize'] if r['quantize'] else ''})")
     return 0
 
 

@@ -146,6 +146,14 @@ def _compile(sub) -> None:
                     help="rows per chip per micro-batch (sets batch_size; default: the config's batch_size)")
     co.add_argument("--hbm-gib", type=float, default=None, help="HBM per chip to fit (default: the chip's)")
     co.add_argument("--json", help="also write the result to this JSON file")
+    sv = co.add_argument_group("serving (--serve: the live server's prefill and decode programs, --config a model "
+                               "config such as vita15)")
+    sv.add_argument("--serve", action="store_true", help="compile for serving instead of a train step")
+    sv.add_argument("--max-sessions", type=int, default=4, help="decode slots per model copy")
+    sv.add_argument("--max-len", type=int, default=4096, help="KV-cache positions per session")
+    sv.add_argument("--max-prompt", type=int, default=None, help="prefill positions (default min(max-len, 2048))")
+    sv.add_argument("--quantize", choices=("int8", "int4"), default=None, help=QUANTIZE_HELP)
+    sv.add_argument("--mesh", default=None, help="e.g. tensor=2 (default data=chips: a whole copy per chip)")
 
 
 def parser() -> argparse.ArgumentParser:
