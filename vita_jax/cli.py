@@ -43,7 +43,7 @@ def _ids(text: str) -> list[int]:
 def cmd_generate(a) -> int:
     import jax.numpy as jnp  # subcommands import late: --help stays fast
 
-    from vita_jax import api  # (late, as above)
+    from vita_jax import api, parallel  # (late, as above)
     from vita_jax.data import text as text_lib  # (late, as above)
     from vita_jax.infer import generate as gen  # (late, as above)
     path = a.checkpoint or a.path
@@ -51,11 +51,13 @@ def cmd_generate(a) -> int:
         raise UsageError("give the model directory: vita-jax generate --checkpoint DIR (or as the first argument)")
     _check_generate_options(a, gen)
     t0 = time.perf_counter()
-    m = api.from_pretrained(path, dtype=jnp.dtype(a.dtype))
+    dtype = parallel.resolve_dtype(a.dtype)
+    m = api.from_pretrained(path, dtype=jnp.dtype(dtype))
     if a.quantize:
         m.quantize(a.quantize)
     print(f"loaded {path}: {len(m.keys_read)} tensors, {m.config.llm.num_hidden_layers} layers, "
-          f"hidden {m.config.llm.hidden_size}, vocab {m.config.llm.vocab_size} ({time.perf_counter() - t0:.1f} s)")
+          f"hidden {m.config.llm.hidden_size}, vocab {m.config.llm.vocab_size}, {dtype}"
+          f"{', LLM weights ' + a.quantize if a.quantize else ''} ({time.perf_counter() - t0:.1f} s)")
     sampling = dict(max_new_tokens=a.max_new_tokens, do_sample=a.sample, temperature=a.temperature, top_k=a.top_k,
                     top_p=a.top_p, seed=a.seed)
     t0 = time.perf_counter()
@@ -256,7 +258,10 @@ def cmd_eval(a, rest) -> int:
     data = evals.runner.read_suite(suite)  # every task's data read and checked before the model is loaded
     parallel.maybe_initialize_distributed()
     mesh = parallel.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}) if jax.device_count() > 1 else None
-    model = api.from_pretrained(a.checkpoint, dtype=jnp.dtype(a.dtype), mesh=mesh)
+    dtype = parallel.resolve_dtype(a.dtype)
+    if jax.process_index() == 0:
+        print(f"eval: {a.checkpoint} in {dtype}{', LLM weights ' + a.quantize if a.quantize else ''}", flush=True)
+    model = api.from_pretrained(a.checkpoint, dtype=jnp.dtype(dtype), mesh=mesh)
     engine = evals.EvalEngine.from_model(model.quantize(a.quantize) if a.quantize else model)
     main = jax.process_index() == 0
     for name, s in suite.items():

@@ -13,7 +13,8 @@ def _dtype(text: str) -> str:
     return text
 
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPE_HELP = "auto (bfloat16 on GPU / TPU, float32 on CPU, where it is faster) | float32 | bfloat16 | float16"
 
 
 CONFIG_HELP = ("config: --config=NAME[:ARG] (shipped with vita_jax: stage1_1 ... stage3_2, tiny) or FILE.py[:ARG], "
@@ -58,7 +59,7 @@ def _generate(sub) -> None:
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--dtype", default="float32", type=_dtype, help="float32 | bfloat16 | float16")
+    g.add_argument("--dtype", default="auto", type=_dtype, help=DTYPE_HELP)
     g.add_argument("--quantize", choices=("int8", "int4"), default=None, help=QUANTIZE_HELP)
     g.add_argument("--speak", metavar="OUT.wav", help="also speak the reply (needs vita_tts_ckpt/) into a wav file")
     g.add_argument("--speech-max-tokens", type=int, default=1000, help="codec ids at most (40 per second)")
@@ -82,7 +83,7 @@ def _eval(sub) -> None:
     ev.add_argument("--max-examples", type=int, default=None, help="only the first N examples (MCQ: questions)")
     ev.add_argument("--batch-size", type=int, default=None, help="rows per batch (default 8)")
     ev.add_argument("--max-new-tokens", type=int, default=None, help="reply length limit (default 64)")
-    ev.add_argument("--dtype", default="float32", type=_dtype, help="float32 | bfloat16 | float16")
+    ev.add_argument("--dtype", default="auto", type=_dtype, help=DTYPE_HELP)
     ev.add_argument("--quantize", choices=("int8", "int4"), default=None, help=QUANTIZE_HELP)
     ev.add_argument("--no-progress", action="store_true")
 
@@ -127,7 +128,7 @@ def _serve(sub) -> None:
     sv.add_argument("--max-prompt", type=int, default=None,
                     help="spliced prompt positions at most (default min(tokenizer_model_max_length, 2048))")
     sv.add_argument("--image-tiles", type=int, default=1, help="tiles of a camera frame (1 = one 448 px tile)")
-    sv.add_argument("--dtype", default="float32", type=_dtype, help="float32 | bfloat16 | float16")
+    sv.add_argument("--dtype", default="auto", type=_dtype, help=DTYPE_HELP)
     sv.add_argument("--quantize", choices=("int8", "int4"), default=None, help=QUANTIZE_HELP)
     sv.add_argument("--allow-origin", action="append", default=[],
                     help="another page origin allowed to connect, e.g. https://example.org (repeatable)")

@@ -186,6 +186,14 @@ def current_platform() -> str:
     return v[0].devices.flat[0].platform if v is not None else jax.default_backend()
 
 
+def resolve_dtype(name: str) -> str:
+    """``--dtype``'s "auto": bfloat16 on an accelerator (half the weight bytes, its native matmul type), float32 on
+    CPU (where bfloat16 matmuls are emulated and slower); any other name as given."""
+    if name != "auto":
+        return name
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
 def constrain(x, names: Sequence[str | None]):
     """``with_sharding_constraint`` by logical names; a no-op outside :func:`use_mesh`."""
     v = getattr(_CTX, "value", None)

@@ -88,12 +88,18 @@ def _cache(cfg, mesh, rows: int, length: int):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), cache, sh)
 
 
-def _memory(compiled) -> dict:
-    m = compiled.memory_analysis()
-    total = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
-             + m.generated_code_size_in_bytes)
+def _memory(lowered) -> dict:
+    """A program's memory per chip (GiB); a compiler out of HBM gives the temporaries it named, ``oom``."""
+    try:
+        m = lowered.compile().memory_analysis()
+    except Exception as e:  # libtpu refuses a program over the chip's HBM: a result, not a crash
+        need = train_compile.out_of_memory_gib(str(e))
+        if need is None:
+            raise
+        return dict(arguments_gib=0.0, temporaries_gib=need, extra_gib=need, total_gib=need, oom=True)
+    extra = m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes + m.generated_code_size_in_bytes
     return dict(arguments_gib=m.argument_size_in_bytes / GIB, temporaries_gib=m.temp_size_in_bytes / GIB,
-                total_gib=total / GIB)
+                extra_gib=extra / GIB, total_gib=(m.argument_size_in_bytes + extra) / GIB, oom=False)
 
 
 def compile_serve(config, topology: str, max_sessions: int = 4, max_len: int = 4096, max_prompt: int | None = None,
@@ -102,6 +108,7 @@ def compile_serve(config, topology: str, max_sessions: int = 4, max_len: int = 4
     """Compiles the serve engine's prefill and decode programs for ``topology`` (see the module docstring);
     the per-chip memory of each and of serving (weights + cache + the larger program's temporaries)."""
     config = config.copy_and_resolve_references()
+    config.param_dtype = config.dtype  # served weights are stored in the compute dtype (from_pretrained's dtype)
     for opt, v in (("--max-sessions", max_sessions), ("--max-len", max_len), ("--max-prompt", max_prompt)):
         if v is not None and v < 1:
             raise ValueError(f"{opt} {v}: must be at least 1")
@@ -135,20 +142,22 @@ def compile_serve(config, topology: str, max_sessions: int = 4, max_len: int = 4
         prefill = gen.prefill.lower(module, params, None, jax.ShapeDtypeStruct((1, prompt), jnp.int32, sharding=rep),
                                     row, key, inputs_embeds=embeds, **static)
     t1 = time.perf_counter()
-    mem = {name: _memory(lowered.compile()) for name, lowered in (("decode", decode), ("prefill", prefill))}
+    mem = {name: _memory(lowered) for name, lowered in (("decode", decode), ("prefill", prefill))}
     t2 = time.perf_counter()
     other = _other_weights_gib(config)
     # serving holds the weights and the slot cache (the decode program's arguments) at all times; a prefill
-    # runs beside the slot cache with its one-row cache, outputs and temporaries (its total less the weights)
-    peak = max(mem["decode"]["total_gib"],
-               mem["decode"]["arguments_gib"] + mem["prefill"]["total_gib"] - _weights_gib(params))
+    # runs beside them with its one-row cache and prompt (inputs), its outputs and its temporaries
+    inputs = _weights_gib((row, embeds))
+    peak = max(mem["decode"]["total_gib"], mem["decode"]["arguments_gib"] + mem["prefill"]["extra_gib"] + inputs)
+    oom = mem["decode"]["oom"] or mem["prefill"]["oom"]
     total = peak + other
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
     return dict(topology=topology, chips=len(devices), device_kind=kind, mesh=dict(mesh.shape), serve=True,
                 max_sessions=max_sessions, max_len=length, max_prompt=prompt, dtype=str(config.dtype),
                 quantize=quantize or "", llm_params=int(n_params), llm_weights_gib=_weights_gib(params),
                 decode=mem["decode"], prefill=mem["prefill"], other_weights_gib=other, hbm_per_chip_gib=total,
-                hbm_capacity_gib=cap, fits=bool(total <= cap), lower_s=round(t1 - t0, 2), compile_s=round(t2 - t1, 2))
+                hbm_capacity_gib=cap, fits=bool(total <= cap and not oom), compiler_out_of_memory=oom,
+                lower_s=round(t1 - t0, 2), compile_s=round(t2 - t1, 2))
 
 
 def _weights_gib(params) -> float:
@@ -165,6 +174,11 @@ def report(r: dict) -> str:
     d, pf = r["decode"], r["prefill"]
     q = f" ({r['quantize']})" if r["quantize"] else ""
     verdict = "fits" if r["fits"] else "DOES NOT FIT"
+    if r["compiler_out_of_memory"]:
+        name = "decode" if d["oom"] else "prefill"
+        return "\n".join([f"per chip ({r['device_kind']}, {r['hbm_capacity_gib']:.1f} GiB HBM), serving: the compiler "
+                          f"ran out of HBM on the {name} program (temporaries alone {r[name]['temporaries_gib']:.2f} "
+                          f"GiB): DOES NOT FIT", json.dumps(r, sort_keys=True)])
     lines = [f"per chip ({r['device_kind']}, {r['hbm_capacity_gib']:.1f} GiB HBM), serving:",
              f"  LLM weights      {r['llm_weights_gib']:9.2f} GiB{q}",
              f"  decode program   {d['total_gib']:9.2f} GiB (arguments {d['arguments_gib']:.2f}: weights + "

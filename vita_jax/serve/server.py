@@ -24,6 +24,7 @@ import numpy as np
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
+from vita_jax import parallel
 from vita_jax.infer import vad as vad_lib
 from vita_jax.serve.engine import ServeEngine
 from vita_jax.serve.session import Session, TurnOptions
@@ -220,7 +221,7 @@ def warm_up(engine: ServeEngine, opts: TurnOptions, clip_seconds: Sequence[float
     return time.perf_counter() - t0
 
 
-def main(checkpoint: str, host: str = "127.0.0.1", port: int = 8765, max_sessions: int = 4, dtype: str = "float32",
+def main(checkpoint: str, host: str = "127.0.0.1", port: int = 8765, max_sessions: int = 4, dtype: str = "auto",
          max_new_tokens: int = 128, max_prompt: Optional[int] = None, image_tiles: int = 1,
          allow_origins: Sequence[str] = (), warmup: bool = True, quantize: Optional[str] = None) -> int:
     """Loads the model, warms it up and serves until interrupted (``vita-jax serve``)."""
@@ -237,6 +238,7 @@ def main(checkpoint: str, host: str = "127.0.0.1", port: int = 8765, max_session
             raise ValueError(f"{opt} must be at least 1, got {value}")
     vad_lib.weights_path()  # a missing serve extra fails before the model is loaded
     t0 = time.perf_counter()
+    dtype = parallel.resolve_dtype(dtype)
     model = api.from_pretrained(checkpoint, dtype=jnp.dtype(dtype))
     if quantize:
         model.quantize(quantize)
