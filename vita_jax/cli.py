@@ -52,7 +52,7 @@ def cmd_generate(a) -> int:
     _check_generate_options(a, gen)
     t0 = time.perf_counter()
     dtype = parallel.resolve_dtype(a.dtype)
-    m = api.from_pretrained(path, dtype=jnp.dtype(dtype))
+    m = api.from_pretrained(path, dtype=jnp.dtype(dtype), mesh=_mesh(a))
     if a.quantize:
         m.quantize(a.quantize)
     print(f"loaded {path}: {len(m.keys_read)} tensors, {m.config.llm.num_hidden_layers} layers, "
@@ -210,6 +210,26 @@ def cmd_compile(a, rest) -> int:
     return 0
 
 
+def parse_mesh(text: str) -> dict:
+    """``--mesh tensor=2[,data=..,fsdp=..]`` -> a ``make_mesh`` shape; fsdp takes the remaining devices unless
+    given (so ``tensor=N`` alone uses every device)."""
+    out = {"data": 1, "fsdp": -1, "tensor": 1}
+    for item in text.split(","):
+        name, _, size = item.partition("=")
+        if name not in out or not size.lstrip("-").isdigit():
+            raise UsageError(f"--mesh {text}: expected AXIS=N[,AXIS=N] with AXIS data, fsdp or tensor, e.g. tensor=2")
+        out[name] = int(size)
+    return out
+
+
+def _mesh(a):
+    """The ``--mesh`` option's mesh (None without one)."""
+    if not getattr(a, "mesh", None):
+        return None
+    from vita_jax import parallel  # (late: as the commands)
+    return parallel.make_mesh(parse_mesh(a.mesh))
+
+
 def _compile_serve(a, rest) -> int:
     """``vita-jax compile --serve --config=vita15 --topology=v5e:2x2 [--quantize int8]``."""
     from vita_jax import config as config_lib  # subcommands import late: --help stays fast
@@ -218,12 +238,7 @@ def _compile_serve(a, rest) -> int:
     config, left = config_lib.parse_args(rest)
     if left:
         raise UsageError(f"vita-jax compile: unrecognized arguments: {' '.join(left)}")
-    mesh = None
-    if a.mesh:
-        try:
-            mesh = {k: int(v) for k, v in (kv.split("=") for kv in a.mesh.split(","))}
-        except ValueError:
-            raise UsageError(f"--mesh {a.mesh}: expected AXIS=N[,AXIS=N], e.g. tensor=2") from None
+    mesh = parse_mesh(a.mesh) if a.mesh else None
     r = serve_compile.compile_serve(config, a.topology, a.max_sessions, a.max_len, a.max_prompt, a.quantize, mesh,
                                     a.hbm_gib)
     print(serve_compile.report(r), flush=True)
@@ -257,7 +272,7 @@ def cmd_eval(a, rest) -> int:
                                          batch_size=a.batch_size, max_new_tokens=a.max_new_tokens)
     data = evals.runner.read_suite(suite)  # every task's data read and checked before the model is loaded
     parallel.maybe_initialize_distributed()
-    mesh = parallel.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}) if jax.device_count() > 1 else None
+    mesh = _mesh(a) or (parallel.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}) if jax.device_count() > 1 else None)
     dtype = parallel.resolve_dtype(a.dtype)
     if jax.process_index() == 0:
         print(f"eval: {a.checkpoint} in {dtype}{', LLM weights ' + a.quantize if a.quantize else ''}", flush=True)
@@ -288,7 +303,7 @@ def cmd_bench(a, rest) -> int:
 def cmd_serve(a) -> int:
     from vita_jax.serve import server  # subcommands import late: --help stays fast
     return server.main(a.checkpoint, a.host, a.port, a.max_sessions, a.dtype, a.max_new_tokens, a.max_prompt,
-                       a.image_tiles, a.allow_origin, warmup=not a.no_warmup, quantize=a.quantize)
+                       a.image_tiles, a.allow_origin, warmup=not a.no_warmup, quantize=a.quantize, mesh=_mesh(a))
 
 
 def main(argv=None) -> int:

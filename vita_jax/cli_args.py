@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+MESH_HELP = "shard the weights over devices, e.g. tensor=2 (AXIS=N over data, fsdp, tensor; fsdp takes the rest)"
 QUANTIZE_HELP = "weight-only int8 | int4 for the LLM's linear layers (qwix; int8 halves bf16 weight bytes)"
 
 
@@ -61,6 +62,7 @@ def _generate(sub) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--dtype", default="auto", type=_dtype, help=DTYPE_HELP)
     g.add_argument("--quantize", choices=("int8", "int4"), default=None, help=QUANTIZE_HELP)
+    g.add_argument("--mesh", default=None, help=MESH_HELP)
     g.add_argument("--speak", metavar="OUT.wav", help="also speak the reply (needs vita_tts_ckpt/) into a wav file")
     g.add_argument("--speech-max-tokens", type=int, default=1000, help="codec ids at most (40 per second)")
 
@@ -85,6 +87,7 @@ def _eval(sub) -> None:
     ev.add_argument("--max-new-tokens", type=int, default=None, help="reply length limit (default 64)")
     ev.add_argument("--dtype", default="auto", type=_dtype, help=DTYPE_HELP)
     ev.add_argument("--quantize", choices=("int8", "int4"), default=None, help=QUANTIZE_HELP)
+    ev.add_argument("--mesh", default=None, help=MESH_HELP)
     ev.add_argument("--no-progress", action="store_true")
 
 
@@ -130,6 +133,7 @@ def _serve(sub) -> None:
     sv.add_argument("--image-tiles", type=int, default=1, help="tiles of a camera frame (1 = one 448 px tile)")
     sv.add_argument("--dtype", default="auto", type=_dtype, help=DTYPE_HELP)
     sv.add_argument("--quantize", choices=("int8", "int4"), default=None, help=QUANTIZE_HELP)
+    sv.add_argument("--mesh", default=None, help=MESH_HELP)
     sv.add_argument("--allow-origin", action="append", default=[],
                     help="another page origin allowed to connect, e.g. https://example.org (repeatable)")
     sv.add_argument("--no-warmup", action="store_true", help="skip compiling before serving")

@@ -223,7 +223,7 @@ def warm_up(engine: ServeEngine, opts: TurnOptions, clip_seconds: Sequence[float
 
 def main(checkpoint: str, host: str = "127.0.0.1", port: int = 8765, max_sessions: int = 4, dtype: str = "auto",
          max_new_tokens: int = 128, max_prompt: Optional[int] = None, image_tiles: int = 1,
-         allow_origins: Sequence[str] = (), warmup: bool = True, quantize: Optional[str] = None) -> int:
+         allow_origins: Sequence[str] = (), warmup: bool = True, quantize: Optional[str] = None, mesh=None) -> int:
     """Loads the model, warms it up and serves until interrupted (``vita-jax serve``)."""
     import jax.numpy as jnp  # the model's dtype; jax is loaded by the engine anyway
 
@@ -239,7 +239,7 @@ def main(checkpoint: str, host: str = "127.0.0.1", port: int = 8765, max_session
     vad_lib.weights_path()  # a missing serve extra fails before the model is loaded
     t0 = time.perf_counter()
     dtype = parallel.resolve_dtype(dtype)
-    model = api.from_pretrained(checkpoint, dtype=jnp.dtype(dtype))
+    model = api.from_pretrained(checkpoint, dtype=jnp.dtype(dtype), mesh=mesh)
     if quantize:
         model.quantize(quantize)
     if model.tokenizer is None:

@@ -1,0 +1,50 @@
+"""Run in a subprocess by tests/test_serve_mesh.py: the fixture release on one CPU device and on a (fsdp 4,
+tensor 2) mesh of 8, through forward, generate and the serve engine; prints ``RESULT {json}``."""
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import json  # noqa: E402
+import threading  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+import vita_jax  # noqa: E402
+from vita_jax import parallel  # noqa: E402
+from vita_jax.cli import parse_mesh  # noqa: E402
+from vita_jax.serve import engine as engine_lib  # noqa: E402
+
+
+def served(m, ids):
+    e = engine_lib.ServeEngine(m, slots=2, max_new_tokens=8, max_prompt=64)
+    try:
+        got, done = [[], []], [threading.Event(), threading.Event()]
+        for i in range(2):  # two concurrent turns (one row each)
+            e.submit(engine_lib.Request(lambda: (ids, None, []), got[i].append, lambda r, info, i=i: done[i].set(),
+                                        max_new_tokens=8))
+        assert all(d.wait(600) for d in done)
+        return got
+    finally:
+        e.close()
+
+
+def main(tiny):
+    ids = np.load(os.path.join(tiny, "reference", "forward_textonly.npz"))["input_ids"]
+    one = vita_jax.from_pretrained(tiny)
+    mesh = parallel.make_mesh(parse_mesh("fsdp=4,tensor=2"))
+    many = vita_jax.from_pretrained(tiny, mesh=mesh)
+    f1, f8 = np.asarray(one.forward(ids)), np.asarray(many.forward(ids))
+    g1 = one.generate(ids, max_new_tokens=8, stop_ids=[])
+    g8 = many.generate(ids, max_new_tokens=8, stop_ids=[])
+    kernel = many.params["llm"]["model"]["layers"]["self_attn"]["q_proj"]["kernel"]
+    r = dict(devices=len(mesh.devices.flat), rel_err=float(np.abs(f1 - f8).max() / np.abs(f1).max()),
+             generate_equal=bool(np.array_equal(g1, g8)), served_one=served(one, ids[0]),
+             served_mesh=served(many, ids[0]), q_spec=[str(s) for s in kernel.sharding.spec],
+             generated=[int(t) for t in g1[0] if t >= 0 and t not in one.stop_ids])
+    print("RESULT " + json.dumps(r), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
