@@ -63,16 +63,12 @@ class VitaModel:
             lambda p, f, n: m.apply({"params": p}, f, n, method=VITA.encode_audio).astype(jnp.float32))
 
     def quantize(self, qtype: str = "int8", targets=quantize_lib.LLM_LINEAR) -> "VitaModel":
-        """Weight-only ``qtype`` ("int8" or "int4") for the dense kernels ``targets`` matches (default: every
-        linear layer of the LLM), through qwix (:mod:`vita_jax.models.quantize`): they are stored quantized and
-        dequantized in each matmul, for every entry point (generate, chat, eval, serve). In place; returns self."""
-        quantize_lib.check(qtype)
+        """Weight-only ``qtype`` ("int8" / "int4") for the kernels ``targets`` matches (default: the LLM's linear
+        layers; :mod:`vita_jax.models.quantize`), for every entry point. In place; returns self."""
         if self.quantized is not None:
             raise ValueError(f"the model is already quantized ({self.quantized})")
-        modules = quantize_lib.modules_of(self.params, targets)
-        self.params = quantize_lib.quantize_params(self.config, self.params, modules, qtype)
-        self.module = quantize_lib.wrap(self.module, modules, qtype)
-        self.llm = quantize_lib.wrap(self.llm, modules, qtype, "llm/")
+        self.params, self.module, self.llm = quantize_lib.model(self.config, self.params, self.module, self.llm,
+                                                                qtype, targets)
         self.quantized = qtype
         self._jit()
         return self

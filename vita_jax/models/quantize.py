@@ -63,6 +63,15 @@ def quantize_params(config, params: dict, modules: Sequence[str], qtype: str) ->
     return traverse_util.unflatten_dict(flat, sep="/")
 
 
+def model(config, params: dict, module: nn.Module, llm: nn.Module, qtype: str, targets: Sequence[str] = LLM_LINEAR):
+    """``(params, module, llm)`` of a loaded model (the whole VITA and its LLM alone, as the API applies them)
+    with ``targets``' kernels quantized to ``qtype`` and both modules computing from them."""
+    check(qtype)
+    modules = modules_of(params, targets)
+    return (quantize_params(config, params, modules, qtype), wrap(module, modules, qtype),
+            wrap(llm, modules, qtype, "llm/"))
+
+
 def weight_bytes(params) -> int:
     """Bytes of every array leaf (quantized kernels: values + scales)."""
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params) if hasattr(x, "dtype"))
