@@ -182,3 +182,23 @@ def test_reply_splitter_streams_the_release_pieces():
         pieces = [p for i in range(0, len(text), size) for p in s.push(text[i:i + size])] + s.finish()
         assert pieces == split_reply(text)
     assert split_reply(text)[:2] == ["hi. a.", "hello there,"]
+
+
+def test_incremental_detokenisation_equals_the_whole_decode(qwen_tokenizer):
+    """The session decodes only the ids since its last complete text (not the whole reply per token): the
+    streamed text equals one decode of all ids, with characters split over several byte tokens (CJK, emoji,
+    accents) and spaces at the seams."""
+    text = "Héllo wörld, 你好，世界！ 🎉🎉 done. ☞ x  y\nz"
+    ids = qwen_tokenizer.encode(text)
+    assert len(ids) > 10
+
+    class Model:
+        tokenizer, speech = qwen_tokenizer, None
+    s = session_lib.Session.__new__(session_lib.Session)
+    s.model, out = Model(), []
+    s._send = lambda item, turn: out.append(item) or True
+    turn = session_lib.Turn(s, "q", None, None, [], time.perf_counter())
+    for t in ids:
+        s._on_token(turn, t)
+    assert turn.raw == qwen_tokenizer.decode(ids) == text
+    assert "".join(m["text"] for m in out) == text.replace("☞", "")  # the state symbol is not shown

@@ -64,6 +64,7 @@ class Turn:
         self.cancelled = threading.Event()
         self.ids: list[int] = []
         self.raw, self.shown = "", ""
+        self.window = 0  # ids before it are in `raw` for good: each token decodes only the ids since (incremental)
         self.splitter = ReplySplitter()
         self.pieces: queue.Queue = queue.Queue()
         self.tts: Optional[threading.Thread] = None
@@ -201,11 +202,14 @@ class Session:
 
     def _on_token(self, turn: Turn, tok: int) -> None:
         turn.ids.append(tok)
-        text = self.model.tokenizer.decode(turn.ids)
+        # only the ids since the last complete text are decoded (the whole reply each token cost O(n) per token);
+        # the byte-level BPE decodes a run of whole characters the same alone as after its prefix
+        text = self.model.tokenizer.decode(turn.ids[turn.window:])
         if text.endswith("\ufffd"):  # a character still incomplete (bytes of it in later tokens)
             return
-        raw_new, turn.raw = text[len(turn.raw):], text
-        self._text_out(turn, raw_new, final=False)
+        turn.window = len(turn.ids)
+        turn.raw += text
+        self._text_out(turn, text, final=False)
 
     def _text_out(self, turn: Turn, raw_new: str, final: bool) -> None:
         shown = turn.raw
