@@ -13,7 +13,8 @@ import dataclasses
 import logging
 import threading
 import time
-from typing import Callable, Optional
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass(eq=False)
 class Request:
     """One turn for the LLM. ``build()`` -> ``(input_ids [L], pixels or None, fbank clips list)``
-    runs on the engine thread; ``on_token(id)`` gets each new id (stop ids excluded), ``on_done(reason,
+    runs on a preparation thread; ``on_token(id)`` gets each new id (stop ids excluded), ``on_done(reason,
     info)`` once at the end: reason ``"stop"``, ``"length"``, ``"cancelled"`` or ``"error"`` (``info``
     then holds ``message``), ``info`` also ``tokens``, ``prefill_ms``, ``queue_ms``, ``decode_s``."""
     build: Callable[[], tuple]
@@ -42,6 +43,7 @@ class Request:
     submitted: float = dataclasses.field(default_factory=time.perf_counter)
     tokens: int = 0
     info: dict = dataclasses.field(default_factory=dict)
+    prepared: Any = None  # (embeds, mask) or the exception preparing them raised (a worker thread's work)
 
 
 def _insert(slots: KVCache, row: KVCache, r):
@@ -86,6 +88,9 @@ class ServeEngine:
         self.closed = False
         self.stats = dict(steps=0, row_steps=0, prefills=0, step_s=0.0, prefill_s=0.0)
         self._insert = jax.jit(_insert, donate_argnums=0)
+        # a turn's media, fbank, tokens and tower encodes are prepared here, beside the decode loop, which
+        # then only prefills: joins no longer stall the other turns' steps
+        self._prep = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vita-serve-prep")
         self.thread = threading.Thread(target=self._run, name="vita-serve-engine", daemon=True)
         self.thread.start()
 
@@ -101,6 +106,27 @@ class ServeEngine:
             if self.closed:
                 raise RuntimeError("the engine is closed")
             req.submitted = time.perf_counter()
+        self._prep.submit(self._prepare, req)
+
+    def _prepare(self, req: Request) -> None:
+        """On a worker thread: the prompt's spliced embeddings (or the error that refuses the turn), then
+        the request joins the queue of the decode loop."""
+        m = self.model
+        try:
+            if not req.cancelled.is_set():
+                ids, pixels, clips = req.build()
+                feats, lengths = m.pad_clips(clips)
+                with parallel.use_mesh(m.mesh):
+                    embeds, mask = m.prompt_embeds(np.asarray(ids)[None], None, pixels, feats, lengths)
+                if embeds.shape[1] > self.max_prompt:
+                    raise ValueError(f"the prompt needs {embeds.shape[1]} positions, over this server's max_prompt "
+                                     f"{self.max_prompt}: a shorter question, or restart with a larger --max-prompt")
+                req.prepared = (embeds, mask)
+        except Exception as e:  # a bad prompt ends this turn only (reported by the loop, in order)
+            req.prepared = e
+        with self.cv:
+            if self.closed:
+                return self._done(req, "cancelled")
             self.pending.append(req)
             self.cv.notify()
 
@@ -109,6 +135,7 @@ class ServeEngine:
             self.closed = True
             self.cv.notify()
         self.thread.join(timeout=30)
+        self._prep.shutdown(wait=True, cancel_futures=True)
         if self.speech is not None:
             self.speech.close()
 
@@ -165,12 +192,9 @@ class ServeEngine:
         req.info["queue_ms"] = 1000 * (t0 - req.submitted)
         m = self.model
         try:
-            ids, pixels, clips = req.build()
-            feats, lengths = m.pad_clips(clips)
-            embeds, mask = m.prompt_embeds(np.asarray(ids)[None], None, pixels, feats, lengths)
-            if embeds.shape[1] > self.max_prompt:
-                raise ValueError(f"the prompt needs {embeds.shape[1]} positions, over this server's max_prompt "
-                                 f"{self.max_prompt}: a shorter question, or restart with a larger --max-prompt")
+            if isinstance(req.prepared, Exception):
+                raise req.prepared
+            embeds, mask = req.prepared
             self.key, sub = jax.random.split(self.key)
             with parallel.use_mesh(m.mesh):
                 cache = KVCache.init(m.llm_cfg, 1, self.cache_len)
