@@ -230,6 +230,11 @@ def _session_compilation_cache(config) -> None:
     os.makedirs(path, exist_ok=True)
     os.environ.update(JAX_COMPILATION_CACHE_DIR=path, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                       JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+    try:  # a size limit makes jax take a file lock around each entry: two workers may write the same key at once
+        import filelock  # noqa: F401
+        os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(16 << 30)
+    except ImportError:
+        pass
     if not hasattr(config, "workerinput"):
         config._vita_cache_dir = path
 
