@@ -217,7 +217,37 @@ def big_memory(tmp_path_factory):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _session_compilation_cache(config) -> None:
+    """One persistent XLA compilation cache for the whole session, shared by the xdist workers and inherited by
+    every subprocess (the environment): the suite's CLI runs compile the same tiny steps again and again. A folder
+    of the system's temp dir named after xdist's run id (a plain run: its own), removed by the controller at the end.
+    A cache the caller set is left alone."""
+    import tempfile
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"solo-{os.getpid()}"
+    path = os.path.join(tempfile.gettempdir(), f"vita_jax-tests-xla-cache-{run}")
+    os.makedirs(path, exist_ok=True)
+    os.environ.update(JAX_COMPILATION_CACHE_DIR=path, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+    try:  # a size limit makes jax take a file lock around each entry: two workers may write the same key at once
+        import filelock  # noqa: F401
+        os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(16 << 30)
+    except ImportError:
+        pass
+    if not hasattr(config, "workerinput"):
+        config._vita_cache_dir = path
+
+
+def pytest_unconfigure(config):
+    path = getattr(config, "_vita_cache_dir", None)
+    if path:
+        import shutil
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def pytest_configure(config):
+    _session_compilation_cache(config)
     config.addinivalue_line("markers", "slow: takes minutes (training runs, subprocesses, the demo); the quick loop is "
                                        "pytest -m \"not slow\" (README's command runs everything)")
     # qwix 0.1.8 (LoRA) checks for flax's removed nnx.VariableState alias on every intercepted call: its
