@@ -201,6 +201,17 @@ def in_thread(engine: ServeEngine, host: str = "127.0.0.1", port: int = 0, **kw)
         thread.join(10)
 
 
+def _warm_codec(speech, opts: TurnOptions) -> None:
+    """Compiles the codec for every chunk length a reply's stream can synthesise: a full chunk (``chunk`` +
+    look-ahead, after the first also the left context) and a last one (padded to ``codes_bucket`` codes)."""
+    if speech is None or speech.codec_cfg is None:
+        return
+    pad, step = opts.padding_size, max(1, speech.codes_bucket)
+    full = {left + chunk + pad for chunk, _ in (opts.first, opts.later) for left in (0, pad)}
+    for n in sorted(full | set(range(step, max(full) + 1, step))):
+        speech.codes_to_wave(np.zeros(n, np.int64))
+
+
 def warm_up(engine: ServeEngine, opts: TurnOptions, clip_seconds: Sequence[float] = (2, 4, 6, 8)) -> float:
     """Compiles before serving: a typed turn, then one spoken turn (real speech, looped or cut) per
     length in ``clip_seconds`` (each fbank frame / prompt bucket compiles the audio encoder and the
@@ -208,6 +219,7 @@ def warm_up(engine: ServeEngine, opts: TurnOptions, clip_seconds: Sequence[float
     lengths, an image) still compile on first use."""
     from vita_jax import assets  # the bundled recordings: only the warm-up speaks
     t0 = time.perf_counter()
+    _warm_codec(engine.model.speech, opts)
     wave = np.concatenate([c[1] for c in assets.speech_clips()[:2]])
     for secs in [None, *clip_seconds]:
         done = threading.Event()
