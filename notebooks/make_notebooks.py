@@ -1,4 +1,4 @@
-"""Writes quickstart.ipynb and finetune.ipynb from the cells below (edit here, then run
+"""Writes quickstart.ipynb, finetune.ipynb and finetune_lora.ipynb from the cells below (edit here, then run
 ``python notebooks/make_notebooks.py``; the .ipynb files are committed without outputs)."""
 import os
 
@@ -145,6 +145,52 @@ assert rows[-1]["loss"] < rows[0]["loss"]'''),
            "`vita-jax convert --to pytorch WORKDIR/stage1_3/model OUT` writes the official layout."),
 ]
 
+LORA = [
+    ("md", "# LoRA / QLoRA fine-tuning\n\nAdapters of rank `RANK` on the LLM's attention and MLP projections "
+           "(qwix), trained on stage 2.2 (audio SFT) while the base model stays frozen: no optimizer state and no "
+           "weight gradients for it, run checkpoints that hold the adapters only, and an export merged into the "
+           "official layout. With `BASE_DTYPE = \"int8\"` the frozen kernels are stored int8 (QLoRA).\n\n"
+           "Here it runs at tiny size on CPU from the fixture release in a minute. **On a Colab TPU** (v5e): set "
+           "`VITA_INIT_FROM` to a VITA-1.5 release folder, point `config.data.mixture` at your VITA-format JSON, use "
+           "the full-size config (`stages.stage_config(\"2.2\")`), `RANK = 16`, `BASE_DTYPE = \"int8\"` and "
+           "`config.remat_policy = \"full\"`, and check that it fits first: `vita-jax compile --config=stage2_2 "
+           "--config.lora.rank=16 --config.lora.base_dtype=int8 --topology=v5e:2x2 --per-chip-batch=1 "
+           "--config.data.seq_len=2048 --config.remat_policy=full` (5.15 GiB per chip, docs/scaling.md)."),
+    ("code", INSTALL),
+    ("code", FIND),
+    ("code", '''STEPS = int(os.environ.get("VITA_NB_STEPS", "30"))
+BASE = os.environ.get("VITA_INIT_FROM", "") or str(FIXTURES / "vita15-tiny")
+RANK, BASE_DTYPE = 4, os.environ.get("VITA_LORA_BASE_DTYPE", "")  # "int8" / "int4": QLoRA
+
+from vita_jax.train import stages, trainer
+
+config = stages.stage_config("2.2", "tiny")   # full size: stages.stage_config("2.2") and your data
+config.update(init_from=BASE, total_steps=STEPS, checkpoint_every=STEPS)
+config.optim.lr, config.optim.warmup_ratio = 5e-3, 0.0
+config.lora.update(rank=RANK, alpha=2.0 * RANK, base_dtype=BASE_DTYPE)
+out = trainer.train(config, str(WORKDIR / "lora"), progress=True)
+print("trainable:", sorted(out["state"].train)[:3], "...")'''),
+    ("code", '''import json
+import matplotlib
+matplotlib.use("Agg") if "ipykernel" not in sys.modules else None
+import matplotlib.pyplot as plt
+
+rows = [json.loads(l) for l in open(WORKDIR / "lora" / "metrics.jsonl") if "loss" in l]
+plt.figure(figsize=(5, 3.5)); plt.plot([r["step"] for r in rows], [r["loss"] for r in rows])
+plt.xlabel("step"); plt.ylabel("loss"); plt.title(f"LoRA rank {RANK}"); plt.tight_layout()
+plt.savefig(WORKDIR / "lora_loss.png")
+print(f"loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}")
+assert rows[-1]["loss"] < rows[0]["loss"]'''),
+    ("code", '''import vita_jax
+
+model = vita_jax.from_pretrained(str(WORKDIR / "lora" / "model"))   # the adapters merged into the base
+print("merged model:", model.config.llm.num_hidden_layers, "layers; the official layout:",
+      sorted(os.listdir(WORKDIR / "lora" / "model"))[:4])'''),
+    ("md", "`config.lora.merge = False` exports the adapters alone (a few MB, naming their base); "
+           "`vita_jax.from_pretrained(BASE, adapters=FOLDER)` merges them at load, and `vita-jax convert --to "
+           "pytorch` writes the merged official layout. See docs/training.md (LoRA)."),
+]
+
 
 def build(cells, path):
     nb = nbf.v4.new_notebook()
@@ -156,3 +202,4 @@ def build(cells, path):
 if __name__ == "__main__":
     build(QUICK, os.path.join(HERE, "quickstart.ipynb"))
     build(FINETUNE, os.path.join(HERE, "finetune.ipynb"))
+    build(LORA, os.path.join(HERE, "finetune_lora.ipynb"))

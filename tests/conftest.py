@@ -9,6 +9,29 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import numpy as np  # noqa: E402
 import pytest
 
+
+def _collective_timeout_flag() -> str:
+    """XLA_FLAGS for every test process: XLA's CPU collectives abort a program when one device's thread is 40 s
+    late at a rendezvous, which an 8-device test on 2 busy cores can be (test_parallel's 8-device run aborted so
+    once beside another worker's work); 600 s only guards against a hang. Only where this jaxlib knows the flag
+    (XLA refuses unknown XLA_FLAGS, and setup.py does not pin jaxlib)."""
+    import importlib.util
+    import mmap
+    flag = "xla_cpu_collective_call_terminate_timeout_seconds"
+    spec = importlib.util.find_spec("jaxlib")
+    lib = os.path.join(list(spec.submodule_search_locations)[0], "libjax_common.so") if spec else ""
+    try:
+        with open(lib, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            return f"--{flag}=600" if m.find(flag.encode()) >= 0 else ""
+    except (OSError, ValueError):
+        return ""
+
+
+# the session's XLA_FLAGS (see above): tests that give a subprocess its own XLA_FLAGS start from this
+XLA_BASE = _collective_timeout_flag()
+if XLA_BASE and XLA_BASE.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + XLA_BASE).strip()
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.environ.get("VITA_SHARED", os.path.join(os.path.dirname(REPO), "shared"))
 FIXTURES = os.path.join(SHARED, "fixtures")

@@ -14,7 +14,7 @@ from vita_jax.layers.attention import causal_padding_mask, resolve_implementatio
 from vita_jax.layers.splash import kernel_segment_ids, splash_attention
 from vita_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
 
-from conftest import HANG_S, rel_err
+from conftest import HANG_S, XLA_BASE, rel_err
 
 TOL = 1e-5
 
@@ -139,7 +139,7 @@ def test_auto_per_platform(monkeypatch):
 
 SHARDED = r"""
 import os
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
 import jax, jax.numpy as jnp, numpy as np
 from vita_jax import parallel
 from vita_jax.layers.splash import splash_attention
@@ -161,7 +161,7 @@ print("ERRS", max(errs))
 @pytest.mark.slow  # 10-25 s on 2 cores: outside the quick loop (pytest -m "not slow")
 def test_splash_under_a_mesh_shards_batch_and_heads():
     env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = XLA_BASE  # the session's, without a device count of its own
     p = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True, timeout=HANG_S)
     assert p.returncode == 0, p.stderr[-3000:]
     err = float(p.stdout.split("ERRS")[-1])

@@ -23,7 +23,7 @@ from vita_jax.layers.flash import MULTIPLE, flash_attention, segment_starts
 from vita_jax.layers.splash import kernel_segment_ids
 from vita_jax.models.qwen2 import Qwen2ForCausalLM
 
-from conftest import HANG_S, jaxpr_avals, rel_err
+from conftest import HANG_S, XLA_BASE, jaxpr_avals, rel_err
 
 CPU_KERNELS = ("xla_chunked",)
 
@@ -186,7 +186,7 @@ def test_qwen2_tokamax_logits_and_gradients_match_xla_on_packed_batch(remat):
 
 SHARDED = r"""
 import os
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
 import jax, jax.numpy as jnp, numpy as np
 from vita_jax import parallel
 from vita_jax.layers.flash import flash_attention
@@ -208,7 +208,7 @@ print("ERRS", max(errs))
 @pytest.mark.slow  # 10-25 s on 2 cores: outside the quick loop (pytest -m "not slow")
 def test_flash_under_a_mesh_shards_batch_and_heads():
     env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = XLA_BASE  # the session's, without a device count of its own
     p = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True, timeout=HANG_S)
     assert p.returncode == 0, p.stderr[-3000:]
     assert float(p.stdout.split("ERRS")[-1]) <= TOL

@@ -10,7 +10,7 @@ pytestmark = pytest.mark.slow  # minutes: outside the quick loop (pytest -m "not
 NB = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks")
 
 
-@pytest.mark.parametrize("name", ["quickstart.ipynb", "finetune.ipynb"])
+@pytest.mark.parametrize("name", ["quickstart.ipynb", "finetune.ipynb", "finetune_lora.ipynb"])
 def test_notebook_runs(name, tmp_path, monkeypatch):
     monkeypatch.setenv("VITA_NB_WORKDIR", str(tmp_path))
     monkeypatch.setenv("VITA_NB_STEPS", "30")
@@ -20,5 +20,7 @@ def test_notebook_runs(name, tmp_path, monkeypatch):
     outs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     if name == "quickstart.ipynb":
         assert (tmp_path / "answer.wav").exists() and "s of audio" in outs
-    else:
+    elif name == "finetune.ipynb":
         assert (tmp_path / "loss.png").exists() and "loss" in outs
+    else:
+        assert (tmp_path / "lora_loss.png").exists() and "merged model" in outs and "lora_a" in outs

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import HANG_S
+from conftest import HANG_S, XLA_BASE
 
 pytestmark = pytest.mark.slow  # minutes: outside the quick loop (pytest -m "not slow")
 
@@ -16,7 +16,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 @pytest.fixture(scope="module")
 def result(tiny_dir):
     env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = XLA_BASE  # the session's, without a device count of its own
     p = subprocess.run([sys.executable, os.path.join(HERE, "sharding_check.py"), tiny_dir],
                        capture_output=True, text=True, env=env, timeout=HANG_S)
     assert p.returncode == 0, p.stderr[-4000:]
