@@ -227,7 +227,10 @@ def _mesh(a):
     if not getattr(a, "mesh", None):
         return None
     from vita_jax import parallel  # (late: as the commands)
-    return parallel.make_mesh(parse_mesh(a.mesh))
+    try:
+        return parallel.make_mesh(parse_mesh(a.mesh))
+    except ValueError as e:  # more devices asked for than there are, ...
+        raise UsageError(f"--mesh {a.mesh}: {e}") from None
 
 
 def _compile_serve(a, rest) -> int:
