@@ -19,8 +19,12 @@ def get_config(arg=None):
     c.loss = "tts"
     c.optim.update(lr=5e-4, group_lrs=[])  # group_lrs: [[pattern, lr], ...], the first match wins
     # the decoder reads the LLM's states: input width = LLM width / 4 (the release: 896), 1024 codec codes
+    # its training forward: the prefix-LM mask as a rule with queries in blocks of 512 and every layer rematerialised
+    # (layers/chunked.py): 4 rows of 1024 text tokens (6146 positions) a chip, where the dense mask kept
+    # [rows, 14, 6146, 6146] float32 per layer (docs/scaling.md)
     c.tts = ml_collections.ConfigDict(dict(idim=c.llm.hidden_size // 4, odim=1024, attention_heads=14,
-                                           linear_units=4864, num_blocks=4))
+                                           linear_units=4864, num_blocks=4, attention_impl="chunked",
+                                           attention_chunk=512, remat_policy="full"))
     # 512 rows a step in 2 micro-batches; packed rows of 6200 tokens; 13 tiles an image, 3000 fbank frames (30 s) a clip
     c.update(batch_size=512, grad_accum=2, total_steps=10000, checkpoint_every=1000)
     c.data.update(seq_len=6200, packing=True, budgets="auto", max_tiles_per_sample=13, max_frames=3000)

@@ -19,6 +19,10 @@ platform, at trace time):
   has a packed layout with per-segment offsets, Hopper only; not used here.)
 * ``"xla"`` / ``None`` (CPU and everything else): ``jax.nn.dot_product_attention`` with the dense
   boolean mask ``[batch, 1, q, k]`` (causal & padding & same segment).
+
+A ``mask`` given as a :class:`vita_jax.layers.chunked.PrefixLMMask` (a rule of positions, not an array) takes
+:func:`vita_jax.layers.chunked.chunked_attention` whatever the implementation: query blocks in a scan, no
+``[q, k]`` value kept for the backward.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from vita_jax import parallel
+from vita_jax.layers.chunked import PrefixLMMask, chunked_attention
 from vita_jax.layers.flash import flash_attention
 from vita_jax.layers.rope import apply_rope
 from vita_jax.layers.splash import splash_attention
@@ -136,7 +141,11 @@ class Attention(nn.Module):
             new_cache = (ck, cv)
             k, v = ck.astype(self.dtype), cv.astype(self.dtype)
 
-        if segment_ids is not None and cache is None and mask is None:
+        if isinstance(mask, PrefixLMMask):  # a mask given as a rule (the speech decoder's training forward)
+            if cache is not None:
+                raise ValueError("a PrefixLMMask is for cache-free forwards")
+            out = chunked_attention(q, k, v, mask)
+        elif segment_ids is not None and cache is None and mask is None:
             if resolve_implementation(self.implementation, self.dtype, self.head_dim, True, False) == "tokamax":
                 out = flash_attention(q, k, v, segment_ids)
             else:

@@ -19,9 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vita_jax.layers.chunked import PrefixLMMask
 from vita_jax.layers.norms import RMSNorm
 from vita_jax.layers.rope import rope_cos_sin
 from vita_jax.models import qwen2
+from vita_jax.models.common import remat_policy
 from vita_jax.models.keys import KeyRule, T
 
 _init = nn.initializers.normal(0.02)
@@ -38,6 +40,17 @@ class TTSDecoderConfig:
     rope_theta: float = 10000.0
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    # training forward only (inference keeps its cache path): "xla" = the dense boolean [B, 1, T, T] mask;
+    # "chunked" = the mask as a rule, queries in blocks (layers/chunked.py): no [T, T] value kept per layer
+    attention_impl: str = "xla"
+    attention_chunk: int = 512      # "chunked": queries per block
+    remat_policy: str = "none"      # per layer of both stacks (models/common.py's names)
+
+    def __post_init__(self):
+        if self.attention_impl not in ("xla", "chunked"):
+            raise ValueError(f"tts.attention_impl {self.attention_impl!r}: expected 'xla' or 'chunked'")
+        if self.remat_policy != "none":
+            remat_policy(self.remat_policy)  # a ValueError naming the policies for an unknown name
 
     @property
     def bos(self) -> int:
@@ -97,11 +110,15 @@ class LlamaStack(nn.Module):
     """Scanned Llama layers with an explicit boolean mask ``[B, 1, Q, K]`` and optional KV cache
     ``(k, v)`` of ``[layers, B, S, heads, head_dim]`` written at ``cache_index``."""
     cfg: qwen2.Qwen2Config
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, x, positions, mask, cache=None, cache_index=0):
         cos, sin = rope_cos_sin(positions, self.cfg.dim_head, self.cfg.rope_theta)
-        stack = nn.scan(qwen2.DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+        layer = qwen2.DecoderLayer
+        if self.remat != "none":
+            layer = nn.remat(layer, prevent_cse=False, policy=remat_policy(self.remat))
+        stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
                         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                         length=self.cfg.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"})
         return stack(self.cfg, name="layers")(x, cache, cos, sin, mask, None, jnp.asarray(cache_index, jnp.int32))
@@ -115,17 +132,22 @@ class TTSDecoder(nn.Module):
         c = self.cfg
         self.embedding = nn.Embed(c.odim + 4, c.idim, dtype=c.dtype, param_dtype=c.param_dtype,
                                   embedding_init=nn.with_logical_partitioning(_init, ("vocab", "embed")))
-        self.layers_pre_nn = LlamaStack(c.layer_config(c.num_blocks // 2))
-        self.layers = LlamaStack(c.layer_config(c.num_blocks))
+        self.layers_pre_nn = LlamaStack(c.layer_config(c.num_blocks // 2), c.remat_policy)
+        self.layers = LlamaStack(c.layer_config(c.num_blocks), c.remat_policy)
         self.norm = RMSNorm(c.idim, c.rms_norm_eps, c.param_dtype)
         self.out_fnn = nn.Dense(c.odim + 4, dtype=c.dtype, param_dtype=c.param_dtype,
                                 kernel_init=nn.with_logical_partitioning(_init, ("embed", "vocab")),
                                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)))
 
+    def _mask(self, rule: PrefixLMMask, length: int):
+        if self.cfg.attention_impl == "chunked":
+            return rule.replace(chunk=self.cfg.attention_chunk)
+        return rule.dense(length)
+
     def _nar(self, x, x_lens):
         b, lx = x.shape[:2]
-        valid = jnp.arange(lx)[None] < x_lens[:, None]
-        mask = (valid[:, :, None] & valid[:, None, :])[:, None]
+        x_lens = jnp.broadcast_to(jnp.asarray(x_lens, jnp.int32), (b,))
+        mask = self._mask(PrefixLMMask(x_lens, jnp.int32(lx), x_lens * 0 + lx), lx)  # valid x valid
         pos = jnp.broadcast_to(jnp.arange(lx), (b, lx))
         return self.layers_pre_nn(x.astype(self.cfg.dtype), pos, mask)[0]
 
@@ -144,13 +166,10 @@ class TTSDecoder(nn.Module):
         t = lt + ly + 1
         targets = jnp.concatenate([y, jnp.full((b, 1), c.pad)], 1)
         targets = jnp.where(jnp.arange(ly + 1)[None] == y_lens[:, None], c.eos, targets)
-        r, col = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
-        text_ok = (r[None] < lt_i[:, None, None]) & (col[None] < lt_i[:, None, None])
-        sp_row = (r[None] >= lt) & (r[None] < lt + y_lens[:, None, None] + 1)
-        sp_col = (col[None] >= lt) & (col[None] < lt + y_lens[:, None, None] + 1)
-        allowed = text_ok | (sp_row & (col[None] < lt_i[:, None, None])) | (sp_row & sp_col & (col[None] <= r[None]))
+        # the official prefix-LM mask: text both ways, speech causal and seeing the text, padding nothing
+        rule = PrefixLMMask(lt_i.astype(jnp.int32), jnp.int32(lt), (lt + y_lens + 1).astype(jnp.int32))
         pos = jnp.broadcast_to(jnp.arange(t), (b, t))
-        out, _ = self.layers(ar_in, pos, allowed[:, None])
+        out, _ = self.layers(ar_in, pos, self._mask(rule, t))
         logits = self.out_fnn(self.norm(out[:, lt:]))
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
         nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
