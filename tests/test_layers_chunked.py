@@ -61,6 +61,7 @@ def _lean(cfg, chunk=512):
     return dataclasses.replace(cfg, attention_impl="chunked", remat_policy="full", attention_chunk=chunk)
 
 
+@pytest.mark.slow  # ~25 s: three programs of the fixture decoder compiled
 def test_decoder_lean_matches_the_official_forward(speech, tts_dir):
     """The fixture's teacher-forced logits and loss (tolerance of test_models_tts_decoder) with the lean settings,
     and the parameter gradient of the summed CE equal to the dense path's."""
