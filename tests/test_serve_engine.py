@@ -202,3 +202,79 @@ def test_incremental_detokenisation_equals_the_whole_decode(qwen_tokenizer):
         s._on_token(turn, t)
     assert turn.raw == qwen_tokenizer.decode(ids) == text
     assert "".join(m["text"] for m in out) == text.replace("☞", "")  # the state symbol is not shown
+
+
+def _frame_b64(w=96, h=64):
+    import base64
+    import io
+
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray((np.arange(w * h * 3) % 251).astype(np.uint8).reshape(h, w, 3)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.mark.slow  # ~1 min on 2 cores: the server's warm-up, then six turns
+def test_nothing_compiles_after_warm_up_for_any_clip_image_or_history(model):
+    """After the server's warm-up (every prompt shape of the ladder, one typed and one spoken turn) a turn compiles
+    nothing: spoken questions of 1 to 15 s, with the history of earlier spoken turns (their clips in the prompt),
+    with a camera frame, and typed (turn_metrics.compiles counts XLA compilations while the turn runs)."""
+    from vita_jax.serve import server as server_lib
+    e = engine_lib.ServeEngine(model, slots=2, max_new_tokens=6, max_prompt=512)
+    try:
+        server_lib.warm_up(e, OPTS, clip_seconds=(2,))
+        wave = np.concatenate([c[1] for c in assets.speech_clips()[:2]])
+        rec = Recorder()
+        s = session_lib.Session(e, rec, OPTS)
+        got = []
+
+        def turn(seconds=None, text=None):
+            rec.done.clear()
+            if text is not None:
+                s.text(text)
+            else:
+                s._start(None, np.resize(wave, int(seconds * 16000)), time.perf_counter())
+            assert rec.done.wait(600)
+            m = rec.items[-1]
+            assert m["type"] == "turn_metrics", m
+            got.append((seconds, text, len(s.history), m["compiles"]))
+            _wait(lambda: e.active == 0)
+
+        turn(1.0)
+        turn(3.7)  # the 1 s turn in the history: two clips in the prompt
+        s.reset()
+        s.video_frame(_frame_b64())
+        turn(9.0)
+        turn(text="And what did you see?")
+        s.reset()
+        turn(15.0)
+        turn(6.3)
+        assert [g[-1] for g in got] == [0] * len(got), got
+        assert max(g[2] for g in got) >= 1  # turns did run with history
+    finally:
+        e.close()
+
+
+def test_prompt_ladder_embeds_equal_prompt_embeds(model):
+    """The server's prompt path (serve/prompt.py: towers per tile count / clip, splice per ladder length) gives the
+    embeddings of ``prompt_embeds`` on every real position, zeros and a 0 mask on its padding; a prompt over
+    ``max_prompt`` is refused naming it."""
+    from PIL import Image
+
+    from vita_jax.serve.prompt import PromptShapes
+    wave = np.concatenate([c[1] for c in assets.speech_clips()[:2]])
+    image = Image.fromarray((np.arange(80 * 120 * 3) % 251).astype(np.uint8).reshape(80, 120, 3))
+    hist = [("user", "", (wave[:16000], 16000)), ("assistant", "Yes.")]
+    ex = model.chat_inputs(hist + [("user", "And this?", (wave[:40000], 16000))], image=image)
+    shapes = PromptShapes(model, max_prompt=512)
+    got, mask = shapes.embeds(ex["input_ids"], ex["pixels"], ex["audio"])
+    feats, lens = model.pad_clips(ex["audio"])
+    want, want_mask = model.prompt_embeds(np.asarray(ex["input_ids"])[None], None, ex["pixels"], feats, lens)
+    n = int(np.asarray(want_mask).sum())
+    assert len(ex["audio"]) == 2 and ex["pixels"] is not None and got.shape[1] in shapes.lengths
+    np.testing.assert_array_equal(np.asarray(mask)[0, :n], 1)
+    np.testing.assert_array_equal(np.asarray(mask)[0, n:], 0)
+    np.testing.assert_allclose(np.asarray(got)[0, :n], np.asarray(want)[0, :n], rtol=1e-5, atol=1e-5)
+    assert not np.asarray(got)[0, n:].any()
+    with pytest.raises(ValueError, match="max_prompt 128"):
+        PromptShapes(model, max_prompt=100).embeds(ex["input_ids"], ex["pixels"], ex["audio"])

@@ -158,9 +158,14 @@ def test_oversized_message_and_flood_close_only_that_connection(server):
         assert _until(other)[-1]["type"] == "turn_metrics"
 
 
+def _threads():
+    """Live threads other than the engine's preparation pool (its two workers start on first use and stay)."""
+    return sum(not t.name.startswith("vita-serve-prep") for t in threading.enumerate())
+
+
 @pytest.mark.slow  # ~10 s on 2 cores: outside the quick loop (pytest -m "not slow")
 def test_busy_disconnect_mid_answer_and_cycles_leak_nothing(server):
-    threads = threading.active_count()
+    threads = _threads()
     with connect(_url(server)) as a, connect(_url(server)) as b:
         with connect(_url(server)) as c:
             assert json.loads(c.recv(timeout=120)) == {"type": "busy"}
@@ -174,8 +179,26 @@ def test_busy_disconnect_mid_answer_and_cycles_leak_nothing(server):
         with connect(_url(server)) as ws:
             ws.send(b"\x00\x00" * 800)
     _wait(lambda: not server.sessions)
-    _wait(lambda: threading.active_count() <= threads + 1)
+    _wait(lambda: _threads() <= threads + 1)
     assert server.engine.active == 0 and not server.engine.pending
+
+
+def test_stop_waits_for_the_speech_of_an_open_answer(server, monkeypatch):
+    """Stopping a server while a turn's speech thread is inside a codec decode (made to take 2 s) returns only after
+    that thread ended: one still in an XLA call when the interpreter exits aborts the process (`bench serve` ended
+    with exit 134)."""
+    speech, entered = server.engine.model.speech, threading.Event()
+    decode = speech.codes_to_wave
+    monkeypatch.setattr(speech, "codes_to_wave", lambda *a, **k: (entered.set(), time.sleep(2.0), decode(*a, **k))[2])
+
+    def speaking():
+        return [t for t in threading.enumerate() if t.name.startswith("vita-serve-tts-") and t.is_alive()]
+    with server_lib.in_thread(server.engine, max_sessions=1, opts=OPTS) as srv:
+        with connect(_url(srv)) as ws:
+            ws.send(json.dumps({"type": "text", "text": "Tell me a story."}))
+            assert entered.wait(600)
+            assert speaking()
+    assert not speaking()
 
 
 def test_serving_imports_no_torch():

@@ -22,7 +22,7 @@ from vita_jax.data import batch as batch_lib
 from vita_jax.data import chat as chat_lib
 from vita_jax.data import text as text_lib
 from vita_jax.infer import generate as gen
-from vita_jax.infer.speech import SpeechModel, split_reply, trim_leading
+from vita_jax.infer.speech import SpeechModel, embedding_rows, split_reply, trim_leading
 from vita_jax.infer.speech_engine import SlotOptions
 from vita_jax.models import quantize as quantize_lib
 from vita_jax.models import qwen2
@@ -266,9 +266,7 @@ class VitaModel:
         for sym in (text_lib.STATE_SPEECH, text_lib.STATE_TEXT, text_lib.STATE_NEGATIVE, text_lib.IM_END):
             text = text.replace(sym, "")
         ids = self.tokenizer.encode(text.strip()) if text.strip() else []
-        table = self.params["llm"]["model"]["embed_tokens"]["embedding"]
-        rows = np.asarray(jnp.take(table, jnp.asarray(ids, jnp.int32), axis=0), np.float32) if ids else \
-            np.zeros((0, self.llm_cfg.hidden_size), np.float32)
+        rows = embedding_rows(self.params["llm"]["model"]["embed_tokens"]["embedding"], ids)
         idim = self.speech.decoder_cfg.idim
         if self.llm_cfg.hidden_size % idim:
             raise ValueError(f"LLM width {self.llm_cfg.hidden_size} is not a multiple of the speech decoder's {idim}")

@@ -16,6 +16,31 @@ from vita_jax.models import ticodec
 from vita_jax.models import tts_decoder as dec
 from vita_jax.sizes import round_up
 
+_take_rows = jax.jit(lambda table, ids: jnp.take(table, ids, axis=0).astype(jnp.float32))
+
+
+def _id_bucket(n: int) -> int:
+    """Ids padded to this many for an embedding-row lookup: powers of two from 16."""
+    return max(16, 1 << max(int(n) - 1, 0).bit_length())
+
+
+def embedding_rows(table, ids: Sequence[int]) -> np.ndarray:
+    """Rows of an embedding ``table [vocab, width]`` for ``ids`` -> ``[len(ids), width]`` float32 on the host; ids
+    are padded to a power of two (at least 16) so that replies of any length share a few programs (a live server
+    compiles them before serving: :func:`warm_embedding_rows`)."""
+    n = len(ids)
+    padded = np.zeros(_id_bucket(n), np.int32)
+    padded[:n] = ids
+    return np.asarray(_take_rows(table, padded))[:n]
+
+
+def warm_embedding_rows(table, max_ids: int) -> int:
+    """Compiles :func:`embedding_rows` for every length up to ``max_ids``; returns the number of programs."""
+    sizes = sorted({_id_bucket(n) for n in range(int(max_ids) + 1)})
+    for b in sizes:
+        embedding_rows(table, [0] * b)
+    return len(sizes)
+
 
 def _frames_last(out):
     """The encoder's ``(c [B, 512, T], g1, g2)`` -> ``(frames [B, T, 512], g1)``."""

@@ -125,20 +125,28 @@ class VITA(nn.Module):
 
     def embed(self, kind, text_ids, src, pixels=None, audio_features=None, audio_lengths=None):
         """Spliced input embeddings ``[batch, length, embed]`` (zeros on padding)."""
-        x = self.llm.embed(text_ids)
+        img = aud = None
         # a batch laid out with no tile / clip slots (static shapes) skips that tower entirely
         if pixels is not None and pixels.shape[0]:
-            img = self.encode_images(pixels).astype(x.dtype)
+            img = self.encode_images(pixels)
             img = img.reshape(-1, img.shape[-1])
-            x = jnp.where((kind == IMAGE)[..., None], jnp.take(img, src, axis=0, mode="clip"), x)
         # clips: one array [clips, T, mel], or a list of them (packing's clip groups, each its own T): each
         # group is encoded on its own (a clip's result does not depend on its padding), rows laid end to end
         feats = list(zip(audio_features, audio_lengths)) if isinstance(audio_features, (list, tuple)) else \
             [(audio_features, audio_lengths)]
-        rows = [self.encode_audio(f, n).astype(x.dtype) for f, n in feats if f is not None and f.shape[0]]
+        rows = [self.encode_audio(f, n) for f, n in feats if f is not None and f.shape[0]]
         if rows:
             aud = jnp.concatenate([r.reshape(-1, r.shape[-1]) for r in rows])
-            x = jnp.where((kind == AUDIO)[..., None], jnp.take(aud, src, axis=0, mode="clip"), x)
+        return self.splice(kind, text_ids, src, img, aud)
+
+    def splice(self, kind, text_ids, src, image_rows=None, audio_rows=None):
+        """The splice alone: text embeddings with the tower rows put in place -> ``[batch, length, embed]``.
+        ``image_rows [R_i, embed]`` / ``audio_rows [R_a, embed]``: the towers' outputs as flat rows, which ``src``
+        indexes (None: no such position)."""
+        x = self.llm.embed(text_ids)
+        for k, rows in ((IMAGE, image_rows), (AUDIO, audio_rows)):
+            if rows is not None:
+                x = jnp.where((kind == k)[..., None], jnp.take(rows.astype(x.dtype), src, axis=0, mode="clip"), x)
         x = jnp.where((kind == PAD)[..., None], 0.0, x)
         return parallel.constrain(x, ("batch", "length", "act_embed"))
 

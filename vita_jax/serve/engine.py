@@ -22,8 +22,10 @@ import numpy as np
 
 from vita_jax import parallel
 from vita_jax.infer import generate as gen
+from vita_jax.infer.speech import warm_embedding_rows
 from vita_jax.infer.speech_scheduler import SpeechScheduler
 from vita_jax.models.qwen2 import KVCache
+from vita_jax.serve.prompt import PromptShapes
 from vita_jax.sizes import round_up
 
 log = logging.getLogger(__name__)
@@ -73,7 +75,9 @@ class ServeEngine:
             # most the reply (4 decoder rows a token)
             self.speech = SpeechScheduler(model.speech, slots=self.n, steps=speech_steps,
                                           max_input=4 * self.max_new_tokens, max_tokens=speech_max_tokens)
-        self.max_prompt = int(max_prompt or min(int(model.config.tokenizer_model_max_length), 2048))
+        # a prompt's embeddings from a fixed ladder of shapes (serve/prompt.py): nothing compiles after warm_prompts()
+        self.prompts = PromptShapes(model, int(max_prompt or min(int(model.config.tokenizer_model_max_length), 2048)))
+        self.max_prompt = self.prompts.max_prompt
         self.cache_len = round_up(self.max_prompt + self.max_new_tokens, 64)
         self.static = dict(do_sample=do_sample, top_k=int(top_k),
                            vocab_limit=len(model.tokenizer) if model.tokenizer is not None else None)
@@ -111,17 +115,10 @@ class ServeEngine:
     def _prepare(self, req: Request) -> None:
         """On a worker thread: the prompt's spliced embeddings (or the error that refuses the turn), then
         the request joins the queue of the decode loop."""
-        m = self.model
         try:
             if not req.cancelled.is_set():
                 ids, pixels, clips = req.build()
-                feats, lengths = m.pad_clips(clips)
-                with parallel.use_mesh(m.mesh):
-                    embeds, mask = m.prompt_embeds(np.asarray(ids)[None], None, pixels, feats, lengths)
-                if embeds.shape[1] > self.max_prompt:
-                    raise ValueError(f"the prompt needs {embeds.shape[1]} positions, over this server's max_prompt "
-                                     f"{self.max_prompt}: a shorter question, or restart with a larger --max-prompt")
-                req.prepared = (embeds, mask)
+                req.prepared = self.prompts.embeds(np.asarray(ids), pixels, clips)
         except Exception as e:  # a bad prompt ends this turn only (reported by the loop, in order)
             req.prepared = e
         with self.cv:
@@ -142,6 +139,22 @@ class ServeEngine:
     @property
     def active(self) -> int:
         return sum(r is not None for r in self.rows)
+
+    def warm_prompts(self) -> int:
+        """Compiles the prompt path for every shape of its ladder, the LLM prefill for every prompt length and the
+        reply's embedding-row lookup (before serving; the decode loop must not run a turn meanwhile). Returns the
+        number of shapes."""
+        key = jax.random.PRNGKey(0)
+
+        def prefill(embeds, mask):
+            cache = KVCache.init(self.model.llm_cfg, 1, self.cache_len)
+            return gen.prefill(self.model.llm, self.model.params["llm"], None, mask, cache, key,
+                               inputs_embeds=embeds, **self.static, **self.dyn)[0]
+        n = self.prompts.warmup(prefill)
+        if self.model.speech is not None:  # the reply's embedding rows for the speech decoder (any reply length)
+            n += warm_embedding_rows(self.model.params["llm"]["model"]["embed_tokens"]["embedding"],
+                                     2 * self.max_new_tokens + 16)
+        return n
 
     def warmup(self, build) -> None:
         """Compiles prefill (for the prompt ``build()`` gives) and the slot step before serving."""

@@ -26,6 +26,7 @@ from websockets.exceptions import ConnectionClosed
 
 from vita_jax import parallel
 from vita_jax.infer import vad as vad_lib
+from vita_jax.serve import session as session_lib
 from vita_jax.serve.engine import ServeEngine
 from vita_jax.serve.session import Session, TurnOptions
 
@@ -75,9 +76,14 @@ class Server:
         return self
 
     async def stop(self) -> None:
+        """Closes every connection, then waits for their turns' speech threads (see ``session.join_speakers``)."""
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
+        for s in list(self.sessions):
+            s.close()
+        if not await asyncio.to_thread(session_lib.join_speakers):
+            log.warning("a turn's speech thread is still running after 60 s")
 
     def _origin_ok(self, origin: Optional[str]) -> bool:
         if origin is None:  # not a browser (browsers always send Origin on WebSocket requests)
@@ -213,12 +219,13 @@ def _warm_codec(speech, opts: TurnOptions) -> None:
 
 
 def warm_up(engine: ServeEngine, opts: TurnOptions, clip_seconds: Sequence[float] = (2, 4, 6, 8)) -> float:
-    """Compiles before serving: a typed turn, then one spoken turn (real speech, looped or cut) per
-    length in ``clip_seconds`` (each fbank frame / prompt bucket compiles the audio encoder and the
-    prefill once); returns the seconds it took. Later turns with new shapes (long history, other
-    lengths, an image) still compile on first use."""
+    """Compiles before serving: every prompt shape (towers per tile count and clip length, splice and prefill per
+    prompt length: ``ServeEngine.warm_prompts``), the codec's chunk lengths, then a typed turn and one spoken turn
+    (real speech, looped or cut) per length in ``clip_seconds`` for the rest of a turn's path (decode steps, the
+    speech decoder, sampling); returns the seconds it took."""
     from vita_jax import assets  # the bundled recordings: only the warm-up speaks
     t0 = time.perf_counter()
+    engine.warm_prompts()
     _warm_codec(engine.model.speech, opts)
     wave = np.concatenate([c[1] for c in assets.speech_clips()[:2]])
     for secs in [None, *clip_seconds]:
@@ -276,5 +283,6 @@ def main(checkpoint: str, host: str = "127.0.0.1", port: int = 8765, max_session
     try:
         asyncio.run(serve_forever())
     finally:
+        session_lib.join_speakers()  # a speech thread still in an XLA call at exit would abort the process
         engine.close()
     return 0

@@ -22,6 +22,7 @@ import queue
 import threading
 import time
 import warnings
+import weakref
 from typing import Callable, Optional
 
 import numpy as np
@@ -34,6 +35,20 @@ from vita_jax.infer.speech import ReplySplitter
 from vita_jax.serve.engine import Request, ServeEngine
 
 log = logging.getLogger(__name__)
+# every turn's speech thread: a cancelled turn's thread may still be in a codec decode after its session closed,
+# and a daemon thread inside an XLA call when the interpreter exits aborts the process (join_speakers first)
+_speakers: "weakref.WeakSet[threading.Thread]" = weakref.WeakSet()
+
+
+def join_speakers(timeout: float = 60.0) -> bool:
+    """Waits up to ``timeout`` s in all for every turn's speech thread to end (call after the sessions closed,
+    before the engine closes); True when none is left."""
+    end = time.perf_counter() + timeout
+    for t in list(_speakers):
+        t.join(max(0.0, end - time.perf_counter()))
+    return not any(t.is_alive() for t in list(_speakers))
+
+
 STATE_SYMBOLS = ("☞", "☟", "☜")
 MAX_FRAME_PIXELS = 4096 * 4096  # a camera frame; a header claiming more is refused before anything is decoded
 _ids = itertools.count(1)
@@ -226,6 +241,7 @@ class Session:
             turn.pieces.put(p)
         if pieces and turn.tts is None:
             turn.tts = threading.Thread(target=self._speak, args=(turn,), name=f"vita-serve-tts-{turn.id}", daemon=True)
+            _speakers.add(turn.tts)
             turn.tts.start()
 
     def _on_llm_done(self, turn: Turn, reason: str, info: dict) -> None:
