@@ -30,6 +30,25 @@ def served(m, ids):
         e.close()
 
 
+def prompts(m, tiny):
+    """The server's prompt path (serve/prompt.py) after its warm-up: three image tiles with one clip, then with two
+    (a spoken history turn) -> (compilations after the warm-up, the embeddings of the real positions)."""
+    from vita_jax.infer import compiles
+    from vita_jax.serve.prompt import PromptShapes
+    f = np.load(os.path.join(tiny, "reference", "forward.npz"))
+    ids = f["input_ids"][0]
+    clips = [f["audio_feats"][k, :n] for k, n in enumerate(f["audio_lengths"])]
+    tiles = np.random.default_rng(0).integers(0, 256, (3, 3, 56, 56), dtype=np.uint8)  # what the server sends
+    shapes = PromptShapes(m, max_prompt=128)
+    compiles.count()
+    shapes.warmup()
+    c0, out = compiles.count(), []
+    for ids_k, clips_k in ((ids, clips[:1]), (np.concatenate([ids[:13], [-500], ids[13:]]), clips)):
+        x, mask = shapes.embeds(ids_k, tiles, clips_k)
+        out.append(np.asarray(x)[0, :int(np.asarray(mask).sum())])
+    return compiles.count() - c0, out
+
+
 def main(tiny):
     ids = np.load(os.path.join(tiny, "reference", "forward_textonly.npz"))["input_ids"]
     one = vita_jax.from_pretrained(tiny)
@@ -43,6 +62,9 @@ def main(tiny):
              generate_equal=bool(np.array_equal(g1, g8)), served_one=served(one, ids[0]),
              served_mesh=served(many, ids[0]), q_spec=[str(s) for s in kernel.sharding.spec],
              generated=[int(t) for t in g1[0] if t >= 0 and t not in one.stop_ids])
+    (c1, p1), (c8, p8) = prompts(one, tiny), prompts(many, tiny)
+    r.update(prompt_compiles=[c1, c8], prompt_positions=[len(p) for p in p1],
+             prompt_rel_err=max(float(np.abs(a - b).max() / np.abs(a).max()) for a, b in zip(p1, p8)))
     print("RESULT " + json.dumps(r), flush=True)
 
 

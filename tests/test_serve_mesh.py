@@ -22,6 +22,9 @@ def test_eight_devices_serve_as_one(tiny_dir):
     assert r["devices"] == 8 and r["q_spec"] == ["None", "fsdp", "tensor"]  # really sharded
     assert r["rel_err"] <= 1e-5 and r["generate_equal"]
     assert r["served_one"] == r["served_mesh"] == [r["generated"]] * 2 and r["generated"]
+    # the prompt ladder compiles nothing after its warm-up on one device or on the mesh, and agrees
+    assert r["prompt_compiles"] == [0, 0] and r["prompt_rel_err"] <= 1e-5, r
+    assert r["prompt_positions"][1] > r["prompt_positions"][0] > 0
 
 
 def test_mesh_option_errors():

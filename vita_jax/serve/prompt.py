@@ -23,6 +23,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from vita_jax import parallel
 from vita_jax.data import batch as batch_lib
@@ -57,7 +58,12 @@ class PromptShapes:
         self.image_rows = self.tiles[-1] * tpt if self.tiles else 0
         # clips sit at their real first rows; the last one's padded tail reaches at most this far
         self.audio_rows = round_up(self.max_prompt + int(whale.llm_length(self.frames[-1])), 64) if self.frames else 0
-        self._empty = {k: parallel.commit_like(jnp.zeros((n, width), dtype), m.params) if n else None
+        # the row buffers have one placement, whatever made them (warm-up's zeros or a tower's output): jit keys its
+        # cache on it, so a mismatch would compile the splice again on the first real image or clip
+        rows_sharding = NamedSharding(m.mesh, PartitionSpec()) if m.mesh is not None else None
+        place = (lambda a: jax.device_put(a, rows_sharding)) if rows_sharding is not None else \
+            (lambda a: parallel.commit_like(a, m.params))
+        self._empty = {k: place(jnp.zeros((n, width), dtype)) if n else None
                        for k, n in (("image", self.image_rows), ("audio", self.audio_rows))}
         mod = m.module
 
@@ -73,8 +79,8 @@ class PromptShapes:
         def splice(p, kind, text_ids, src, image_rows, audio_rows):
             return mod.apply({"params": p}, kind, text_ids, src, image_rows, audio_rows, method=VITA.splice)
 
-        self._images, self._splice = jax.jit(images), jax.jit(splice)
-        self._audio_into = jax.jit(audio_into, donate_argnums=1)
+        self._images, self._splice = jax.jit(images, out_shardings=rows_sharding), jax.jit(splice)
+        self._audio_into = jax.jit(audio_into, donate_argnums=1, out_shardings=rows_sharding)
 
     # ------------------------------------------------------------------ shapes
     def _pick(self, ladder: tuple, n: int, what: str) -> int:

@@ -202,9 +202,11 @@ def in_thread(engine: ServeEngine, host: str = "127.0.0.1", port: int = 0, **kw)
     try:
         yield srv
     finally:
-        asyncio.run_coroutine_threadsafe(srv.stop(), loop).result(60)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
+        try:  # stop() waits up to 60 s for the turns' speech threads
+            asyncio.run_coroutine_threadsafe(srv.stop(), loop).result(120)
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(10)
 
 
 def _warm_codec(speech, opts: TurnOptions) -> None:

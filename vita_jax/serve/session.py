@@ -38,15 +38,20 @@ log = logging.getLogger(__name__)
 # every turn's speech thread: a cancelled turn's thread may still be in a codec decode after its session closed,
 # and a daemon thread inside an XLA call when the interpreter exits aborts the process (join_speakers first)
 _speakers: "weakref.WeakSet[threading.Thread]" = weakref.WeakSet()
+_speakers_lock = threading.Lock()
 
 
 def join_speakers(timeout: float = 60.0) -> bool:
     """Waits up to ``timeout`` s in all for every turn's speech thread to end (call after the sessions closed,
-    before the engine closes); True when none is left."""
+    before the engine closes; one started meanwhile is waited for too); True when none is left."""
     end = time.perf_counter() + timeout
-    for t in list(_speakers):
-        t.join(max(0.0, end - time.perf_counter()))
-    return not any(t.is_alive() for t in list(_speakers))
+    while True:
+        with _speakers_lock:
+            alive = [t for t in _speakers if t.is_alive()]
+        if not alive or time.perf_counter() >= end:
+            return not alive
+        for t in alive:
+            t.join(max(0.0, end - time.perf_counter()))
 
 
 STATE_SYMBOLS = ("☞", "☟", "☜")
@@ -239,9 +244,10 @@ class Session:
             return
         for p in pieces:
             turn.pieces.put(p)
-        if pieces and turn.tts is None:
+        if pieces and turn.tts is None and not (self.closed or turn.cancelled.is_set()):
             turn.tts = threading.Thread(target=self._speak, args=(turn,), name=f"vita-serve-tts-{turn.id}", daemon=True)
-            _speakers.add(turn.tts)
+            with _speakers_lock:
+                _speakers.add(turn.tts)
             turn.tts.start()
 
     def _on_llm_done(self, turn: Turn, reason: str, info: dict) -> None:
