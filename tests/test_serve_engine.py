@@ -278,3 +278,8 @@ def test_prompt_ladder_embeds_equal_prompt_embeds(model):
     assert not np.asarray(got)[0, n:].any()
     with pytest.raises(ValueError, match="max_prompt 128"):
         PromptShapes(model, max_prompt=100).embeds(ex["input_ids"], ex["pixels"], ex["audio"])
+    # the tile ladder stops at what a prompt may hold (the server's --image-tiles), not at what max_prompt could
+    one = PromptShapes(model, max_prompt=512, max_tiles=1)
+    assert one.tiles == (1,) and shapes.tiles[-1] == 512 // model.tokens_per_tile
+    with pytest.raises(ValueError, match=r"image tiles: \d+, over this server's largest 1"):
+        one.embeds(ex["input_ids"], ex["pixels"], ex["audio"])

@@ -58,11 +58,13 @@ def _insert(slots: KVCache, row: KVCache, r):
 class ServeEngine:
     """Runs the LLM of ``model`` (a :class:`vita_jax.api.VitaModel`) for up to ``slots`` concurrent
     turns. ``max_prompt`` (spliced positions, default ``min(tokenizer_model_max_length, 2048)``) and
-    ``max_new_tokens`` fix the cache length ``S``; sampling is greedy unless ``do_sample``."""
+    ``max_new_tokens`` fix the cache length ``S``; ``max_tiles``: image tiles a prompt may hold (default what
+    ``chat_inputs`` gives one image: ``image.max_dynamic_patch`` and the thumbnail); sampling is greedy unless
+    ``do_sample``."""
 
     def __init__(self, model, slots: int = 4, max_new_tokens: int = 128, max_prompt: Optional[int] = None,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 seed: int = 0, speech_max_tokens: int = 500, speech_steps: int = 10):
+                 seed: int = 0, speech_max_tokens: int = 500, speech_steps: int = 10, max_tiles: Optional[int] = None):
         gen.check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p)
         if slots < 1:
             raise ValueError(f"slots (--max-sessions) must be >= 1, got {slots}")
@@ -76,7 +78,10 @@ class ServeEngine:
             self.speech = SpeechScheduler(model.speech, slots=self.n, steps=speech_steps,
                                           max_input=4 * self.max_new_tokens, max_tokens=speech_max_tokens)
         # a prompt's embeddings from a fixed ladder of shapes (serve/prompt.py): nothing compiles after warm_prompts()
-        self.prompts = PromptShapes(model, int(max_prompt or min(int(model.config.tokenizer_model_max_length), 2048)))
+        if max_tiles is None:
+            max_tiles = model.prep.max_tiles + int(model.prep.use_thumbnail and model.prep.max_tiles > 1)
+        self.prompts = PromptShapes(model, int(max_prompt or min(int(model.config.tokenizer_model_max_length), 2048)),
+                                    int(max_tiles))
         self.max_prompt = self.prompts.max_prompt
         self.cache_len = round_up(self.max_prompt + self.max_new_tokens, 64)
         self.static = dict(do_sample=do_sample, top_k=int(top_k),

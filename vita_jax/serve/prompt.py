@@ -5,8 +5,8 @@ and clip frames: a live server meets a new combination with nearly every spoken 
 spans 24 frame buckets, the prompt grows with the history). Here each shape varies alone, along a short ladder,
 in a program of its own, and :meth:`PromptShapes.warmup` compiles all of them before the first session:
 
-* InternViT per tile count (powers of two times the data-parallel size, up to what ``max_prompt`` holds): the
-  rows written into one image buffer ``[image_rows, width]``;
+* InternViT per tile count (powers of two times the data-parallel size, up to ``max_tiles`` or what
+  ``max_prompt`` holds): the rows written into one image buffer ``[image_rows, width]``;
 * the whale encoder per clip length (frames padded up ``FRAMES``, then the encoder's maximum), one clip at a
   time, its rows written into one audio buffer ``[audio_rows, width]`` at the clip's first row;
 * the splice (text embeddings, buffer rows put in place) per prompt length (``LENGTHS`` up to ``max_prompt``),
@@ -18,7 +18,7 @@ depend on its padding), the same splice plan; padding positions are zeros and ma
 from __future__ import annotations
 
 import sys
-from typing import Sequence
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -41,16 +41,17 @@ def _ladder(steps: Sequence[int], top: int) -> tuple:
 
 class PromptShapes:
     """The prompt path of a server for ``model`` (a :class:`vita_jax.api.VitaModel`) and prompts of up to
-    ``max_prompt`` spliced positions."""
+    ``max_prompt`` spliced positions and ``max_tiles`` image tiles (None: as many as ``max_prompt`` holds)."""
 
-    def __init__(self, model, max_prompt: int):
+    def __init__(self, model, max_prompt: int, max_tiles: Optional[int] = None):
         m = self.model = model
         self.lengths = _ladder(LENGTHS, round_up(int(max_prompt), 64))
         self.max_prompt = self.lengths[-1]
         tpt, dp = m.tokens_per_tile, m.dp
         self.tiles = ()
         if m.vit_cfg is not None:  # tile slots: bucket() values up to what the longest prompt can hold
-            top, b = batch_lib.bucket(max(self.max_prompt // tpt, 1), dp), batch_lib.bucket(1, dp)
+            most = max(min(self.max_prompt // tpt, max_tiles or self.max_prompt), 1)
+            top, b = batch_lib.bucket(most, dp), batch_lib.bucket(1, dp)
             while b <= top:
                 self.tiles, b = self.tiles + (b,), batch_lib.bucket(b + 1, dp)
         self.frames = _ladder(FRAMES, m.whale_cfg.max_frames) if m.whale_cfg is not None else ()

@@ -269,6 +269,7 @@ def main(checkpoint: str, host: str = "127.0.0.1", port: int = 8765, max_session
         log.warning("%s has no vita_tts_ckpt/: answers are text only", checkpoint)
     opts = TurnOptions(max_new_tokens=max_new_tokens, image_tiles=image_tiles)
     engine = ServeEngine(model, slots=max_sessions, max_new_tokens=max_new_tokens, max_prompt=max_prompt,
+                         max_tiles=image_tiles + int(model.prep.use_thumbnail and image_tiles > 1),
                          speech_max_tokens=opts.tts_max_tokens)
     print(f"loaded {checkpoint} in {time.perf_counter() - t0:.1f} s ({dtype}"
           f"{', LLM weights ' + quantize if quantize else ''})", flush=True)
