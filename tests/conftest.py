@@ -222,17 +222,39 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=rank)  # stable: the rest as collected
 
 
+def _session_folder(tmp_path_factory):
+    """The session's temporary folder, which every xdist worker shares (a plain run: its own)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # pytest-of-USER/pytest-N/popen-gwK -> the session's folder
+    return root
+
+
+def once_per_session(tmp_path_factory, name: str, make):
+    """``make()``'s JSON result, made by the first xdist worker that asks and read by the others: a module fixture
+    runs once per worker that runs one of the module's tests (under -n 2 usually both). A failed ``make`` writes
+    nothing (the next caller fails on its own)."""
+    import fcntl
+    import json
+    root = _session_folder(tmp_path_factory)
+    path = root / f"{name}.json"
+    with open(root / f"{name}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            if not path.exists():
+                path.write_text(json.dumps(make()))
+            return json.loads(path.read_text())
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="module")
 def big_memory(tmp_path_factory):
     """Held for a whole module by the fixtures of the suite's biggest runs (test_train_codec's official steps,
     test_train_stages_narrow's :narrow runs, the demo: ~8-12 GB each with their worker), so that under -n 2 no two
-    of them share the 24 GB machine: an exclusive lock on a file in the session's temporary folder, which every
-    xdist worker shares (a plain run holds it alone)."""
+    of them share the 24 GB machine: an exclusive lock on a file in the session's temporary folder."""
     import fcntl
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent  # pytest-of-USER/pytest-N/popen-gwK -> the session's folder
-    with open(root / "big_memory.lock", "w") as f:
+    with open(_session_folder(tmp_path_factory) / "big_memory.lock", "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield

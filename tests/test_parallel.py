@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import HANG_S, XLA_BASE
+from conftest import HANG_S, XLA_BASE, once_per_session
 
 pytestmark = pytest.mark.slow  # minutes: outside the quick loop (pytest -m "not slow")
 
@@ -14,15 +14,17 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 @pytest.fixture(scope="module")
-def result(tiny_dir):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = XLA_BASE  # the session's, without a device count of its own
-    # without the session's compilation cache: the two runs that used it (and only they) errored in this fixture
-    env.pop("JAX_COMPILATION_CACHE_DIR", None)
-    p = subprocess.run([sys.executable, os.path.join(HERE, "sharding_check.py"), tiny_dir],
-                       capture_output=True, text=True, env=env, timeout=HANG_S)
-    assert p.returncode == 0, p.stderr[-4000:]
-    return json.loads(p.stdout.strip().splitlines()[-1])
+def result(tiny_dir, tmp_path_factory):
+    def run():
+        env = dict(os.environ)
+        env["XLA_FLAGS"] = XLA_BASE  # the session's, without a device count of its own
+        # without the session's compilation cache: the two runs that used it (and only they) errored in this fixture
+        env.pop("JAX_COMPILATION_CACHE_DIR", None)
+        p = subprocess.run([sys.executable, os.path.join(HERE, "sharding_check.py"), tiny_dir],
+                           capture_output=True, text=True, env=env, timeout=HANG_S)
+        assert p.returncode == 0, p.stderr[-4000:]
+        return json.loads(p.stdout.strip().splitlines()[-1])
+    return once_per_session(tmp_path_factory, "sharding_check", run)  # ~75 s: once, not once per xdist worker
 
 
 def test_mesh(result):
