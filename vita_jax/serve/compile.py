@@ -122,7 +122,7 @@ def compile_serve(config, topology: str, max_sessions: int = 4, max_len: int = 4
     mesh = parallel.make_mesh(dict(mesh_shape or {"data": len(devices)}), devices=devices)
     rows = max_sessions * parallel.data_parallel_size(mesh)  # max_sessions per data-parallel copy
     length = round_up(max_len, 64)
-    prompt = int(max_prompt or min(length, 2048))
+    prompt = round_up(int(max_prompt or min(length, 2048)), 64)  # the server's longest prompt program (its ladder top)
     log(f"serve: {topology}, {len(devices)} x {kind}, mesh {dict(mesh.shape)}, {max_sessions} sessions of "
         f"{length} positions per model copy, prompts up to {prompt}, {config.dtype}"
         f"{', LLM weights ' + quantize if quantize else ''}")
