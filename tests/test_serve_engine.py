@@ -283,3 +283,21 @@ def test_prompt_ladder_embeds_equal_prompt_embeds(model):
     assert one.tiles == (1,) and shapes.tiles[-1] == 512 // model.tokens_per_tile
     with pytest.raises(ValueError, match=r"image tiles: \d+, over this server's largest 1"):
         one.embeds(ex["input_ids"], ex["pixels"], ex["audio"])
+
+
+def test_close_ends_every_turn_still_waiting_for_preparation(model):
+    """Turns queued behind the two preparation workers when the engine closes end as cancelled (their sessions would
+    otherwise wait for them forever)."""
+    e = engine_lib.ServeEngine(model, slots=1, max_new_tokens=2, max_prompt=128)
+    gate, ended = threading.Event(), []
+    ids = model.chat_inputs("Hi")["input_ids"]
+
+    def build():
+        gate.wait(600)  # both workers held here: the later requests stay queued
+        return ids, None, []
+    for i in range(4):
+        e.submit(engine_lib.Request(build, lambda t: None, lambda reason, info, i=i: ended.append((i, reason)),
+                                    max_new_tokens=2))
+    threading.Timer(0.5, gate.set).start()
+    e.close()
+    assert sorted(ended) == [(i, "cancelled") for i in range(4)], ended

@@ -115,7 +115,9 @@ class ServeEngine:
             if self.closed:
                 raise RuntimeError("the engine is closed")
             req.submitted = time.perf_counter()
-        self._prep.submit(self._prepare, req)
+        fut = self._prep.submit(self._prepare, req)
+        # a request still queued for preparation when the engine closes is cancelled with its future: it ends too
+        fut.add_done_callback(lambda f: f.cancelled() and self._done(req, "cancelled"))
 
     def _prepare(self, req: Request) -> None:
         """On a worker thread: the prompt's spliced embeddings (or the error that refuses the turn), then
