@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vita_jax.convert import tts as tts_io
+from vita_jax.data import batch as batch_lib
 from vita_jax.models import ticodec
 from vita_jax.models import tts_decoder as dec
 from vita_jax.sizes import round_up
@@ -21,7 +22,7 @@ _take_rows = jax.jit(lambda table, ids: jnp.take(table, ids, axis=0).astype(jnp.
 
 def _id_bucket(n: int) -> int:
     """Ids padded to this many for an embedding-row lookup: powers of two from 16."""
-    return max(16, 1 << max(int(n) - 1, 0).bit_length())
+    return batch_lib.bucket(int(n), 16)
 
 
 def embedding_rows(table, ids: Sequence[int]) -> np.ndarray:

@@ -29,7 +29,7 @@ import numpy as np
 
 from vita_jax import parallel
 from vita_jax.models import tts_decoder as dec
-from vita_jax.sizes import round_up
+from vita_jax.sizes import round_up, rung
 
 LADDER = (32, 64, 128, 256, 512, 1024)  # decoder-input lengths a prefill compiles for (rows, padded up)
 
@@ -158,9 +158,9 @@ class DecodeSlots:
 
     # ------------------------------------------------------------------ host API
     def bucket(self, n: int) -> int:
-        for b in self.ladder:
-            if n <= b:
-                return b
+        b = rung(self.ladder, n)
+        if b is not None:
+            return b
         raise ValueError(f"speech decoder input of {n} rows is longer than the engine's max_input "
                          f"{self.ladder[-1]}")
 

@@ -29,7 +29,7 @@ from vita_jax import parallel
 from vita_jax.data import batch as batch_lib
 from vita_jax.models import whale
 from vita_jax.models.vita import PAD, VITA
-from vita_jax.sizes import round_up
+from vita_jax.sizes import round_up, rung
 
 LENGTHS = (128, 256, 512, 1024, 2048, 4096, 8192)  # spliced prompt positions
 FRAMES = (256, 512, 1024, 2048)  # fbank frames of a clip (10 ms each), then the encoder's maximum
@@ -85,10 +85,10 @@ class PromptShapes:
 
     # ------------------------------------------------------------------ shapes
     def _pick(self, ladder: tuple, n: int, what: str) -> int:
-        for b in ladder:
-            if n <= b:
-                return b
-        raise ValueError(f"{what}: {n}, over this server's largest {ladder[-1]}")
+        b = rung(ladder, n)
+        if b is None:
+            raise ValueError(f"{what}: {n}, over this server's largest {ladder[-1]}")
+        return b
 
     def length(self, n: int) -> int:
         """The ladder's prompt length for ``n`` spliced positions (a ValueError past ``max_prompt``)."""
