@@ -41,11 +41,29 @@ def test_tiny_stage_compiles_for_tpu_and_fits():
 
 @needs_libtpu
 def test_not_fitting_exits_nonzero_with_the_json_line():
-    r, res = _compile("--config=stage1_1:tiny", "--topology=v5e:2x2", "--hbm-gib=0.001")
-    assert r.returncode == 2
-    assert res is not None and res["fits"] is False and res["chips"] == 4 and res["hbm_capacity_gib"] == 0.001
+    # one v5e chip: smaller than a host, which jax's topology API cannot describe alone (the host's chip is used)
+    r, res = _compile("--config=stage1_1:tiny", "--topology=v5e:1x1", "--hbm-gib=0.001")
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert res is not None and res["fits"] is False and res["chips"] == 1 and res["hbm_capacity_gib"] == 0.001
+    assert res["device_kind"] == "TPU v5 lite" and res["mesh"] == {"data": 1, "fsdp": 1, "tensor": 1}, res
     err = [line for line in r.stderr.splitlines() if line.startswith("vita-jax: error:")]
-    assert err and "does not fit v5e:2x2" in err[0] and "GiB per chip" in err[0], r.stderr[-2000:]
+    assert err and "does not fit v5e:1x1" in err[0] and "GiB per chip" in err[0], r.stderr[-2000:]
+
+
+@needs_libtpu
+def test_slices_smaller_than_a_host_are_that_hosts_chips():
+    code = ("from vita_jax.train import compile as c\n"
+            "for name in ('v5e:1x1', 'v5e:2x1', 'v5p:1x1x1', 'v5e:2x2'):\n"
+            "    print(name, sorted(tuple(d.coords) for d in c.topology_devices(name)))\n"
+            "try:\n    c.topology_devices('v5e:3x1')\nexcept ValueError as e:\n    print('error', e)\n")
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600)
+    lines = dict(line.split(" ", 1) for line in p.stdout.splitlines())
+    assert lines["v5e:1x1"] == "[(0, 0, 0)]", p.stdout + p.stderr[-2000:]
+    assert lines["v5e:2x1"] == "[(0, 0, 0), (1, 0, 0)]" and lines["v5p:1x1x1"] == "[(0, 0, 0)]", p.stdout
+    assert lines["v5e:2x2"].count("(") == 4, p.stdout
+    assert "--topology v5e:3x1: not a whole number of hosts" in lines["error"], p.stdout
 
 
 @needs_libtpu
