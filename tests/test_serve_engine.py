@@ -82,6 +82,21 @@ def test_slot_batched_decoding_equals_generate(model, engine):
     assert engine.active == 0
 
 
+def test_a_token_is_delivered_with_the_next_step_already_dispatched(model, engine):
+    """The loop never waits on the host between steps: when decode step k's id reaches the turn, step k+1 is
+    already dispatched (before: dispatched = k at that moment; the host's work then left the device idle)."""
+    ex = model.chat_inputs("What is the weather like on Mars today?")
+    engine.warmup(lambda: (ex["input_ids"], None, []))
+    seen, done = [], threading.Event()
+    steps0 = engine.stats["steps"]
+    engine.submit(engine_lib.Request(lambda: (ex["input_ids"], None, []),
+                                     lambda t: seen.append(engine.stats["steps"] - steps0),
+                                     lambda reason, info: done.set(), max_new_tokens=6))
+    assert done.wait(600)
+    assert len(seen) >= 3, seen  # the prefill's id, then decode steps' ids
+    assert seen[0] == 0 and all(d >= k + 1 for k, d in enumerate(seen[1:], start=1)), seen
+
+
 def test_streaming_pieces_start_speech_before_the_reply_ends(engine):
     """Tokens of a known reply fed one by one: response_text streams, the speech thread starts at
     the first complete piece ('hello there.'), audio (even-length int16) follows, and the pieces

@@ -6,6 +6,11 @@ joins by a batch-1 prefill into a cache of the same ``S`` that is copied into a 
 jitted :func:`vita_jax.infer.generate.decode_step` then advances every row at once, so a turn joins
 and leaves without a recompilation (shapes never change; a free row decodes garbage that nobody
 reads). Cancellation (barge-in) is seen between two decode steps: the row is freed before the next.
+
+The loop never waits on the host between steps: step k+1 is dispatched with step k's sampled ids still on the
+device (a row admitted meanwhile takes its prefill id from the host instead), and only then are step k's ids
+copied to the host and delivered, while the device computes step k+1. A row that ended at step k has one more
+id computed for it at k+1, which nobody reads (the owner of each row is recorded at dispatch).
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from vita_jax import parallel
 from vita_jax.infer import generate as gen
@@ -91,7 +97,18 @@ class ServeEngine:
         self.key = jax.random.PRNGKey(seed)
         self.cache = self._fresh_cache()
         self.rows: list[Optional[Request]] = [None] * self.n
-        self.tokens = np.zeros(self.n, np.int32)
+        self.tokens = np.zeros(self.n, np.int32)  # rows' next input ids that come from the host (after a prefill)
+        self.from_host = np.zeros(self.n, bool)
+        self.used = np.zeros(self.n, np.int64)  # cache positions each row holds
+        # a step's input ids [slots]: the previous step's ids (on the device), the host's where from_host; one
+        # placement for both (replicated on a mesh), so neither program compiles twice
+        ids_sharding = NamedSharding(model.mesh, PartitionSpec()) if model.mesh is not None else None
+        self._next_inputs = jax.jit(lambda sampled, host, from_host: jnp.where(from_host, host, sampled),
+                                    out_shardings=ids_sharding)
+        self._no_ids = lambda: (jax.device_put(jnp.zeros(self.n, jnp.int32), ids_sharding) if ids_sharding else
+                                parallel.commit_like(jnp.zeros(self.n, jnp.int32), model.params))
+        self.sampled = self._no_ids()  # the last step's ids, on the device
+        self.inflight = None  # (ids [slots] on the device, each row's request at dispatch): delivered one step behind
         self.pending: list[Request] = []
         self.cv = threading.Condition()
         self.closed = False
@@ -229,9 +246,11 @@ class ServeEngine:
         self.stats["prefill_s"] += time.perf_counter() - t0
         req.info.update(prefill_ms=1000 * (time.perf_counter() - t0), t_first=time.perf_counter())
         self.rows[r] = req
-        self._deliver(r, tok, int(embeds.shape[1]))
+        self.used[r] = int(embeds.shape[1])
+        self._deliver(r, tok)
+        self.from_host[r] = True
 
-    def _deliver(self, r: int, tok: int, used: int) -> None:
+    def _deliver(self, r: int, tok: int) -> None:
         req = self.rows[r]
         if tok in self.stops:
             return self._finish(r, "stop")
@@ -240,30 +259,41 @@ class ServeEngine:
             req.on_token(tok)
         except Exception:
             log.exception("on_token callback failed")
-        if req.tokens >= min(req.max_new_tokens, self.max_new_tokens) or used + 1 >= self.cache_len:
+        if req.tokens >= min(req.max_new_tokens, self.max_new_tokens) or self.used[r] + 1 >= self.cache_len:
             return self._finish(r, "length")
         self.tokens[r] = tok
 
     def _step(self) -> None:
+        """Dispatches the next step, then delivers the one in flight before it (see the module docstring)."""
         m = self.model
         t0 = time.perf_counter()
         self.key, sub = jax.random.split(self.key)
         try:
             with parallel.use_mesh(m.mesh):
-                tok, self.cache, _ = gen.decode_step(m.llm, m.params["llm"], jnp.asarray(self.tokens), self.cache, sub,
-                                                     **self.static, **self.dyn)
-            tok = np.asarray(tok)
-            used = np.asarray(self.cache.index)
+                ids = self._next_inputs(self.sampled, jnp.asarray(self.tokens), jnp.asarray(self.from_host))
+                self.sampled, self.cache, _ = gen.decode_step(m.llm, m.params["llm"], ids, self.cache, sub,
+                                                              **self.static, **self.dyn)
+            self.from_host[:] = False
+            self.stats["steps"] += 1  # dispatched (a token is delivered with the step after it already queued)
+            previous, self.inflight = self.inflight, (self.sampled, list(self.rows))
+            if previous is not None:
+                self._collect(*previous)
+            if not self.active:  # every row ended at the step just delivered: the one in flight has no reader
+                self.inflight = None
         except Exception as e:  # the device step failed: every turn in it ends, the engine goes on
             log.exception("decode step failed")
             for r, req in enumerate(self.rows):
                 if req is not None:
                     self._finish(r, "error", message=f"internal error: {e!r}")
-            self.cache = self._fresh_cache()
+            self.cache, self.sampled, self.inflight = self._fresh_cache(), self._no_ids(), None
             return
-        self.stats["steps"] += 1
-        self.stats["row_steps"] += self.active
         self.stats["step_s"] += time.perf_counter() - t0
-        for r, req in enumerate(self.rows):
-            if req is not None:
-                self._deliver(r, int(tok[r]), int(used[r]))
+
+    def _collect(self, ids, owners: list) -> None:
+        """Step ids ``[slots]`` (on the device) to the rows whose request is still the one they were computed for."""
+        ids = np.asarray(ids)  # waits for that step alone: the next one is already queued behind it
+        self.stats["row_steps"] += sum(req is not None for req in owners)
+        for r, req in enumerate(owners):
+            if req is not None and self.rows[r] is req:
+                self.used[r] += 1
+                self._deliver(r, int(ids[r]))
