@@ -66,12 +66,12 @@ def test_every_shipped_stage_config_passes():
 def test_the_demos_stage_settings_pass():
     """The demo's text-only stage 0 has no tile slots (``max_tiles_per_sample = 0``): allowed, as 0 clips are."""
     from vita_jax.data import settings
-    from vita_jax.demo.run import PLAN
+    from vita_jax.demo.plan import PLAN, base_stage
     from vita_jax.train import stages
     for stage, plan in PLAN.items():
         if stage in ("2.1a", "3.1", "3.2"):  # their own batches (CTC, codec, TTS), not the LM data path
             continue
-        c = stages.stage_config("1.3" if stage == "0" else stage, "tiny")
+        c = stages.stage_config(base_stage(stage), "tiny")
         tiles, clips = plan[5]
         c.data.update(max_tiles_per_sample=tiles, max_clips_per_sample=clips)
         settings.check(c)

@@ -13,7 +13,7 @@ from conftest import run_cli
 
 pytestmark = pytest.mark.slow  # minutes: outside the quick loop (pytest -m "not slow")
 
-STAGES = ["1.1", "1.2", "1.3", "2.1a", "2.1b", "2.2", "3.1", "3.2"]
+STAGES = ["1.1", "1.2", "1.3", "2.1a", "2.1b", "2.2", "lora", "3.1", "3.2"]
 
 
 def test_demo_small_budget(tmp_path, big_memory):
@@ -50,3 +50,9 @@ def test_demo_small_budget(tmp_path, big_memory):
     cfg, raw, _ = demo.codec()
     assert "stage 3.1" in demo.codec_source and set(raw) == {"generator", "quantizer", "encoder"}
     assert rows["3.1"]["multires"][1] < rows["3.1"]["multires"][0]
+    # the LoRA stage trained adapters alone (its run checkpoint holds no base weight) and exported the merged model
+    ck = os.path.join(rows["lora"]["checkpoint"], str(rows["lora"]["steps"]), "state", "_METADATA")
+    keys = list(json.load(open(ck))["tree_metadata"])
+    assert any("kernel_lora_a" in k for k in keys) and not any(k.endswith("/kernel')") for k in keys), keys[:10]
+    merged = vita_jax.from_pretrained(os.path.join(wd, "lora", "model")).params
+    assert not any("lora" in jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(merged)[0])

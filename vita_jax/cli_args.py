@@ -32,7 +32,8 @@ def _demo(sub) -> None:
                    "and the answer); or a vita_tts_ckpt/codec folder (default: the fixtures' tiny codec when "
                    "../shared is beside the checkout, else random weights)")
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--until", metavar="STAGE", help="stop after this stage (0, 1.1, ..., 3.2): no export, no answer")
+    d.add_argument("--until", metavar="STAGE",
+                   help="stop after this stage (0, 1.1, ..., 2.2, lora, 3.1, 3.2): no export, no answer")
     d.add_argument("--no-progress", action="store_true")
 
 

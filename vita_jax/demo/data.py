@@ -45,6 +45,13 @@ def answer(kind: str, colour: str, shape: str, count: int) -> str:
     return {"colour": f"{colour}.", "shape": f"{shape}.", "count": f"{COUNTS[count]}."}[kind]
 
 
+def sentence(kind: str, colour: str, shape: str, count: int) -> str:
+    """The LoRA stage's answers: :func:`answer` as a whole sentence (a new style; the fact is the same)."""
+    if kind == "count":
+        return f"there {'is' if count == 1 else 'are'} {COUNTS[count]} shape{'s' if count > 1 else ''}."
+    return {"colour": f"the colour is {colour}.", "shape": f"the shape is a {shape}."}[kind]
+
+
 def caption(colour: str, shape: str, count: int) -> str:
     return f"{'a' if count == 1 else COUNTS[count]} {colour} {shape}{'s' if count > 1 else ''}."
 
@@ -220,14 +227,17 @@ class DemoData:
                         "conversations": _conv(f"<image>\n{PHOTO_PROMPT}", f"{name}.")})
         return self._write(f"photos_{split}", out)
 
-    def vqa(self, split: str, n: int) -> str:
+    def vqa(self, split: str, n: int, sentences: bool = False) -> str:
+        """Questions about new scenes (colour, shape, count in turn); ``sentences``: answered in whole sentences
+        (:func:`sentence`, the LoRA stage's data) instead of one word."""
+        name, reply = ("sentences", sentence) if sentences else ("vqa", answer)
         out = []
         for i in range(n):
             colour, shape, count, img = self._scene()
             kind = list(QUESTIONS)[i % len(QUESTIONS)]
-            out.append({"id": f"vqa-{split}-{i}", "image": img,
-                        "conversations": _conv(f"<image>\n{QUESTIONS[kind]}", answer(kind, colour, shape, count))})
-        return self._write(f"vqa_{split}", out)
+            out.append({"id": f"{name}-{split}-{i}", "image": img,
+                        "conversations": _conv(f"<image>\n{QUESTIONS[kind]}", reply(kind, colour, shape, count))})
+        return self._write(f"{name}_{split}", out)
 
     def transcripts(self, split: str, n: int) -> str:
         out = []

@@ -81,12 +81,13 @@ def gain(row: dict) -> float:
 
 def format_summary(s: dict) -> str:
     """The summary table (every stage run; the export and the spoken answer when the demo got that far)."""
+    w = max([26] + [len(r["metric"]) for r in s["stages"]])
     lines = ["", "VITA-1.5 demo summary (tiny model, CPU)",
-             f"{'stage':6} {'metric':26} {'before':>8} {'after':>8} {'gain':>7}  better", "-" * 68]
+             f"{'stage':6} {'metric':{w}} {'before':>8} {'after':>8} {'gain':>7}  better", "-" * (w + 42)]
     for r in s["stages"]:
-        lines.append(f"{r['stage']:6} {r['metric']:26} {r['before']:8.3f} {r['after']:8.3f} {gain(r):7.3f}  "
+        lines.append(f"{r['stage']:6} {r['metric']:{w}} {r['before']:8.3f} {r['after']:8.3f} {gain(r):7.3f}  "
                      f"{'yes' if gain(r) > 0 else 'NO'}")
-    lines += ["-" * 68, f"speech: {s['speech']}"] + ([f"codec: {s['codec']}"] if s.get("codec") else [])
+    lines += ["-" * (w + 42), f"speech: {s['speech']}"] + ([f"codec: {s['codec']}"] if s.get("codec") else [])
     if "export" in s:
         same = "identical" if s["export_round_trip_identical"] else "DIFFERENT"
         lines += [f"export: {s['export']} (round trip {same})",

@@ -3,9 +3,9 @@
 A word-level tokenizer and a tiny model (the shape of the tiny config) are trained stage by stage
 with the real trainer (sharded step, optax masks, orbax checkpoints, official JSON data through the
 grain pipeline): a text warm-up that stands in for the pretrained Qwen2.5, then 1.1 -> 1.2 -> 1.3
--> 2.1a -> 2.1b -> 2.2 -> 3.1 (the speech codec, on the bundled recordings) -> 3.2. Each stage is
-measured on held-out examples before and after (3.1: the mel L1 of held-out speech). The
-final model is exported to the official PyTorch layout, read back, and answers a spoken question
+-> 2.1a -> 2.1b -> 2.2 (-> a LoRA fine-tune of its model, a side branch) -> 3.1 (the speech codec, on the
+bundled recordings) -> 3.2. Each stage is measured on held-out examples before and after (3.1: the mel L1 of
+held-out speech). The final model is exported to the official PyTorch layout, read back, and answers a spoken question
 about an image in text and in a wav file. ``WORKDIR/summary.json`` holds the table.
 """
 from __future__ import annotations
@@ -31,46 +31,12 @@ from vita_jax.demo import codec as codec_lib
 from vita_jax.demo import data as demo_data
 from vita_jax.demo import evaluate
 from vita_jax.demo.evaluate import format_summary
+from vita_jax.demo.plan import BATCH, LORA, MAX_FRAMES, PLAN, base_stage, steps
 from vita_jax.infer import speech as speech_lib
 from vita_jax.infer.speech import SpeechModel
 from vita_jax.models.tts_decoder import TTSDecoderConfig
 from vita_jax.sizes import round_up
 from vita_jax.train import program, stages, trainer
-
-# stage -> (what it trains, metric, higher_is_better, steps at the 15-minute budget, learning rate,
-#           media slots per sample (tiles, clips)). Stages whose LLM is frozen and whose only trainable part is
-#           a small adapter are scored by what a few hundred CPU steps move clearly: 1.1 by token accuracy (the
-#           colour and shape words); 2.1b by the held-out transcripts' NLL (the adapter maps speech into the
-#           frozen LLM's input space: 1.5-2.7 nats less over three seeds, while token accuracy gains 0.04-0.24
-#           from an LLM that already guesses the phrases' later words, and the first word, which phrase it is,
-#           stays beyond this tiny LLM). Exact match, token accuracy and NLL are recorded for every LM stage.
-PLAN = {
-    "0": ("LLM warm-up on text (stands in for the pretrained Qwen2.5)", "text reply accuracy", True, 800, 3e-3,
-          (0, 0)),
-    "1.1": ("vision alignment: projector only, captions", "caption token accuracy", True, 300, 3e-3, (1, 0)),
-    "1.2": ("vision understanding: ViT + projector + LLM, photos", "photo answer accuracy", True, 300, 5e-3, (1, 0)),
-    "1.3": ("vision SFT: questions about scenes", "scene answer accuracy", True, 300, 3e-3, (1, 0)),
-    "2.1a": ("speech encoder + CTC head", "CER", False, 200, 5e-3, (0, 1)),
-    "2.1b": ("speech adapter: the LLM writes the transcript", "transcript NLL (nats/tok)", False, 250, 1e-2, (0, 1)),
-    "2.2": ("audio SFT: spoken questions about images", "spoken-question accuracy", True, 400, 5e-3, (1, 1)),
-    "3.1": ("speech codec (TiCodec GAN) on the bundled recordings", "held-out mel L1", False, 60, 1e-3, (0, 0)),
-    "3.2": ("speech decoder (LLM frozen): text -> codec ids", "speech-token accuracy", True, 250, 5e-3, (0, 0)),
-}
-BATCH = 8
-MAX_FRAMES = 192  # 1.9 s of speech: every demo phrase fits
-
-
-# below these a stage barely moves (measured): a small adapter steering a frozen LLM, new answers. Stage 0 is
-# the foundation of the adapter-only stages: at 133 steps its LLM copies words from its context so poorly that
-# 1.1's projector gained 0.00-0.07 caption-token accuracy over three seeds; at 400 steps 0.17-0.22
-MIN_STEPS = {"0": 400, "1.1": 150, "1.2": 200, "1.3": 100, "2.1a": 120, "2.1b": 200, "2.2": 150, "3.1": 20}
-SETUP_MINUTES = 3.0  # data, compilation of eight steps and evaluations, export: paid at any budget
-
-
-def _steps(stage: str, budget_minutes: float) -> int:
-    """The stage's steps: its share of what the budget leaves after the fixed set-up cost."""
-    scale = max(0.1, (budget_minutes - SETUP_MINUTES) / (15.0 - SETUP_MINUTES))
-    return max(MIN_STEPS.get(stage, 20), int(round(PLAN[stage][3] * scale)))
 
 
 class Demo:
@@ -102,6 +68,8 @@ class Demo:
         }
         self.ctc_clips = (d.asr_clips("train", 48), d.asr_clips("eval", 16))
         self.files["replay"] = (d.transcripts_text("train", 48), d.transcripts_text("eval", 8))
+        # drawn last: the earlier stages' data stays what it was before the LoRA stage existed (same draws)
+        self.files["sentences"] = (d.vqa("train", 96, sentences=True), d.vqa("eval", 24, sentences=True))
         texts = []
         for train, held in self.files.values():
             for path in (train, held):
@@ -134,14 +102,17 @@ class Demo:
         return round_up(longest, 16)
 
     def config(self, stage: str, init_from: str = ""):
-        c = stages.stage_config("1.3" if stage == "0" else stage, "tiny")
+        c = stages.stage_config(base_stage(stage), "tiny")
         if stage == "0":
             c.stage, c.description, c.trainable, c.optim.group_lrs = "0", PLAN["0"][0], ["llm/.*"], []
+        if stage == "lora":  # the adapters are the whole trainable partition (config.trainable is not read)
+            c.stage, c.description = "lora", PLAN["lora"][0]
+            c.lora.update(LORA)
         c.llm.vocab_size = round_up(len(self.tok), 64)
         # a 128-wide LLM: a fresh projector / adapter steers it far more readily than the 64-wide one
         c.llm.update(hidden_size=128, intermediate_size=256)
         c.batch_size = BATCH
-        c.total_steps = _steps(stage, self.budget)
+        c.total_steps = steps(stage, self.budget)
         c.checkpoint_every = c.total_steps  # one checkpoint per stage, at its end
         c.keep_checkpoints = 1
         c.seed = self.seed
@@ -191,7 +162,7 @@ class Demo:
         batches = self.lm_batches(c, eval_json)
         before = evaluate.reply_accuracy(c, program.initial_params(c), batches)
         out = trainer.train(c, os.path.join(self.wd, stage), log=self._stage_log, progress=self.progress)
-        after = evaluate.reply_accuracy(c, stages.merge(out["state"].train, out["state"].frozen), batches)
+        after = evaluate.reply_accuracy(c, program.model_params_of(c, out["state"]), batches)  # LoRA: merged
         k = 2 if "NLL" in PLAN[stage][1] else 1 if "token" in PLAN[stage][1] else 0
         return self._record(stage, before[k], after[k], out, exact=(before[0], after[0]), token=(before[1], after[1]),
                             nll=(before[2], after[2]))
@@ -256,7 +227,7 @@ class Demo:
         c = stages.stage_config("3.1", "tiny")
         train, held = demo_data.codec_wavs(os.path.join(self.wd, "data", "codec"), self.seed)
         c.data.update(train=[train], heldout=[held])
-        c.total_steps = _steps("3.1", self.budget)
+        c.total_steps = steps("3.1", self.budget)
         c.checkpoint_every = c.data.heldout_every = c.total_steps
         c.codec.learning_rate = PLAN["3.1"][4]
         c.seed = self.seed
@@ -338,6 +309,7 @@ class Demo:
                     f["vqa"][1]),
             "2.1b": ([(f["asr"][0], 1.0)], f["asr"][1]),
             "2.2": ([(f["svqa"][0], 2.0), (f["vqa"][0], 0.5), (f["asr"][0], 0.5)], f["svqa"][1]),
+            "lora": ([(f["sentences"][0], 1.0)], f["sentences"][1]),
         }
         if stage == "2.1a":
             self.run_ctc(prev)
@@ -348,11 +320,14 @@ class Demo:
             return prev
         if stage == "3.2":
             return self.run_tts(prev)
+        if stage == "lora":  # a side branch: its model is WORKDIR/lora/model, 3.2 goes on from 2.2's
+            self.run_stage(stage, prev, *mixtures[stage])
+            return prev
         return self.run_stage(stage, prev, *mixtures[stage])
 
     def _begin(self, stage):
         self._t_stage = time.perf_counter()
-        self.log(f"\n== stage {stage}: {PLAN[stage][0]} ({_steps(stage, self.budget)} steps)")
+        self.log(f"\n== stage {stage}: {PLAN[stage][0]} ({steps(stage, self.budget)} steps)")
 
     def _merge_encoder(self, base: str, ctc_model: str) -> str:
         m = api.from_pretrained(base)
