@@ -1,4 +1,8 @@
-"""Forward, generation and initialisation on 8 fake CPU devices, mesh (data 2, fsdp 2, tensor 2)."""
+"""Forward, generation and initialisation on 8 fake CPU devices, mesh (data 2, fsdp 2, tensor 2).
+
+One subprocess makes every figure (``sharding_check.py``, ~75 s); the checks run as one test item, so that under
+``-n 2`` one worker runs them while the other goes on with the suite (as separate items, the other worker waited
+~80 s for the first one's subprocess). Every check runs and every failing one is reported."""
 import json
 import os
 import subprocess
@@ -24,22 +28,22 @@ def result(tiny_dir, tmp_path_factory):
                            capture_output=True, text=True, env=env, timeout=HANG_S)
         assert p.returncode == 0, p.stderr[-4000:]
         return json.loads(p.stdout.strip().splitlines()[-1])
-    return once_per_session(tmp_path_factory, "sharding_check", run)  # ~75 s: once, not once per xdist worker
+    return once_per_session(tmp_path_factory, "sharding_check", run)
 
 
-def test_mesh(result):
+def _mesh(result):
     assert result["n_devices"] == 8
     assert result["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
     assert result["mesh_fill"] == {"data": 4, "fsdp": 1, "tensor": 2}
 
 
-def test_sharded_forward_equals_single_device(result):
+def _sharded_forward_equals_single_device(result):
     assert result["forward_rel_err"] <= 1e-5
     assert result["official_rel_err"] <= 1e-5
     assert result["generate_equal"]
 
 
-def test_parameters_really_sharded(result):
+def _parameters_really_sharded(result):
     specs = result["specs"]
     # q_proj kernel [layers, embed, heads, head_dim]: embed over fsdp, heads over tensor
     assert specs["['llm']['model']['layers']['self_attn']['q_proj']['kernel']"] == \
@@ -53,12 +57,12 @@ def test_parameters_really_sharded(result):
     assert result["replicated_fraction"] < 0.02  # only the norm weights
 
 
-def test_sharded_init(result):
+def _sharded_init(result):
     assert result["init_embed_spec"] == ["tensor", "fsdp"]
     assert result["init_embed_shard_shape"] == [256, 32]
 
 
-def test_vision_sharded_over_data(result):
+def _vision_sharded_over_data(result):
     assert result["pixels_spec"] == [["data", "fsdp"]]
     assert result["vision_rel_err"] <= 1e-5
     assert result["vision_official_rel_err"] <= 1e-5
@@ -67,13 +71,13 @@ def test_vision_sharded_over_data(result):
     assert specs["['mm_projector']['0']['kernel']"] == ["tensor", "fsdp"]
 
 
-def test_audio_sharded(result):
+def _audio_sharded(result):
     assert result["audio_rel_err"] <= 1e-5 and result["audio_lengths_equal"]
     assert result["specs"]["['audio_encoder']['encoder']['encoders']['self_attn']['linear_q']['kernel']"] == \
         [None, "fsdp", "tensor"]
 
 
-def test_train_step_on_mesh_equals_one_device(result):
+def _train_step_on_mesh_equals_one_device(result):
     l1, l8 = result["step_loss"]
     assert abs(l1 - l8) <= 1e-5 * abs(l1)
     # updated parameters agree to 1e-5 absolute (weights are O(1)), every leaf but the key bias: its gradient
@@ -87,8 +91,23 @@ def test_train_step_on_mesh_equals_one_device(result):
     assert result["step_mu_spec"] == [None, "fsdp", "tensor"]  # Adam moments sharded like their parameter
 
 
-def test_checkpoint_restores_onto_another_mesh(result):
+def _checkpoint_restores_onto_another_mesh(result):
     assert result["restore_equal"]
     assert result["restore_mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
     assert result["restore_spec"] == [None, "fsdp"]
     assert result["restore_data_state"] == {"next_index": 3}
+
+
+CHECKS = (_mesh, _sharded_forward_equals_single_device, _parameters_really_sharded, _sharded_init,
+          _vision_sharded_over_data, _audio_sharded, _train_step_on_mesh_equals_one_device,
+          _checkpoint_restores_onto_another_mesh)
+
+
+def test_eight_devices(result):
+    failed = []
+    for check in CHECKS:
+        try:
+            check(result)
+        except AssertionError as e:
+            failed.append(f"{check.__name__[1:]}: {e}")
+    assert not failed, "\n".join(failed)
