@@ -103,6 +103,21 @@ def test_batched_equals_one_chat_per_example(model, data):
         assert r["prediction"] == one
 
 
+@pytest.mark.slow  # 10-25 s on 2 cores: outside the quick loop (pytest -m "not slow")
+def test_quantized_model_evaluates_with_its_own_weights(release, data):
+    """``vita-jax eval --quantize int8``: the engine decodes with the model's quantized LLM (it built a float LLM
+    of the config and failed on the int8 kernels), so each row's reply is the quantized model's own chat()."""
+    m = vita_jax.from_pretrained(release).quantize("int8")
+    eng = EvalEngine.from_model(m)
+    assert eng.llm is m.llm
+    w = sorted(p for p in os.listdir(data) if p.endswith(".wav"))[0]
+    manifest = data / "asr_int8.jsonl"
+    manifest.write_text(json.dumps(dict(audio=w, text="x")) + "\n")
+    _, recs = evaluate(eng, dict(type="asr", data=str(manifest), batch_size=1, max_new_tokens=5))
+    one = m.chat("Convert the speech to text.", audio=str(data / w), max_new_tokens=5)
+    assert recs[0]["prediction"] == eng.decode(m.tokenizer.encode(one))
+
+
 def test_librispeech_folder_and_errors(model, data):
     eng = EvalEngine.from_model(model)
     metrics, recs = evaluate(eng, dict(type="asr", data=str(data / "LibriSpeech" / "test-other"), **FAST))

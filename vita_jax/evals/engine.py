@@ -56,15 +56,17 @@ def _row_loss(module, params, labels, *args):
 class EvalEngine:
     """What the evaluators run on: ``module`` (:class:`~vita_jax.models.vita.VITA`), its ``params``
     (``{llm, vision_tower, mm_projector, audio_encoder}``; other heads ignored), ``config``,
-    ``tokenizer`` and an optional ``mesh``."""
+    ``tokenizer``, an optional ``mesh`` and the LLM module the decode loop applies (default: built from
+    ``module``'s config; :meth:`from_model` passes the model's own, quantized or not)."""
 
-    def __init__(self, module: VITA, params: dict, config, tokenizer, mesh=None):
+    def __init__(self, module: VITA, params: dict, config, tokenizer, mesh=None, llm=None):
         if tokenizer is None:
             raise ValueError("evaluation needs a tokenizer (tokenizer.json beside the checkpoint, or "
                              "config.data.tokenizer)")
         self.module, self.config, self.tokenizer, self.mesh = module, config, tokenizer, mesh
         self.params = {k: params[k] for k in MODEL_PARTS if k in params}
-        self.llm = qwen2.Qwen2ForCausalLM(module.llm_cfg)
+        # the decode loop's LLM: the model's own (a quantized model's computes from its int8 / int4 kernels)
+        self.llm = llm if llm is not None else qwen2.Qwen2ForCausalLM(module.llm_cfg)
         self.prep = batch_lib.preprocess_settings(config)
         self._embed = functools.partial(_embed, module)
         self._loss = functools.partial(_row_loss, module)
@@ -75,7 +77,7 @@ class EvalEngine:
     @classmethod
     def from_model(cls, m) -> "EvalEngine":
         """From a :class:`vita_jax.api.VitaModel`."""
-        return cls(m.module, m.params, m.config, m.tokenizer, m.mesh)
+        return cls(m.module, m.params, m.config, m.tokenizer, m.mesh, llm=m.llm)
 
     # ------------------------------------------------------------------------- layout
     def rows(self, batch_size: int) -> int:
