@@ -104,3 +104,12 @@ def test_serve_engine_decodes_the_quantized_model(chat_release_dir):
     finally:
         e.close()
     assert got == want and want
+
+
+def test_a_quantized_model_is_not_saved(pair, tmp_path):
+    """save_pretrained of a quantized model: a one-line error naming the target, nothing written (it raised an
+    IndexError from inside the exporter)."""
+    _, m8, _ = pair
+    with pytest.raises(ValueError, match="is quantized \\(int8\\).*quantize after loading"):
+        m8.save_pretrained(str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
