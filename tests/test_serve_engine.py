@@ -97,6 +97,21 @@ def test_a_token_is_delivered_with_the_next_step_already_dispatched(model, engin
     assert seen[0] == 0 and all(d >= k + 1 for k, d in enumerate(seen[1:], start=1)), seen
 
 
+def test_a_turns_text_is_made_off_the_engine_thread(engine, monkeypatch):
+    """Detokenising, sending and cutting speech pieces run on the turn's text thread: the engine thread only queues
+    the ids (before, every id was decoded and sent between two decode steps)."""
+    tok = engine.model.tokenizer
+    where, decode = [], tok.decode
+    monkeypatch.setattr(tok, "decode", lambda *a, **k: (where.append(threading.current_thread().name),
+                                                        decode(*a, **k))[1])
+    rec = Recorder()
+    s = session_lib.Session(engine, rec, OPTS)
+    s.text("Tell me a story.")
+    assert rec.done.wait(600) and rec.items[-1]["type"] == "turn_metrics", rec.kinds()
+    assert where and all(n.startswith("vita-serve-text-") for n in where), sorted(set(where))
+    _wait(lambda: not s.busy)
+
+
 def test_streaming_pieces_start_speech_before_the_reply_ends(engine):
     """Tokens of a known reply fed one by one: response_text streams, the speech thread starts at
     the first complete piece ('hello there.'), audio (even-length int16) follows, and the pieces

@@ -5,7 +5,7 @@ client and emits the protocol's messages through ``sink(item)``: ``item`` is a d
 message) or ``bytes`` (24 kHz mono int16 PCM of the answer). At ``speech_end`` the segment (with
 the latest video frame as an image, and the previous turn as history) becomes a :class:`Turn`: its
 prompt is built and run by the shared :class:`~vita_jax.serve.engine.ServeEngine`, text is sent as it
-is decoded, and the speech decoder starts on a thread of its own as soon as the first text piece
+is decoded (on the turn's own text thread: the engine's thread only queues the ids), and the speech decoder starts on a thread of its own as soon as the first text piece
 is complete (the release's cut rules, :class:`~vita_jax.infer.speech.ReplySplitter`), so audio is
 sent while the LLM still writes. A new ``speech_start`` (or typed text) during an answer cancels
 it: ``stop_tts`` is sent and, under the same lock, nothing more of that answer is.
@@ -88,6 +88,8 @@ class Turn:
         self.splitter = ReplySplitter()
         self.pieces: queue.Queue = queue.Queue()
         self.tts: Optional[threading.Thread] = None
+        # the engine's calls for this turn (ids, then the end), handled in order on the turn's text thread
+        self.from_engine: queue.Queue = queue.Queue()
         self.t_text = self.t_audio = None
         self.samples = 0
         self.llm_info: dict = {}
@@ -215,10 +217,29 @@ class Session:
             if self.closed:
                 return
             turn = self.turn = Turn(self, question, clip, self.image, list(self.history), t0)
-        req = Request(turn.prompt, lambda tok: self._on_token(turn, tok),
-                      lambda reason, info: self._on_llm_done(turn, reason, info),
+        # the engine thread only queues: detokenising, sending and cutting speech pieces run on the turn's text
+        # thread, never between two decode steps; it ends with the turn's end (the engine ends every request once)
+        req = Request(turn.prompt, turn.from_engine.put, lambda reason, info: turn.from_engine.put((reason, info)),
                       max_new_tokens=self.opts.max_new_tokens, cancelled=turn.cancelled)
-        self.engine.submit(req)
+        threading.Thread(target=self._text, args=(turn,), name=f"vita-serve-text-{turn.id}", daemon=True).start()
+        try:
+            self.engine.submit(req)
+        except BaseException:
+            turn.from_engine.put(("cancelled", {}))
+            raise
+
+    def _text(self, turn: Turn) -> None:
+        """The turn's text thread: each id the engine delivers, then its end (see _start)."""
+        while True:
+            item = turn.from_engine.get()
+            try:
+                if isinstance(item, tuple):
+                    return self._on_llm_done(turn, *item)
+                self._on_token(turn, item)
+            except Exception:  # a failing send or callback must not leave the turn unended
+                log.exception("turn %s: text output failed", turn.id)
+                if isinstance(item, tuple):
+                    return
 
     def _on_token(self, turn: Turn, tok: int) -> None:
         turn.ids.append(tok)
