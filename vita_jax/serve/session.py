@@ -1,14 +1,14 @@
 """One conversation of the live server, without the network: audio in, VAD, turns, text and audio out.
 
-A :class:`Session` takes 16 kHz int16 PCM (any chunk length), video frames and typed text from one
-client and emits the protocol's messages through ``sink(item)``: ``item`` is a dict (a JSON
-message) or ``bytes`` (24 kHz mono int16 PCM of the answer). At ``speech_end`` the segment (with
-the latest video frame as an image, and the previous turn as history) becomes a :class:`Turn`: its
-prompt is built and run by the shared :class:`~vita_jax.serve.engine.ServeEngine`, text is sent as it
-is decoded (on the turn's own text thread: the engine's thread only queues the ids), and the speech decoder starts on a thread of its own as soon as the first text piece
-is complete (the release's cut rules, :class:`~vita_jax.infer.speech.ReplySplitter`), so audio is
-sent while the LLM still writes. A new ``speech_start`` (or typed text) during an answer cancels
-it: ``stop_tts`` is sent and, under the same lock, nothing more of that answer is.
+A :class:`Session` takes 16 kHz int16 PCM (any chunk length), video frames and typed text from one client and emits
+the protocol's messages through ``sink(item)``: ``item`` is a dict (a JSON message) or ``bytes`` (24 kHz mono int16
+PCM of the answer). At ``speech_end`` the segment (with the latest video frame as an image, and the previous turn as
+history) becomes a :class:`Turn`: its prompt is built and run by the shared
+:class:`~vita_jax.serve.engine.ServeEngine`, text is sent as it is decoded (on the turn's own text thread: the
+engine's thread only queues the ids), and the speech decoder starts on a thread of its own as soon as the first text
+piece is complete (the release's cut rules, :class:`~vita_jax.infer.speech.ReplySplitter`), so audio is sent while
+the LLM still writes. A new ``speech_start`` (or typed text) during an answer cancels it: ``stop_tts`` is sent and,
+under the same lock, nothing more of that answer is.
 """
 from __future__ import annotations
 
