@@ -4,6 +4,8 @@ checkout of y-ren16/TiCodec at 13af0eb; no upstream code is copied here), and th
 
     python tests/data/make_ticodec_variant.py --ticodec /tmp/ticodec --out tests/data/ticodec_variants/b
 
+(on 2 shared cores: ~6 min for the three official runs, ~20 min for the kink term's reruns.)
+
 Variant ``b``: upsample rates 8·5·4·2 (hop 320) with kernels 16/11/8/4, mel hop 256, segment 5120, batch 4,
 eight clips of which two are shorter than the segment (upstream zero-pads them at the end and draws no crop).
 Weights: PyTorch's default init drawn from ``--seed``; every tensor of >= 4096 elements (weight-norm ``weight_v``,

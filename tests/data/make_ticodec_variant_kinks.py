@@ -12,28 +12,30 @@ move it:
    ``torch.nn.functional.leaky_relu`` observed: every call's pre-activation x32 is kept (``runs/lrelu/``).
 2. ``capture f64``: the same in float64. Per call c (the same call of the same module in both runs):
    ``tau_c = 3 · max|x32 − x64| / max|x64|`` over the call's elements with ``|x64| ≤ 1e-3 · max|x64|`` (the
-   official float32 rounding of that very tensor, everything upstream of it included, where the side of a
-   unit is decided, with the rule's factor 3), and the units with ``|x64| < tau_c · max|x64|`` ->
-   ``runs/kink_units.json``. (The maximum over all elements, ``tau_all``, is 30-100x larger: it comes from
-   the largest values, whose rounding is that much larger; taken as tau on variant b it listed 337 units and
-   a kink term of 1.7e-2 for MSD[0]'s first-layer gradient, a bound no longer worth the name.) Covered: the discriminator calls of step 0's D update (``mpd`` / ``msd`` call 0,
-   ``mstftd`` calls 0-1): the only LeakyReLUs behind the D-update gradients, and, through the D update, behind
-   everything after it. Not covered: the generator / encoder and the G update's discriminator calls (only the
-   G-update gradients lie behind those).
+   official float32 rounding of that very tensor, everything upstream of it included, measured where a unit's
+   side is decided, with the rule's factor 3; over all elements when none is that small), and the units with
+   ``|x64| < tau_c · max|x64|`` -> ``runs/kink_units.json``. (The maximum over all elements, ``tau_all``, comes
+   from the largest values, whose rounding is larger: on variant b its median over calls is 1.5e-6 against
+   6.1e-7; taken as tau it listed 337 units instead of 110, and a kink term of 1.7e-2 instead of 6.4e-3 for
+   MSD[0]'s first-layer gradient.) Covered: the discriminator calls of step 0's D update (``mpd`` / ``msd``
+   call 0, ``mstftd`` calls 0-1): the only LeakyReLUs behind the D-update gradients, and, through the D
+   update, behind everything after it. Not covered: the generator / encoder and the G update's discriminator
+   calls (only the G-update gradients lie behind those).
 3. ``subs``: for each unit, the official float32 step 0 of its sub-discriminator (MPD[j], MSD[j] and MS-STFT[j]
    have parameters, D-update loss terms and updated G-step logits of their own) rerun alone on the reference
    run's batch and ŷ (``sub_step``: D-update forward, loss term, backward, Adam's first step, G-update forward),
-   once as is (checked bitwise equal to the reference run) and once with that unit's slope swapped
+   once as is (asserted bitwise equal to the reference run) and once with that unit's slope swapped
    (1 <-> the negative slope; the output moves by ``|x|·(1 − slope)``, below rounding) -> the change of every
    stored array the sub-discriminator feeds: its rows of ``u0.d.grad_stats``, its selected gradients and its
    G-step logits.
 
 ``kink[key] = max over elements of Σ_units |Δ| / max|ref|`` for the step-0 arrays (0 where no covered unit feeds
-the array): an upper bound for any subset of the units flipped, as far as their effects add (the units are
-~1e-7 of their layer away from 0, so each flip changes the backward pass at one unit only). Not covered (kink 0,
-bound 3x the spread alone): the G update's gradients ``u0.g.*`` and the G-update losses, which also see the
-generator's / encoder's units and the G update's discriminator calls. Step 1 is not rerun: its arrays inherit
-Adam's sign-like first step and have the fixture README §8 family bounds (``tests/test_train_codec_variants.py``).
+the array): an upper bound for any subset of the units flipped, as far as their effects add (each unit lies
+within ~1e-6 of its layer's max from 0, so a flip changes the backward pass at that unit only and the forward
+values by rounding). Not covered (kink 0, bound 3x the spread alone): the G update's gradients ``u0.g.*`` and
+the G-update losses, which also see the generator's / encoder's units and the G update's discriminator calls.
+Step 1 is not rerun: its arrays inherit Adam's sign-like first step and have the fixture README §8 family
+bounds (``tests/test_train_codec_variants.py``).
 """
 import json
 import os
