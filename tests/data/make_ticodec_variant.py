@@ -1,8 +1,10 @@
-"""Makes a TiCodec training variant for ``tests/test_codec_variants.py``: a tiny codec of other shapes than
+"""Makes a TiCodec training variant for ``tests/test_train_codec_variants.py``: a tiny codec of other shapes than
 ``fixtures/ticodec-train``, trained two steps by the *official* ``train.py`` (imported from ``--ticodec``, a
 checkout of y-ren16/TiCodec at 13af0eb; no upstream code is copied here), and the values the test compares.
 
     python tests/data/make_ticodec_variant.py --ticodec /tmp/ticodec --out tests/data/ticodec_variants/b
+
+(on 2 shared cores: ~6 min for the three official runs, ~20 min for the kink term's reruns.)
 
 Variant ``b``: upsample rates 8·5·4·2 (hop 320) with kernels 16/11/8/4, mel hop 256, segment 5120, batch 4,
 eight clips of which two are shorter than the segment (upstream zero-pads them at the end and draws no crop).
@@ -10,7 +12,9 @@ Weights: PyTorch's default init drawn from ``--seed``; every tensor of >= 4096 e
 spectral-norm ``weight_orig``, the encoder's ``conv_post.weight``) is a strided view into one random buffer per
 file (the fixture's storage trick, README §3.3), so ``g_`` / ``do_`` stay ~1-2 MB; codebooks get the scale of the
 features they quantize. The run is repeated in float64 and with 1 thread: ``reference/tolerance.json`` holds, per
-stored array, max|Δ| / max|ref| of each rerun (the official code's own spread, what the test's bounds are 3x of).
+stored array, max|Δ| / max|ref| of each rerun (the official code's own spread, what the test's bounds are 3x of),
+and ``kink``: what the official code's own near-kink LeakyReLU units can move each step-0 array (float32 reruns
+with those units' slopes swapped, ``make_ticodec_variant_kinks.py``; the test adds it to 3x the spread).
 
 Run-time shims (the venv has neither torchaudio nor tensorboard, and librosa 0.11 takes keywords only):
 ``torchaudio.transforms.Spectrogram`` as ``torch.stft`` / window L2 norm (bitwise equal, fixture README §9.1),
@@ -70,6 +74,8 @@ def main():
         subprocess.run([sys.executable, __file__, "--ticodec", a.ticodec, "--out", a.out, "--run", run], check=True)
     from make_ticodec_variant_run import spread  # beside this file
     spread(a.out)
+    from make_ticodec_variant_kinks import kinks  # beside this file
+    kinks(a.ticodec, a.out)
     shutil.rmtree(os.path.join(a.out, "runs"))
 
 

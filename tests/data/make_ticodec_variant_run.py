@@ -7,6 +7,9 @@ import sys
 import numpy as np
 from make_ticodec_variant import Recorder, shims
 
+# where the official code is now (read by make_ticodec_variant_kinks.py's leaky_relu hook): the step, the top
+# module (``generator``, ``mpd``, ...), its call number within the step, the sub-discriminator last entered
+CTX = {"step": 0, "top": None, "call": 0, "sub": None}
 SEL_GRADS = ("msd.discriminators.0.convs.0.weight_orig", "msd.discriminators.0.convs.0.bias",
              "mpd.discriminators.0.convs.0.weight_v", "generator.conv_post.weight_v", "encoder.conv_pre.weight_v")
 
@@ -67,9 +70,17 @@ def _stats(t):
     return np.array([x.sum(), np.abs(x).sum(), np.square(x).sum(), np.abs(x).max() if x.size else 0.0, x.size])
 
 
-def run_official(ticodec, out, run):
-    """Upstream ``train.main()`` for one epoch (2 steps) from ``out``'s files, observed; -> runs/<run>.npz."""
+class Stop(Exception):
+    """Raised by the data loader when the steps asked for are done."""
+
+
+def run_official(ticodec, out, run, lrelu=None, steps=2, save=None):
+    """Upstream ``train.main()`` for one epoch (2 steps) from ``out``'s files, observed; -> runs/<run>.npz
+    (``save``: another file). ``lrelu(original)`` -> a stand-in for ``torch.nn.functional.leaky_relu`` (the
+    official modules look it up at each call; it reads ``CTX``); ``steps``: stop before step ``steps``."""
     import torch
+    if lrelu is not None:
+        torch.nn.functional.leaky_relu = lrelu(torch.nn.functional.leaky_relu)
     if run == "thread1":
         torch.set_num_threads(1)
     if run == "f64":
@@ -89,9 +100,13 @@ def run_official(ticodec, out, run):
                 super().__init__(*a, **k)
                 mods[name] = self
                 self.calls = []
+                for j, d in enumerate(getattr(self, "discriminators", ())):
+                    d.register_forward_pre_hook(lambda *_, j=j: CTX.update(sub=j))
 
             def forward(self, *a, **k):
+                CTX.update(top=name, call=len(self.calls), sub=None)
                 o = super().forward(*a, **k)
+                CTX["top"] = None
                 self.calls.append(o)
                 return o
         return Obs
@@ -116,6 +131,8 @@ def run_official(ticodec, out, run):
         def __iter__(self):
             for b in super().__iter__():
                 k = calls["step"]
+                if k >= steps:
+                    raise Stop
                 x, y, files, y_mel, yg = b
                 rec.update({f"s{k}.batch.y": y.numpy(), f"s{k}.batch.y_global": yg.numpy(),
                             f"s{k}.batch.y_mel": y_mel.numpy()})
@@ -147,6 +164,7 @@ def run_official(ticodec, out, run):
         for m in mods.values():
             m.calls = []
         calls["step"] += 1
+        CTX["step"] = calls["step"]
     from torch.optim import optimizer as opt_mod
     opt_mod.register_optimizer_step_pre_hook(pre)
     opt_mod.register_optimizer_step_post_hook(post)
@@ -163,11 +181,14 @@ def run_official(ticodec, out, run):
                 "--input_training_file", lst, "--input_validation_file", lst, "--training_epochs", "1",
                 "--stdout_interval", "1", "--summary_interval", "1", "--checkpoint_interval", "100000000",
                 "--validation_interval", "100000000"]
-    T.main()
+    try:
+        T.main()
+    except Stop:
+        pass
     for key, v in Recorder.scalars.items():
         name, step = key.split("@")
         rec[f"s{step}.scalar.{name.split('/')[-1]}"] = np.float64(v)
-    np.savez(os.path.join(out, "runs", run + ".npz"), **{k: np.asarray(v) for k, v in rec.items()})
+    np.savez(save or os.path.join(out, "runs", run + ".npz"), **{k: np.asarray(v) for k, v in rec.items()})
 
 
 def _step_record(rec, mods, k):
