@@ -358,16 +358,13 @@ class VitaModel:
     # ----------------------------------------------------------------------------- saving
     def save_pretrained(self, path: str, format: str = "pytorch", overwrite: bool = False,
                         max_shard_bytes: int = 5 * 1024 ** 3):
-        """Writes the model: ``format="pytorch"`` -> the official release layout (safetensors shards +
-        index, config files, tokenizer, tower folders, ``vita_tts_ckpt``; source dtypes kept);
-        ``"orbax"`` -> a vita_jax checkpoint that :func:`from_pretrained` reads back (with
-        resharding onto any mesh). The target is written to a temporary sibling folder and only then
-        moved into place. A quantized model (:meth:`quantize`) is refused: its weights are rounded (int8 / int4
-        with scales) and neither layout holds them; save the float model and quantize it at load time."""
+        """Writes the model: ``format="pytorch"`` -> the official release layout (safetensors shards + index, config
+        files, tokenizer, tower folders, ``vita_tts_ckpt``; source dtypes kept); ``"orbax"`` -> a vita_jax checkpoint
+        that :func:`from_pretrained` reads back (with resharding onto any mesh). The target is written to a temporary
+        sibling folder and only then moved into place. A quantized model (:meth:`quantize`) is refused."""
         if self.quantized is not None:
-            raise ValueError(f"save_pretrained({path!r}): the model is quantized ({self.quantized}); quantized weights "
-                             "are not written (a lossy copy): save the float model and quantize after loading "
-                             f"(VitaModel.quantize, --quantize {self.quantized})")
+            raise ValueError(f"save_pretrained({path!r}): the model is quantized ({self.quantized}): save the float "
+                             f"model and quantize after loading (VitaModel.quantize, --quantize {self.quantized})")
         tok_dir = os.path.dirname(self.tokenizer.path) if self.tokenizer is not None and self.tokenizer.path else None
         release.check_target(path, self.path, tok_dir)
         speech = self.speech
