@@ -15,10 +15,12 @@ the size column exact):
   error of that tensor near 0 · its max``) is on either side in any float32 implementation, the official
   reruns included, which catch its jump only when their rounding happens to flip it. The term is measured on
   the official code alone (its float32 run with each such unit's slope swapped), is 0 on arrays no such unit
-  feeds (every forward value: the output moves by ``|x|·(1 − slope) ≈ 0``), and bounds the jump of those units
-  only, at the elements they feed. A real maths difference (padding, an edge, an eps) moves arrays whose kink
-  term is 0 and many elements at once; no kink term covers it. (On variant b, vita_jax's step in float64
-  matches the official float64 rerun to ~1e-14 on every D-side array: ``tests/data/ticodec_variant_f64.py``.)
+  feeds (every forward value: the output moves by ``|x|·(1 − slope) ≈ 0``); per array it is the largest element
+  of the sum over units of each unit's move, relative to the array's max (any subset of them flipped stays
+  under it). A real maths difference (padding, an edge, an eps) moves the arrays whose kink term is 0 too (every
+  forward value, the G update), which 3x the spread alone bounds; where the term is large (variant b's
+  MSD[0].convs.0: 6.4e-3) the maths are checked in float64: vita_jax's step matches the official float64 rerun to
+  ~1e-14 on every D-side array (``tests/data/ticodec_variant_f64.py``, ~10 GB, by hand).
 * step 1 (``s1.*``, ``u1.*``): it starts from parameters that Adam's sign-like first step moved by ±lr per
   element, with a sign that gradient elements within rounding of 0 take by chance; the fixture README §8 (and
   ``tests/test_train_codec.py``) bound such arrays per family: 3x the worst rerun spread of the family
