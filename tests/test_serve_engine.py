@@ -112,6 +112,23 @@ def test_a_turns_text_is_made_off_the_engine_thread(engine, monkeypatch):
     _wait(lambda: not s.busy)
 
 
+def test_a_turn_whose_end_fails_still_ends(engine, monkeypatch):
+    """An error while a turn ends (here its final text) is logged and the turn ends all the same: the session is
+    free for the next question (before, the failed end left it busy for good)."""
+    rec = Recorder()
+    s = session_lib.Session(engine, rec, OPTS)
+    text_out = s._text_out
+
+    def failing(turn, raw, final):
+        if final:
+            raise RuntimeError("the final text could not be sent")
+        return text_out(turn, raw, final)
+    monkeypatch.setattr(s, "_text_out", failing)
+    s.text("Tell me a story.")
+    _wait(lambda: s.turn is not None and s.turn.finished.is_set(), timeout=600)
+    assert not s.busy and rec.kinds()[-1] == "turn_metrics"
+
+
 def test_streaming_pieces_start_speech_before_the_reply_ends(engine):
     """Tokens of a known reply fed one by one: response_text streams, the speech thread starts at
     the first complete piece ('hello there.'), audio (even-length int16) follows, and the pieces

@@ -270,7 +270,10 @@ class ServeEngine:
         self.key, sub = jax.random.split(self.key)
         try:
             with parallel.use_mesh(m.mesh):
-                ids = self._next_inputs(self.sampled, jnp.asarray(self.tokens), jnp.asarray(self.from_host))
+                # copies: jnp.asarray may alias a numpy buffer on CPU, and the select runs after step k, while the
+                # host already writes the next ids / flags into these arrays
+                host, from_host = jnp.asarray(self.tokens.copy()), jnp.asarray(self.from_host.copy())
+                ids = self._next_inputs(self.sampled, host, from_host)
                 self.sampled, self.cache, _ = gen.decode_step(m.llm, m.params["llm"], ids, self.cache, sub,
                                                               **self.static, **self.dyn)
             self.from_host[:] = False

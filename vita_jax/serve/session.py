@@ -221,11 +221,15 @@ class Session:
         # thread, never between two decode steps; it ends with the turn's end (the engine ends every request once)
         req = Request(turn.prompt, turn.from_engine.put, lambda reason, info: turn.from_engine.put((reason, info)),
                       max_new_tokens=self.opts.max_new_tokens, cancelled=turn.cancelled)
-        threading.Thread(target=self._text, args=(turn,), name=f"vita-serve-text-{turn.id}", daemon=True).start()
+        text = threading.Thread(target=self._text, args=(turn,), name=f"vita-serve-text-{turn.id}", daemon=True)
         try:
+            text.start()
             self.engine.submit(req)
-        except BaseException:
-            turn.from_engine.put(("cancelled", {}))
+        except BaseException:  # the turn ends all the same (on its thread if that started)
+            if text.is_alive():
+                turn.from_engine.put(("cancelled", {}))
+            else:
+                self._on_llm_done(turn, "cancelled", {})
             raise
 
     def _text(self, turn: Turn) -> None:
@@ -239,7 +243,8 @@ class Session:
             except Exception:  # a failing send or callback must not leave the turn unended
                 log.exception("turn %s: text output failed", turn.id)
                 if isinstance(item, tuple):
-                    return
+                    turn.pieces.put(None)  # a speech thread already started ends too
+                    return self._end(turn)
 
     def _on_token(self, turn: Turn, tok: int) -> None:
         turn.ids.append(tok)
@@ -307,6 +312,8 @@ class Session:
 
     def _end(self, turn: Turn) -> None:
         with self.lock:
+            if turn.finished.is_set():  # once (a failed end and the speech thread may both end it)
+                return
             if not turn.cancelled.is_set() and turn.llm_info.get("reason") in ("stop", "length"):
                 ms = lambda t: None if t is None else round(1000 * (t - turn.t0), 1)  # noqa: E731
                 info = turn.llm_info

@@ -54,15 +54,22 @@ def _sub_host_slice(name: str, host_bounds: str, topologies) -> list:
     """A slice smaller than one host (``v5e:1x1``, ``v5e:2x1``): jax describes whole hosts only, so the host's
     topology is described and its chips within the requested shape are the slice. The programs compiled for them
     are the slice's own (a mesh over those chips alone: no collective reaches the others)."""
+    if not re.fullmatch(r"[a-z0-9]+:\d+(x\d+)+", name):
+        raise ValueError(f"--topology {name}: expected CHIP:SHAPE such as v5e:1x1 or v5p:2x2x1")
     chip, shape = name.split(":")
     want = [int(v) for v in shape.split("x")]
     host = [int(v) for v in host_bounds.split("x")][:len(want)]
     if len(host) < len(want) or any(w > h for w, h in zip(want, host)):
         raise ValueError(f"--topology {name}: not a whole number of hosts ({chip} hosts hold {host_bounds} chips)")
-    devices = topologies.get_topology_desc(platform="tpu", topology_name=f"{chip}:{'x'.join(map(str, host))}").devices
+    try:
+        host_name = f"{chip}:{'x'.join(map(str, host))}"
+        devices = topologies.get_topology_desc(platform="tpu", topology_name=host_name).devices
+    except Exception as e:  # libtpu's own message
+        raise ValueError(f"--topology {name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    per_chip = len(devices) // math.prod(host)  # v2 / v3: two cores a chip
     inside = [d for d in devices if all(c < w for c, w in zip(d.coords, want))]
-    if len(inside) != math.prod(want):
-        raise ValueError(f"--topology {name}: {len(inside)} of the host's chips lie within {shape}")
+    if len(inside) != math.prod(want) * per_chip:
+        raise ValueError(f"--topology {name}: {len(inside)} of the host's devices lie within {shape}")
     return inside
 
 
