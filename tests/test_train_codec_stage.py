@@ -2,8 +2,8 @@
 speech: exact resume after SIGKILL, the held-out mel L1, the export (loads in vita_jax's speech model,
 official layouts), and going on from the exported upstream ``g_`` / ``do_`` files.
 
-The three CLI runs share one persistent compilation cache in the test's temporary folder, so only the
-first compiles the step (minutes on CPU); nothing outlives the test session.
+The CLI runs share the session's persistent compilation cache (conftest), so only the first compiles the step
+(minutes on CPU), and the demo's stage 3.1 (tests/test_demo_run.py, the same tiny codec and crops) loads it too.
 """
 import json
 import os
@@ -34,9 +34,8 @@ def _cmd(workdir, *extra):
             "--workdir", str(workdir), *extra]
 
 
-def _run(cmd, cache, kill_at=None):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+def _run(cmd, kill_at=None):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")  # with the session's compilation cache (conftest)
     p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if kill_at is None:
         out, _ = p.communicate(timeout=HANG_S)
@@ -77,17 +76,16 @@ def _leaves(tree):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("stage31")
-    cache = root / "xla-cache"
     ref, killed = root / "ref", root / "killed"
-    _run(_cmd(ref), cache)
-    _run(_cmd(killed), cache, kill_at=4)  # past step 3 (4 lines with step 0's held-out one), before step 4's save
+    _run(_cmd(ref))
+    _run(_cmd(killed), kill_at=4)  # past step 3 (4 lines with step 0's held-out one), before step 4's save
     assert not os.path.exists(killed / "model")
-    resumed_log = _run(_cmd(killed), cache)
-    return root, cache, ref, killed, resumed_log
+    resumed_log = _run(_cmd(killed))
+    return root, ref, killed, resumed_log
 
 
 def _sigkill_resume_exact(runs):
-    _, _, ref, killed, log = runs
+    _, ref, killed, log = runs
     assert "resumed from step " in log  # 2 (or 4 on a slow kill)
     a, b = _rows(ref), _rows(killed)
     assert [r["step"] for r in a if "loss" in r] == list(range(1, STEPS + 1))
@@ -100,7 +98,7 @@ def _sigkill_resume_exact(runs):
 
 
 def _heldout_mel_falls(runs):
-    _, _, ref, _, _ = runs
+    _, ref, _, _ = runs
     held = [r for r in _rows(ref) if "heldout/mel_l1" in r]
     assert [r["step"] for r in held] == [0, 3, 6]  # 0: the untrained codec
     for k in ("heldout/mel_l1", "heldout/mel_l1_multires"):
@@ -115,7 +113,7 @@ def _export_loads(runs, tmp_path):
     import torch
 
     from vita_jax.infer import speech
-    _, _, ref, _, _ = runs
+    _, ref, _, _ = runs
     codec = ref / "model" / "vita_tts_ckpt" / "codec"
     sd = torch.load(codec / "final.pt", map_location="cpu", weights_only=True)
     assert set(sd) == {"generator", "quantizer", "encoder"}
@@ -132,9 +130,9 @@ def _export_loads(runs, tmp_path):
 
 def _init_from_official_files(runs):
     """A new run started from the exported upstream g_ / do_ pair goes on with both optimisers' state."""
-    root, cache, ref, _, _ = runs
+    root, ref, _, _ = runs
     wd = root / "continued"
-    log = _run(_cmd(wd, f"--config.init_from={ref / 'model' / 'ticodec'}", "--config.total_steps=1"), cache)
+    log = _run(_cmd(wd, f"--config.init_from={ref / 'model' / 'ticodec'}", "--config.total_steps=1"))
     assert f"update {STEPS - 1}, epoch {STEPS - 1}" in log
     s0, _ = _official(ref / "model" / "ticodec")
     s1, i1 = _official(wd / "model" / "ticodec")
@@ -144,7 +142,7 @@ def _init_from_official_files(runs):
 def _sharded_steps_equal_one_device(runs):
     """The first two steps on a (data 2, fsdp 2, tensor 2) mesh of 8 CPU devices = the one-device run's (its
     metrics and step-2 checkpoint): rows over the data axes, codec rows over fsdp."""
-    _, _, ref, _, _ = runs
+    _, ref, _, _ = runs
     train = [os.path.join(WAVS, f"utt{i}.wav") for i in range(4)]
     held = [os.path.join(WAVS, f"utt{i}.wav") for i in (4, 5)]
     p = subprocess.run([sys.executable, os.path.join(REPO, "tests", "codec_sharding_check.py"), json.dumps(train),

@@ -2,7 +2,7 @@
 6200 tokens, two micro-batches, ``budgets="auto"``, 448-px tiles, clips up to 3000 frames, the 152,064-entry
 vocabulary; narrow, shallow towers) on an official-format mixture of real photos and speech
 (``bench mixture``), through the CLI: its step's batch holds uint8 tiles and clip groups for both
-micro-batches, two steps train to finite losses and checkpoint, and a second run resumes to step three."""
+micro-batches, a step trains to finite losses and checkpoints, and a second run resumes to step two."""
 import json
 import os
 import subprocess
@@ -63,10 +63,10 @@ def test_narrow_stage_trains_and_resumes(mix, tmp_path):
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         return r.stdout
 
-    run(2)
-    assert "2" in os.listdir(wd / "ckpt")
-    out = run(3)
+    run(1)
+    assert "1" in os.listdir(wd / "ckpt")
+    out = run(2)
     rows = [json.loads(line) for line in open(wd / "metrics.jsonl")]
-    assert "resumed from step 2" in out and [r["step"] for r in rows] == [1, 2, 3], out[-2000:]
+    assert "resumed from step 1" in out and [r["step"] for r in rows] == [1, 2], out[-2000:]
     assert all(np.isfinite(r["loss"]) and r["tokens"] > 0 for r in rows), rows
-    assert "3" in os.listdir(wd / "ckpt")
+    assert "2" in os.listdir(wd / "ckpt")
