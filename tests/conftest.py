@@ -28,11 +28,12 @@ def _collective_timeout_flag() -> str:
 
 
 # The suite's programs are tiny and compiled once or twice each, so compiling dominates it: LLVM at -O1 instead of
-# XLA's default -O3 takes 20-30 % off a compile on CPU (stage 3.1's tiny codec step: 54 -> 44 s, its CPU time 181 -> 126 s; the quick tier
-# 3:29 -> 3:12 on 2 cores, 2026-12-07) and runs as fast (-O0 compiles faster still but ran the codec step ~40 %
-# slower, which the demo's ~1,500 steps would pay). Only the machine-code generation of XLA's fused loops changes:
-# the HLO, its fusions and the library kernels (dot, convolution) are the same, so a result moves at most by
-# rounding (contracted multiply-adds), within every parity bound. A level the caller set is kept.
+# XLA's default -O3 takes 20-30 % off a compile on CPU (stage 3.1's tiny codec step: 54 -> 44 s, its CPU time
+# 181 -> 126 s; the quick tier 3:29 -> 3:12 on 2 cores, 2026-12-07) and runs as fast (-O0 compiles faster still
+# but ran the codec step ~40 % slower, which the demo's ~1,500 steps would pay). Only the machine-code generation
+# of XLA's fused loops changes: the HLO, its fusions and the library kernels (dot, convolution) are the same, so
+# a result moves at most by rounding (contracted multiply-adds), within every parity bound. A level the caller
+# set is kept.
 OPT_LEVEL = "--xla_backend_optimization_level=1"
 
 # the session's XLA_FLAGS (see above): tests that give a subprocess its own XLA_FLAGS start from this
@@ -326,3 +327,19 @@ def jaxpr_avals(jaxpr):
             for sub in (p if isinstance(p, (list, tuple)) else (p,)):
                 if isinstance(sub, (jex_core.Jaxpr, jex_core.ClosedJaxpr)):
                     yield from jaxpr_avals(sub)
+
+
+def make_example(rng, i, vocab, size, tiles=0, clips=(), text=20):
+    """A training example (the data pipeline's form) with ``tiles`` image tiles and fbank ``clips`` (frames each)."""
+    from vita_jax.models.vita import AUDIO_TOKEN_INDEX, IGNORE_INDEX, IMAGE_TOKEN_INDEX
+    head = list(rng.integers(10, vocab, 6)) + [IMAGE_TOKEN_INDEX] * tiles + list(rng.integers(10, vocab, 3)) + \
+        [AUDIO_TOKEN_INDEX] * len(clips)
+    ids = np.asarray(head + list(rng.integers(10, vocab, text)), np.int64)
+    labels = np.full(ids.shape, IGNORE_INDEX, np.int64)
+    labels[len(head) + 2:] = ids[len(head) + 2:]
+    ex = {"id": f"ex{i}", "input_ids": ids, "labels": labels}
+    if tiles:
+        ex["pixels"] = rng.normal(0, 1, (tiles, 3, size, size)).astype(np.float32)
+    if clips:
+        ex["audio"] = [(rng.normal(0, 1, (n, 80)) * 3 + 8).astype(np.float32) for n in clips]
+    return ex

@@ -7,32 +7,20 @@ import pytest
 
 from vita_jax.data import packing
 from vita_jax.data.batch import LMCollator
-from vita_jax.models.vita import AUDIO_TOKEN_INDEX, IGNORE_INDEX, IMAGE_TOKEN_INDEX, PAD, lm_loss_terms
+from vita_jax.models.vita import AUDIO_TOKEN_INDEX, IMAGE_TOKEN_INDEX, PAD, lm_loss_terms
 
-
-def _example(rng, i, vocab, size, tiles=0, clips=(), text=20):
-    head = list(rng.integers(10, vocab, 6)) + [IMAGE_TOKEN_INDEX] * tiles + list(rng.integers(10, vocab, 3)) + \
-        [AUDIO_TOKEN_INDEX] * len(clips)
-    ids = np.asarray(head + list(rng.integers(10, vocab, text)), np.int64)
-    labels = np.full(ids.shape, IGNORE_INDEX, np.int64)
-    labels[len(head) + 2:] = ids[len(head) + 2:]
-    ex = {"id": f"ex{i}", "input_ids": ids, "labels": labels}
-    if tiles:
-        ex["pixels"] = rng.normal(0, 1, (tiles, 3, size, size)).astype(np.float32)
-    if clips:
-        ex["audio"] = [(rng.normal(0, 1, (n, 80)) * 3 + 8).astype(np.float32) for n in clips]
-    return ex
+from conftest import make_example
 
 
 @pytest.fixture(scope="module")
 def examples(tiny_model):
     rng = np.random.default_rng(0)
     v, s = tiny_model.llm_cfg.vocab_size, tiny_model.vit_cfg.image_size
-    return [_example(rng, 0, v, s, tiles=3),                    # an image of 3 tiles
-            _example(rng, 1, v, s, tiles=4, text=12),           # a video: 4 frames, one tile each
-            _example(rng, 2, v, s, clips=(150,)),               # a spoken question
-            _example(rng, 3, v, s, text=30),                    # text only
-            _example(rng, 4, v, s, tiles=1, clips=(90,), text=8)]  # an image and speech
+    return [make_example(rng, 0, v, s, tiles=3),                    # an image of 3 tiles
+            make_example(rng, 1, v, s, tiles=4, text=12),           # a video: 4 frames, one tile each
+            make_example(rng, 2, v, s, clips=(150,)),               # a spoken question
+            make_example(rng, 3, v, s, text=30),                    # text only
+            make_example(rng, 4, v, s, tiles=1, clips=(90,), text=8)]  # an image and speech
 
 
 @pytest.mark.slow  # a minute or more on 2 cores: outside the quick loop

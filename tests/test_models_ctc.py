@@ -8,7 +8,7 @@ import vita_jax
 from vita_jax import assets
 from vita_jax.data import audio as A
 from vita_jax.data import pipeline
-from vita_jax.data.batch import ctc_batch
+from vita_jax.data.stage_batches import ctc_batch
 from vita_jax.data.units import UnitVocab, cer, normalize
 from vita_jax.models import ctc, vita
 from vita_jax.train import stages, trainer

@@ -90,7 +90,7 @@ def test_lm_stages(model, lm_batch, stage, vit_backward, whale_backward):
 @pytest.mark.slow  # a minute or more on 2 cores: outside the quick loop
 def test_ctc_stage(model):
     from vita_jax import assets
-    from vita_jax.data.batch import ctc_batch
+    from vita_jax.data.stage_batches import ctc_batch
     from vita_jax.data.units import UnitVocab
     clips = assets.speech_clips()[2:5]
     vocab = UnitVocab.train([t for *_, t in clips])

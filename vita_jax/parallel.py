@@ -179,6 +179,29 @@ def current_mesh():
     return getattr(_CTX, "value", None)
 
 
+@contextlib.contextmanager
+def use_local_media(on: bool = True):
+    """Tells the model being traced that its batch lays every row's tiles and clips out in that row's own batch
+    shard (:func:`vita_jax.data.shards.media_local`): the splice then gathers on each chip alone
+    (:mod:`vita_jax.models.splice`). A tracing-time setting, like :func:`use_mesh`."""
+    prev = getattr(_CTX, "local_media", False)
+    _CTX.local_media = bool(on)
+    try:
+        yield
+    finally:
+        _CTX.local_media = prev
+
+
+def local_media() -> bool:
+    """Whether the enclosing :func:`use_local_media` block said so."""
+    return getattr(_CTX, "local_media", False)
+
+
+def mesh_axes_of(logical: str, rules=DEFAULT_RULES) -> tuple[str, ...]:
+    """The mesh axes the rules table gives a logical axis (a tuple; empty when unsharded)."""
+    return _as_tuple(dict(rules).get(logical))
+
+
 def current_platform() -> str:
     """Platform the code being traced will run on: the active mesh's devices (so an ahead-of-time
     compile for a TPU topology on a CPU host says ``tpu``), else JAX's default backend."""
@@ -217,7 +240,7 @@ def data_parallel_size(mesh: Mesh | None, rules=DEFAULT_RULES) -> int:
     axis (``data`` x ``fsdp`` by default); 1 without a mesh."""
     if mesh is None:
         return 1
-    return math.prod(int(mesh.shape.get(a, 1)) for a in _as_tuple(dict(rules).get("batch")))
+    return math.prod(int(mesh.shape.get(a, 1)) for a in mesh_axes_of("batch", rules))
 
 
 def commit_like(tree, params):

@@ -326,16 +326,31 @@ class LMCollator:
     all-padding rows (counted in ``skipped`` and logged with their id), so every batch has the same
     shape. With several processes each collates its own rows; ``tile_offset`` / ``clip_offset``
     (this process's first slot in the *global* tile / clip arrays) make ``src`` index the global
-    arrays that ``jax.make_array_from_process_local_data`` assembles."""
+    arrays that ``jax.make_array_from_process_local_data`` assembles.
+
+    ``shards`` (the batch shards of this process's devices): the rows, tile slots and clip slots split evenly
+    over them and each shard's rows keep their media in its own slots (:mod:`vita_jax.data.shards`), so the
+    model splices on each chip alone."""
 
     def __init__(self, tokens_per_tile: int, seq_len: int, max_tiles: int, max_clips: int, max_frames: int,
-                 image_size: int, tile_offset: int = 0, clip_offset: int = 0):
+                 image_size: int, tile_offset: int = 0, clip_offset: int = 0, shards: int = 1):
+        if max_tiles % shards or max_clips % shards:
+            raise ValueError(f"{max_tiles} tile / {max_clips} clip slots do not split over {shards} batch shards")
         self.tpt, self.seq_len, self.max_tiles, self.max_clips, self.max_frames = (tokens_per_tile, seq_len, max_tiles,
                                                                                     max_clips, max_frames)
-        self.s, self.tile_offset, self.clip_offset = image_size, tile_offset, clip_offset
+        self.s, self.tile_offset, self.clip_offset, self.shards = image_size, tile_offset, clip_offset, shards
         self.skipped: dict[str, str] = {}
 
     def __call__(self, examples):
+        n, k = len(examples), self.shards
+        if k == 1 or n % k:
+            return self._collate(examples, self.max_tiles, self.max_clips, self.tile_offset, self.clip_offset)
+        tiles, clips = self.max_tiles // k, self.max_clips // k
+        parts = [self._collate(examples[j * n // k:(j + 1) * n // k], tiles, clips, self.tile_offset + j * tiles,
+                               self.clip_offset + j * clips) for j in range(k)]
+        return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+
+    def _collate(self, examples, max_tiles: int, max_clips: int, tile_offset: int, clip_offset: int) -> dict:
         kept, pixels, clips = [], [], []
         for ex in examples:
             if "bad" in ex:
@@ -343,8 +358,8 @@ class LMCollator:
                 continue
             n_tiles, ex_clips = example_tiles(ex), example_clips(ex)
             problem = example_problem(ex, self.tpt, self.seq_len, self.max_frames)
-            if problem is None and (sum(len(p) for p in pixels) + n_tiles > self.max_tiles
-                                    or len(clips) + len(ex_clips) > self.max_clips):
+            if problem is None and (sum(len(p) for p in pixels) + n_tiles > max_tiles
+                                    or len(clips) + len(ex_clips) > max_clips):
                 problem = "media over the batch bucket"
             if problem:
                 self.skipped[ex.get("id", "?")] = problem
@@ -358,8 +373,8 @@ class LMCollator:
         id_arr, lab_arr, mask = pad_rows(kept, len(examples))
         px = concat_tiles(pixels, self.s)
         arrays, _ = build(id_arr, mask, lab_arr, px, clips, tokens_per_tile=self.tpt, max_length=self.seq_len,
-                          pad_to=self.seq_len, tile_slots=self.max_tiles, clip_slots=self.max_clips,
-                          frame_slots=self.max_frames, tile_offset=self.tile_offset, clip_offset=self.clip_offset,
+                          pad_to=self.seq_len, tile_slots=max_tiles, clip_slots=max_clips,
+                          frame_slots=self.max_frames, tile_offset=tile_offset, clip_offset=clip_offset,
                           image_size=self.s)
         # static shapes even with no slots of a kind: empty arrays, never None
         if arrays["pixels"] is None:
@@ -368,32 +383,3 @@ class LMCollator:
             arrays["audio_feats"] = np.zeros((0, self.max_frames, 80), np.float32)
             arrays["audio_lens"] = np.zeros((0,), np.int32)
         return arrays
-
-
-# ------------------------------------------------------------------- stages 2.1a and 3.2
-def ctc_batch(waves: Sequence[np.ndarray], texts: Sequence[str], vocab, frame_bucket: int = 64,
-              label_width: Optional[int] = None) -> dict:
-    """16 kHz waveforms and transcripts -> ``feats [B, T, 80]`` (T a multiple of
-    ``frame_bucket``), ``lengths``, ``labels [B, W]`` (unit ids) and ``label_mask`` (W =
-    ``label_width`` or the longest transcript)."""
-    feats, lengths = audio_lib.pad_batch([audio_lib.audio_features(w, 16000) for w in waves])
-    t = round_up(feats.shape[1], frame_bucket)
-    feats = np.pad(feats, ((0, 0), (0, t - feats.shape[1]), (0, 0)))
-    ids = [vocab.encode(s) for s in texts]
-    width = max(len(i) for i in ids) if label_width is None else int(label_width)
-    labels = np.zeros((len(ids), width), np.int32)
-    label_mask = np.zeros_like(labels)
-    for k, i in enumerate(ids):
-        labels[k, :len(i)], label_mask[k, :len(i)] = i, 1
-    return dict(feats=feats, lengths=lengths, labels=labels, label_mask=label_mask)
-
-
-def tts_batch(text_ids: Sequence[Sequence[int]], codes: Sequence[Sequence[int]], n_text: int, n_code: int) -> dict:
-    """Reply token ids and their codec ids -> ``text_ids [B, n_text]`` (0-padded), ``text_lens``,
-    ``codes [B, n_code]`` (-1-padded) and ``code_lens`` for the speech decoder's loss."""
-    ids = np.zeros((len(text_ids), n_text), np.int32)
-    out = np.full((len(codes), n_code), -1, np.int32)
-    for b, (t, k) in enumerate(zip(text_ids, codes)):
-        ids[b, :len(t)], out[b, :len(k)] = t, k
-    return dict(text_ids=ids, text_lens=np.array([len(t) for t in text_ids], np.int32), codes=out,
-                code_lens=np.array([len(k) for k in codes], np.int32))

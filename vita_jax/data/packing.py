@@ -248,3 +248,40 @@ class PackedBatches:
             if not isinstance(f, dict):
                 f.cancel()
         self.next, self.pending, self._cache = int(state["next"]), [int(p) for p in state["pending"]], {}
+
+
+class ShardedBatches:
+    """One process's batch shards packed side by side (``config.mesh_shape`` with several batch shards on its
+    devices): each :class:`PackedBatches` part packs its own rows within its own tile and clip slots, and a
+    batch is theirs concatenated (rows, tiles, each clip group's slots), so every row's media stay on its chip
+    (:func:`vita_jax.data.shards.media_local`). State: the parts' states; ``skipped`` / ``stats``: all parts'."""
+
+    def __init__(self, parts: Sequence[PackedBatches]):
+        self.parts = list(parts)
+        self.skipped: dict[str, str] = {}
+        for p in self.parts:
+            p.skipped = self.skipped
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        batches = [next(p) for p in self.parts]
+        cat = lambda xs: np.concatenate(xs)  # noqa: E731
+        return {k: ([cat([b[k][g] for b in batches]) for g in range(len(v))] if isinstance(v, list)
+                    else cat([b[k] for b in batches])) for k, v in batches[0].items()}
+
+    @property
+    def stats(self) -> dict:
+        return {k: sum(p.stats[k] for p in self.parts) if k != "steps" else self.parts[0].stats[k]
+                for k in self.parts[0].stats}
+
+    def get_state(self) -> dict:
+        return {"shards": [p.get_state() for p in self.parts]}
+
+    def set_state(self, state: dict) -> None:
+        if len(state.get("shards", ())) != len(self.parts):
+            raise ValueError(f"data state of {len(state.get('shards', [None]))} batch shard(s), this mesh has "
+                             f"{len(self.parts)} on this process: resume on the mesh the run was saved from")
+        for p, st in zip(self.parts, state["shards"]):
+            p.set_state(st)

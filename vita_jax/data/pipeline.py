@@ -18,6 +18,7 @@ import grain
 import jax
 import numpy as np
 
+from vita_jax import parallel
 from vita_jax.data import batch as batch_lib
 from vita_jax.data import packing, sources
 from vita_jax.models import vita
@@ -33,7 +34,23 @@ def batch_layout(config) -> dict:
     b, accum, n = int(config.batch_size), int(config.grad_accum), jax.process_count()
     if b % (accum * n):
         raise ValueError(f"batch_size {b} must be divisible by grad_accum {accum} x processes {n}")
-    return dict(local=b // accum // n, index=jax.process_index(), count=n, accum=accum)
+    local = b // accum // n
+    shards = batch_shards(config)
+    return dict(local=local, index=jax.process_index(), count=n, accum=accum,
+                shards=shards if local % shards == 0 else 1)
+
+
+def batch_shards(config) -> int:
+    """The batch shards on this process's devices: ``data x fsdp`` of ``config.mesh_shape`` (the trainer's mesh)
+    over the processes; 1 on one device or where that mesh cannot be made here. Each shard's rows keep their
+    tiles and clips in its own slots (``shards`` of :func:`batch_layout`), so the model splices on each chip."""
+    if jax.device_count() == 1:
+        return 1
+    try:
+        mesh = parallel.make_mesh(dict(config.get("mesh_shape", {"data": -1})))
+    except ValueError:
+        return 1
+    return max(1, parallel.data_parallel_size(mesh) // jax.process_count())
 
 
 def stack_micro_batches(micro_batches: Sequence) -> dict:
@@ -74,7 +91,17 @@ def lm_collator(config, layout: dict) -> batch_lib.LMCollator:
     vc = vita.vision_config(config)
     tiles, clips = d.max_tiles_per_sample * layout["local"], d.max_clips_per_sample * layout["local"]
     return batch_lib.LMCollator(vc.tokens_per_tile, d.seq_len, tiles, clips, d.max_frames, vc.image_size,
-                                tile_offset=layout["index"] * tiles, clip_offset=layout["index"] * clips)
+                                tile_offset=layout["index"] * tiles, clip_offset=layout["index"] * clips,
+                                shards=layout.get("shards", 1))
+
+
+def shard_layouts(layout: dict) -> list[dict]:
+    """:func:`batch_layout` of this process -> one layout per batch shard of its devices, each a process of its own
+    (its rows, its index among all processes' shards, their count); ``split``: the shards a process's configured
+    ``data.tile_budget`` divides over."""
+    k = int(layout.get("shards", 1))
+    return [dict(layout, local=layout["local"] // k, index=layout["index"] * k + j, count=layout["count"] * k,
+                 shards=1, split=k) for j in range(k)]
 
 
 def packing_budget(config, layout: dict, tile_slots: int = 0, audio_groups=None) -> packing.Budget:
@@ -84,7 +111,8 @@ def packing_budget(config, layout: dict, tile_slots: int = 0, audio_groups=None)
     per-sample maximum times the rows, each of ``data.max_frames``."""
     d = config.data
     vc = vita.vision_config(config)
-    tiles = int(tile_slots or d.get("tile_budget", 0) or d.max_tiles_per_sample * layout["local"])
+    split = int(layout.get("split", 1))  # data.tile_budget is a process's; a batch shard's share of it
+    tiles = int(tile_slots or -(-int(d.get("tile_budget", 0)) // split) or d.max_tiles_per_sample * layout["local"])
     clips = d.max_clips_per_sample * layout["local"]
     groups = audio_groups or [list(g) for g in d.get("audio_buckets", [])] or None
     return packing.Budget(layout["local"], d.seq_len, tiles, clips, d.max_frames, vc.tokens_per_tile, vc.image_size,
@@ -186,12 +214,15 @@ def official_data(config, tokenizer):
     if d.get("packing", False):
         ds = mixture(files, int(d.shuffle_seed), tfds=tfds, allow_outside_root=outside).repeat(None)
         tf = official_transform(config, tokenizer)
-        budget = packing_budget(config, lay)
+        shards = shard_layouts(lay)  # each batch shard packs its own rows within its own media budget
+        tiles, groups = 0, None
         if d.get("budgets", "fixed") == "auto":
-            tiles, groups, report = calibrate(config, ds, tf, lay, workers)
+            tiles, groups, report = calibrate(config, ds, tf, shards[0], workers)
             log.info("data budgets from %d examples: %s", report["examples"], report)
-            budget = packing_budget(config, lay, tiles, groups)
-        return packing.PackedBatches(ds, tf, budget, shard=(lay["index"], lay["count"]), workers=workers)
+        parts = [packing.PackedBatches(ds, tf, packing_budget(config, s, tiles, groups), shard=(s["index"], s["count"]),
+                                       workers=workers if len(shards) == 1 else max(1, workers // len(shards)))
+                 for s in shards]
+        return parts[0] if len(parts) == 1 else packing.ShardedBatches(parts)
     col = lm_collator(config, lay)
     ds = mixture(files, int(d.shuffle_seed), tfds=tfds, allow_outside_root=outside)
     it = make_iterator(ds, lay["local"], col, transform=official_transform(config, tokenizer),

@@ -13,8 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from vita_jax import assets
-from vita_jax.data import batch as batch_lib
-from vita_jax.data import pipeline
+from vita_jax.data import pipeline, stage_batches
 from vita_jax.data.units import UnitVocab
 from vita_jax.models import vita
 from vita_jax.models.vita import IGNORE_INDEX
@@ -78,7 +77,7 @@ def ctc_data(config) -> tuple[pipeline.IndexedBatches, int]:
 
     def make(i):
         order = np.random.default_rng((int(config.data.shuffle_seed), i)).permutation(len(clips))[:bs]
-        return batch_lib.ctc_batch([clips[k][1] for k in order], [clips[k][2] for k in order], vocab,
+        return stage_batches.ctc_batch([clips[k][1] for k in order], [clips[k][2] for k in order], vocab,
                                    frame_bucket=512, label_width=width)
     return pipeline.IndexedBatches(make, (lay["index"], lay["count"])), vocab.num_units
 
@@ -96,7 +95,7 @@ def tts_data(config) -> pipeline.IndexedBatches:
         ids = rng.integers(30, min(500, config.llm.vocab_size), (bs, n_text))
         texts = [ids[b, :lens[b]] for b in range(bs)]
         codes = [np.stack([(t * 7) % tc.odim, (t * 13 + 5) % tc.odim], 1).reshape(-1) for t in texts]
-        out = batch_lib.tts_batch(texts, codes, n_text, 2 * n_text)
+        out = stage_batches.tts_batch(texts, codes, n_text, 2 * n_text)
         out["text_ids"] = ids.astype(np.int32)  # the padding positions keep their random ids, as before
         return out
     return pipeline.IndexedBatches(make, (lay["index"], lay["count"]))

@@ -22,8 +22,7 @@ import soundfile as sf
 
 from vita_jax import api
 from vita_jax.data import audio as audio_lib
-from vita_jax.data import batch as batch_lib
-from vita_jax.data import pipeline
+from vita_jax.data import pipeline, stage_batches
 from vita_jax.data import text as text_lib
 from vita_jax.data.text import TextTokenizer
 from vita_jax.data.units import UnitVocab
@@ -183,7 +182,7 @@ class Demo:
         width = max(len(vocab.encode(t)) for _, t in train + held)
 
         def batch(clips):
-            return batch_lib.ctc_batch([w for w, _ in clips], [t for _, t in clips], vocab, frame_bucket=MAX_FRAMES,
+            return stage_batches.ctc_batch([w for w, _ in clips], [t for _, t in clips], vocab, frame_bucket=MAX_FRAMES,
                                        label_width=width)
 
         def make(i):
@@ -208,7 +207,7 @@ class Demo:
         n_code = max(len(k) for *_, k in pairs)
 
         def batch(items):
-            return batch_lib.tts_batch([t for _, t, _ in items], [k for *_, k in items], n_text, n_code)
+            return stage_batches.tts_batch([t for _, t, _ in items], [k for *_, k in items], n_text, n_code)
 
         def make(i):
             order = np.random.default_rng((self.seed, i)).permutation(len(train))[:BATCH]

@@ -23,12 +23,12 @@ import jax
 import jax.numpy as jnp
 
 from vita_jax import parallel
-from vita_jax.models import ctc, internvit, lm_loss, projectors, qwen2, tts_decoder, whale
+from vita_jax.models import ctc, internvit, lm_loss, projectors, qwen2, splice, tts_decoder, whale
 
 # placeholder ids in ``input_ids`` (one per tile / clip), the label of unsupervised positions
 IMAGE_TOKEN_INDEX, AUDIO_TOKEN_INDEX, IGNORE_INDEX = -200, -500, -100
-# what a spliced position holds
-TEXT, IMAGE, AUDIO, PAD = 0, 1, 2, -1
+# what a spliced position holds (defined beside the splice)
+TEXT, IMAGE, AUDIO, PAD = splice.TEXT, splice.IMAGE, splice.AUDIO, splice.PAD
 VISION_PREFIX = "model.vision_tower.vision_tower."
 
 
@@ -125,30 +125,28 @@ class VITA(nn.Module):
 
     def embed(self, kind, text_ids, src, pixels=None, audio_features=None, audio_lengths=None):
         """Spliced input embeddings ``[batch, length, embed]`` (zeros on padding)."""
-        img = aud = None
+        img = []
         # a batch laid out with no tile / clip slots (static shapes) skips that tower entirely
         if pixels is not None and pixels.shape[0]:
-            img = self.encode_images(pixels)
-            img = img.reshape(-1, img.shape[-1])
+            img = [self.encode_images(pixels)]
         # clips: one array [clips, T, mel], or a list of them (packing's clip groups, each its own T): each
         # group is encoded on its own (a clip's result does not depend on its padding), rows laid end to end
         feats = list(zip(audio_features, audio_lengths)) if isinstance(audio_features, (list, tuple)) else \
             [(audio_features, audio_lengths)]
-        rows = [self.encode_audio(f, n) for f, n in feats if f is not None and f.shape[0]]
-        if rows:
-            aud = jnp.concatenate([r.reshape(-1, r.shape[-1]) for r in rows])
+        aud = [self.encode_audio(f, n) for f, n in feats if f is not None and f.shape[0]]
         return self.splice(kind, text_ids, src, img, aud)
 
-    def splice(self, kind, text_ids, src, image_rows=None, audio_rows=None):
+    def splice(self, kind, text_ids, src, image_blocks=(), audio_blocks=()):
         """The splice alone: text embeddings with the tower rows put in place -> ``[batch, length, embed]``.
-        ``image_rows [R_i, embed]`` / ``audio_rows [R_a, embed]``: the towers' outputs as flat rows, which ``src``
-        indexes (None: no such position)."""
+        ``image_blocks``: ``[tiles, tokens_per_tile, embed]`` (one or none); ``audio_blocks``: one ``[slots, T'',
+        embed]`` per clip group; ``src`` indexes their rows laid end to end (:mod:`vita_jax.models.splice`:
+        on each chip alone when the step says the batch lays media out per shard). A single array (flat rows
+        ``[R, embed]`` included, as the server's prompt ladder gives) or None is one block or none."""
+        as_blocks = lambda b: [] if b is None else ([b] if hasattr(b, "shape") else list(b))  # noqa: E731
+        image_blocks, audio_blocks = as_blocks(image_blocks), as_blocks(audio_blocks)
         x = self.llm.embed(text_ids)
-        for k, rows in ((IMAGE, image_rows), (AUDIO, audio_rows)):
-            if rows is not None:
-                x = jnp.where((kind == k)[..., None], jnp.take(rows.astype(x.dtype), src, axis=0, mode="clip"), x)
-        x = jnp.where((kind == PAD)[..., None], 0.0, x)
-        return parallel.constrain(x, ("batch", "length", "act_embed"))
+        fn = splice.splice_local if splice.can_splice_locally(x, image_blocks, audio_blocks) else splice.splice_global
+        return parallel.constrain(fn(x, kind, src, image_blocks, audio_blocks), ("batch", "length", "act_embed"))
 
     def hidden(self, kind, text_ids, src, pixels=None, audio_features=None, audio_lengths=None,
                segment_ids=None, positions=None):

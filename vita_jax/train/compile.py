@@ -90,9 +90,9 @@ def row_template(config) -> dict:
         return jax.tree.map(lambda v: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype), arrays)
     n = int(config.data.seq_len)
     i32, f32 = np.dtype(np.int32), np.dtype(np.float32)
-    if config.loss == "tts":  # data/batch.py tts_batch: reply tokens and their codec ids (2 per token)
+    if config.loss == "tts":  # data/stage_batches.py tts_batch: reply tokens and their codec ids (2 per token)
         shapes = dict(text_ids=((1, n), i32), text_lens=((1,), i32), codes=((1, 2 * n), i32), code_lens=((1,), i32))
-    elif config.loss == "ctc":  # data/batch.py ctc_batch: fbank frames and unit labels
+    elif config.loss == "ctc":  # data/stage_batches.py ctc_batch: fbank frames and unit labels
         f = int(config.data.max_frames)
         shapes = dict(feats=((1, f, 80), f32), lengths=((1,), i32), labels=((1, n), i32), label_mask=((1, n), i32))
     else:
@@ -144,7 +144,9 @@ def compile_step(config, topology: str, per_chip_batch: int | None = None, hbm_g
     t0 = time.perf_counter()
     state, fn, shard = setup.abstract_state(config, mesh)
     batch = abstract_batch(config, mesh, rows)
-    with parallel.use_mesh(mesh):
+    # the trainer's pipeline lays each batch shard's tiles and clips in its own slots, so its step splices on each
+    # chip alone (models/splice.py): the program compiled here is that one
+    with parallel.use_mesh(mesh), parallel.use_local_media(config.loss == "lm"):
         lowered = setup.jit_step(fn, shard, jax.tree.map(lambda x: x.sharding, batch)).lower(state, batch)
     t1 = time.perf_counter()
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves((state.train, state.frozen)))

@@ -15,6 +15,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vita_jax import parallel
+from vita_jax.data import shards as shards_lib
 from vita_jax.models import lora, vita
 from vita_jax.train import stages
 from vita_jax.train import step as step_lib
@@ -165,6 +166,30 @@ def abstract_state(config, mesh, total_steps: int | None = None):
     return state, fn, shard
 
 
+LOCAL_MEDIA = "local_media"  # the key a placed batch carries when its media are laid out per batch shard
+
+
+def media_check(config, mesh) -> Callable[[dict], bool]:
+    """``host batch -> bool``: whether an LM batch keeps every row's tiles and clips in its own batch shard of
+    ``mesh`` (:func:`vita_jax.data.shards.media_local`; the data pipeline lays batches out so). Several processes
+    must agree without talking: there a sharded LM batch laid out otherwise is refused."""
+    n_proc, pid = jax.process_count(), jax.process_index()
+    shards = parallel.data_parallel_size(mesh) // n_proc
+    vc = vita.vision_config(config)
+    tpt = vc.tokens_per_tile if vc is not None else 1
+
+    def check(batch) -> bool:
+        if shards * n_proc <= 1 or config.loss != "lm" or "src" not in batch:
+            return False
+        ok = shards_lib.media_local(batch, shards, tpt, (pid, n_proc))
+        if not ok and n_proc > 1:
+            raise ValueError(f"an LM batch's rows reference tiles or clips outside their own batch shard ({shards} "
+                             f"per process): with several processes, lay batches out per shard as "
+                             f"vita_jax.data.pipeline does (data.batch.media_local)")
+        return ok
+    return check
+
+
 def batch_sharding(mesh, gshape, accum: int) -> NamedSharding:
     """A global batch leaf's sharding: rows (tiles, clips) over the data axes; with ``accum > 1``
     the leading micro-batch axis is not sharded."""
@@ -195,6 +220,7 @@ def build(config, params, mesh=None, total_steps: int | None = None):
 
     accum = int(config.grad_accum)
     n_proc = jax.process_count()
+    local_media = media_check(config, mesh)
 
     def place_batch(batch):
         """This process's host batch -> global arrays placed over the data axes (``info["place"]``).
@@ -214,14 +240,20 @@ def build(config, params, mesh=None, total_steps: int | None = None):
                                  f"{gshape[b]} is not sharded over the mesh's data/fsdp axes "
                                  f"{dict(mesh.shape)}: make batch_size divisible by data x fsdp")
             return jax.make_array_from_process_local_data(sh, x, tuple(gshape))
-        return jax.tree.map(place, batch)
+        placed = jax.tree.map(place, batch)
+        if local_media(batch):
+            placed[LOCAL_MEDIA] = None  # a key, no array: the step's structure says so (see run)
+        return placed
 
     def run(state, batch):
-        """Runs the step on a host batch (placed here) or a placed one (jitted once per batch shape)."""
+        """Runs the step on a host batch (placed here) or a placed one (jitted once per batch shape and media
+        layout: a batch whose rows keep their media on their own chips splices there, models/splice.py)."""
         placed = batch if all(isinstance(x, jax.Array) for x in jax.tree.leaves(batch)) else place_batch(batch)
+        local = LOCAL_MEDIA in placed
+        placed = {k: v for k, v in placed.items() if k != LOCAL_MEDIA}
         bs = jax.tree.map(lambda x: x.sharding, placed)
-        key = str(jax.tree.map(lambda x: (x.shape, str(x.dtype), str(x.sharding.spec)), placed))
-        with parallel.use_mesh(mesh):
+        key = str(jax.tree.map(lambda x: (x.shape, str(x.dtype), str(x.sharding.spec)), placed)) + str(local)
+        with parallel.use_mesh(mesh), parallel.use_local_media(local):
             if key not in compiled:
                 compiled[key] = jit_step(fn, shard, bs)
             return compiled[key](state, placed)
