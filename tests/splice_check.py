@@ -93,12 +93,21 @@ def train_step() -> dict:
     params = program.initial_params(c)
     s1, step1, _ = setup.build(c, params, total_steps=10)
     s8, step8, info8 = setup.build(c, params, mesh=parallel.make_mesh(dict(c.mesh_shape)), total_steps=10)
-    placed = info8["place"](host)
+    tpt = vita.vision_config(c).tokens_per_tile
+    # the same batch with its tiles in reverse order (src follows them): the same loss, but row r's tile now
+    # sits in another shard's slot, so this one must take the global gather (its own program, same shapes)
+    rev, n = dict(host), len(host["pixels"])
+    rev["pixels"] = np.ascontiguousarray(host["pixels"][::-1])
+    img = host["kind"] == vita.IMAGE
+    rev["src"] = np.where(img, (n - 1 - host["src"] // tpt) * tpt + host["src"] % tpt, host["src"]).astype(np.int32)
+    placed, placed_rev = info8["place"](host), info8["place"](rev)
+    s8_copy = jax.tree.map(jnp.copy, s8)  # the step donates its state
     _, m1 = step1(s1, jax.tree.map(jnp.asarray, host))
     _, m8 = step8(s8, placed)
-    tpt = vita.vision_config(c).tokens_per_tile
+    _, m8_rev = step8(s8_copy, placed_rev)
     return dict(media_local=shards.media_local(host, 8, tpt), step_marked=setup.LOCAL_MEDIA in placed,
-                tiles=int(len(host["pixels"])), step_loss=[float(m1["loss"]), float(m8["loss"])])
+                rev_local=shards.media_local(rev, 8, tpt), rev_marked=setup.LOCAL_MEDIA in placed_rev,
+                tiles=n, step_loss=[float(m1["loss"]), float(m8["loss"]), float(m8_rev["loss"])])
 
 
 def main():

@@ -13,7 +13,8 @@ demo and the tests alike.
 * :func:`build` turns ids, labels, tiles and fbank clips into the model's arrays (``kind``,
   ``text_ids``, ``src``, ``labels``, ``pixels``, ``audio_feats``, ``audio_lens``) with the given
   slot counts: fixed budgets in training (:class:`LMCollator`), power-of-two buckets at inference.
-* :func:`ctc_batch` and :func:`tts_batch` build the batches of stages 2.1a and 3.2.
+* :class:`LMCollator` lays each batch shard's media in its own slots (:mod:`vita_jax.data.shards`); the batches
+  of stages 2.1a and 3.2 are in :mod:`vita_jax.data.stage_batches`.
 """
 from __future__ import annotations
 

@@ -244,6 +244,9 @@ class PackedBatches:
         return {"next": self.next, "pending": list(self.pending)}
 
     def set_state(self, state: dict) -> None:
+        if "shards" in state:
+            raise ValueError(f"data state of {len(state['shards'])} batch shards per process, this mesh has 1: "
+                             f"resume on the mesh the run was saved from")
         for f in self._cache.values():
             if not isinstance(f, dict):
                 f.cancel()
@@ -272,6 +275,11 @@ class ShardedBatches:
                     else cat([b[k] for b in batches])) for k, v in batches[0].items()}
 
     @property
+    def budget(self) -> Budget:
+        """One shard's budget (every shard's is the same shape)."""
+        return self.parts[0].budget
+
+    @property
     def stats(self) -> dict:
         return {k: sum(p.stats[k] for p in self.parts) if k != "steps" else self.parts[0].stats[k]
                 for k in self.parts[0].stats}
@@ -280,8 +288,9 @@ class ShardedBatches:
         return {"shards": [p.get_state() for p in self.parts]}
 
     def set_state(self, state: dict) -> None:
-        if len(state.get("shards", ())) != len(self.parts):
-            raise ValueError(f"data state of {len(state.get('shards', [None]))} batch shard(s), this mesh has "
-                             f"{len(self.parts)} on this process: resume on the mesh the run was saved from")
+        saved = len(state["shards"]) if "shards" in state else 1
+        if saved != len(self.parts):
+            raise ValueError(f"data state of {saved} batch shard(s) per process, this mesh has {len(self.parts)}: "
+                             f"resume on the mesh the run was saved from (or with data.packing off)")
         for p, st in zip(self.parts, state["shards"]):
             p.set_state(st)

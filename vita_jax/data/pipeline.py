@@ -111,10 +111,10 @@ def packing_budget(config, layout: dict, tile_slots: int = 0, audio_groups=None)
     per-sample maximum times the rows, each of ``data.max_frames``."""
     d = config.data
     vc = vita.vision_config(config)
-    split = int(layout.get("split", 1))  # data.tile_budget is a process's; a batch shard's share of it
+    split = int(layout.get("split", 1))  # data.tile_budget / audio_buckets are a process's; a batch shard's share
     tiles = int(tile_slots or -(-int(d.get("tile_budget", 0)) // split) or d.max_tiles_per_sample * layout["local"])
     clips = d.max_clips_per_sample * layout["local"]
-    groups = audio_groups or [list(g) for g in d.get("audio_buckets", [])] or None
+    groups = audio_groups or [[int(f), -(-int(n) // split)] for f, n in d.get("audio_buckets", [])] or None
     return packing.Budget(layout["local"], d.seq_len, tiles, clips, d.max_frames, vc.tokens_per_tile, vc.image_size,
                           tile_offset=layout["index"] * tiles, clip_offset=layout["index"] * clips,
                           audio_groups=groups, shard=(layout["index"], layout["count"]))
@@ -220,7 +220,7 @@ def official_data(config, tokenizer):
             tiles, groups, report = calibrate(config, ds, tf, shards[0], workers)
             log.info("data budgets from %d examples: %s", report["examples"], report)
         parts = [packing.PackedBatches(ds, tf, packing_budget(config, s, tiles, groups), shard=(s["index"], s["count"]),
-                                       workers=workers if len(shards) == 1 else max(1, workers // len(shards)))
+                                       workers=workers and max(1, workers // len(shards)))
                  for s in shards]
         return parts[0] if len(parts) == 1 else packing.ShardedBatches(parts)
     col = lm_collator(config, lay)

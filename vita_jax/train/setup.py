@@ -245,6 +245,13 @@ def build(config, params, mesh=None, total_steps: int | None = None):
             placed[LOCAL_MEDIA] = None  # a key, no array: the step's structure says so (see run)
         return placed
 
+    def with_media(local: bool):
+        def step(state, batch):  # its own function per layout: jax caches a trace by function, not by our flag
+            with parallel.use_local_media(local):
+                return fn(state, batch)
+        return step
+    fns = {True: with_media(True), False: with_media(False)}
+
     def run(state, batch):
         """Runs the step on a host batch (placed here) or a placed one (jitted once per batch shape and media
         layout: a batch whose rows keep their media on their own chips splices there, models/splice.py)."""
@@ -253,9 +260,9 @@ def build(config, params, mesh=None, total_steps: int | None = None):
         placed = {k: v for k, v in placed.items() if k != LOCAL_MEDIA}
         bs = jax.tree.map(lambda x: x.sharding, placed)
         key = str(jax.tree.map(lambda x: (x.shape, str(x.dtype), str(x.sharding.spec)), placed)) + str(local)
-        with parallel.use_mesh(mesh), parallel.use_local_media(local):
+        with parallel.use_mesh(mesh):
             if key not in compiled:
-                compiled[key] = jit_step(fn, shard, bs)
+                compiled[key] = jit_step(fns[local], shard, bs)
             return compiled[key](state, placed)
     info["shardings"] = shard
     info["place"] = place_batch
