@@ -27,20 +27,10 @@ def _collective_timeout_flag() -> str:
         return ""
 
 
-# The suite's programs are tiny and compiled once or twice each, so compiling dominates it: LLVM at -O1 instead of
-# XLA's default -O3 takes 20-30 % off a compile on CPU (stage 3.1's tiny codec step: 54 -> 44 s, its CPU time
-# 181 -> 126 s; the quick tier 3:29 -> 3:12 on 2 cores, 2026-12-07) and runs as fast (-O0 compiles faster still
-# but ran the codec step ~40 % slower, which the demo's ~1,500 steps would pay). Only the machine-code generation
-# of XLA's fused loops changes: the HLO, its fusions and the library kernels (dot, convolution) are the same, so
-# a result moves at most by rounding (contracted multiply-adds), within every parity bound. A level the caller
-# set is kept.
-OPT_LEVEL = "--xla_backend_optimization_level=1"
-
 # the session's XLA_FLAGS (see above): tests that give a subprocess its own XLA_FLAGS start from this
-XLA_BASE = " ".join(f for f in (_collective_timeout_flag(), OPT_LEVEL) if f)
-for _flag in XLA_BASE.split():
-    if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+XLA_BASE = _collective_timeout_flag()
+if XLA_BASE and XLA_BASE.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + XLA_BASE).strip()
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.environ.get("VITA_SHARED", os.path.join(os.path.dirname(REPO), "shared"))
