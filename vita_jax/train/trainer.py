@@ -313,7 +313,10 @@ def train(config, workdir: str, mesh=None, data=None, log: Callable = print, pro
         ck.close()
         log(f"stage {config.stage} already finished: checkpoint {total} in {ck.path} and its model in {model_dir}; "
             "nothing to do")
-        return dict(last=(_rows(metrics_path) or [{}])[-1], state=None, steps=total, skipped={})
+        # the last training row (a held-out row may follow it: stage 3.1 logs one after its last step)
+        rows = _rows(metrics_path)
+        return dict(last=next((r for r in reversed(rows) if "loss" in r), rows[-1] if rows else {}), state=None,
+                    steps=total, skipped={})
     prog, start = _start(config, data, mesh, wrap_step, log, evals, ck, done, metrics_path if main else None)
     bar = tqdm(total=total, initial=start, desc=f"stage {config.stage}", leave=False) if progress else None
     tb = None
