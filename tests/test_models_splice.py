@@ -12,6 +12,7 @@ import pytest
 
 from vita_jax.data import packing, shards
 from vita_jax.data.batch import LMCollator
+from vita_jax.data.pipeline import stack_micro_batches
 from vita_jax.models import splice
 
 from conftest import HANG_S, REPO, XLA_BASE, make_example
@@ -51,6 +52,9 @@ def test_collator_keeps_each_shards_media_in_its_own_slots(tiny_model):
     assert {k: np.shape(v) for k, v in four.items()} == {k: np.shape(v) for k, v in one.items()}  # same shapes
     # the same rows: the per-shard layout splices to exactly today's embeddings (so the same loss)
     np.testing.assert_array_equal(_embeds(m, four), _embeds(m, one))
+    # grad_accum: micro-batches stacked on a leading axis, each checked on its own
+    assert shards.media_local(stack_micro_batches([four, four]), 4, m.tokens_per_tile)
+    assert not shards.media_local(stack_micro_batches([four, one]), 4, m.tokens_per_tile)
     # a second process's rows: its shards are 4..7 of the global arrays
     second = LMCollator(m.tokens_per_tile, shards=4, tile_offset=12, clip_offset=8, **kw)(exs)
     assert shards.media_local(second, 4, m.tokens_per_tile, (1, 2))

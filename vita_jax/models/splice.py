@@ -67,11 +67,7 @@ def _batch_axes():
 
 
 def _shards() -> int:
-    mesh, _ = parallel.current_mesh()
-    n = 1
-    for a in _batch_axes():
-        n *= mesh.shape[a]
-    return n
+    return parallel.data_parallel_size(*parallel.current_mesh())
 
 
 def can_splice_locally(x, image_blocks: Sequence, audio_blocks: Sequence) -> bool:
