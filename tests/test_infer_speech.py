@@ -128,3 +128,34 @@ def test_reply_pieces():
     assert split_reply("Hi, a. ok") == ["hi. a.", "ok"]
     assert split_reply("☜") == []
     np.testing.assert_array_equal(trim_leading(np.array([0.0, 0.01, 0.5, 0.0], np.float32)), [0.5, 0.0])
+
+
+def test_codec_decodes_are_granted_in_the_order_asked(speech):
+    """The live server's turns share the codec in turn order (FifoLock), and a decode made while others wait for
+    the codec is the same waveform as alone."""
+    import threading
+    import time
+
+    from vita_jax.infer.speech import FifoLock
+    lock, order, threads = FifoLock(), [], []
+    lock.__enter__()  # held: every thread below queues, in the order started
+    for k in range(5):
+        t = threading.Thread(target=lambda k=k: (lock.__enter__(), order.append(k), lock.__exit__()))
+        t.start()
+        threads.append(t)
+        deadline = time.time() + 30
+        while lock._next < k + 2 and time.time() < deadline:  # k + 1 tickets taken besides the holder's
+            time.sleep(0.001)
+    lock.__exit__()
+    for t in threads:
+        t.join(30)
+    assert order == [0, 1, 2, 3, 4]
+    codes = np.arange(12) % speech.codec_cfg.n_codes
+    alone = speech.codes_to_wave(codes)
+    outs = [None] * 3
+    workers = [threading.Thread(target=lambda i=i: outs.__setitem__(i, speech.codes_to_wave(codes))) for i in range(3)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+    assert all(o is not None and np.array_equal(o, alone) for o in outs)

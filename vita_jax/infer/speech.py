@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import threading
 from typing import Optional, Sequence
 
 import jax
@@ -43,6 +44,27 @@ def warm_embedding_rows(table, max_ids: int) -> int:
     return len(sizes)
 
 
+class FifoLock:
+    """A lock granted in the order it was asked for (``threading.Lock`` is not fair). The live server's turns
+    share one codec through it: on a device that one decode already fills (2 CPU cores), decodes run side by side
+    all end as late as the last one; in turn order the first turn's audio comes after one decode, not four."""
+
+    def __init__(self):
+        self._cv = threading.Condition()
+        self._next = self._serving = 0
+
+    def __enter__(self):
+        with self._cv:
+            ticket, self._next = self._next, self._next + 1
+            while self._serving != ticket:
+                self._cv.wait()
+
+    def __exit__(self, *exc):
+        with self._cv:
+            self._serving += 1
+            self._cv.notify_all()
+
+
 def _frames_last(out):
     """The encoder's ``(c [B, 512, T], g1, g2)`` -> ``(frames [B, T, 512], g1)``."""
     return out[0].transpose(0, 2, 1), out[1]
@@ -57,6 +79,7 @@ class SpeechModel:
         self.decoder_cfg, self.decoder_params, self.path = decoder_cfg, decoder_params, path
         self.codec_cfg, self.codec_raw, self.codec_params = codec if codec is not None else (None, None, None)
         self.decoder = dec.TTSDecoder(decoder_cfg)
+        self._codec_turns = FifoLock()  # one waveform decode at a time, in the order asked (FifoLock)
         if self.codec_cfg is not None:
             gen, enc = ticodec.Generator(self.codec_cfg, folded=True), ticodec.Encoder(self.codec_cfg, folded=True)
             # [B, T, 512] frames -> [B, hop·T] waveform; [B, L] waveform -> ([B, L // hop, 512] frames, [B, 128])
@@ -157,7 +180,8 @@ class SpeechModel:
         p = self.codec_params
         x = jnp.take(p["codebook"], jnp.asarray(codes), axis=0)[None]
         g = ticodec.global_vector(p, [int(t) for t in gt])[None]
-        return np.asarray(self._generate_wave(p["generator"], x, g)[0], np.float32)
+        with self._codec_turns:
+            return np.asarray(self._generate_wave(p["generator"], x, g)[0], np.float32)
 
     def wave_to_codes(self, wave):
         """Waveform at the codec rate ``[L]`` -> ``(codes [L // hop], global_tokens [8])``."""
