@@ -26,22 +26,14 @@ def leaky_relu(x, negative_slope: float = 0.01):
     return jnp.where(x > 0, x, negative_slope * x)
 
 
-def conv(x, w, b=None, stride=1, padding=0, dilation=1, groups=1, lhs_dilation=None, channels_last=False):
-    """PyTorch ``Conv1d`` / ``Conv2d`` (``x [B, C, *spatial]``, ``w [out, in/groups, *k]``); ``channels_last``:
-    the same convolution on ``x [B, *spatial, C]`` (kernel unchanged). XLA's CPU convolutions run channels-last:
-    a ``[B, C, T]`` one pays two transposes of the activations (1.3-1.8x the time of TiCodec's convolutions), so
-    a network that keeps its activations channels-last between convolutions saves them; the values are the same."""
+def conv(x, w, b=None, stride=1, padding=0, dilation=1, groups=1, lhs_dilation=None):
+    """PyTorch ``Conv1d`` / ``Conv2d`` (``x [B, C, *spatial]``, ``w [out, in/groups, *k]``)."""
     nd = w.ndim - 2
     tup = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v,) * nd  # noqa: E731
-    if channels_last:
-        dn = ("NHC", "OIH", "NHC") if nd == 1 else ("NHWC", "OIHW", "NHWC")
-    else:
-        dn = ("NCH", "OIH", "NCH") if nd == 1 else ("NCHW", "OIHW", "NCHW")
+    dn = ("NCH", "OIH", "NCH") if nd == 1 else ("NCHW", "OIHW", "NCHW")
     y = jax.lax.conv_general_dilated(x, w, tup(stride), [(p, p) for p in tup(padding)], lhs_dilation=lhs_dilation,
                                      rhs_dilation=tup(dilation), dimension_numbers=dn, feature_group_count=groups)
-    if b is None:
-        return y
-    return y + (b if channels_last else b.reshape((1, -1) + (1,) * nd))
+    return y if b is None else y + b.reshape((1, -1) + (1,) * nd)
 
 
 def weight_norm(g, v):
@@ -81,14 +73,13 @@ class WNConv(nn.Module):
     dilation: tuple | int = 1
     groups: int = 1
     folded: bool = False
-    channels_last: bool = False  # x [B, *spatial, C] (see conv)
 
     @nn.compact
     def __call__(self, x):
         fan_in = self.inp // self.groups * int(np.prod(self.kernel))
         bias = self.param("bias", _torch_uniform(fan_in ** -0.5), (self.out,))
         w = _wn_kernel(self, _torch_uniform(fan_in ** -0.5), (self.out, self.inp // self.groups, *self.kernel))
-        return conv(x, w, bias, self.stride, self.padding, self.dilation, self.groups, channels_last=self.channels_last)
+        return conv(x, w, bias, self.stride, self.padding, self.dilation, self.groups)
 
 
 class WNConvTranspose1d(nn.Module):
@@ -99,7 +90,6 @@ class WNConvTranspose1d(nn.Module):
     stride: int
     padding: int
     folded: bool = False
-    channels_last: bool = False  # x [B, T, C] (see conv)
 
     @nn.compact
     def __call__(self, x):
@@ -108,7 +98,7 @@ class WNConvTranspose1d(nn.Module):
         w = _wn_kernel(self, _torch_uniform(bound), (self.inp, self.out, self.kernel))
         w = w.transpose(1, 0, 2)[:, :, ::-1]          # -> [out, in, k], flipped
         p = self.kernel - 1 - self.padding
-        return conv(x, w, bias, padding=p, lhs_dilation=(self.stride,), channels_last=self.channels_last)
+        return conv(x, w, bias, padding=p, lhs_dilation=(self.stride,))
 
 
 class PlainConv(nn.Module):

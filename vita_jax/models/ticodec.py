@@ -169,24 +169,21 @@ class ResBlock1(nn.Module):
     kernel: int
     dilations: tuple
     folded: bool = False
-    channels_last: bool = False  # x [B, T, C] instead of [B, C, T]
 
     @nn.compact
     def __call__(self, x):
         c, k = self.channels, self.kernel
         for m, d in enumerate(self.dilations):
             t = WNConv(c, c, (k,), padding=(k * d - d) // 2, dilation=d, folded=self.folded,
-                       channels_last=self.channels_last, name=f"convs1.{m}")(leaky_relu(x, LRELU))
-            t = WNConv(c, c, (k,), padding=(k - 1) // 2, folded=self.folded, channels_last=self.channels_last,
-                       name=f"convs2.{m}")(leaky_relu(t, LRELU))
+                       name=f"convs1.{m}")(leaky_relu(x, LRELU))
+            t = WNConv(c, c, (k,), padding=(k - 1) // 2, folded=self.folded, name=f"convs2.{m}")(
+                leaky_relu(t, LRELU))
             x = t + x
         return x
 
 
 class Generator(nn.Module):
-    """Quantized frames ``[B, 512, T]`` + global vector ``[B, 128]`` -> waveform ``[B, 1, hop·T]``. Inside, the
-    activations are channels-last (``[B, T, C]``: XLA's CPU convolutions then need no transposes, see
-    ``codec_layers.conv``); the sown intermediates are given in the official ``[B, C, T]``."""
+    """Quantized frames ``[B, 512, T]`` + global vector ``[B, 128]`` -> waveform ``[B, 1, hop·T]``."""
     cfg: TiCodecConfig
     folded: bool = False
 
@@ -194,26 +191,23 @@ class Generator(nn.Module):
     def __call__(self, x, g):
         c = self.cfg
         nk, ch = len(c.resblock_kernel_sizes), c.upsample_initial_channel
-        official = lambda v: v.transpose(0, 2, 1)  # noqa: E731  [B, T, C] -> [B, C, T]
-        x = WNConv(ch, c.code_dim, (7,), padding=3, folded=self.folded, channels_last=True, name="conv_pre")(
-            x.transpose(0, 2, 1))
-        self.sow("intermediates", "conv_pre_out", official(x))
+        x = WNConv(ch, c.code_dim, (7,), padding=3, folded=self.folded, name="conv_pre")(x)
+        self.sow("intermediates", "conv_pre_out", x)
         for i, (u, k) in enumerate(zip(c.upsample_rates, c.upsample_kernel_sizes)):
-            x = WNConvTranspose1d(ch // 2, ch, k, u, (k - u) // 2, folded=self.folded, channels_last=True,
-                                  name=f"ups.{i}")(leaky_relu(x, LRELU))
-            self.sow("intermediates", f"ups{i}_out", official(x))
+            x = WNConvTranspose1d(ch // 2, ch, k, u, (k - u) // 2, folded=self.folded, name=f"ups.{i}")(
+                leaky_relu(x, LRELU))
+            self.sow("intermediates", f"ups{i}_out", x)
             ch //= 2
             xs = None
             for j, (kk, dd) in enumerate(zip(c.resblock_kernel_sizes, c.resblock_dilation_sizes)):
-                r = ResBlock1(ch, kk, tuple(dd), self.folded, True, name=f"resblocks.{i * nk + j}")(x)
+                r = ResBlock1(ch, kk, tuple(dd), self.folded, name=f"resblocks.{i * nk + j}")(x)
                 xs = r if xs is None else xs + r
             x = xs / nk
             if ch == g.shape[-1]:
-                x = x + g[:, None, :]
+                x = x + g[:, :, None]
         x = leaky_relu(x, LRELU)
-        self.sow("intermediates", "conv_post_in", official(x))
-        y = WNConv(1, ch, (7,), padding=3, folded=self.folded, channels_last=True, name="conv_post")(x)
-        return jnp.tanh(official(y))
+        self.sow("intermediates", "conv_post_in", x)
+        return jnp.tanh(WNConv(1, ch, (7,), padding=3, folded=self.folded, name="conv_post")(x))
 
 
 class GlobalTokenEncoder(nn.Module):
