@@ -1,13 +1,15 @@
 """TiCodec decode / encode, official streaming, speech checkpoints round trip, speak()."""
 import json
 import os
+import threading
+import time
 
 import numpy as np
 import pytest
 import torch
 
 import vita_jax
-from vita_jax.infer.speech import find_min_sum_index, load_speech
+from vita_jax.infer.speech import FifoLock, find_min_sum_index, load_speech
 
 from conftest import tts_ref
 
@@ -133,10 +135,6 @@ def test_reply_pieces():
 def test_codec_decodes_are_granted_in_the_order_asked(speech):
     """The live server's turns share the codec in turn order (FifoLock), and a decode made while others wait for
     the codec is the same waveform as alone."""
-    import threading
-    import time
-
-    from vita_jax.infer.speech import FifoLock
     lock, order, threads = FifoLock(), [], []
     lock.__enter__()  # held: every thread below queues, in the order started
     for k in range(5):
@@ -146,6 +144,8 @@ def test_codec_decodes_are_granted_in_the_order_asked(speech):
         deadline = time.time() + 30
         while lock._next < k + 2 and time.time() < deadline:  # k + 1 tickets taken besides the holder's
             time.sleep(0.001)
+    time.sleep(0.05)
+    assert order == []  # nobody got in while it was held
     lock.__exit__()
     for t in threads:
         t.join(30)
