@@ -184,3 +184,22 @@ def test_run_settings_may_change_between_runs():
     c.trainable, c.optim.group_lrs = ["llm/.*"], [["llm/.*", 1e-4]]
     assert config_changes(saved, json.loads(c.to_json())) == [
         "config.trainable: ['mm_projector/.*'] -> ['llm/.*']", "config.optim.group_lrs: [] -> [['llm/.*', 0.0001]]"]
+
+
+@pytest.mark.parametrize("uncommitted", [True, False])
+def test_restored_state_lowers_like_a_fresh_one(tmp_path, uncommitted):
+    """Without a mesh the trainer restores the state uncommitted (``uncommitted=True``), as a fresh one is, so a
+    resumed run's step is the saving run's program, read back from the persistent compilation cache; a committed
+    state (the other branch, a mesh run's restore) lowers with explicit shardings: another program."""
+    import jax
+    import jax.numpy as jnp
+
+    from vita_jax.train import run_checkpoint
+    fresh = jax.jit(lambda: {"w": jnp.ones((4, 3)), "step": jnp.zeros((), jnp.int32)})()
+    ck = run_checkpoint.Checkpointer(str(tmp_path / "ckpt"), async_save=False)
+    ck.save(1, fresh, force=True)
+    restored, _ = ck.restore(1, fresh, uncommitted=uncommitted)
+    ck.close()
+    step = jax.jit(lambda s: {"w": s["w"] * 2, "step": s["step"] + 1}, donate_argnums=0)
+    assert np.array_equal(restored["w"], fresh["w"]) and int(restored["step"]) == 0
+    assert (step.lower(restored).as_text() == step.lower(fresh).as_text()) == uncommitted

@@ -50,16 +50,24 @@ class Checkpointer:
             args["config"] = ocp.args.JsonSave(json.loads(config.to_json()))
         return self.mgr.save(step, args=ocp.args.Composite(**args), force=force)
 
-    def restore(self, step: int, target_state):
+    def restore(self, step: int, target_state, uncommitted: bool = False):
         """``(state, data_state)``; ``target_state`` is a state (or abstract one) whose leaves carry the
-        shardings to restore into."""
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-                                target_state)
+        shardings to restore into. ``uncommitted`` (a run without a mesh): the state is read on the host and put
+        on the default device uncommitted, as a freshly initialised state is; a committed one would lower the
+        step and the evaluators with explicit shardings, other programs than the saving run's, compiled again
+        instead of read from the persistent compilation cache."""
+        if uncommitted:  # np.empty: the target's shapes and dtypes only (untouched pages cost nothing)
+            abstract = jax.tree.map(lambda x: np.empty(x.shape, x.dtype), target_state)
+        else:
+            abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                                   sharding=getattr(x, "sharding", None)),
+                                    target_state)
         out = self.mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                              data=ocp.args.JsonRestore()))
-        return out["state"], out["data"]
+        state = jax.device_put(out["state"]) if uncommitted else out["state"]
+        return state, out["data"]
 
-    def restore_latest(self, target_state, log: Callable = print):
+    def restore_latest(self, target_state, log: Callable = print, uncommitted: bool = False):
         """``(step, state, data_state)`` of the newest checkpoint that restores. Each newer one that
         cannot is reported in one line and moved aside (``N.unusable-<time>``) so that the run can save
         step N again; when none restores, a ``ValueError`` naming the folder (nothing moved)."""
@@ -67,7 +75,7 @@ class Checkpointer:
         for step in sorted(self.mgr.all_steps(), reverse=True):
             why = None
             try:
-                state, data = self.restore(step, target_state)
+                state, data = self.restore(step, target_state, uncommitted)
             except Exception as e:  # tensorstore, orbax and JSON errors come in many types
                 why = _reason(e)
             if jax.process_count() > 1:  # every process falls back together (each reads its own shards)

@@ -208,7 +208,9 @@ def _start(config, data, mesh, wrap_step, log, evals, ck, done: int, metrics_pat
         log(f"stage {config.stage}: {config.description}\n{prog.table}")
         start = 0
         if done:
-            start, saved, data_state = ck.restore_latest(prog.to_checkpoint(prog.state), log)
+            # without a mesh the state comes back uncommitted, as a fresh one: the same programs, cached
+            start, saved, data_state = ck.restore_latest(prog.to_checkpoint(prog.state), log,
+                                                         uncommitted=prog.shardings is None)
             prog.state = prog.from_checkpoint(saved, prog.state)
             prog.data.set_state(data_state)
             log(f"resumed from step {start}")
