@@ -5,7 +5,9 @@ import json
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+# fake CPU devices through jax's own setting, not XLA_FLAGS (whose flags enter every compilation cache key):
+# the programs this process shares with one-device runs are then read from the session's cache
+os.environ["JAX_NUM_CPU_DEVICES"] = "8"
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402

@@ -11,7 +11,7 @@ import soundfile as sf
 
 from vita_jax import assets
 
-from conftest import HANG_S, REPO, XLA_BASE
+from conftest import HANG_S, REPO
 
 pytestmark = pytest.mark.slow  # minutes: outside the quick loop (pytest -m "not slow")
 
@@ -74,7 +74,7 @@ def test_two_processes_equal_one(tmp_path):
     rel = tmp_path / "rel"
     vita_jax.init_model(config_lib.load_config("tiny"), seed=1).save_pretrained(str(rel))
     shutil.copy(b / "tok" / "tokenizer.json", rel)
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=XLA_BASE + " --xla_force_host_platform_device_count=8")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="8")
     outs = {}
     for name, prefix in (("one", []), ("two", [sys.executable, "launch/local.py", "--num-processes", "2",
                                                 "--cpu-devices", "4", "--timeout", str(HANG_S), "--"])):

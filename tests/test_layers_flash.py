@@ -186,7 +186,7 @@ def test_qwen2_tokamax_logits_and_gradients_match_xla_on_packed_batch(remat):
 
 SHARDED = r"""
 import os
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+os.environ["JAX_NUM_CPU_DEVICES"] = "4"
 import jax, jax.numpy as jnp, numpy as np
 from vita_jax import parallel
 from vita_jax.layers.flash import flash_attention

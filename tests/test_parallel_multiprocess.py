@@ -9,7 +9,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import HANG_S, REPO, XLA_BASE
+from conftest import HANG_S, REPO
 
 pytestmark = pytest.mark.slow  # minutes: outside the quick loop (pytest -m "not slow")
 
@@ -38,7 +38,7 @@ def _losses(workdir):
 
 def test_two_processes_equal_one(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=XLA_BASE + " --xla_force_host_platform_device_count=8")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="8")
     r = subprocess.run(TRAIN + ["--workdir", str(one)], cwd=REPO, env=env, capture_output=True, text=True,
                        timeout=HANG_S)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
