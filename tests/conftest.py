@@ -208,11 +208,13 @@ def _release_memory_after_module():
 
 
 # the suite's longest items (minutes each on 2 cores), started first under -n 2 so that no worker picks one up near
-# the end while the other has run dry. xdist hands each worker two items at a time (pytest_configure): worker 0 takes
-# the official codec steps, then the demo; worker 1 stage 3.1, then the :narrow runs (the three holding
-# `big_memory` never overlap)
+# the end while the other has run dry. xdist hands each worker two items first, then two more each time its queue
+# runs down to one (pytest_configure): worker 0 takes the official codec steps and the demo, worker 1 stage 3.1 and
+# the two-process run; the :narrow module's two items go next to worker 0 (done first with the official steps), which
+# runs them after the demo. The three holding `big_memory` never overlap, and none of them waits for the lock: the
+# :narrow runs placed after stage 3.1 on worker 1 waited ~70 s for the demo's (2026-12-07)
 LONG_FIRST = ("test_train_codec.py::test_official_steps", "test_demo_run.py::", "test_train_codec_stage.py::",
-              "test_train_stages_narrow.py::")
+              "test_parallel_multiprocess.py::test_two_processes_equal_one", "test_train_stages_narrow.py::")
 
 
 def pytest_collection_modifyitems(config, items):
