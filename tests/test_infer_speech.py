@@ -159,3 +159,30 @@ def test_codec_decodes_are_granted_in_the_order_asked(speech):
     for w in workers:
         w.join(60)
     assert all(o is not None and np.array_equal(o, alone) for o in outs)
+
+
+def _queued(lock, tickets):
+    deadline = time.time() + 30
+    while lock._next < tickets and time.time() < deadline:
+        time.sleep(0.001)
+    assert lock._next >= tickets
+
+
+def test_a_turn_cancelled_while_queued_for_the_codec_gives_it_up(speech):
+    """Barge-in while a turn waits for the codec (another turn's decode holds it): once granted, the cancelled turn
+    decodes nothing and its stream ends, so the next turn gets the codec at once; an uncancelled call decodes."""
+    codes = np.arange(12) % speech.codec_cfg.n_codes
+    lock, out, stop = speech._codec_turns, [], threading.Event()
+    for call in (lambda: speech.codes_to_wave(codes, stop=stop.is_set),
+                 lambda: list(speech.stream(np.arange(40) % speech.codec_cfg.n_codes, chunk_size=20,
+                                            stop=stop.is_set))):
+        stop.clear()
+        lock.__enter__()  # another turn's decode
+        t = threading.Thread(target=lambda call=call: out.append(call()))
+        t.start()
+        _queued(lock, lock._serving + 2)
+        stop.set()
+        lock.__exit__()
+        t.join(60)
+    assert out == [None, []]
+    np.testing.assert_array_equal(speech.codes_to_wave(codes, stop=lambda: False), speech.codes_to_wave(codes))

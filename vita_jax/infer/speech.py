@@ -167,9 +167,11 @@ class SpeechModel:
     def sample_rate(self) -> int:
         return self.codec_cfg.sampling_rate
 
-    def codes_to_wave(self, codes, global_tokens=None) -> np.ndarray:
+    def codes_to_wave(self, codes, global_tokens=None, stop=None) -> Optional[np.ndarray]:
         """Codec ids ``[T]`` (or ``[1, T]``) -> float32 waveform ``[hop·T]`` at the codec rate, with
-        the config's fixed global tokens (the voice) unless given."""
+        the config's fixed global tokens (the voice) unless given. ``stop()`` is asked once the codec is this
+        call's (decodes are granted in turn order): True returns None without decoding (a turn cancelled while it
+        queued for the codec gives the codec to the next turn at once)."""
         self._need_codec()
         codes = np.asarray(codes).reshape(-1)
         if codes.size == 0:
@@ -181,6 +183,8 @@ class SpeechModel:
         x = jnp.take(p["codebook"], jnp.asarray(codes), axis=0)[None]
         g = ticodec.global_vector(p, [int(t) for t in gt])[None]
         with self._codec_turns:
+            if stop is not None and stop():
+                return None
             return np.asarray(self._generate_wave(p["generator"], x, g)[0], np.float32)
 
     def wave_to_codes(self, wave):
@@ -204,7 +208,8 @@ class SpeechModel:
         :class:`~vita_jax.infer.speech_scheduler.CodeStream`); every ``chunk_size`` new ids (+
         ``padding_size`` look-ahead, ``padding_size`` left context) a chunk is synthesised and cut at
         a quiet point; yields float32 waveform segments as soon as they exist. ``stop()`` returning
-        True ends the stream between two decoder steps, with nothing more yielded.
+        True ends the stream between two decoder steps or once a queued codec decode is granted, with nothing
+        more yielded.
 
         A special id of the decoder (``>= odim``: BOS, SOS or PAD drawn mid-reply; the release's codec
         would index out of range on it and crash) carries no sound: it is skipped and the stream goes on
@@ -225,15 +230,19 @@ class SpeechModel:
                 continue
             tokens.append(int(tok))
             if len(tokens) == left + chunk_size + padding_size:
-                syn = self.codes_to_wave(tokens, global_tokens)[left * hop:-padding_size * hop]
+                syn = self.codes_to_wave(tokens, global_tokens, stop)
+                if syn is None:  # cancelled while queued for the codec
+                    return
+                syn = syn[left * hop:-padding_size * hop]
                 left, tokens = padding_size, tokens[-2 * padding_size:]
                 buffer, out = find_min_sum_index(buffer, syn, window, seg_threshold)
                 if out is not None:
                     yield out
         if tokens and not (stop is not None and stop()):
             padded = tokens + tokens[-1:] * (-len(tokens) % self.codes_bucket)
-            syn = self.codes_to_wave(padded, global_tokens)[left * hop:len(tokens) * hop]
-            yield np.concatenate([buffer, syn])
+            syn = self.codes_to_wave(padded, global_tokens, stop)
+            if syn is not None:
+                yield np.concatenate([buffer, syn[left * hop:len(tokens) * hop]])
 
     # ------------------------------------------------------------------ export
     def save(self, path: str) -> None:
