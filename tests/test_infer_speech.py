@@ -132,6 +132,14 @@ def test_reply_pieces():
     np.testing.assert_array_equal(trim_leading(np.array([0.0, 0.01, 0.5, 0.0], np.float32)), [0.5, 0.0])
 
 
+def _queued(lock, tickets):
+    """Waits until ``tickets`` tickets of the FifoLock ``lock`` are taken (threads queued behind its holder)."""
+    deadline = time.time() + 30
+    while lock._next < tickets and time.time() < deadline:
+        time.sleep(0.001)
+    assert lock._next >= tickets
+
+
 def test_codec_decodes_are_granted_in_the_order_asked(speech):
     """The live server's turns share the codec in turn order (FifoLock), and a decode made while others wait for
     the codec is the same waveform as alone."""
@@ -141,9 +149,7 @@ def test_codec_decodes_are_granted_in_the_order_asked(speech):
         t = threading.Thread(target=lambda k=k: (lock.__enter__(), order.append(k), lock.__exit__()))
         t.start()
         threads.append(t)
-        deadline = time.time() + 30
-        while lock._next < k + 2 and time.time() < deadline:  # k + 1 tickets taken besides the holder's
-            time.sleep(0.001)
+        _queued(lock, k + 2)  # k + 1 tickets taken besides the holder's
     time.sleep(0.05)
     assert order == []  # nobody got in while it was held
     lock.__exit__()
@@ -159,13 +165,6 @@ def test_codec_decodes_are_granted_in_the_order_asked(speech):
     for w in workers:
         w.join(60)
     assert all(o is not None and np.array_equal(o, alone) for o in outs)
-
-
-def _queued(lock, tickets):
-    deadline = time.time() + 30
-    while lock._next < tickets and time.time() < deadline:
-        time.sleep(0.001)
-    assert lock._next >= tickets
 
 
 def test_a_turn_cancelled_while_queued_for_the_codec_gives_it_up(speech):
